@@ -1,1 +1,16 @@
-//! Placeholder.
+//! Veo Edge sidecar: the usage ledger beside each Envoy.
+//!
+//! It applies the filter's usage batches idempotently to an embedded SQLite
+//! store, reports to each Envoy instance what the other instances admitted within
+//! the current window, and answers usage queries, all over one gRPC port.
+
+pub mod cli;
+pub mod config;
+pub mod ledger;
+pub mod remote;
+pub mod server;
+pub mod status;
+pub mod store;
+pub mod sync_service;
+pub mod usage_service;
+pub mod validate;

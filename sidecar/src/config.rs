@@ -1,0 +1,398 @@
+//! Sidecar configuration: a TOML file overridden by flags, validated once at
+//! start into an immutable [`Config`].
+
+mod file;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cli::Flags;
+use file::FileConfig;
+
+/// Address served when neither the file nor `--listen` sets one.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Store directory used when neither the file nor `--data-dir` sets one.
+pub const DEFAULT_DATA_DIR: &str = "./veo-data";
+/// Default length of the window that remote usage covers, in seconds.
+pub const DEFAULT_WINDOW_SECONDS: i64 = 60;
+/// Default cap on usage records in one sync batch.
+pub const DEFAULT_MAX_RECORDS_PER_BATCH: i64 = 50_000;
+/// Default time allowed for in-flight calls at shutdown, in seconds.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: i64 = 10;
+
+/// Validated runtime configuration; built only by [`Config::load`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    origin: Origin,
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    ready_file: Option<PathBuf>,
+    window_seconds: u32,
+    max_records_per_batch: usize,
+    shutdown_grace: Duration,
+}
+
+/// Source of a configuration value, named in error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Built-in default.
+    Default,
+    /// The config file at this path.
+    File(PathBuf),
+    /// A command-line flag such as `--listen`.
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("the built-in defaults"),
+            Origin::File(path) => write!(f, "config file {}", path.display()),
+            Origin::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// Errors loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("failed to read config file {}; check the path given to --config", path.display())]
+    Read {
+        /// Path of the config file.
+        path: PathBuf,
+        /// Cause reported by the file system.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has an unknown key or wrong type.
+    #[error("invalid config file {}; fix or remove the key shown below", path.display())]
+    Parse {
+        /// Path of the config file.
+        path: PathBuf,
+        /// Parser error, naming the line and key.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A key has a value outside its allowed range.
+    #[error("invalid {key} = {value} in {origin}: {reason}")]
+    Invalid {
+        /// Source of the value.
+        origin: Origin,
+        /// Config key, or flag name for flags.
+        key: &'static str,
+        /// The rejected value as given.
+        value: String,
+        /// Allowed values, and so what to change.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Loads the file named by `--config` (when given), applies the flags
+    /// over it and validates every key.
+    pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+        let (file, file_origin) = match &flags.config {
+            Some(path) => (FileConfig::read(path)?, Origin::File(path.clone())),
+            None => (FileConfig::default(), Origin::Default),
+        };
+        Config::build(file, file_origin, flags)
+    }
+
+    fn build(file: FileConfig, file_origin: Origin, flags: &Flags) -> Result<Config, ConfigError> {
+        let (listen, listen_origin) = layer(
+            (flags.listen.clone(), "--listen"),
+            (file.listen, &file_origin),
+        )
+        .unwrap_or_else(|| (DEFAULT_LISTEN.into(), Origin::Default));
+        let listen = parse_listen(&listen, listen_origin)?;
+
+        let (data_dir, data_dir_origin) = layer(
+            (flags.data_dir.clone(), "--data-dir"),
+            (file.data_dir, &file_origin),
+        )
+        .unwrap_or_else(|| (DEFAULT_DATA_DIR.into(), Origin::Default));
+        require_path("data_dir", &data_dir, data_dir_origin)?;
+
+        let ready_file = layer(
+            (flags.ready_file.clone(), "--ready-file"),
+            (file.ready_file, &file_origin),
+        );
+        if let Some((path, origin)) = &ready_file {
+            require_file_name("ready_file", path, origin.clone())?;
+        }
+
+        let setting = |key: &'static str, value: Option<i64>, default: i64| match value {
+            Some(value) => Setting {
+                key,
+                origin: file_origin.clone(),
+                value,
+            },
+            None => Setting {
+                key,
+                origin: Origin::Default,
+                value: default,
+            },
+        };
+        let window = setting(
+            "window_seconds",
+            file.window_seconds,
+            DEFAULT_WINDOW_SECONDS,
+        );
+        let max_records = setting(
+            "max_records_per_batch",
+            file.max_records_per_batch,
+            DEFAULT_MAX_RECORDS_PER_BATCH,
+        );
+        let grace = setting(
+            "shutdown_grace_seconds",
+            file.shutdown_grace_seconds,
+            DEFAULT_SHUTDOWN_GRACE_SECONDS,
+        );
+
+        Ok(Config {
+            origin: file_origin,
+            listen,
+            data_dir,
+            ready_file: ready_file.map(|(path, _)| path),
+            window_seconds: window.within(1, 3600, "seconds")?,
+            max_records_per_batch: max_records.within(1, 1_000_000, "records")?,
+            shutdown_grace: Duration::from_secs(grace.within(0, 3600, "seconds")?),
+        })
+    }
+
+    /// Returns the config file the settings came from, or the built-in
+    /// defaults.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// Address to bind; port 0 means any free port.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Directory holding the SQLite store.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// File that receives the bound address once serving, when set.
+    pub fn ready_file(&self) -> Option<&Path> {
+        self.ready_file.as_deref()
+    }
+
+    /// Length of the window that remote usage covers, in seconds.
+    pub fn window_seconds(&self) -> u32 {
+        self.window_seconds
+    }
+
+    /// Maximum number of usage records accepted in one sync batch.
+    pub fn max_records_per_batch(&self) -> usize {
+        self.max_records_per_batch
+    }
+
+    /// Time in-flight calls get to finish after SIGTERM or SIGINT.
+    pub fn shutdown_grace(&self) -> Duration {
+        self.shutdown_grace
+    }
+}
+
+/// One integer key with the origin of its value.
+struct Setting {
+    key: &'static str,
+    origin: Origin,
+    value: i64,
+}
+
+impl Setting {
+    /// Returns the value converted to `T` when it lies in `min..=max`.
+    fn within<T: TryFrom<i64>>(self, min: i64, max: i64, unit: &str) -> Result<T, ConfigError> {
+        let invalid = || ConfigError::Invalid {
+            origin: self.origin.clone(),
+            key: self.key,
+            value: self.value.to_string(),
+            reason: format!("must be between {min} and {max} {unit}"),
+        };
+        if !(min..=max).contains(&self.value) {
+            return Err(invalid());
+        }
+        T::try_from(self.value).map_err(|_| invalid())
+    }
+}
+
+/// Picks the flag's value over the file's, with where it came from.
+fn layer<T>(
+    (flag, flag_name): (Option<T>, &'static str),
+    (file, file_origin): (Option<T>, &Origin),
+) -> Option<(T, Origin)> {
+    match (flag, file) {
+        (Some(value), _) => Some((value, Origin::Flag(flag_name))),
+        (None, Some(value)) => Some((value, file_origin.clone())),
+        (None, None) => None,
+    }
+}
+
+fn parse_listen(text: &str, origin: Origin) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| ConfigError::Invalid {
+        origin,
+        key: "listen",
+        value: format!("{text:?}"),
+        reason: "expected IP:PORT such as 127.0.0.1:50051 (port 0 picks a free port)".into(),
+    })
+}
+
+fn require_path(key: &'static str, path: &Path, origin: Origin) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(ConfigError::Invalid {
+            origin,
+            key,
+            value: "\"\"".into(),
+            reason: "must name a directory".into(),
+        });
+    }
+    Ok(())
+}
+
+fn require_file_name(key: &'static str, path: &Path, origin: Origin) -> Result<(), ConfigError> {
+    if path.file_name().is_none() {
+        return Err(ConfigError::Invalid {
+            origin,
+            key,
+            value: format!("{:?}", path.display().to_string()),
+            reason: "must name a file, not a directory".into(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let path = dir.path().join("sidecar.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn flags_for(path: &Path) -> Flags {
+        Flags {
+            config: Some(path.to_path_buf()),
+            ..Flags::default()
+        }
+    }
+
+    #[test]
+    fn defaults_without_file_or_flags() {
+        let config = Config::load(&Flags::default()).unwrap();
+
+        assert_eq!(
+            config.listen(),
+            DEFAULT_LISTEN.parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(config.data_dir(), Path::new(DEFAULT_DATA_DIR));
+        assert_eq!(config.ready_file(), None);
+        assert_eq!(config.window_seconds(), 60);
+        assert_eq!(config.max_records_per_batch(), 50_000);
+        assert_eq!(config.shutdown_grace(), Duration::from_secs(10));
+        assert_eq!(config.origin(), &Origin::Default);
+    }
+
+    #[test]
+    fn file_sets_every_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(
+            &dir,
+            "listen = \"127.0.0.1:7000\"\ndata_dir = \"/var/lib/veo\"\n\
+             ready_file = \"/run/veo/ready\"\nwindow_seconds = 30\n\
+             max_records_per_batch = 10\nshutdown_grace_seconds = 0\n",
+        );
+
+        let config = Config::load(&flags_for(&path)).unwrap();
+
+        assert_eq!(config.listen().port(), 7000);
+        assert_eq!(config.data_dir(), Path::new("/var/lib/veo"));
+        assert_eq!(config.ready_file(), Some(Path::new("/run/veo/ready")));
+        assert_eq!(config.window_seconds(), 30);
+        assert_eq!(config.max_records_per_batch(), 10);
+        assert_eq!(config.shutdown_grace(), Duration::ZERO);
+        assert_eq!(config.origin(), &Origin::File(path));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(
+            &dir,
+            "listen = \"127.0.0.1:7000\"\ndata_dir = \"/a\"\nready_file = \"/b\"\n",
+        );
+        let flags = Flags {
+            listen: Some("127.0.0.1:0".into()),
+            data_dir: Some("/c".into()),
+            ready_file: Some("/d".into()),
+            ..flags_for(&path)
+        };
+
+        let config = Config::load(&flags).unwrap();
+
+        assert_eq!(config.listen().port(), 0);
+        assert_eq!(config.data_dir(), Path::new("/c"));
+        assert_eq!(config.ready_file(), Some(Path::new("/d")));
+    }
+
+    #[test]
+    fn range_error_names_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(&dir, "window_seconds = 0\n");
+
+        let message = Config::load(&flags_for(&path)).unwrap_err().to_string();
+
+        assert_eq!(
+            message,
+            format!(
+                "invalid window_seconds = 0 in config file {}: must be between 1 and 3600 seconds",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn every_range_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("window_seconds = 3601", "window_seconds"),
+            ("max_records_per_batch = 0", "max_records_per_batch"),
+            ("max_records_per_batch = 1000001", "max_records_per_batch"),
+            ("shutdown_grace_seconds = -1", "shutdown_grace_seconds"),
+            ("listen = \"localhost\"", "listen"),
+            ("data_dir = \"\"", "data_dir"),
+            ("ready_file = \"/run/veo/..\"", "ready_file"),
+        ];
+
+        for (text, key) in cases {
+            let path = write_config(&dir, text);
+
+            match Config::load(&flags_for(&path)) {
+                Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key, "{text}"),
+                other => panic!("expected {key} to be rejected, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_flag_is_named_as_flag() {
+        let flags = Flags {
+            listen: Some("127.0.0.1".into()),
+            ..Flags::default()
+        };
+
+        let message = Config::load(&flags).unwrap_err().to_string();
+
+        assert!(message.contains("listen = \"127.0.0.1\""), "{message}");
+        assert!(message.contains("flag --listen"), "{message}");
+        assert!(message.contains("IP:PORT"), "{message}");
+    }
+}

@@ -1,0 +1,67 @@
+//! Command-line entry point of the `veo-sidecar` binary.
+
+use std::error::Error;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+use veo_sidecar::cli::Flags;
+use veo_sidecar::config::Config;
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    init_tracing();
+
+    let config = match Config::load(&flags) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("veo-sidecar: {}", chain(&err));
+            return ExitCode::FAILURE;
+        }
+    };
+    if flags.validate {
+        println!("{}: configuration is valid", config.origin());
+        return ExitCode::SUCCESS;
+    }
+
+    info!(version = env!("CARGO_PKG_VERSION"), "starting veo-sidecar");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            error!(error = %err, "failed to start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(veo_sidecar::server::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!(error = %chain(&err), "sidecar failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr at the level `RUST_LOG` sets, info by default, with
+/// colours only on a terminal.
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Formats an error followed by its chain of causes.
+fn chain(err: &dyn Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
+}

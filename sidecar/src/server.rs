@@ -1,0 +1,197 @@
+//! Server lifecycle: open the store, bind, serve every gRPC service on one
+//! port, announce readiness, and stop cleanly on SIGTERM or SIGINT.
+
+mod ready_file;
+mod shutdown;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::server::NamedService;
+use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{error, info, warn};
+use veo_proto::sync::sync_server::SyncServer;
+use veo_proto::usage::usage_server::UsageServer;
+
+use crate::config::Config;
+use crate::remote::DEFAULT_MAX_SERIES;
+use crate::store::{Store, StoreError};
+use crate::sync_service::SyncService;
+use crate::usage_service::UsageService;
+use shutdown::StopSignals;
+
+/// Errors that stop the sidecar.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The usage store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("failed to bind {address}; choose another address with --listen")]
+    Bind {
+        /// The configured address.
+        address: SocketAddr,
+        /// Cause reported by the OS.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The signal handlers could not be installed.
+    #[error("failed to install the SIGTERM and SIGINT handlers")]
+    Signals(#[source] std::io::Error),
+    /// The reflection service rejected the descriptor sets.
+    #[error("failed to build the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The ready file could not be written.
+    #[error("failed to write the ready file {}; check that its directory exists", path.display())]
+    ReadyFile {
+        /// Path of the ready file.
+        path: PathBuf,
+        /// Cause reported by the file system.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server stopped with an error.
+    #[error("gRPC server failed")]
+    Serve(#[from] tonic::transport::Error),
+    /// A blocking start-up task was cancelled or panicked.
+    #[error("start-up task did not finish")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Runs the sidecar until SIGTERM or SIGINT, then lets in-flight calls
+/// finish (up to the configured grace period) and closes the store.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    info!(
+        origin = %config.origin(),
+        listen = %config.listen(),
+        data_dir = %config.data_dir().display(),
+        window_seconds = config.window_seconds(),
+        max_records_per_batch = config.max_records_per_batch(),
+        "config loaded"
+    );
+
+    let data_dir = config.data_dir().to_path_buf();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir)).await??;
+    info!(path = %store.path().display(), "usage store open");
+
+    let (listener, address) = bind(config.listen()).await?;
+    let mut signals = StopSignals::install().map_err(ServerError::Signals)?;
+    let (health, router) = build_router(&config, &store).await?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
+        // Without TCP_NODELAY, Nagle's algorithm holds back the reply's
+        // last frames until the client's delayed ACK, which adds tens of
+        // milliseconds to replies larger than one segment.
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    if let Some(path) = config.ready_file()
+        && let Err(source) = ready_file::write(path, address).await
+    {
+        server.abort();
+        return Err(ServerError::ReadyFile {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    info!(address = %address, "listening");
+
+    tokio::select! {
+        signal = signals.recv() => info!(signal, "shutting down"),
+        result = &mut server => {
+            // The server only returns on its own when it fails.
+            result??;
+            return Ok(());
+        }
+    }
+
+    set_status(&health, ServingStatus::NotServing).await;
+    let _ = stop.send(());
+    finish(server, config.shutdown_grace()).await;
+    if let Some(path) = config.ready_file()
+        && let Err(err) = ready_file::remove(path).await
+    {
+        warn!(path = %path.display(), error = %err, "failed to remove the ready file");
+    }
+    store.close().await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let bind_error = |source| ServerError::Bind { address, source };
+    let listener = TcpListener::bind(address).await.map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, bound))
+}
+
+/// Builds the router of every service and marks them serving.
+async fn build_router(
+    config: &Config,
+    store: &Store,
+) -> Result<(HealthReporter, Router), ServerError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let sync = SyncService::new(
+        store.clone(),
+        config.window_seconds(),
+        config.max_records_per_batch(),
+        DEFAULT_MAX_SERIES,
+    );
+    let usage = UsageService::new(store.clone());
+
+    let router = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(SyncServer::new(sync))
+        .add_service(UsageServer::new(usage));
+    set_status(&health, ServingStatus::Serving).await;
+    Ok((health, router))
+}
+
+/// Waits for the server to finish its in-flight calls after the stop
+/// signal, aborting it after `grace`.
+async fn finish(mut server: JoinHandle<Result<(), tonic::transport::Error>>, grace: Duration) {
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(err))) => error!(error = %err, "gRPC server failed while stopping"),
+        Ok(Err(err)) => error!(error = %err, "gRPC server task failed while stopping"),
+        Err(_) => {
+            warn!(
+                grace_seconds = grace.as_secs(),
+                "in-flight calls did not finish within the grace period; closing them"
+            );
+            server.abort();
+            let _ = server.await;
+        }
+    }
+}
+
+/// Describes this server's services for both reflection versions.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(veo_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Sets the overall status (service name "") and each service's status.
+async fn set_status(health: &HealthReporter, status: ServingStatus) {
+    for name in [
+        "",
+        <SyncServer<SyncService> as NamedService>::NAME,
+        <UsageServer<UsageService> as NamedService>::NAME,
+    ] {
+        health.set_service_status(name, status).await;
+    }
+}

@@ -1,0 +1,303 @@
+//! Embedded SQLite store of the usage ledger: per-customer usage in minute
+//! buckets and the last applied sequence of each filter instance.
+//!
+//! SQLite calls block, so every call runs on tokio's blocking pool. One
+//! connection writes and a second one reads; WAL mode lets the reader run
+//! while the writer commits.
+
+mod apply;
+mod query;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use rusqlite::Connection;
+use tracing::{info, warn};
+
+use crate::ledger::{ApplyOutcome, Batch, BucketTotal, CustomerTotal, Granularity, TimeRange};
+
+/// File name of the SQLite database inside the data directory.
+pub const DATABASE_FILE: &str = "usage.sqlite3";
+
+/// Errors of the usage store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error(
+        "failed to create the data directory {}; check its permissions or choose another \
+         with --data-dir",
+        path.display()
+    )]
+    CreateDir {
+        /// The data directory.
+        path: PathBuf,
+        /// Cause reported by the file system.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be opened or its schema created.
+    #[error("failed to open the usage store {}", path.display())]
+    Open {
+        /// Path of the database file.
+        path: PathBuf,
+        /// Cause reported by SQLite.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// SQLite could not switch the database to WAL journal mode.
+    #[error(
+        "usage store {} stays in journal mode {mode}, not WAL; put --data-dir on a local \
+         file system",
+        path.display()
+    )]
+    NoWal {
+        /// Path of the database file.
+        path: PathBuf,
+        /// Journal mode SQLite reported.
+        mode: String,
+    },
+    /// The database was written by a newer sidecar with an unknown schema.
+    #[error(
+        "usage store {} has schema version {found}, newer than the supported {supported}; \
+         run a newer veo-sidecar or point --data-dir elsewhere",
+        path.display()
+    )]
+    SchemaVersion {
+        /// Path of the database file.
+        path: PathBuf,
+        /// Version stored in the file.
+        found: i64,
+        /// Latest version this build supports.
+        supported: i64,
+    },
+    /// A statement failed.
+    #[error("usage store failed to {operation}")]
+    Sqlite {
+        /// Operation that failed, such as "apply a batch".
+        operation: &'static str,
+        /// Cause reported by SQLite.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The blocking task running a statement was cancelled or panicked.
+    #[error("usage store task did not finish")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Handle to the store; clones share the same connections.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Connections>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Writer,
+    Reader,
+}
+
+#[derive(Debug)]
+struct Connections {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens or creates the store in `data_dir`, creating the directory when
+    /// missing. Blocks, so call it from a blocking context.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join(DATABASE_FILE);
+
+        let writer = schema::open_writer(&path)?;
+        let reader = schema::open_reader(&path)?;
+        Ok(Store {
+            inner: Arc::new(Connections {
+                path,
+                writer: Mutex::new(writer),
+                reader: Mutex::new(reader),
+            }),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Applies `batch` in one transaction and returns after it is committed,
+    /// or reports a duplicate when its sequence is at or below the
+    /// instance's last applied one, changing nothing.
+    pub async fn apply(&self, batch: Batch, now_unix_s: i64) -> Result<ApplyOutcome, StoreError> {
+        self.run("apply a batch", Role::Writer, move |conn| {
+            apply::apply_batch(conn, &batch, now_unix_s)
+        })
+        .await
+    }
+
+    /// Returns `customer`'s non-empty buckets within `range`, ascending.
+    pub async fn usage(
+        &self,
+        customer: String,
+        range: TimeRange,
+        granularity: Granularity,
+    ) -> Result<Vec<BucketTotal>, StoreError> {
+        self.run("query usage", Role::Reader, move |conn| {
+            query::usage_buckets(conn, &customer, range, granularity)
+        })
+        .await
+    }
+
+    /// Returns up to `limit` customers with the most admitted requests within
+    /// `range`, descending, ties in ascending order of customer.
+    pub async fn top_customers(
+        &self,
+        range: TimeRange,
+        limit: u32,
+    ) -> Result<Vec<CustomerTotal>, StoreError> {
+        self.run("list top customers", Role::Reader, move |conn| {
+            query::top_customers(conn, range, limit)
+        })
+        .await
+    }
+
+    /// Closes both connections, which checkpoints the WAL into the database.
+    /// When another handle is still alive it only logs a warning, because
+    /// SQLite recovers the WAL at the next open.
+    pub async fn close(self) {
+        let path = self.inner.path.clone();
+        let Ok(connections) = Arc::try_unwrap(self.inner) else {
+            warn!(
+                path = %path.display(),
+                "usage store still used by unfinished calls; not closing it cleanly, \
+                 committed batches are safe and the next start recovers the WAL"
+            );
+            return;
+        };
+
+        let closed = tokio::task::spawn_blocking(move || {
+            let reader = connections
+                .reader
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner);
+            let writer = connections
+                .writer
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner);
+            reader.close().and(writer.close()).map_err(|(_, err)| err)
+        })
+        .await;
+        match closed {
+            Ok(Ok(())) => info!(path = %path.display(), "usage store closed"),
+            Ok(Err(err)) => {
+                warn!(path = %path.display(), error = %err, "failed to close the usage store")
+            }
+            Err(err) => {
+                warn!(path = %path.display(), error = %err, "failed to close the usage store")
+            }
+        }
+    }
+
+    /// Runs `work` on the writer or the reader connection on the blocking
+    /// pool. The mutex keeps the writer the only one, even across clones.
+    async fn run<T, F>(&self, operation: &'static str, role: Role, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        let result = tokio::task::spawn_blocking(move || {
+            let mutex = match role {
+                Role::Writer => &inner.writer,
+                Role::Reader => &inner.reader,
+            };
+            work(&mut lock(mutex))
+        })
+        .await
+        .map_err(StoreError::Task)?;
+        result.map_err(|source| StoreError::Sqlite { operation, source })
+    }
+}
+
+/// Locks a connection. A panic while holding the lock cannot leave a
+/// transaction open, because rusqlite rolls back when the transaction drops.
+fn lock(mutex: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::UsageEntry;
+
+    fn batch(sequence: i64, admitted: i64) -> Batch {
+        Batch {
+            instance_id: "a".into(),
+            sequence,
+            records: vec![UsageEntry {
+                customer: "c1".into(),
+                tier: "basic".into(),
+                minute_unix_s: 120,
+                admitted,
+                refused: 0,
+            }],
+        }
+    }
+
+    fn whole_range() -> TimeRange {
+        TimeRange {
+            start_unix_s: 0,
+            end_unix_s: 3_600,
+        }
+    }
+
+    #[tokio::test]
+    async fn reopened_store_keeps_usage_and_sequences() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.apply(batch(1, 4), 0).await.unwrap();
+        store.close().await;
+
+        let store = Store::open(dir.path()).unwrap();
+        let resent = store.apply(batch(1, 4), 0).await.unwrap();
+        let buckets = store
+            .usage("c1".into(), whole_range(), Granularity::Hour)
+            .await
+            .unwrap();
+
+        assert_eq!(resent, ApplyOutcome::Duplicate { last: 1 });
+        assert_eq!(buckets.len(), 1);
+        assert_eq!(buckets[0].admitted, 4);
+    }
+
+    #[tokio::test]
+    async fn reader_sees_commits_of_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.apply(batch(1, 2), 0).await.unwrap();
+        let before = store.top_customers(whole_range(), 10).await.unwrap();
+
+        store.apply(batch(2, 3), 0).await.unwrap();
+        let after = store.top_customers(whole_range(), 10).await.unwrap();
+
+        assert_eq!(before[0].admitted, 2);
+        assert_eq!(after[0].admitted, 5);
+    }
+
+    #[test]
+    fn data_dir_that_is_a_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("taken");
+        std::fs::write(&file, "").unwrap();
+
+        let err = Store::open(&file).unwrap_err();
+
+        assert!(matches!(err, StoreError::CreateDir { .. }), "{err}");
+        assert!(err.to_string().contains("taken"), "{err}");
+    }
+}

@@ -1,0 +1,248 @@
+//! Applying a usage batch: one transaction per batch, idempotent per
+//! (instance, sequence).
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::ledger::{ApplyOutcome, Batch};
+
+const SELECT_LAST_SEQUENCE: &str =
+    "SELECT last_sequence FROM instance_sequence WHERE instance_id = ?1";
+
+const UPSERT_USAGE: &str = "
+INSERT INTO usage_minute (customer, minute_unix_s, tier, admitted, refused)
+VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (customer, minute_unix_s, tier) DO UPDATE SET
+    admitted = admitted + excluded.admitted,
+    refused = refused + excluded.refused";
+
+const UPSERT_SEQUENCE: &str = "
+INSERT INTO instance_sequence (instance_id, last_sequence, updated_unix_s)
+VALUES (?1, ?2, ?3)
+ON CONFLICT (instance_id) DO UPDATE SET
+    last_sequence = excluded.last_sequence,
+    updated_unix_s = excluded.updated_unix_s";
+
+/// Adds the batch's records and records its sequence in one transaction,
+/// unless the instance already applied this sequence or a later one.
+///
+/// Returns only after the commit, so a caller that replies after this
+/// returns never acknowledges a batch that a crash could lose. On error the
+/// transaction rolls back and nothing changes.
+pub(super) fn apply_batch(
+    conn: &mut Connection,
+    batch: &Batch,
+    now_unix_s: i64,
+) -> rusqlite::Result<ApplyOutcome> {
+    // IMMEDIATE takes the write lock before reading the sequence, so the
+    // check and the write are atomic even if a second process opened the
+    // same data directory.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+
+    let last: i64 = tx
+        .query_row(SELECT_LAST_SEQUENCE, [&batch.instance_id], |row| row.get(0))
+        .optional()?
+        .unwrap_or(0);
+    if batch.sequence <= last {
+        // Dropping the transaction rolls it back; nothing was written.
+        return Ok(ApplyOutcome::Duplicate { last });
+    }
+
+    {
+        let mut upsert = tx.prepare_cached(UPSERT_USAGE)?;
+        for record in &batch.records {
+            if record.admitted == 0 && record.refused == 0 {
+                continue;
+            }
+            upsert.execute(params![
+                record.customer,
+                record.minute_unix_s,
+                record.tier,
+                record.admitted,
+                record.refused,
+            ])?;
+        }
+    }
+    tx.execute(
+        UPSERT_SEQUENCE,
+        params![batch.instance_id, batch.sequence, now_unix_s],
+    )?;
+
+    tx.commit()?;
+    Ok(ApplyOutcome::Applied { previous: last })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::UsageEntry;
+    use crate::store::schema;
+
+    fn entry(customer: &str, minute_unix_s: i64, admitted: i64, refused: i64) -> UsageEntry {
+        UsageEntry {
+            customer: customer.into(),
+            tier: "basic".into(),
+            minute_unix_s,
+            admitted,
+            refused,
+        }
+    }
+
+    fn batch(instance: &str, sequence: i64, records: Vec<UsageEntry>) -> Batch {
+        Batch {
+            instance_id: instance.into(),
+            sequence,
+            records,
+        }
+    }
+
+    fn totals(conn: &Connection, customer: &str) -> (i64, i64) {
+        conn.query_row(
+            "SELECT COALESCE(SUM(admitted), 0), COALESCE(SUM(refused), 0)
+             FROM usage_minute WHERE customer = ?1",
+            [customer],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap()
+    }
+
+    fn last_sequence(conn: &Connection, instance: &str) -> Option<i64> {
+        conn.query_row(SELECT_LAST_SEQUENCE, [instance], |row| row.get(0))
+            .optional()
+            .unwrap()
+    }
+
+    fn open(dir: &tempfile::TempDir) -> Connection {
+        schema::open_writer(&dir.path().join("db")).unwrap()
+    }
+
+    #[test]
+    fn first_batch_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+
+        let outcome = apply_batch(&mut conn, &batch("a", 1, vec![entry("c1", 60, 5, 2)]), 100);
+
+        assert_eq!(outcome.unwrap(), ApplyOutcome::Applied { previous: 0 });
+        assert_eq!(totals(&conn, "c1"), (5, 2));
+        assert_eq!(last_sequence(&conn, "a"), Some(1));
+    }
+
+    #[test]
+    fn same_sequence_is_duplicate_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+        let first = batch("a", 1, vec![entry("c1", 60, 5, 0)]);
+        apply_batch(&mut conn, &first, 100).unwrap();
+
+        let outcome = apply_batch(&mut conn, &first, 101).unwrap();
+
+        assert_eq!(outcome, ApplyOutcome::Duplicate { last: 1 });
+        assert_eq!(totals(&conn, "c1"), (5, 0));
+    }
+
+    #[test]
+    fn older_sequence_is_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+        apply_batch(&mut conn, &batch("a", 5, vec![entry("c1", 60, 1, 0)]), 100).unwrap();
+
+        let outcome = apply_batch(&mut conn, &batch("a", 3, vec![entry("c1", 60, 7, 0)]), 101);
+
+        assert_eq!(outcome.unwrap(), ApplyOutcome::Duplicate { last: 5 });
+        assert_eq!(totals(&conn, "c1"), (1, 0));
+        assert_eq!(last_sequence(&conn, "a"), Some(5));
+    }
+
+    #[test]
+    fn sequences_are_per_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+        apply_batch(&mut conn, &batch("a", 1, vec![entry("c1", 60, 1, 0)]), 100).unwrap();
+
+        let outcome = apply_batch(&mut conn, &batch("b", 1, vec![entry("c1", 60, 2, 0)]), 100);
+
+        assert_eq!(outcome.unwrap(), ApplyOutcome::Applied { previous: 0 });
+        assert_eq!(totals(&conn, "c1"), (3, 0));
+    }
+
+    #[test]
+    fn gap_is_accepted_and_reports_previous() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+        apply_batch(&mut conn, &batch("a", 1, vec![]), 100).unwrap();
+
+        let outcome = apply_batch(&mut conn, &batch("a", 4, vec![entry("c1", 0, 1, 0)]), 100);
+
+        assert_eq!(outcome.unwrap(), ApplyOutcome::Applied { previous: 1 });
+        assert_eq!(last_sequence(&conn, "a"), Some(4));
+    }
+
+    #[test]
+    fn records_of_same_bucket_add_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+        let records = vec![entry("c1", 120, 2, 1), entry("c1", 120, 3, 0)];
+        apply_batch(&mut conn, &batch("a", 1, records), 100).unwrap();
+
+        apply_batch(&mut conn, &batch("a", 2, vec![entry("c1", 120, 4, 4)]), 100).unwrap();
+
+        assert_eq!(totals(&conn, "c1"), (9, 5));
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM usage_minute", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
+    }
+
+    #[test]
+    fn empty_records_store_no_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+
+        apply_batch(&mut conn, &batch("a", 1, vec![entry("c1", 60, 0, 0)]), 100).unwrap();
+
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM usage_minute", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+        assert_eq!(last_sequence(&conn, "a"), Some(1));
+    }
+
+    #[test]
+    fn failed_batch_rolls_back_records_and_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+        // Fails the second insert of the batch, after the first one succeeded.
+        conn.execute_batch(
+            "CREATE TEMP TRIGGER reject_boom BEFORE INSERT ON usage_minute
+             WHEN NEW.customer = 'boom' BEGIN SELECT RAISE(ABORT, 'rejected'); END;",
+        )
+        .unwrap();
+        let records = vec![entry("c1", 60, 5, 0), entry("boom", 60, 1, 0)];
+
+        let result = apply_batch(&mut conn, &batch("a", 1, records), 100);
+
+        assert!(result.is_err());
+        assert_eq!(totals(&conn, "c1"), (0, 0));
+        assert_eq!(last_sequence(&conn, "a"), None);
+    }
+
+    #[test]
+    fn applied_batch_is_on_disk_when_apply_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+
+        apply_batch(&mut conn, &batch("a", 1, vec![entry("c1", 60, 5, 0)]), 100).unwrap();
+
+        // Copy the database and its WAL while the writer is still open and
+        // never closed cleanly, as after `kill -9`, then recover the copy.
+        let crashed = tempfile::tempdir().unwrap();
+        for suffix in ["", "-wal"] {
+            let from = dir.path().join(format!("db{suffix}"));
+            std::fs::copy(&from, crashed.path().join(format!("db{suffix}"))).unwrap();
+        }
+        let recovered = Connection::open(crashed.path().join("db")).unwrap();
+        assert_eq!(totals(&recovered, "c1"), (5, 0));
+        assert_eq!(last_sequence(&recovered, "a"), Some(1));
+        drop(conn);
+    }
+}
