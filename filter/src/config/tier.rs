@@ -1,0 +1,359 @@
+//! Tiers at run time: validated limits, the `RateLimit-Policy` value
+//! written once, and lookup by the tier name a token carries.
+
+use std::collections::BTreeMap;
+
+use super::ConfigError;
+use super::raw::{RawBurst, RawQuota, RawTier};
+
+/// Maximum quota, in requests per window. The rolling window stores one
+/// 4-byte timestamp per admitted request, so this caps a customer's
+/// record at about 400 KB.
+pub const MAX_QUOTA_REQUESTS: u32 = 100_000;
+
+/// Maximum window, in seconds (one day).
+pub const MAX_WINDOW_SECONDS: u32 = 86_400;
+
+/// Maximum bucket size, in tokens.
+pub const MAX_BURST_SIZE: u32 = 1_000_000;
+
+/// Maximum tier name length, in bytes.
+const MAX_TIER_NAME_BYTES: usize = 32;
+
+/// At most `requests` admitted in any rolling window of `window_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Requests admitted per window.
+    pub requests: u32,
+    /// Window length, in milliseconds.
+    pub window_ms: u64,
+}
+
+/// Token bucket: `size` tokens, refilled at `tokens_per_second`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Burst {
+    /// Refill rate, in tokens per second.
+    pub tokens_per_second: f64,
+    /// Capacity, in tokens.
+    pub size: u32,
+}
+
+impl Burst {
+    /// Returns the time an empty bucket takes to fill, in whole seconds
+    /// rounded up (at least 1).
+    pub fn refill_seconds(&self) -> u64 {
+        let seconds = (f64::from(self.size) / self.tokens_per_second).ceil();
+        (seconds as u64).max(1)
+    }
+}
+
+/// One subscription tier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tier {
+    /// Tier name, as tokens carry it and headers and metrics show it.
+    pub name: String,
+    /// Rolling-window quota, if any.
+    pub quota: Option<Quota>,
+    /// Token bucket, if any.
+    pub burst: Option<Burst>,
+    /// Value of the `ratelimit-policy` response header.
+    pub policy_header: String,
+}
+
+impl Tier {
+    /// Returns the policy name of the token bucket in rate-limit headers:
+    /// the tier name, or `<tier>-burst` when the tier also has a quota.
+    pub fn burst_policy_name(&self) -> String {
+        if self.quota.is_some() {
+            format!("{}-burst", self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+}
+
+/// The tier table with its default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tiers {
+    tiers: Vec<Tier>,
+    default: usize,
+}
+
+impl Tiers {
+    /// Returns the index of tier `name`, or of the default tier when the
+    /// name is missing or unknown.
+    pub fn resolve(&self, name: Option<&str>) -> usize {
+        name.and_then(|name| self.tiers.iter().position(|tier| tier.name == name))
+            .unwrap_or(self.default)
+    }
+
+    /// Returns the tier at `index`, or the default tier when out of range.
+    pub fn get(&self, index: usize) -> &Tier {
+        match self.tiers.get(index) {
+            Some(tier) => tier,
+            None => &self.tiers[self.default],
+        }
+    }
+
+    /// Returns every tier in name order.
+    pub fn all(&self) -> &[Tier] {
+        &self.tiers
+    }
+
+    /// Returns the index of the default tier.
+    pub fn default_index(&self) -> usize {
+        self.default
+    }
+}
+
+/// Returns the built-in tier table: basic 60 and pro 600 requests per
+/// minute, enterprise a 200-token bucket refilled at 100 per second.
+pub fn default_raw_tiers() -> BTreeMap<String, RawTier> {
+    let quota = |requests| RawTier {
+        quota: Some(RawQuota {
+            requests,
+            window_seconds: 60,
+        }),
+        burst: None,
+    };
+    BTreeMap::from([
+        ("basic".to_owned(), quota(60)),
+        ("pro".to_owned(), quota(600)),
+        (
+            "enterprise".to_owned(),
+            RawTier {
+                quota: None,
+                burst: Some(RawBurst {
+                    tokens_per_second: 100.0,
+                    size: 200,
+                }),
+            },
+        ),
+    ])
+}
+
+/// Validates the tier table and the default tier name.
+pub fn build_tiers(raw: &BTreeMap<String, RawTier>, default: &str) -> Result<Tiers, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::invalid(
+            "tiers",
+            "{}",
+            "define at least one tier, or leave `tiers` out for the built-in table",
+        ));
+    }
+    let tiers = raw
+        .iter()
+        .map(|(name, tier)| build_tier(name, tier))
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some(default) = tiers.iter().position(|tier| tier.name == default) else {
+        let names: Vec<&str> = tiers.iter().map(|tier| tier.name.as_str()).collect();
+        return Err(ConfigError::invalid(
+            "default_tier",
+            default,
+            &format!("not a configured tier; choose one of {}", names.join(", ")),
+        ));
+    };
+    Ok(Tiers { tiers, default })
+}
+
+fn build_tier(name: &str, raw: &RawTier) -> Result<Tier, ConfigError> {
+    let field = format!("tiers.{name}");
+    let name_ok = !name.is_empty()
+        && name.len() <= MAX_TIER_NAME_BYTES
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+    if !name_ok {
+        return Err(ConfigError::invalid(
+            "tiers",
+            name,
+            "tier names are 1 to 32 characters of A-Z, a-z, 0-9, `_` and `-`",
+        ));
+    }
+    if raw.quota.is_none() && raw.burst.is_none() {
+        return Err(ConfigError::invalid(
+            field,
+            "{}",
+            "give the tier a `quota`, a `burst`, or both",
+        ));
+    }
+
+    let quota = raw
+        .quota
+        .as_ref()
+        .map(|quota| build_quota(&field, quota))
+        .transpose()?;
+    let burst = raw
+        .burst
+        .as_ref()
+        .map(|burst| build_burst(&field, burst))
+        .transpose()?;
+    let mut tier = Tier {
+        name: name.to_owned(),
+        quota,
+        burst,
+        policy_header: String::new(),
+    };
+    tier.policy_header = policy_header(&tier);
+    Ok(tier)
+}
+
+fn build_quota(field: &str, raw: &RawQuota) -> Result<Quota, ConfigError> {
+    if raw.requests == 0 || raw.requests > MAX_QUOTA_REQUESTS {
+        return Err(ConfigError::invalid(
+            format!("{field}.quota.requests"),
+            &raw.requests.to_string(),
+            &format!("must be 1 to {MAX_QUOTA_REQUESTS}"),
+        ));
+    }
+    if raw.window_seconds == 0 || raw.window_seconds > MAX_WINDOW_SECONDS {
+        return Err(ConfigError::invalid(
+            format!("{field}.quota.window_seconds"),
+            &raw.window_seconds.to_string(),
+            &format!("must be 1 to {MAX_WINDOW_SECONDS} seconds"),
+        ));
+    }
+    Ok(Quota {
+        requests: raw.requests,
+        window_ms: u64::from(raw.window_seconds) * 1000,
+    })
+}
+
+fn build_burst(field: &str, raw: &RawBurst) -> Result<Burst, ConfigError> {
+    let rate = raw.tokens_per_second;
+    if !(0.001..=1_000_000.0).contains(&rate) {
+        return Err(ConfigError::invalid(
+            format!("{field}.burst.tokens_per_second"),
+            &rate.to_string(),
+            "must be 0.001 to 1000000 tokens per second",
+        ));
+    }
+    if raw.size == 0 || raw.size > MAX_BURST_SIZE {
+        return Err(ConfigError::invalid(
+            format!("{field}.burst.size"),
+            &raw.size.to_string(),
+            &format!("must be 1 to {MAX_BURST_SIZE} tokens"),
+        ));
+    }
+    Ok(Burst {
+        tokens_per_second: rate,
+        size: raw.size,
+    })
+}
+
+/// Writes the `ratelimit-policy` value (IETF draft-ietf-httpapi-ratelimit-
+/// headers): one item per limit, `q` in requests and `w` in seconds.
+fn policy_header(tier: &Tier) -> String {
+    let mut items = Vec::new();
+    if let Some(quota) = tier.quota {
+        items.push(format!(
+            "\"{}\";q={};w={}",
+            tier.name,
+            quota.requests,
+            quota.window_ms / 1000
+        ));
+    }
+    if let Some(burst) = tier.burst {
+        items.push(format!(
+            "\"{}\";q={};w={}",
+            tier.burst_policy_name(),
+            burst.size,
+            burst.refill_seconds()
+        ));
+    }
+    items.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_table_has_the_three_tiers() {
+        let tiers = build_tiers(&default_raw_tiers(), "basic").unwrap();
+        let names: Vec<&str> = tiers.all().iter().map(|tier| tier.name.as_str()).collect();
+        assert_eq!(names, ["basic", "enterprise", "pro"]);
+        assert_eq!(tiers.get(tiers.default_index()).name, "basic");
+    }
+
+    #[test]
+    fn policy_header_names_quota_and_window() {
+        let tiers = build_tiers(&default_raw_tiers(), "basic").unwrap();
+        let basic = tiers.get(tiers.resolve(Some("basic")));
+        assert_eq!(basic.policy_header, "\"basic\";q=60;w=60");
+        let enterprise = tiers.get(tiers.resolve(Some("enterprise")));
+        assert_eq!(enterprise.policy_header, "\"enterprise\";q=200;w=2");
+    }
+
+    #[test]
+    fn policy_header_lists_both_limits() {
+        let raw = BTreeMap::from([(
+            "mixed".to_owned(),
+            RawTier {
+                quota: Some(RawQuota {
+                    requests: 10,
+                    window_seconds: 30,
+                }),
+                burst: Some(RawBurst {
+                    tokens_per_second: 3.0,
+                    size: 5,
+                }),
+            },
+        )]);
+        let tiers = build_tiers(&raw, "mixed").unwrap();
+        assert_eq!(
+            tiers.get(0).policy_header,
+            "\"mixed\";q=10;w=30, \"mixed-burst\";q=5;w=2"
+        );
+    }
+
+    #[test]
+    fn unknown_or_missing_tier_resolves_to_default() {
+        let tiers = build_tiers(&default_raw_tiers(), "pro").unwrap();
+        let pro = tiers.resolve(Some("pro"));
+        assert_eq!(tiers.resolve(Some("platinum")), pro);
+        assert_eq!(tiers.resolve(None), pro);
+        assert_eq!(tiers.get(usize::MAX).name, "pro");
+    }
+
+    #[test]
+    fn tier_without_limits_is_rejected() {
+        let raw = BTreeMap::from([(
+            "free".to_owned(),
+            RawTier {
+                quota: None,
+                burst: None,
+            },
+        )]);
+        let error = build_tiers(&raw, "free").unwrap_err().to_string();
+        assert!(error.contains("tiers.free"), "{error}");
+    }
+
+    #[test]
+    fn tier_name_with_dot_is_rejected() {
+        let mut raw = default_raw_tiers();
+        let basic = raw.remove("basic").unwrap();
+        raw.insert("gold.plus".to_owned(), basic);
+        let error = build_tiers(&raw, "pro").unwrap_err().to_string();
+        assert!(error.contains("gold.plus"), "{error}");
+    }
+
+    #[test]
+    fn zero_window_is_rejected() {
+        let raw = BTreeMap::from([(
+            "basic".to_owned(),
+            RawTier {
+                quota: Some(RawQuota {
+                    requests: 5,
+                    window_seconds: 0,
+                }),
+                burst: None,
+            },
+        )]);
+        let error = build_tiers(&raw, "basic").unwrap_err().to_string();
+        assert!(
+            error.contains("tiers.basic.quota.window_seconds"),
+            "{error}"
+        );
+    }
+}

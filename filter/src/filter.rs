@@ -1,0 +1,572 @@
+//! The HTTP filter role. Per request it reads the bearer token, finds it
+//! in the verified-token cache or verifies it, and rate-limits the
+//! customer in shared data. Then it replies 401 or 429, or passes the
+//! request upstream with the customer and tier headers set from the
+//! verified claims.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use crate::config::Config;
+use crate::host::{Host, LogLevel};
+use crate::jwt::{AuthError, bearer_token};
+use crate::limiter::{Admission, Limiter};
+use crate::metrics::{Counter, Metrics};
+use crate::response::{self, LocalReply};
+use crate::token_cache::{CacheLevel, CachedToken, TokenCache};
+use crate::usage::UsageQueue;
+use crate::usage::queue::Delivery;
+
+/// Header the upstream reads the customer id from.
+pub const CUSTOMER_HEADER: &str = "x-veo-customer";
+/// Header the upstream reads the tier from.
+pub const TIER_HEADER: &str = "x-veo-tier";
+
+/// Minimum time between two warnings of the same kind, in milliseconds.
+const WARNING_INTERVAL_MS: u64 = 10_000;
+
+/// Next step of the HTTP context after the request headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// A local reply was sent; stop the filter chain.
+    Replied,
+    /// Send the request upstream; add these headers to its response.
+    Forward(Option<ResponseFields>),
+}
+
+/// Rate-limit fields for the response of an admitted request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseFields {
+    /// Index of the tier in the tier table.
+    pub tier: usize,
+    /// Value of the `ratelimit` header.
+    pub ratelimit: String,
+}
+
+/// One worker's HTTP filter under one configuration.
+#[derive(Debug)]
+pub struct Filter {
+    config: Config,
+    tokens: TokenCache,
+    limiter: Limiter,
+    usage: UsageQueue,
+    metrics: Metrics,
+    debug: Cell<bool>,
+    last_warning_ms: Cell<u64>,
+}
+
+impl Filter {
+    /// Creates the filter; `vm_id` names the VM whose usage queue the sync
+    /// role registered.
+    pub fn new(host: &impl Host, config: Config, vm_id: &str) -> Self {
+        Self {
+            tokens: TokenCache::new(config.token_cache_entries),
+            limiter: Limiter::new(config.max_customers),
+            usage: UsageQueue::new(vm_id),
+            metrics: Metrics::define(host, &config.tiers),
+            config,
+            debug: Cell::new(false),
+            last_warning_ms: Cell::new(0),
+        }
+    }
+
+    /// Turns per-request debug lines on or off; formatting them costs, so
+    /// the shell follows Envoy's log level.
+    pub fn set_debug(&self, enabled: bool) {
+        self.debug.set(enabled);
+    }
+
+    /// Decides a request from its headers.
+    pub fn on_request_headers(&self, host: &impl Host) -> RequestOutcome {
+        self.metrics.add(Counter::Requests, 1);
+        let now_ms = host.now_ms();
+
+        let (cached, level) = match self.authenticate(host, now_ms / 1000) {
+            Ok(found) => found,
+            Err(error) => return self.reject(host, error),
+        };
+        let tier = self.config.tiers.get(cached.tier);
+        let hint = cached.limiter_slot.get();
+        let admission = match self
+            .limiter
+            .admit(host, &cached.customer, tier, now_ms, hint)
+        {
+            Ok(admission) => admission,
+            Err(error) => {
+                // Fail open: the request is decided without the shared
+                // record, so it is neither limited nor counted.
+                self.metrics.add(Counter::LimiterErrors, 1);
+                let message = format!(
+                    "rate limiter unavailable, admitting request customer={} error={error}",
+                    cached.customer
+                );
+                self.warn(host, now_ms, &message);
+                self.forward(host, &cached.customer, &tier.name);
+                return RequestOutcome::Forward(None);
+            }
+        };
+        cached.limiter_slot.set(Some(admission.slot));
+        self.deliver_usage(host, now_ms, &admission);
+
+        let decision = admission.decision;
+        if self.debug.get() {
+            let message = format!(
+                "request decided customer={} tier={} admitted={} retry_after={} slot={} \
+                 token_cache={}",
+                cached.customer,
+                tier.name,
+                decision.admitted,
+                decision.retry_after_s,
+                admission.slot,
+                level.map_or("miss", CacheLevel::name)
+            );
+            host.log(LogLevel::Debug, &message);
+        }
+
+        if !decision.admitted {
+            self.metrics.add_rate_limited(cached.tier);
+            self.send(host, &response::too_many_requests(tier, &decision));
+            return RequestOutcome::Replied;
+        }
+        self.forward(host, &cached.customer, &tier.name);
+        RequestOutcome::Forward(Some(ResponseFields {
+            tier: cached.tier,
+            ratelimit: response::ratelimit_value(tier, &decision),
+        }))
+    }
+
+    /// Finds the request's bearer token in the cache or verifies it; the
+    /// cache level is `None` when the token was verified now.
+    fn authenticate(
+        &self,
+        host: &impl Host,
+        now_s: u64,
+    ) -> Result<(Rc<CachedToken>, Option<CacheLevel>), AuthError> {
+        let header = host.request_header("authorization").ok().flatten();
+        let verifier = &self.config.verifier;
+        let token = bearer_token(header.as_deref(), verifier.max_token_bytes)?;
+
+        let tiers = &self.config.tiers;
+        if let Some((cached, level)) = self.tokens.get(host, tiers, token, now_s) {
+            self.metrics.add(Counter::TokenCacheHits, 1);
+            return Ok((cached, Some(level)));
+        }
+        self.metrics.add(Counter::TokenCacheMisses, 1);
+        let verified = verifier.verify(token, now_s)?;
+        Ok((
+            self.tokens.insert(host, tiers, token, verified, now_s),
+            None,
+        ))
+    }
+
+    /// Adds the rate-limit fields to the response of an admitted request.
+    pub fn on_response_headers(&self, host: &impl Host, fields: &ResponseFields) {
+        let tier = self.config.tiers.get(fields.tier);
+        let _ = host.add_response_header("ratelimit-policy", &tier.policy_header);
+        let _ = host.add_response_header("ratelimit", &fields.ratelimit);
+    }
+
+    /// Periodic work of the worker: publish counters, resend held usage
+    /// messages.
+    pub fn on_tick(&self, host: &impl Host) {
+        if self.usage.backlog_len() > 0 {
+            self.usage.retry_backlog(host);
+        }
+        self.metrics.flush(host);
+    }
+
+    /// Returns the configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn reject(&self, host: &impl Host, error: AuthError) -> RequestOutcome {
+        self.metrics.add(Counter::AuthFailures, 1);
+        if self.debug.get() {
+            host.log(
+                LogLevel::Debug,
+                &format!("request rejected status=401 reason=\"{}\"", error.reason()),
+            );
+        }
+        self.send(host, &response::unauthorized(error));
+        RequestOutcome::Replied
+    }
+
+    /// Replaces client-sent identity headers with the verified ones and
+    /// removes the other headers a client could forge.
+    fn forward(&self, host: &impl Host, customer: &str, tier: &str) {
+        let _ = host.set_request_header(CUSTOMER_HEADER, customer);
+        let _ = host.set_request_header(TIER_HEADER, tier);
+        for name in &self.config.forged_headers {
+            let _ = host.remove_request_header(name);
+        }
+    }
+
+    fn send(&self, host: &impl Host, reply: &LocalReply) {
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        if let Err(error) = host.send_local_response(reply.status, &headers, reply.body.as_bytes())
+        {
+            host.log(
+                LogLevel::Error,
+                &format!(
+                    "could not send local reply status={} error={error}",
+                    reply.status
+                ),
+            );
+        }
+    }
+
+    fn deliver_usage(&self, host: &impl Host, now_ms: u64, admission: &Admission) {
+        if let Some(active) = admission.evicted_active {
+            self.metrics.add(Counter::LimiterEvictions, 1);
+            if active {
+                self.warn(
+                    host,
+                    now_ms,
+                    &format!(
+                        "evicted an active customer record slot={}; raise max_customers",
+                        admission.slot
+                    ),
+                );
+            }
+        }
+        for message in &admission.messages {
+            if self.usage.send(host, message) == Delivery::Dropped {
+                self.metrics.add(Counter::UsageDropped, 1);
+                let message = "usage backlog full, dropping usage; \
+                               check that the veo_sync bootstrap extension runs";
+                self.warn(host, now_ms, message);
+            }
+        }
+    }
+
+    /// Logs a warning unless one was logged in the last
+    /// [`WARNING_INTERVAL_MS`]; later ones in that time are dropped.
+    fn warn(&self, host: &impl Host, now_ms: u64, message: &str) {
+        let last = self.last_warning_ms.get();
+        if last == 0 || now_ms.saturating_sub(last) >= WARNING_INTERVAL_MS {
+            self.last_warning_ms.set(now_ms.max(1));
+            host.log(LogLevel::Warn, message);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jwt_simple::prelude::UnixTimeStamp;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::host::MemoryHost;
+    use crate::limiter::MAX_ATTEMPTS;
+    use crate::testing::{NOW_S, claims, config, es256_token};
+    use crate::usage::{QUEUE_NAME, UsageMessage};
+
+    const NOW_MS: u64 = NOW_S * 1000;
+
+    struct Worker {
+        host: MemoryHost,
+        filter: Filter,
+    }
+
+    impl Worker {
+        fn new(host: MemoryHost) -> Self {
+            let filter = Filter::new(&host, config(json!({})), "veo_edge");
+            Self { host, filter }
+        }
+
+        /// Sends one request and returns its status: 200 when forwarded.
+        fn send(&self, headers: &[(&str, &[u8])]) -> u32 {
+            self.host.start_request(headers);
+            match self.filter.on_request_headers(&self.host) {
+                RequestOutcome::Replied => self.host.local_response().unwrap().status,
+                RequestOutcome::Forward(fields) => {
+                    if let Some(fields) = fields {
+                        self.filter.on_response_headers(&self.host, &fields);
+                    }
+                    200
+                }
+            }
+        }
+
+        fn send_token(&self, token: &str) -> u32 {
+            let header = format!("Bearer {token}");
+            self.send(&[("authorization", header.as_bytes())])
+        }
+
+        fn reply_json(&self) -> Value {
+            serde_json::from_str(self.host.local_response().unwrap().body_text()).unwrap()
+        }
+
+        fn counter(&self, name: &str) -> u64 {
+            self.filter.on_tick(&self.host);
+            self.host.counter(name)
+        }
+    }
+
+    fn worker() -> Worker {
+        Worker::new(MemoryHost::new(NOW_MS))
+    }
+
+    fn token(customer: &str, tier: Option<&str>) -> String {
+        es256_token(claims(customer, tier))
+    }
+
+    #[test]
+    fn missing_token_gets_401() {
+        let worker = worker();
+        assert_eq!(worker.send(&[]), 401);
+        assert_eq!(
+            worker.reply_json(),
+            json!({"error": "unauthorized", "reason": "missing token"})
+        );
+        let reply = worker.host.local_response().unwrap();
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("Bearer realm=\"veo\"")
+        );
+        assert_eq!(worker.counter("veo.auth_failures_total"), 1);
+    }
+
+    #[test]
+    fn invalid_tokens_get_401_with_reason() {
+        let worker = worker();
+        let mut expired = claims("a", None);
+        expired.expires_at = Some(UnixTimeStamp::from_secs(NOW_S - 3600));
+        let cases = [
+            (es256_token(expired), "expired"),
+            ("not-a-token".to_owned(), "malformed token"),
+            (token("a", None).replace('.', "x"), "malformed token"),
+        ];
+        for (token, reason) in cases {
+            assert_eq!(worker.send_token(&token), 401);
+            assert_eq!(worker.reply_json()["reason"], reason);
+            let body = worker.host.local_response().unwrap().body_text().to_owned();
+            assert!(!body.contains(&token), "token echoed: {body}");
+        }
+        assert_eq!(worker.counter("veo.auth_failures_total"), 3);
+    }
+
+    #[test]
+    fn non_utf8_headers_are_handled() {
+        let worker = worker();
+        assert_eq!(
+            worker.send(&[("authorization", b"Bearer \xc3\x28.a.b")]),
+            401
+        );
+        assert_eq!(worker.reply_json()["reason"], "malformed token");
+
+        let bearer = format!("Bearer {}", token("acme", None));
+        let status = worker.send(&[
+            ("authorization", bearer.as_bytes()),
+            ("x-veo-region", b"\xff\xfe"),
+            ("x-veo-customer", b"\xff"),
+        ]);
+        assert_eq!(status, 200);
+        assert_eq!(worker.host.request_header_text("x-veo-region"), None);
+        assert_eq!(
+            worker.host.request_header_text("x-veo-customer").as_deref(),
+            Some("acme")
+        );
+    }
+
+    #[test]
+    fn admitted_request_carries_verified_identity() {
+        let worker = worker();
+        let bearer = format!("Bearer {}", token("acme", Some("pro")));
+        let status = worker.send(&[
+            ("authorization", bearer.as_bytes()),
+            ("x-veo-customer", b"someone-else"),
+            ("x-veo-tier", b"enterprise"),
+            ("x-veo-tier", b"enterprise"),
+            ("x-veo-region", b"eu-west"),
+        ]);
+        assert_eq!(status, 200);
+        let host = &worker.host;
+        assert_eq!(
+            host.request_header_text("x-veo-customer").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            host.request_header_text("x-veo-tier").as_deref(),
+            Some("pro")
+        );
+        assert_eq!(host.request_header_count("x-veo-tier"), 1);
+        assert_eq!(host.request_header_text("x-veo-region"), None);
+        assert_eq!(
+            host.response_header("ratelimit-policy").as_deref(),
+            Some("\"pro\";q=5;w=60")
+        );
+        assert_eq!(
+            host.response_header("ratelimit").as_deref(),
+            Some("\"pro\";r=4;t=60")
+        );
+    }
+
+    #[test]
+    fn client_sent_tier_changes_nothing() {
+        let worker = worker();
+        let bearer = format!("Bearer {}", token("acme", Some("basic")));
+        let headers = [
+            ("authorization", bearer.as_bytes()),
+            ("x-veo-tier", b"enterprise".as_slice()),
+        ];
+        let statuses: Vec<u32> = (0..5).map(|_| worker.send(&headers)).collect();
+        assert_eq!(statuses, [200, 200, 200, 429, 429]);
+        assert_eq!(worker.reply_json()["tier"], "basic");
+    }
+
+    #[test]
+    fn basic_gets_exactly_its_quota_then_429() {
+        let worker = worker();
+        let token = token("acme", None);
+        let statuses: Vec<u32> = (0..6).map(|_| worker.send_token(&token)).collect();
+        assert_eq!(statuses, [200, 200, 200, 429, 429, 429]);
+
+        let reply = worker.host.local_response().unwrap();
+        assert_eq!(reply.header("retry-after"), Some("60"));
+        assert_eq!(reply.header("ratelimit-policy"), Some("\"basic\";q=3;w=60"));
+        assert_eq!(reply.header("ratelimit"), Some("\"basic\";r=0;t=60"));
+        assert_eq!(
+            worker.reply_json(),
+            json!({"error": "rate_limited", "tier": "basic", "retry_after_seconds": 60})
+        );
+        assert_eq!(worker.counter("veo.rate_limited_total.tier.basic"), 3);
+        assert_eq!(worker.counter("veo.requests_total"), 6);
+    }
+
+    #[test]
+    fn window_passing_admits_again() {
+        let worker = worker();
+        let token = token("acme", None);
+        for _ in 0..3 {
+            assert_eq!(worker.send_token(&token), 200);
+        }
+        worker.host.advance_ms(59_999);
+        assert_eq!(worker.send_token(&token), 429);
+        assert_eq!(
+            worker.host.local_response().unwrap().header("retry-after"),
+            Some("1")
+        );
+        worker.host.advance_ms(1);
+        assert_eq!(worker.send_token(&token), 200);
+    }
+
+    #[test]
+    fn workers_share_one_quota() {
+        let first = worker();
+        let second = Worker::new(first.host.worker());
+        let token = token("acme", None);
+        let statuses: Vec<u32> = (0..6)
+            .map(|index| {
+                let worker = if index % 2 == 0 { &first } else { &second };
+                worker.send_token(&token)
+            })
+            .collect();
+        assert_eq!(statuses, [200, 200, 200, 429, 429, 429]);
+    }
+
+    #[test]
+    fn enterprise_is_refused_only_above_burst_cap() {
+        let worker = worker();
+        let token = token("big", Some("enterprise"));
+        let statuses: Vec<u32> = (0..6).map(|_| worker.send_token(&token)).collect();
+        assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+        assert_eq!(
+            worker.host.local_response().unwrap().header("ratelimit"),
+            Some("\"enterprise\";r=0;t=1")
+        );
+
+        // At the refill rate of one per second it is never refused.
+        for _ in 0..20 {
+            worker.host.advance_ms(1_000);
+            assert_eq!(worker.send_token(&token), 200);
+        }
+    }
+
+    #[test]
+    fn unknown_tier_falls_back_to_default() {
+        let worker = worker();
+        assert_eq!(worker.send_token(&token("acme", Some("platinum"))), 200);
+        assert_eq!(
+            worker.host.request_header_text("x-veo-tier").as_deref(),
+            Some("basic")
+        );
+    }
+
+    #[test]
+    fn cached_token_costs_only_limiter_calls() {
+        let worker = worker();
+        let token = token("acme", Some("pro"));
+        assert_eq!(worker.send_token(&token), 200);
+        let before = worker.host.shared_data_calls();
+        assert_eq!(worker.send_token(&token), 200);
+        assert_eq!(worker.host.shared_data_calls() - before, 2);
+        assert_eq!(worker.counter("veo.token_cache_misses_total"), 1);
+        assert_eq!(worker.counter("veo.token_cache_hits_total"), 1);
+
+        // Another worker finds the token in shared data: one more call.
+        let other = Worker::new(worker.host.worker());
+        assert_eq!(other.send_token(&token), 200);
+        assert_eq!(other.host.shared_data_calls(), 1 + 2);
+        assert_eq!(other.counter("veo.token_cache_hits_total"), 1);
+    }
+
+    #[test]
+    fn first_request_of_customer_announces_usage() {
+        let worker = worker();
+        let queue = worker.host.register_shared_queue(QUEUE_NAME).unwrap();
+        let token = token("acme", None);
+        for _ in 0..4 {
+            worker.send_token(&token);
+        }
+        assert_eq!(worker.host.queue_len(queue), 1);
+        let message = worker.host.dequeue_shared_queue(queue).unwrap().unwrap();
+        assert!(matches!(
+            UsageMessage::decode(&message),
+            Some(UsageMessage::Slot(_))
+        ));
+    }
+
+    #[test]
+    fn limiter_contention_fails_open_and_is_counted() {
+        let worker = worker();
+        let token = token("acme", None);
+        assert_eq!(worker.send_token(&token), 200);
+        let keys = worker.host.shared_data_keys(crate::limiter::KEY_PREFIX);
+        for _ in 0..MAX_ATTEMPTS {
+            let writer = worker.host.worker();
+            let key = keys[0].clone();
+            worker.host.before_next_set(&keys[0], move || {
+                let bytes = writer.peek_shared_data(&key).unwrap();
+                writer.set_shared_data(&key, &bytes, None).unwrap();
+            });
+        }
+        assert_eq!(worker.send_token(&token), 200);
+        assert_eq!(
+            worker.host.request_header_text("x-veo-customer").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(worker.counter("veo.limiter_errors_total"), 1);
+    }
+
+    #[test]
+    fn debug_lines_name_decision_but_not_token() {
+        let worker = worker();
+        worker.filter.set_debug(true);
+        let token = token("acme", None);
+        worker.send_token(&token);
+        worker.send_token("garbage");
+        let logs = worker.host.logs();
+        assert!(
+            logs.iter()
+                .any(|(_, line)| line.contains("customer=acme tier=basic admitted=true"))
+        );
+        assert!(logs.iter().any(|(_, line)| line.contains("status=401")));
+        assert!(logs.iter().all(|(_, line)| !line.contains(&token)));
+    }
+}

@@ -1,0 +1,481 @@
+//! Per-customer rate limiting in Envoy shared data, shared by every
+//! worker of one Envoy: one record per customer in a bounded slot table
+//! (`veo.rl.<slot>`), read with `get_shared_data` and written back with
+//! its compare-and-swap token, retried when another worker wrote first.
+//!
+//! A customer's record lives in one of [`PROBES`] consecutive slots from
+//! the hash of its id. When none contains it, the first free slot is taken,
+//! else the idle record seen longest ago, else the record seen longest
+//! ago. An evicted record's pending usage is handed to the sync role, not
+//! dropped.
+
+pub mod bucket;
+pub mod decide;
+pub mod record;
+pub mod window;
+
+use crate::config::Tier;
+use crate::host::{Host, HostError, SetError};
+use crate::usage::UsageMessage;
+pub use decide::{Decision, LimitState};
+use record::Record;
+
+/// Prefix of the shared-data keys of the limiter; the slot index follows.
+pub const KEY_PREFIX: &str = "veo.rl.";
+
+/// Consecutive slots a customer's record may occupy.
+pub const PROBES: u32 = 4;
+
+/// Compare-and-swap attempts before a request is decided without the
+/// shared record.
+pub const MAX_ATTEMPTS: u32 = 32;
+
+/// Token passed when writing a slot that did not exist at read time.
+/// proxy-wasm-cpp-host checks a token only against an existing key, so
+/// this creates the key when it is still missing and fails with a
+/// mismatch when another worker created it first.
+// NOTE: the host hands out tokens from one global counter, so a key whose
+// current token is exactly u32::MAX would accept this write. That takes
+// the counter wrapping and landing on this key during the race.
+const CREATE_ONLY_CAS: u32 = u32::MAX;
+
+/// Failure to decide from shared data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LimiterError {
+    /// A shared-data call failed.
+    #[error("shared data call failed: {0}")]
+    Host(#[from] HostError),
+    /// Other workers kept changing the record.
+    #[error("record changed on each of {0} compare-and-swap attempts")]
+    Contention(u32),
+}
+
+/// The outcome of [`Limiter::admit`], with the queue messages the caller
+/// must send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    /// The decision and header values.
+    pub decision: Decision,
+    /// Slot that contains the customer's record now.
+    pub slot: u32,
+    /// Messages for the usage queue.
+    pub messages: Vec<UsageMessage>,
+    /// Set when another customer's record was evicted; `true` when that
+    /// record was not idle, so its limit state was lost.
+    pub evicted_active: Option<bool>,
+}
+
+/// Slot of a customer's record, found or chosen.
+struct Placement {
+    slot: u32,
+    cas: u32,
+    own: Option<Record>,
+    displaced: Option<Record>,
+}
+
+/// Preference for taking a slot, lower first.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum Rank {
+    Unreadable,
+    Idle(u64),
+    Active(u64),
+}
+
+/// The shared limiter table.
+#[derive(Debug, Clone)]
+pub struct Limiter {
+    slots: u32,
+}
+
+impl Limiter {
+    /// Creates a table of `slots` customer records.
+    pub fn new(slots: u32) -> Self {
+        Self {
+            slots: slots.max(1),
+        }
+    }
+
+    /// Decides one request of `customer` under `tier` at `now_ms`, counts
+    /// it as pending usage, and stores the record. `hint` is the slot the
+    /// customer was found in before.
+    pub fn admit(
+        &self,
+        host: &impl Host,
+        customer: &str,
+        tier: &Tier,
+        now_ms: u64,
+        mut hint: Option<u32>,
+    ) -> Result<Admission, LimiterError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let placement = self.locate(host, customer, hint, now_ms)?;
+            let had_pending = placement
+                .own
+                .as_ref()
+                .or(placement.displaced.as_ref())
+                .is_some_and(|record| !record.pending.is_empty());
+            let mut record = placement.own.unwrap_or_else(|| Record::new(customer));
+            let decision = decide::apply(&mut record, tier, now_ms);
+
+            let key = slot_key(placement.slot);
+            match host.set_shared_data(&key, &record.encode(), Some(placement.cas)) {
+                Ok(()) => {}
+                Err(SetError::CasMismatch) => {
+                    hint = Some(placement.slot);
+                    continue;
+                }
+                Err(SetError::Host(error)) => return Err(error.into()),
+            }
+
+            // A slot with pending usage already has a message on the
+            // queue that the sync role has not processed.
+            let mut messages = Vec::new();
+            if !had_pending {
+                messages.push(UsageMessage::Slot(placement.slot));
+            }
+            let evicted_active = placement.displaced.map(|displaced| {
+                let active = !displaced.is_idle(now_ms);
+                if !displaced.pending.is_empty() {
+                    messages.push(UsageMessage::Evicted {
+                        customer: displaced.customer,
+                        pending: displaced.pending,
+                    });
+                }
+                active
+            });
+            return Ok(Admission {
+                decision,
+                slot: placement.slot,
+                messages,
+                evicted_active,
+            });
+        }
+        Err(LimiterError::Contention(MAX_ATTEMPTS))
+    }
+
+    /// Returns the number of slots.
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    fn locate(
+        &self,
+        host: &impl Host,
+        customer: &str,
+        hint: Option<u32>,
+        now_ms: u64,
+    ) -> Result<Placement, HostError> {
+        if let Some(slot) = hint.filter(|&slot| slot < self.slots) {
+            let value = host.get_shared_data(&slot_key(slot))?;
+            let record = value.bytes.as_deref().and_then(Record::decode);
+            if let (Some(record), Some(cas)) = (record, value.cas)
+                && record.customer == customer
+            {
+                return Ok(own(slot, cas, record));
+            }
+        }
+
+        let start = self.home_slot(customer);
+        let mut best: Option<(Rank, Placement)> = None;
+        for probe in 0..PROBES.min(self.slots) {
+            let slot = (start + probe) % self.slots;
+            let value = host.get_shared_data(&slot_key(slot))?;
+            let (Some(bytes), Some(cas)) = (value.bytes, value.cas) else {
+                // Slots are never deleted, so the record cannot be in a
+                // later slot: it would have taken this one.
+                return Ok(Placement {
+                    slot,
+                    cas: CREATE_ONLY_CAS,
+                    own: None,
+                    displaced: None,
+                });
+            };
+            let record = Record::decode(&bytes);
+            let rank = match &record {
+                Some(record) if record.customer == customer => {
+                    return Ok(own(slot, cas, record.clone()));
+                }
+                Some(record) if record.is_idle(now_ms) => Rank::Idle(record.last_seen_ms),
+                Some(record) => Rank::Active(record.last_seen_ms),
+                None => Rank::Unreadable,
+            };
+            if best.as_ref().is_none_or(|(best_rank, _)| rank < *best_rank) {
+                let placement = Placement {
+                    slot,
+                    cas,
+                    own: None,
+                    displaced: record,
+                };
+                best = Some((rank, placement));
+            }
+        }
+        match best {
+            Some((_, placement)) => Ok(placement),
+            // Unreachable with at least one probe; take the home slot.
+            None => Ok(Placement {
+                slot: start,
+                cas: CREATE_ONLY_CAS,
+                own: None,
+                displaced: None,
+            }),
+        }
+    }
+
+    fn home_slot(&self, customer: &str) -> u32 {
+        (fnv1a(customer.as_bytes()) % u64::from(self.slots)) as u32
+    }
+}
+
+fn own(slot: u32, cas: u32, record: Record) -> Placement {
+    Placement {
+        slot,
+        cas,
+        own: Some(record),
+        displaced: None,
+    }
+}
+
+/// Returns the shared-data key of a slot.
+pub fn slot_key(slot: u32) -> String {
+    format!("{KEY_PREFIX}{slot}")
+}
+
+/// FNV-1a, 64 bit: the same on every worker, unlike the standard hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Quota;
+    use crate::host::MemoryHost;
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn basic() -> Tier {
+        Tier {
+            name: "basic".to_owned(),
+            quota: Some(Quota {
+                requests: 3,
+                window_ms: 60_000,
+            }),
+            burst: None,
+            policy_header: String::new(),
+        }
+    }
+
+    fn admitted(limiter: &Limiter, host: &MemoryHost, customer: &str) -> bool {
+        let admission = limiter.admit(host, customer, &basic(), host.now_ms(), None);
+        admission.unwrap().decision.admitted
+    }
+
+    fn stored(host: &MemoryHost, slot: u32) -> Record {
+        Record::decode(&host.peek_shared_data(&slot_key(slot)).unwrap()).unwrap()
+    }
+
+    /// Finds a customer id whose home slot is `slot`.
+    fn customer_at(limiter: &Limiter, slot: u32, skip: usize) -> String {
+        (0..)
+            .map(|index| format!("customer-{index}"))
+            .filter(|customer| limiter.home_slot(customer) == slot)
+            .nth(skip)
+            .unwrap()
+    }
+
+    #[test]
+    fn workers_share_one_count() {
+        let first = MemoryHost::new(NOW);
+        let second = first.worker();
+        let limiter = Limiter::new(64);
+        let results: Vec<bool> = (0..8)
+            .map(|index| {
+                let host = if index % 2 == 0 { &first } else { &second };
+                admitted(&limiter, host, "acme")
+            })
+            .collect();
+        assert_eq!(results.iter().filter(|&&admitted| admitted).count(), 3);
+        assert_eq!(results[..3], [true, true, true]);
+    }
+
+    #[test]
+    fn compare_and_swap_conflict_is_retried() {
+        let first = MemoryHost::new(NOW);
+        let second = first.worker();
+        let limiter = Limiter::new(64);
+        assert!(admitted(&limiter, &first, "acme"));
+        let slot = limiter.home_slot("acme");
+
+        // The second worker admits a request between the first worker's
+        // read and its write.
+        let interloper = limiter.clone();
+        first.before_next_set(&slot_key(slot), move || {
+            assert!(admitted(&interloper, &second, "acme"));
+        });
+        assert!(admitted(&limiter, &first, "acme"));
+
+        let record = stored(&first, slot);
+        assert_eq!(record.log.map(|log| log.offsets.len()), Some(3));
+        assert_eq!(record.pending[0].admitted, 3);
+        assert!(!admitted(&limiter, &first, "acme"));
+    }
+
+    #[test]
+    fn concurrent_creation_keeps_both_requests() {
+        let first = MemoryHost::new(NOW);
+        let second = first.worker();
+        let limiter = Limiter::new(64);
+        let slot = limiter.home_slot("acme");
+
+        let interloper = limiter.clone();
+        first.before_next_set(&slot_key(slot), move || {
+            assert!(admitted(&interloper, &second, "acme"));
+        });
+        assert!(admitted(&limiter, &first, "acme"));
+
+        let record = stored(&first, slot);
+        assert_eq!(record.pending[0].admitted, 2);
+        assert_eq!(first.shared_data_keys(KEY_PREFIX).len(), 1);
+    }
+
+    #[test]
+    fn endless_conflicts_end_in_contention_error() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(64);
+        assert!(admitted(&limiter, &host, "acme"));
+        let key = slot_key(limiter.home_slot("acme"));
+        for _ in 0..MAX_ATTEMPTS {
+            let writer = host.worker();
+            let key_for_hook = key.clone();
+            host.before_next_set(&key, move || {
+                let bytes = writer.peek_shared_data(&key_for_hook).unwrap();
+                writer.set_shared_data(&key_for_hook, &bytes, None).unwrap();
+            });
+        }
+        let result = limiter.admit(&host, "acme", &basic(), NOW, None);
+        assert_eq!(result, Err(LimiterError::Contention(MAX_ATTEMPTS)));
+    }
+
+    #[test]
+    fn hinted_request_costs_two_shared_data_calls() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(64);
+        let first = limiter.admit(&host, "acme", &basic(), NOW, None).unwrap();
+        let before = host.shared_data_calls();
+        limiter
+            .admit(&host, "acme", &basic(), NOW, Some(first.slot))
+            .unwrap();
+        assert_eq!(host.shared_data_calls() - before, 2);
+    }
+
+    #[test]
+    fn slot_message_only_when_pending_usage_starts() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(64);
+        let first = limiter.admit(&host, "acme", &basic(), NOW, None).unwrap();
+        assert_eq!(first.messages, [UsageMessage::Slot(first.slot)]);
+        let second = limiter.admit(&host, "acme", &basic(), NOW, None).unwrap();
+        assert!(second.messages.is_empty());
+
+        // The sync role takes the pending usage; the next request starts
+        // a new batch and announces the slot again.
+        let mut record = stored(&host, first.slot);
+        record.pending.clear();
+        host.set_shared_data(&slot_key(first.slot), &record.encode(), None)
+            .unwrap();
+        let third = limiter.admit(&host, "acme", &basic(), NOW, None).unwrap();
+        assert_eq!(third.messages, [UsageMessage::Slot(first.slot)]);
+    }
+
+    #[test]
+    fn idle_customer_is_evicted_with_usage_forwarded() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(1);
+        assert!(admitted(&limiter, &host, "old"));
+        host.advance_ms(60_000);
+
+        let admission = limiter
+            .admit(&host, "new", &basic(), NOW + 60_000, None)
+            .unwrap();
+        assert!(admission.decision.admitted);
+        assert_eq!(admission.evicted_active, Some(false));
+        // The slot already had a message pending, so only the evicted
+        // usage is sent.
+        match admission.messages.as_slice() {
+            [UsageMessage::Evicted { customer, pending }] => {
+                assert_eq!(customer, "old");
+                assert_eq!(pending[0].admitted, 1);
+            }
+            other => panic!("unexpected messages {other:?}"),
+        }
+        assert_eq!(stored(&host, 0).customer, "new");
+        assert_eq!(stored(&host, 0).pending[0].admitted, 1);
+    }
+
+    #[test]
+    fn idle_record_is_evicted_before_active_one() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(PROBES);
+        let home = 0;
+        let customers: Vec<String> = (0..PROBES as usize + 1)
+            .map(|skip| customer_at(&limiter, home, skip))
+            .collect();
+
+        // Fill every probed slot; the second customer then goes idle.
+        for (index, customer) in customers[..PROBES as usize].iter().enumerate() {
+            host.set_now_ms(if index == 1 { NOW } else { NOW + 59_000 });
+            assert!(admitted(&limiter, &host, customer));
+        }
+        host.set_now_ms(NOW + 60_500);
+
+        let newcomer = &customers[PROBES as usize];
+        let admission = limiter
+            .admit(&host, newcomer, &basic(), NOW + 60_500, None)
+            .unwrap();
+        assert_eq!(admission.slot, 1);
+        assert_eq!(admission.evicted_active, Some(false));
+    }
+
+    #[test]
+    fn least_recently_seen_is_evicted_when_none_idle() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(2);
+        let home = limiter.home_slot("a");
+        let other = customer_at(&limiter, home, 1);
+        assert!(admitted(&limiter, &host, "a"));
+        host.advance_ms(1_000);
+        assert!(admitted(&limiter, &host, &other));
+        host.advance_ms(1_000);
+
+        let newcomer = customer_at(&limiter, home, 2);
+        let admission = limiter
+            .admit(&host, &newcomer, &basic(), host.now_ms(), None)
+            .unwrap();
+        assert_eq!(admission.slot, home);
+        assert_eq!(admission.evicted_active, Some(true));
+    }
+
+    #[test]
+    fn unreadable_slot_is_reused() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(1);
+        host.set_shared_data(&slot_key(0), b"\xffgarbage", None)
+            .unwrap();
+        let admission = limiter.admit(&host, "acme", &basic(), NOW, None).unwrap();
+        assert!(admission.decision.admitted);
+        assert_eq!(admission.evicted_active, None);
+        assert_eq!(stored(&host, 0).customer, "acme");
+    }
+
+    #[test]
+    fn table_never_grows_past_its_slots() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(16);
+        for index in 0..500 {
+            host.advance_ms(10);
+            assert!(admitted(&limiter, &host, &format!("customer-{index}")));
+        }
+        assert_eq!(host.shared_data_keys(KEY_PREFIX).len(), 16);
+    }
+}

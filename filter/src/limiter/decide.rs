@@ -1,0 +1,244 @@
+//! One request against one customer's record: check every limit of the
+//! tier, consume from all of them only when all admit, count the request
+//! as pending usage, and work out the rate-limit header values.
+
+use super::bucket::TokenBucket;
+use super::record::Record;
+use crate::config::Tier;
+use crate::usage::count_request;
+
+/// State of one limit after a request, for the `ratelimit` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitState {
+    /// Requests this limit would still admit now (`r`).
+    pub remaining: u64,
+    /// Seconds until `remaining` grows by one (`t`); on the limit that
+    /// refused a request, the seconds until it would admit one.
+    pub reset_s: u64,
+}
+
+/// The decision on one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request is admitted.
+    pub admitted: bool,
+    /// Seconds until a request would be admitted; 0 when admitted.
+    pub retry_after_s: u64,
+    /// State of the rolling-window quota, when the tier has one.
+    pub quota: Option<LimitState>,
+    /// State of the token bucket, when the tier has one.
+    pub burst: Option<LimitState>,
+}
+
+/// Applies one request at `now_ms` to `record` under `tier`.
+pub fn apply(record: &mut Record, tier: &Tier, now_ms: u64) -> Decision {
+    record.last_seen_ms = now_ms;
+
+    let quota_check = match tier.quota {
+        Some(quota) => {
+            let log = record.log.get_or_insert_default();
+            log.prune(&quota, now_ms);
+            Some((quota, log.check(&quota, now_ms)))
+        }
+        None => {
+            record.log = None;
+            None
+        }
+    };
+    let burst_check = match tier.burst {
+        Some(burst) => {
+            let bucket = record
+                .bucket
+                .get_or_insert_with(|| TokenBucket::full(&burst, now_ms));
+            bucket.refill(&burst, now_ms);
+            Some((burst, bucket.check(&burst)))
+        }
+        None => {
+            record.bucket = None;
+            None
+        }
+    };
+
+    let quota_allows = quota_check.is_none_or(|(_, check)| check.allowed);
+    let burst_allows = burst_check.is_none_or(|(_, check)| check.allowed);
+    let admitted = quota_allows && burst_allows;
+    count_request(&mut record.pending, now_ms, &tier.name, admitted);
+
+    let mut idle_at_ms = now_ms;
+    let mut retry_after_s = 0;
+    let mut quota_state = None;
+    if let (Some((quota, check)), Some(log)) = (quota_check, record.log.as_mut()) {
+        let state = if admitted {
+            log.record(now_ms);
+            let after = log.check(&quota, now_ms);
+            LimitState {
+                remaining: u64::from(quota.requests.saturating_sub(after.used)),
+                reset_s: ceil_seconds(after.oldest_leaves_ms),
+            }
+        } else if check.allowed {
+            LimitState {
+                remaining: u64::from(quota.requests.saturating_sub(check.used)),
+                reset_s: ceil_seconds(check.oldest_leaves_ms),
+            }
+        } else {
+            let wait_s = ceil_seconds(check.wait_ms).max(1);
+            retry_after_s = retry_after_s.max(wait_s);
+            LimitState {
+                remaining: 0,
+                reset_s: wait_s,
+            }
+        };
+        idle_at_ms = idle_at_ms.max(log.idle_at_ms(&quota));
+        quota_state = Some(state);
+    }
+
+    let mut burst_state = None;
+    if let (Some((burst, check)), Some(bucket)) = (burst_check, record.bucket.as_mut()) {
+        let state = if admitted {
+            bucket.take();
+            LimitState {
+                remaining: check.available.saturating_sub(1),
+                reset_s: ceil_seconds(bucket.next_token_ms(&burst)),
+            }
+        } else if check.allowed {
+            LimitState {
+                remaining: check.available,
+                reset_s: ceil_seconds(bucket.next_token_ms(&burst)),
+            }
+        } else {
+            let wait_s = ceil_seconds(check.wait_ms).max(1);
+            retry_after_s = retry_after_s.max(wait_s);
+            LimitState {
+                remaining: 0,
+                reset_s: wait_s,
+            }
+        };
+        idle_at_ms = idle_at_ms.max(bucket.idle_at_ms(&burst));
+        burst_state = Some(state);
+    }
+
+    record.idle_at_ms = idle_at_ms;
+    Decision {
+        admitted,
+        retry_after_s,
+        quota: quota_state,
+        burst: burst_state,
+    }
+}
+
+fn ceil_seconds(ms: u64) -> u64 {
+    ms.div_ceil(1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Burst, Quota};
+
+    fn tier(quota: Option<Quota>, burst: Option<Burst>) -> Tier {
+        Tier {
+            name: "t".to_owned(),
+            quota,
+            burst,
+            policy_header: String::new(),
+        }
+    }
+
+    const QUOTA: Quota = Quota {
+        requests: 2,
+        window_ms: 60_000,
+    };
+    const BURST: Burst = Burst {
+        tokens_per_second: 1.0,
+        size: 3,
+    };
+
+    #[test]
+    fn admitted_request_reports_remaining_and_reset() {
+        let mut record = Record::new("c");
+        let decision = apply(&mut record, &tier(Some(QUOTA), None), 1_000);
+        assert!(decision.admitted);
+        assert_eq!(decision.retry_after_s, 0);
+        assert_eq!(
+            decision.quota,
+            Some(LimitState {
+                remaining: 1,
+                reset_s: 60
+            })
+        );
+        assert_eq!(record.idle_at_ms, 61_000);
+    }
+
+    #[test]
+    fn refused_request_reports_retry_after_of_oldest() {
+        let mut record = Record::new("c");
+        let tier = tier(Some(QUOTA), None);
+        apply(&mut record, &tier, 1_000);
+        apply(&mut record, &tier, 30_000);
+        let decision = apply(&mut record, &tier, 40_500);
+        assert!(!decision.admitted);
+        assert_eq!(decision.retry_after_s, 21);
+        assert_eq!(
+            decision.quota,
+            Some(LimitState {
+                remaining: 0,
+                reset_s: 21
+            })
+        );
+    }
+
+    #[test]
+    fn retry_after_is_at_least_one_second() {
+        let mut record = Record::new("c");
+        let tier = tier(Some(QUOTA), None);
+        apply(&mut record, &tier, 1_000);
+        apply(&mut record, &tier, 1_000);
+        let decision = apply(&mut record, &tier, 60_999);
+        assert!(!decision.admitted);
+        assert_eq!(decision.retry_after_s, 1);
+    }
+
+    #[test]
+    fn refusal_by_one_limit_consumes_neither() {
+        let tier = tier(Some(QUOTA), Some(BURST));
+        let mut record = Record::new("c");
+        apply(&mut record, &tier, 0);
+        apply(&mut record, &tier, 0);
+        let refused = apply(&mut record, &tier, 0);
+        assert!(!refused.admitted);
+        // The bucket admitted but was not charged for the refused request.
+        assert_eq!(refused.burst.map(|state| state.remaining), Some(1));
+        assert!(
+            record
+                .bucket
+                .is_some_and(|bucket| (bucket.tokens - 1.0).abs() < 1e-9)
+        );
+    }
+
+    #[test]
+    fn burst_refusal_waits_for_next_token() {
+        let tier = tier(None, Some(BURST));
+        let mut record = Record::new("c");
+        for _ in 0..3 {
+            assert!(apply(&mut record, &tier, 0).admitted);
+        }
+        let decision = apply(&mut record, &tier, 400);
+        assert!(!decision.admitted);
+        assert_eq!(decision.retry_after_s, 1);
+        assert_eq!(decision.quota, None);
+        assert_eq!(record.log, None);
+    }
+
+    #[test]
+    fn usage_counts_admitted_and_refused() {
+        let tier = tier(Some(QUOTA), None);
+        let mut record = Record::new("c");
+        for _ in 0..5 {
+            apply(&mut record, &tier, 120_000);
+        }
+        assert_eq!(record.pending.len(), 1);
+        assert_eq!(record.pending[0].admitted, 2);
+        assert_eq!(record.pending[0].refused, 3);
+        assert_eq!(record.pending[0].tier, "t");
+    }
+}

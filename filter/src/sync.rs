@@ -1,0 +1,592 @@
+//! The sync role, run once per Envoy instance as a singleton on the main
+//! thread: on each timer tick it drains the usage queue, takes the pending
+//! usage out of the announced limiter records, and sends one batch per
+//! interval to the sidecar with `veo.sync.v1.Sync/Sync`.
+//!
+//! One call is in flight at a time. A batch is resent unchanged, with the
+//! same sequence number, until the sidecar acknowledges it, while new
+//! usage collects for the next batch. The sequence advances only on
+//! success, so the sidecar applies every batch once.
+
+pub mod batch;
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+use veo_proto::sync::SyncResponse;
+
+use crate::config::SidecarSettings;
+use crate::host::{Host, LogLevel, SetError};
+use crate::limiter::record::Record;
+use crate::limiter::slot_key;
+use crate::metrics::{Counter, Metrics};
+use crate::usage::{PendingUsage, UsageMessage};
+use batch::{Batch, UsageKey, UsageTotals};
+
+/// gRPC service of the sync call.
+pub const SERVICE: &str = "veo.sync.v1.Sync";
+/// gRPC method of the sync call.
+pub const METHOD: &str = "Sync";
+/// Shared-data key holding the last `SyncResponse`, encoded, for limits
+/// that account for other instances' usage.
+pub const REPLY_KEY: &str = "veo.sync.reply";
+
+/// Compare-and-swap attempts to take one record's pending usage before
+/// the slot is left for the next tick.
+const TAKE_ATTEMPTS: u32 = 16;
+
+/// gRPC status code for success.
+const GRPC_OK: u32 = 0;
+
+/// State of the sync role.
+#[derive(Debug)]
+pub struct Sync {
+    settings: SidecarSettings,
+    instance_id: String,
+    queue_id: u32,
+    metrics: Metrics,
+    collected: BTreeMap<UsageKey, UsageTotals>,
+    retry_slots: Vec<u32>,
+    unacknowledged: Option<Batch>,
+    in_flight: Option<u32>,
+    next_sequence: u64,
+    failing: bool,
+}
+
+impl Sync {
+    /// Creates the sync role. `instance_id` identifies this Envoy
+    /// instance and VM to the sidecar; `queue_id` is the registered usage
+    /// queue.
+    pub fn new(
+        settings: SidecarSettings,
+        instance_id: String,
+        queue_id: u32,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            settings,
+            instance_id,
+            queue_id,
+            metrics,
+            collected: BTreeMap::new(),
+            retry_slots: Vec::new(),
+            unacknowledged: None,
+            in_flight: None,
+            next_sequence: 1,
+            failing: false,
+        }
+    }
+
+    /// Applies new sidecar settings from a configuration update.
+    pub fn set_settings(&mut self, settings: SidecarSettings) {
+        self.settings = settings;
+    }
+
+    /// Returns the instance id sent with every batch.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// Periodic work: collect usage, then send a batch unless one is in
+    /// flight.
+    pub fn on_tick(&mut self, host: &impl Host) {
+        self.collect(host);
+        self.metrics.flush(host);
+        if self.in_flight.is_some() {
+            return;
+        }
+
+        if self.unacknowledged.is_none() && !self.collected.is_empty() {
+            let created_unix_ms = i64::try_from(host.now_ms()).unwrap_or(i64::MAX);
+            let batch = Batch::take(
+                &mut self.collected,
+                &self.instance_id,
+                self.next_sequence,
+                created_unix_ms,
+            );
+            self.unacknowledged = Some(batch);
+        }
+        let Some(batch) = &self.unacknowledged else {
+            return;
+        };
+
+        let dispatched = host.dispatch_grpc_call(
+            &self.settings.cluster,
+            SERVICE,
+            METHOD,
+            &batch.encoded,
+            self.settings.timeout,
+        );
+        match dispatched {
+            Ok(token) => {
+                self.in_flight = Some(token);
+                self.metrics.add(Counter::SyncBatchesSent, 1);
+            }
+            Err(error) => self.fail(host, &format!("dispatch failed: {error}")),
+        }
+        self.metrics.flush(host);
+    }
+
+    /// Handles the reply to a sync call: `status` is the gRPC status code
+    /// and `body` the encoded `SyncResponse`.
+    pub fn on_response(&mut self, host: &impl Host, token: u32, status: u32, body: Option<&[u8]>) {
+        if self.in_flight != Some(token) {
+            return;
+        }
+        self.in_flight = None;
+        if status != GRPC_OK {
+            self.fail(host, &format!("grpc_status={status}"));
+            self.metrics.flush(host);
+            return;
+        }
+        let body = body.unwrap_or_default();
+        let reply = match SyncResponse::decode(body) {
+            Ok(reply) => reply,
+            Err(error) => {
+                self.fail(host, &format!("invalid reply: {error}"));
+                self.metrics.flush(host);
+                return;
+            }
+        };
+
+        let Some(batch) = self.unacknowledged.take() else {
+            return;
+        };
+        self.next_sequence = batch.sequence + 1;
+        if self.failing {
+            self.failing = false;
+            host.log(
+                LogLevel::Info,
+                &format!(
+                    "sidecar sync recovered cluster={} sequence={}",
+                    self.settings.cluster, batch.sequence
+                ),
+            );
+        }
+        let level = if reply.duplicate {
+            LogLevel::Info
+        } else {
+            LogLevel::Debug
+        };
+        host.log(
+            level,
+            &format!(
+                "sync batch acknowledged sequence={} records={} duplicate={} applied_sequence={}",
+                batch.sequence, batch.records, reply.duplicate, reply.applied_sequence
+            ),
+        );
+        // Kept for a quota that also counts other instances' usage; the
+        // request path does not read it yet.
+        let _ = host.set_shared_data(REPLY_KEY, body, None);
+    }
+
+    /// Returns the sequence number of the unacknowledged batch, if any.
+    pub fn pending_sequence(&self) -> Option<u64> {
+        self.unacknowledged.as_ref().map(|batch| batch.sequence)
+    }
+
+    /// Returns whether a call is in flight.
+    pub fn is_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    fn fail(&mut self, host: &impl Host, detail: &str) {
+        self.metrics.add(Counter::SyncFailures, 1);
+        self.failing = true;
+        let (sequence, records) = self
+            .unacknowledged
+            .as_ref()
+            .map_or((0, 0), |batch| (batch.sequence, batch.records));
+        // Calls start only from the timer and one at a time, so this logs
+        // at most once per interval however many requests arrive.
+        host.log(
+            LogLevel::Warn,
+            &format!(
+                "sidecar sync failed cluster={} {detail} sequence={sequence} records={records}; \
+                 requests are still decided locally and the batch will be resent",
+                self.settings.cluster
+            ),
+        );
+    }
+
+    /// Drains the usage queue and takes pending usage out of the records
+    /// it names.
+    fn collect(&mut self, host: &impl Host) {
+        let mut slots = std::mem::take(&mut self.retry_slots);
+        loop {
+            match host.dequeue_shared_queue(self.queue_id) {
+                Ok(Some(bytes)) => match UsageMessage::decode(&bytes) {
+                    Some(UsageMessage::Slot(slot)) => slots.push(slot),
+                    Some(UsageMessage::Evicted { customer, pending }) => {
+                        self.add(&customer, pending);
+                    }
+                    None => host.log(LogLevel::Warn, "skipped an unreadable usage queue message"),
+                },
+                Ok(None) => break,
+                Err(error) => {
+                    host.log(
+                        LogLevel::Error,
+                        &format!("could not read the usage queue: {error}"),
+                    );
+                    break;
+                }
+            }
+        }
+        slots.sort_unstable();
+        slots.dedup();
+        for slot in slots {
+            if !self.take_pending(host, slot) {
+                self.retry_slots.push(slot);
+            }
+        }
+    }
+
+    /// Moves one record's pending usage into the next batch; returns
+    /// false when the record kept changing and should be tried again.
+    fn take_pending(&mut self, host: &impl Host, slot: u32) -> bool {
+        let key = slot_key(slot);
+        for _ in 0..TAKE_ATTEMPTS {
+            let Ok(value) = host.get_shared_data(&key) else {
+                return false;
+            };
+            let record = value.bytes.as_deref().and_then(Record::decode);
+            let (Some(mut record), Some(cas)) = (record, value.cas) else {
+                return true;
+            };
+            if record.pending.is_empty() {
+                return true;
+            }
+            let pending = std::mem::take(&mut record.pending);
+            match host.set_shared_data(&key, &record.encode(), Some(cas)) {
+                Ok(()) => {
+                    self.add(&record.customer, pending);
+                    return true;
+                }
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Host(_)) => return false,
+            }
+        }
+        false
+    }
+
+    fn add(&mut self, customer: &str, pending: Vec<PendingUsage>) {
+        for bucket in pending {
+            let key = UsageKey {
+                customer: customer.to_owned(),
+                tier: bucket.tier,
+                minute: bucket.minute,
+            };
+            let totals = self.collected.entry(key).or_default();
+            totals.admitted += u64::from(bucket.admitted);
+            totals.refused += u64::from(bucket.refused);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use veo_proto::sync::{RemoteUsage, SyncRequest};
+
+    use super::*;
+    use crate::config::tier::{build_tiers, default_raw_tiers};
+    use crate::filter::{Filter, RequestOutcome};
+    use crate::host::MemoryHost;
+    use crate::testing::{NOW_S, claims, config, es256_token};
+
+    const UNAVAILABLE: u32 = 14;
+
+    struct Instance {
+        sync_host: MemoryHost,
+        sync: Sync,
+        worker_host: MemoryHost,
+        filter: Filter,
+    }
+
+    impl Instance {
+        fn new() -> Self {
+            let sync_host = MemoryHost::new(NOW_S * 1000);
+            let queue_id = sync_host
+                .register_shared_queue(crate::usage::QUEUE_NAME)
+                .unwrap();
+            let tiers = build_tiers(&default_raw_tiers(), "basic").unwrap();
+            let settings = SidecarSettings {
+                cluster: "veo_sidecar".to_owned(),
+                sync_interval: Duration::from_millis(100),
+                timeout: Duration::from_millis(50),
+            };
+            let metrics = Metrics::define(&sync_host, &tiers);
+            let sync = Sync::new(settings, "node-1/abcd".to_owned(), queue_id, metrics);
+            let worker_host = sync_host.worker();
+            let filter = Filter::new(&worker_host, config(serde_json::json!({})), "veo_edge");
+            Self {
+                sync_host,
+                sync,
+                worker_host,
+                filter,
+            }
+        }
+
+        fn requests(&self, customer: &str, count: usize) -> usize {
+            let header = format!("Bearer {}", es256_token(claims(customer, None)));
+            (0..count)
+                .filter(|_| {
+                    self.worker_host
+                        .start_request(&[("authorization", header.as_bytes())]);
+                    matches!(
+                        self.filter.on_request_headers(&self.worker_host),
+                        RequestOutcome::Forward(_)
+                    )
+                })
+                .count()
+        }
+
+        fn last_call(&self) -> (u32, SyncRequest) {
+            let call = self.sync_host.grpc_calls().pop().unwrap();
+            (
+                call.token,
+                SyncRequest::decode(call.message.as_slice()).unwrap(),
+            )
+        }
+
+        fn reply(&mut self, token: u32, reply: &SyncResponse) {
+            let body = reply.encode_to_vec();
+            self.sync
+                .on_response(&self.sync_host, token, GRPC_OK, Some(&body));
+        }
+    }
+
+    fn totals(request: &SyncRequest, customer: &str) -> (u64, u64) {
+        request
+            .usage
+            .iter()
+            .filter(|record| record.customer == customer)
+            .fold((0, 0), |(admitted, refused), record| {
+                (
+                    admitted + record.admitted_requests,
+                    refused + record.refused_requests,
+                )
+            })
+    }
+
+    fn acknowledge(sequence: u64) -> SyncResponse {
+        SyncResponse {
+            applied_sequence: sequence,
+            ..SyncResponse::default()
+        }
+    }
+
+    #[test]
+    fn tick_sends_one_batch_with_usage() {
+        let mut instance = Instance::new();
+        assert_eq!(instance.requests("acme", 5), 3);
+        assert_eq!(instance.requests("zeta", 1), 1);
+        instance.sync.on_tick(&instance.sync_host);
+
+        let calls = instance.sync_host.grpc_calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].cluster, "veo_sidecar");
+        assert_eq!(
+            (calls[0].service.as_str(), calls[0].method.as_str()),
+            (SERVICE, METHOD)
+        );
+        assert_eq!(calls[0].timeout, Duration::from_millis(50));
+        let (_, request) = instance.last_call();
+        assert_eq!(request.instance_id, "node-1/abcd");
+        assert_eq!(request.sequence, 1);
+        assert_eq!(request.created_unix_ms, (NOW_S * 1000) as i64);
+        assert_eq!(totals(&request, "acme"), (3, 2));
+        assert_eq!(totals(&request, "zeta"), (1, 0));
+        let record = &request.usage[0];
+        assert_eq!(record.tier, "basic");
+        assert_eq!(record.minute_unix_s, (NOW_S / 60 * 60) as i64);
+        assert_eq!(instance.sync_host.counter("veo.sync_batches_sent_total"), 1);
+    }
+
+    #[test]
+    fn drained_records_hold_no_pending_usage() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 2);
+        instance.sync.on_tick(&instance.sync_host);
+        let keys = instance
+            .sync_host
+            .shared_data_keys(crate::limiter::KEY_PREFIX);
+        let bytes = instance.sync_host.peek_shared_data(&keys[0]).unwrap();
+        assert!(Record::decode(&bytes).unwrap().pending.is_empty());
+    }
+
+    #[test]
+    fn only_one_call_is_in_flight() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        instance.requests("acme", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        instance.sync.on_tick(&instance.sync_host);
+        assert_eq!(instance.sync_host.grpc_calls().len(), 1);
+        assert!(instance.sync.is_in_flight());
+    }
+
+    #[test]
+    fn failed_batch_is_resent_unchanged_then_sequence_advances() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 2);
+        instance.sync.on_tick(&instance.sync_host);
+        let first = instance.sync_host.grpc_calls().pop().unwrap();
+        instance
+            .sync
+            .on_response(&instance.sync_host, first.token, UNAVAILABLE, None);
+        assert_eq!(instance.sync.pending_sequence(), Some(1));
+
+        // New usage arrives while the sidecar is down.
+        instance.requests("acme", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let resent = instance.sync_host.grpc_calls().pop().unwrap();
+        assert_eq!(resent.message, first.message);
+        instance.reply(resent.token, &acknowledge(1));
+        assert_eq!(instance.sync.pending_sequence(), None);
+
+        instance.sync.on_tick(&instance.sync_host);
+        let (_, next) = instance.last_call();
+        assert_eq!(next.sequence, 2);
+        assert_eq!(totals(&next, "acme"), (1, 0));
+        assert_eq!(instance.sync_host.counter("veo.sync_failures_total"), 1);
+    }
+
+    #[test]
+    fn failure_logs_once_per_interval() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 1);
+        instance
+            .sync_host
+            .fail_grpc_dispatch(Some(crate::host::HostError(10)));
+        for _ in 0..3 {
+            // Many requests per interval, one warning per interval.
+            instance.requests("acme", 10);
+            instance.sync.on_tick(&instance.sync_host);
+        }
+        let warnings: Vec<String> = instance
+            .sync_host
+            .logs()
+            .into_iter()
+            .filter(|(level, line)| {
+                *level == LogLevel::Warn && line.contains("sidecar sync failed")
+            })
+            .map(|(_, line)| line)
+            .collect();
+        assert_eq!(warnings.len(), 3);
+        assert!(warnings[0].contains("sequence=1"), "{}", warnings[0]);
+        assert_eq!(instance.sync_host.counter("veo.sync_failures_total"), 3);
+        assert_eq!(instance.sync.pending_sequence(), Some(1));
+    }
+
+    #[test]
+    fn every_request_is_counted_once_across_retries() {
+        let mut instance = Instance::new();
+        let mut sent = Vec::new();
+        let mut admitted = 0;
+        for round in 0..6 {
+            admitted += instance.requests("acme", 1);
+            instance.sync_host.advance_ms(20_000);
+            instance.sync.on_tick(&instance.sync_host);
+            if let Some(call) = instance.sync_host.grpc_calls().pop()
+                && instance.sync.is_in_flight()
+            {
+                let request = SyncRequest::decode(call.message.as_slice()).unwrap();
+                if round % 2 == 0 {
+                    instance
+                        .sync
+                        .on_response(&instance.sync_host, call.token, UNAVAILABLE, None);
+                } else {
+                    instance.reply(call.token, &acknowledge(request.sequence));
+                    sent.push(request);
+                }
+            }
+        }
+        // The sidecar comes back: acknowledge until nothing is left.
+        for _ in 0..3 {
+            instance.sync.on_tick(&instance.sync_host);
+            if instance.sync.is_in_flight() {
+                let (token, request) = instance.last_call();
+                instance.reply(token, &acknowledge(request.sequence));
+                sent.push(request);
+            }
+        }
+        let sequences: Vec<u64> = sent.iter().map(|request| request.sequence).collect();
+        assert_eq!(sequences, (1..=sequences.len() as u64).collect::<Vec<_>>());
+        let counted: u64 = sent.iter().map(|request| totals(request, "acme").0).sum();
+        assert_eq!(counted, admitted as u64);
+        assert_eq!(instance.sync.pending_sequence(), None);
+    }
+
+    #[test]
+    fn evicted_usage_reaches_the_batch() {
+        let mut instance = Instance::new();
+        let queue_id = instance
+            .sync_host
+            .resolve_shared_queue("veo_edge", crate::usage::QUEUE_NAME)
+            .unwrap()
+            .unwrap();
+        let message = UsageMessage::Evicted {
+            customer: "gone".to_owned(),
+            pending: vec![PendingUsage {
+                minute: 29_000_000,
+                tier: "pro".to_owned(),
+                admitted: 4,
+                refused: 1,
+            }],
+        };
+        instance
+            .sync_host
+            .enqueue_shared_queue(queue_id, &message.encode())
+            .unwrap();
+        instance.sync.on_tick(&instance.sync_host);
+        let (_, request) = instance.last_call();
+        assert_eq!(totals(&request, "gone"), (4, 1));
+        assert_eq!(request.usage[0].minute_unix_s, 29_000_000 * 60);
+    }
+
+    #[test]
+    fn reply_is_stored_and_duplicate_logged() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        let reply = SyncResponse {
+            applied_sequence: 1,
+            duplicate: true,
+            remote_usage: vec![RemoteUsage {
+                customer: "acme".to_owned(),
+                admitted_requests: 9,
+            }],
+            window_seconds: 60,
+        };
+        instance.reply(token, &reply);
+
+        let stored = instance.sync_host.peek_shared_data(REPLY_KEY).unwrap();
+        assert_eq!(SyncResponse::decode(stored.as_slice()).unwrap(), reply);
+        let logs = instance.sync_host.logs();
+        assert!(
+            logs.iter()
+                .any(|(level, line)| *level == LogLevel::Info && line.contains("duplicate=true"))
+        );
+    }
+
+    #[test]
+    fn reply_to_unknown_call_is_ignored() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        instance.reply(999, &acknowledge(1));
+        assert!(instance.sync.is_in_flight());
+        assert_eq!(instance.sync.pending_sequence(), Some(1));
+    }
+
+    #[test]
+    fn no_usage_sends_nothing() {
+        let mut instance = Instance::new();
+        instance.sync.on_tick(&instance.sync_host);
+        assert!(instance.sync_host.grpc_calls().is_empty());
+    }
+}
