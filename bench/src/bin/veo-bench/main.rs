@@ -1,0 +1,114 @@
+//! `veo-bench`: measures the throughput and latency of Envoy in three setups in one run.
+//! They are Envoy without the Veo Edge filter, with the filter on cached tokens, and with the
+//! filter verifying every token. All run against the same upstream at the same concurrency,
+//! and the table gives each one's ratio to the baseline.
+
+mod envoy;
+mod mint;
+mod report;
+mod setup;
+mod wrk;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Repository root, for the default Envoy and wasm paths.
+const REPOSITORY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Throughput of Envoy with and without the Veo Edge filter"
+)]
+struct Args {
+    /// Envoy binary [default: .tools/envoy/envoy/_bin/envoy in the repository].
+    #[arg(long, env = "ENVOY_BIN")]
+    envoy: Option<PathBuf>,
+    /// Filter module [default: target/wasm32-wasip1/release/veo_filter.wasm].
+    #[arg(long)]
+    wasm: Option<PathBuf>,
+    /// wrk binary.
+    #[arg(long, default_value = "wrk")]
+    wrk: PathBuf,
+    /// Seconds of measured load per setup.
+    #[arg(long, default_value_t = 10)]
+    duration_seconds: u64,
+    /// Seconds of unmeasured load per setup before the measurement.
+    #[arg(long, default_value_t = 2)]
+    warmup_seconds: u64,
+    /// Open connections.
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
+    /// wrk threads.
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+    /// Distinct tokens reused by the cached-token setup (one customer each).
+    #[arg(long, default_value_t = 16)]
+    cached_tokens: usize,
+    /// Distinct tokens minted for the verify-every-token setup. It must exceed the requests
+    /// that setup completes, or tokens are reused and the run is marked invalid.
+    #[arg(long, default_value_t = 40_000)]
+    unique_tokens: usize,
+    /// Upstream of the proxy: a second Envoy (`envoy`) or a direct response of the proxy
+    /// itself (`direct`).
+    #[arg(long, value_enum, default_value_t = UpstreamKind::Envoy)]
+    upstream: UpstreamKind,
+    /// Rounds: every setup runs this many times, interleaved, and the table shows the round
+    /// with the median requests/s.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+    /// Keep the working directory (configurations, logs, tokens) and print its path.
+    #[arg(long)]
+    keep_dir: bool,
+}
+
+/// Upstream of the proxy under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum UpstreamKind {
+    /// A separate Envoy with one worker that returns 200 from a direct response.
+    Envoy,
+    /// The proxy's own route returns 200 from a direct response.
+    Direct,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let outcome = tokio::select! {
+        outcome = setup::run(&args) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopped every Envoy and wrk")),
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl Args {
+    fn envoy_path(&self) -> PathBuf {
+        self.envoy
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(REPOSITORY).join(".tools/envoy/envoy/_bin/envoy"))
+    }
+
+    fn wasm_path(&self) -> PathBuf {
+        self.wasm.clone().unwrap_or_else(|| {
+            PathBuf::from(REPOSITORY).join("target/wasm32-wasip1/release/veo_filter.wasm")
+        })
+    }
+
+    fn load(&self, seconds: u64) -> wrk::Load {
+        wrk::Load {
+            threads: self.threads.max(1),
+            connections: self.connections.max(self.threads.max(1)),
+            duration: Duration::from_secs(seconds),
+        }
+    }
+}

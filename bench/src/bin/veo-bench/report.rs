@@ -1,0 +1,129 @@
+//! The result table and the validity checks of a benchmark run.
+
+use std::fmt::Write as _;
+
+use crate::setup::{Outcome, Setup};
+use crate::{Args, UpstreamKind};
+
+/// Lists what makes a measurement invalid.
+pub fn problems(setup: &Setup, outcome: &Outcome) -> Vec<String> {
+    let measurement = &outcome.measurement;
+    let mut problems = Vec::new();
+    if measurement.non_2xx > 0 {
+        problems.push(format!(
+            "{} responses were not 2xx or 3xx",
+            measurement.non_2xx
+        ));
+    }
+    if measurement.socket_errors > 0 {
+        problems.push(format!("{} socket errors", measurement.socket_errors));
+    }
+    if setup.name == "verify" && measurement.token_restarts > 0 {
+        problems.push(format!(
+            "{} requests completed, more than the unique tokens minted, so tokens were \
+             reused; raise --unique-tokens",
+            measurement.requests
+        ));
+    }
+    if setup.with_filter && outcome.cache.is_none() {
+        problems.push("the filter's token-cache counters were not found in /stats".to_string());
+    }
+    problems
+}
+
+/// Renders the table: per setup the round with the median requests/s, its ratio to the
+/// baseline's median, the spread over rounds, and any reason a round is not valid.
+pub fn render(args: &Args, load_before: &str, results: &[(&Setup, Vec<Outcome>)]) -> String {
+    let medians: Vec<Option<&Outcome>> = results.iter().map(|(_, o)| median(o)).collect();
+    let baseline = medians
+        .first()
+        .copied()
+        .flatten()
+        .map_or(0.0, |outcome| outcome.measurement.requests_per_second);
+    let upstream = match args.upstream {
+        UpstreamKind::Envoy => "separate Envoy (direct response)",
+        UpstreamKind::Direct => "direct response in the proxy",
+    };
+    let mut table = format!(
+        "\nEnvoy --concurrency 1, wrk {} thread(s), {} connections, {} s per setup and round, \
+         {} round(s), upstream: {upstream}, load average before: {load_before}\n",
+        args.threads,
+        args.connections,
+        args.duration_seconds,
+        args.rounds.max(1),
+    );
+    let _ = writeln!(
+        table,
+        "{:<30} {:>11} {:>8} {:>8} {:>13} {:>15} {:>11} {:>9}",
+        "setup",
+        "requests/s",
+        "p50 ms",
+        "p99 ms",
+        "vs no filter",
+        "range req/s",
+        "cache hits",
+        "misses"
+    );
+    for ((setup, outcomes), median) in results.iter().zip(&medians) {
+        let Some(outcome) = median else {
+            continue;
+        };
+        let m = &outcome.measurement;
+        let ratio = if baseline > 0.0 {
+            m.requests_per_second / baseline
+        } else {
+            0.0
+        };
+        let (hits, misses) = outcome.cache.map_or_else(
+            || ("-".to_string(), "-".to_string()),
+            |cache| (cache.hits.to_string(), cache.misses.to_string()),
+        );
+        let rates = outcomes.iter().map(|o| o.measurement.requests_per_second);
+        let low = rates.clone().fold(f64::INFINITY, f64::min);
+        let high = rates.fold(0.0, f64::max);
+        let _ = writeln!(
+            table,
+            "{:<30} {:>11.0} {:>8.2} {:>8.2} {:>12.2}x {:>15} {:>11} {:>9}",
+            setup.label,
+            m.requests_per_second,
+            m.p50_ms,
+            m.p99_ms,
+            ratio,
+            format!("{low:.0}-{high:.0}"),
+            hits,
+            misses
+        );
+    }
+    for (setup, outcomes) in results {
+        for (round, outcome) in outcomes.iter().enumerate() {
+            for problem in problems(setup, outcome) {
+                let _ = writeln!(
+                    table,
+                    "INVALID {} round {}: {problem}",
+                    setup.label,
+                    round + 1
+                );
+            }
+        }
+    }
+    table
+}
+
+/// Returns the outcome with the median requests/s (the upper one of an even count).
+fn median(outcomes: &[Outcome]) -> Option<&Outcome> {
+    let mut sorted: Vec<&Outcome> = outcomes.iter().collect();
+    sorted.sort_by(|a, b| {
+        a.measurement
+            .requests_per_second
+            .total_cmp(&b.measurement.requests_per_second)
+    });
+    sorted.get(sorted.len() / 2).copied()
+}
+
+/// Returns the 1-minute load average from `/proc/loadavg`, or `unknown`.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split(' ').next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".to_string())
+}

@@ -1,0 +1,277 @@
+//! The three measured setups, run one after another against one upstream.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use veo_bench::tokens::{SigningKey, TokenSpec};
+
+use crate::envoy::{self, EnvoyProcess, Upstream};
+use crate::wrk::{self, Measurement};
+use crate::{Args, UpstreamKind};
+use crate::{mint, report};
+
+/// Tier of every benchmark token: a token bucket of a million tokens refilled at a million per
+/// second, so the limiter runs on every request but never refuses one.
+pub const BENCH_TIER: &str = "enterprise";
+
+/// Wait before reading the filter's counters; its stats timer fires every 250 ms.
+const STATS_SETTLE: Duration = Duration::from_secs(1);
+
+/// One proxy configuration to measure.
+pub struct Setup {
+    /// Name in the result table.
+    pub label: &'static str,
+    /// Short name for file names.
+    pub name: &'static str,
+    /// Whether the proxy runs the filter.
+    pub with_filter: bool,
+    /// Tokens the measured run sends.
+    pub tokens: PathBuf,
+}
+
+/// Runs every setup and prints the table; returns false when a run is not valid (errors,
+/// non-2xx responses or reused unique tokens).
+pub async fn run(args: &Args) -> anyhow::Result<bool> {
+    let envoy_bin = args.envoy_path();
+    let wasm = args.wasm_path();
+    ensure!(
+        envoy_bin.is_file(),
+        "Envoy not found at {}: set ENVOY_BIN or run `cargo xtask install-tools`",
+        envoy_bin.display()
+    );
+    ensure!(
+        wasm.is_file(),
+        "filter module not found at {}: build it with \
+         `cargo build --release -p veo-filter --target wasm32-wasip1`",
+        wasm.display()
+    );
+
+    let load_before = report::load_average();
+    let dir = tempfile::Builder::new().prefix("veo-bench-").tempdir()?;
+    let script = dir.path().join("tokens.lua");
+    std::fs::write(&script, wrk::SCRIPT)?;
+    let key = SigningKey::generate();
+    let cached = dir.path().join("cached-tokens.txt");
+    let unique = dir.path().join("unique-tokens.txt");
+    let key = mint::mint_token_files(
+        key,
+        args.cached_tokens,
+        &cached,
+        args.unique_tokens,
+        &unique,
+    )
+    .await?;
+    let filter = envoy::wasm_filter(&wasm, &plugin_config(&key));
+
+    // The upstream Envoy, if any, lives until this function returns.
+    let (_upstream_envoy, upstream) = start_upstream(args, &envoy_bin, dir.path()).await?;
+    let setups = setups(&cached, &unique);
+
+    let mut rounds: Vec<Vec<Outcome>> = setups.iter().map(|_| Vec::new()).collect();
+    for round in 1..=args.rounds.max(1) {
+        for (setup, outcomes) in setups.iter().zip(&mut rounds) {
+            eprintln!("round {round}: {}", setup.label);
+            let config = envoy::proxy_config(upstream, setup.with_filter.then(|| filter.clone()));
+            let outcome = measure(
+                args,
+                &envoy_bin,
+                dir.path(),
+                &script,
+                &cached,
+                setup,
+                &config,
+            )
+            .await?;
+            outcomes.push(outcome);
+        }
+    }
+
+    let results: Vec<(&Setup, Vec<Outcome>)> = setups.iter().zip(rounds).collect();
+    print!("{}", report::render(args, &load_before, &results));
+    if args.keep_dir {
+        let kept = dir.keep();
+        println!("working directory kept at {}", kept.display());
+    }
+    Ok(results.iter().all(|(setup, outcomes)| {
+        outcomes
+            .iter()
+            .all(|o| report::problems(setup, o).is_empty())
+    }))
+}
+
+/// Starts the upstream Envoy when `--upstream` is `envoy`.
+async fn start_upstream(
+    args: &Args,
+    envoy_bin: &Path,
+    dir: &Path,
+) -> anyhow::Result<(Option<EnvoyProcess>, Upstream)> {
+    match args.upstream {
+        UpstreamKind::Envoy => {
+            let config = envoy::upstream_config();
+            let process = EnvoyProcess::start(envoy_bin, dir, "upstream", &config).await?;
+            let upstream = Upstream::Cluster(process.listener);
+            Ok((Some(process), upstream))
+        }
+        UpstreamKind::Direct => Ok((None, Upstream::DirectResponse)),
+    }
+}
+
+/// Returns the three setups: the baseline, the filter on the cached tokens, and the filter
+/// on the unique tokens.
+fn setups(cached: &Path, unique: &Path) -> [Setup; 3] {
+    [
+        Setup {
+            label: "no filter",
+            name: "no-filter",
+            with_filter: false,
+            tokens: cached.to_path_buf(),
+        },
+        Setup {
+            label: "filter, cached tokens",
+            name: "cached",
+            with_filter: true,
+            tokens: cached.to_path_buf(),
+        },
+        Setup {
+            label: "filter, every token verified",
+            name: "verify",
+            with_filter: true,
+            tokens: unique.to_path_buf(),
+        },
+    ]
+}
+
+/// Starts the proxy of `setup`, checks that the filter decides requests, warms it up and
+/// measures it.
+async fn measure(
+    args: &Args,
+    envoy_bin: &Path,
+    dir: &Path,
+    script: &Path,
+    warmup_tokens: &Path,
+    setup: &Setup,
+    config: &Value,
+) -> anyhow::Result<Outcome> {
+    let proxy = EnvoyProcess::start(envoy_bin, dir, setup.name, config).await?;
+    if setup.with_filter {
+        let token = std::fs::read_to_string(warmup_tokens)?;
+        let token = token.lines().next().unwrap_or_default();
+        let without = probe(proxy.listener, None).await?;
+        let with = probe(proxy.listener, Some(token)).await?;
+        if without != 401 || with != 200 {
+            bail!(
+                "the filter is not deciding requests in setup {:?}: status {without} without a \
+                 token (expected 401) and {with} with one (expected 200); see {}",
+                setup.label,
+                proxy.log.display()
+            );
+        }
+    }
+
+    eprintln!("  warming up for {} s", args.warmup_seconds);
+    wrk::run(
+        &args.wrk,
+        script,
+        warmup_tokens,
+        proxy.listener,
+        args.load(args.warmup_seconds),
+    )
+    .await?;
+    let before = cache_counters(&proxy, setup).await;
+    eprintln!("  measuring for {} s", args.duration_seconds);
+    let measurement = wrk::run(
+        &args.wrk,
+        script,
+        &setup.tokens,
+        proxy.listener,
+        args.load(args.duration_seconds),
+    )
+    .await?;
+    let after = cache_counters(&proxy, setup).await;
+
+    let cache = match (before, after) {
+        (Some(before), Some(after)) => Some(CacheCounts {
+            hits: after.hits.saturating_sub(before.hits),
+            misses: after.misses.saturating_sub(before.misses),
+        }),
+        _ => None,
+    };
+    Ok(Outcome { measurement, cache })
+}
+
+/// Token-cache counters of the filter.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheCounts {
+    /// Tokens found in the verified-token cache.
+    pub hits: u64,
+    /// Tokens verified.
+    pub misses: u64,
+}
+
+/// Figures of one setup.
+pub struct Outcome {
+    /// wrk's figures.
+    pub measurement: Measurement,
+    /// Token-cache hits and misses during the measured run, for setups with the filter.
+    pub cache: Option<CacheCounts>,
+}
+
+/// Reads the filter's token-cache counters. It first waits for the filter's 250 ms stats
+/// timer to publish the latest requests. Returns `None` without the filter or when the
+/// stats are missing.
+async fn cache_counters(proxy: &EnvoyProcess, setup: &Setup) -> Option<CacheCounts> {
+    if !setup.with_filter {
+        return None;
+    }
+    tokio::time::sleep(STATS_SETTLE).await;
+    let stats = envoy::admin_get(proxy.admin, "/stats?filter=token_cache").await?;
+    let counter = |suffix: &str| {
+        stats.lines().find_map(|line| {
+            let (name, value) = line.split_once(": ")?;
+            name.ends_with(suffix)
+                .then(|| value.trim().parse::<u64>().ok())?
+        })
+    };
+    Some(CacheCounts {
+        hits: counter("token_cache_hits_total")?,
+        misses: counter("token_cache_misses_total")?,
+    })
+}
+
+/// Returns the filter configuration: the bench key's JWKS and one burst-only tier that admits
+/// every request.
+fn plugin_config(key: &SigningKey) -> Value {
+    let spec = TokenSpec::default();
+    json!({
+        "jwt": {
+            "jwks": key.jwks(),
+            "issuer": spec.issuer,
+            "audiences": [spec.audience],
+        },
+        "default_tier": BENCH_TIER,
+        "tiers": {BENCH_TIER: {"burst": {"tokens_per_second": 1_000_000, "size": 1_000_000}}},
+    })
+}
+
+/// Sends one `GET` with an optional bearer token and returns the response status.
+async fn probe(address: SocketAddr, token: Option<&str>) -> anyhow::Result<u16> {
+    let mut stream = TcpStream::connect(address).await?;
+    let authorization =
+        token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!(
+        "GET /videos/1/manifest.m3u8 HTTP/1.1\r\nHost: bench\r\n{authorization}Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    text.split(' ')
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .with_context(|| format!("invalid HTTP response from {address}: {text:?}"))
+}
