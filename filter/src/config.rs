@@ -10,6 +10,7 @@ use std::time::Duration;
 use raw::{RawConfig, RawJwt, RawSidecar};
 pub use tier::{Burst, Quota, Tier, Tiers};
 
+use crate::filter::{CUSTOMER_HEADER, TIER_HEADER};
 use crate::jwt::Verifier;
 use crate::jwt::keys::VerifyingKey;
 
@@ -31,8 +32,14 @@ pub enum ConfigError {
     #[error("plugin configuration is not UTF-8; write it as a JSON string")]
     NotUtf8,
     /// The JSON does not parse or does not match the schema.
-    #[error("invalid plugin configuration JSON: {0}")]
-    Json(String),
+    #[error("invalid plugin configuration JSON{}: {message}", at_field(path))]
+    Json {
+        /// Dotted path of the field that failed, such as
+        /// `tiers.basic.quota.requests`; empty for a syntax error.
+        path: String,
+        /// The parser's message, naming the value and the expected type.
+        message: String,
+    },
     /// A field has a value outside its allowed range.
     #[error("invalid `{field}` = {value}: {problem}")]
     Invalid {
@@ -53,6 +60,15 @@ impl ConfigError {
             value: value.to_owned(),
             problem: problem.to_owned(),
         }
+    }
+}
+
+/// Formats the field part of [`ConfigError::Json`].
+fn at_field(path: &str) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!(" at `{path}`")
     }
 }
 
@@ -89,8 +105,26 @@ impl Config {
     /// Parses and validates the plugin configuration.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ConfigError> {
         let text = std::str::from_utf8(bytes).map_err(|_| ConfigError::NotUtf8)?;
+        // serde would also read a struct from a JSON array, by position.
+        if !text.trim_start().starts_with('{') {
+            return Err(ConfigError::Json {
+                path: String::new(),
+                message: "the configuration must be a JSON object with at least \
+                          `{\"jwt\": {\"jwks\": {\"keys\": [...]}}}`"
+                    .to_owned(),
+            });
+        }
+        // serde_json alone names only the line and column, which help
+        // little with a one-line JSON string in YAML, so add the key's path.
+        let mut deserializer = serde_json::Deserializer::from_str(text);
         let raw: RawConfig =
-            serde_json::from_str(text).map_err(|error| ConfigError::Json(error.to_string()))?;
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+                let path = error.path().to_string();
+                ConfigError::Json {
+                    path: if path == "." { String::new() } else { path },
+                    message: error.into_inner().to_string(),
+                }
+            })?;
         Self::from_raw(raw)
     }
 
@@ -235,7 +269,10 @@ fn build_forged_headers(names: Vec<String>) -> Result<Vec<String>, ConfigError> 
             ));
         }
         let lower = name.to_ascii_lowercase();
-        if !headers.contains(&lower) {
+        // The identity headers are always replaced; removing them as well
+        // would only cost host calls.
+        let identity = [CUSTOMER_HEADER, TIER_HEADER].contains(&lower.as_str());
+        if !identity && !headers.contains(&lower) {
             headers.push(lower);
         }
     }
@@ -314,7 +351,7 @@ mod tests {
     #[test]
     fn full_config_is_read() {
         let config = config(json!({
-            "forged_headers": ["X-Veo-Region", "x-veo-region"],
+            "forged_headers": ["X-Veo-Region", "x-veo-region", "X-Veo-Customer", "x-veo-tier"],
             "sidecar": {"cluster": "side", "sync_interval_ms": 200, "timeout_ms": 150}
         }));
         assert_eq!(config.forged_headers, ["x-veo-region"]);
@@ -376,6 +413,64 @@ mod tests {
     }
 
     #[test]
+    fn type_errors_name_the_field() {
+        let mut cases = vec![
+            (json!({"max_customers": "10"}), "`max_customers`", "\"10\""),
+            (json!({"max_customers": -1}), "`max_customers`", "-1"),
+            (
+                json!({"token_cache_entries": 2_000_000_000_000u64}),
+                "`token_cache_entries`",
+                "2000000000000",
+            ),
+            (
+                json!({"sidecar": {"timeout_ms": 1.5}}),
+                "`sidecar.timeout_ms`",
+                "1.5",
+            ),
+            (
+                json!({"tiers": {"basic": {"quota": {"requests": 5, "window_seconds": -60}}}}),
+                "`tiers.basic.quota.window_seconds`",
+                "-60",
+            ),
+            (
+                json!({"forged_headers": ["x-a", 5]}),
+                "`forged_headers[1]`",
+                "5",
+            ),
+            (json!({"sidecar": {"bogus": 1}}), "`sidecar.bogus`", "bogus"),
+        ];
+        let mut keys = jwks();
+        keys["keys"][0]["kid"] = json!(5);
+        cases.push((
+            json!({"jwt": {"jwks": keys}}),
+            "`jwt.jwks.keys[0].kid`",
+            "5",
+        ));
+        cases.push((
+            json!({"jwt": {"jwks": jwks(), "leeway_seconds": "60"}}),
+            "`jwt.leeway_seconds`",
+            "\"60\"",
+        ));
+        for (extra, field, value) in cases {
+            let error = error_of(config_json(extra));
+            assert!(error.contains(field), "{error} lacks {field}");
+            assert!(error.contains(value), "{error} lacks {value}");
+        }
+    }
+
+    #[test]
+    fn huge_burst_rate_is_shown_short() {
+        let error = error_of(config_json(json!({
+            "tiers": {"x": {"burst": {"tokens_per_second": 1e300, "size": 3}}},
+            "default_tier": "x"
+        })));
+        assert!(
+            error.contains("`tiers.x.burst.tokens_per_second` = 1e+300:"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn jwt_settings_are_checked() {
         let cases = [
             (
@@ -431,11 +526,27 @@ mod tests {
     }
 
     #[test]
+    fn rsa_exponent_other_than_65537_is_rejected() {
+        let mut keys = jwks();
+        keys["keys"][1]["e"] = json!("Aw");
+        let error = error_of(json!({"jwt": {"jwks": keys}}));
+        assert!(error.contains("`jwt.jwks.keys[1].e`"), "{error}");
+    }
+
+    #[test]
     fn weak_rsa_key_is_rejected() {
         let mut keys = jwks();
         keys["keys"][1]["n"] = json!("AQAB");
         let error = error_of(json!({"jwt": {"jwks": keys}}));
         assert!(error.contains("`jwt.jwks.keys[1].n`"), "{error}");
+    }
+
+    #[test]
+    fn configuration_must_be_an_object() {
+        for text in ["", "  ", "[{\"jwks\": {\"keys\": []}}]", "\"jwt\"", "null"] {
+            let error = Config::from_bytes(text.as_bytes()).unwrap_err().to_string();
+            assert!(error.contains("must be a JSON object"), "{text:?}: {error}");
+        }
     }
 
     #[test]

@@ -195,11 +195,13 @@ impl Filter {
     /// Replaces client-sent identity headers with the verified ones and
     /// removes the other headers a client could forge.
     fn forward(&self, host: &impl Host, customer: &str, tier: &str) {
-        let _ = host.set_request_header(CUSTOMER_HEADER, customer);
-        let _ = host.set_request_header(TIER_HEADER, tier);
+        // Removing first means a forged header that names an identity
+        // header can never delete the verified value.
         for name in &self.config.forged_headers {
             let _ = host.remove_request_header(name);
         }
+        let _ = host.set_request_header(CUSTOMER_HEADER, customer);
+        let _ = host.set_request_header(TIER_HEADER, tier);
     }
 
     fn send(&self, host: &impl Host, reply: &LocalReply) {
@@ -405,6 +407,33 @@ mod tests {
             host.response_header("ratelimit").as_deref(),
             Some("\"pro\";r=4;t=60")
         );
+    }
+
+    #[test]
+    fn forged_headers_cannot_remove_verified_identity() {
+        let host = MemoryHost::new(NOW_MS);
+        let forged = json!({"forged_headers": ["x-veo-customer", "X-Veo-Tier", "x-veo-region"]});
+        let worker = Worker {
+            filter: Filter::new(&host, config(forged), "veo_edge"),
+            host,
+        };
+        let bearer = format!("Bearer {}", token("acme", Some("pro")));
+        let status = worker.send(&[
+            ("authorization", bearer.as_bytes()),
+            ("x-veo-customer", b"someone-else"),
+            ("x-veo-region", b"eu-west"),
+        ]);
+        assert_eq!(status, 200);
+        let host = &worker.host;
+        assert_eq!(
+            host.request_header_text("x-veo-customer").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            host.request_header_text("x-veo-tier").as_deref(),
+            Some("pro")
+        );
+        assert_eq!(host.request_header_text("x-veo-region"), None);
     }
 
     #[test]

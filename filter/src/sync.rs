@@ -9,6 +9,7 @@
 //! success, so the sidecar applies every batch once.
 
 pub mod batch;
+pub mod instance;
 
 use std::collections::BTreeMap;
 

@@ -19,6 +19,14 @@ pub const DEFAULT_DATA_DIR: &str = "./veo-data";
 pub const DEFAULT_WINDOW_SECONDS: i64 = 60;
 /// Default cap on usage records in one sync batch.
 pub const DEFAULT_MAX_RECORDS_PER_BATCH: i64 = 50_000;
+/// Minimum accepted cap on records per batch. The filter sends up to this
+/// many records in one batch and resends a rejected batch unchanged, so a
+/// lower cap would stop its usage for good.
+pub const MIN_MAX_RECORDS_PER_BATCH: i64 = 10_000;
+/// Maximum accepted cap on records per batch. The gRPC message limit grows
+/// with the cap (347 bytes a record, see [`crate::server`]), so this keeps
+/// one call's message under about 35 MB.
+pub const MAX_MAX_RECORDS_PER_BATCH: i64 = 100_000;
 /// Default time allowed for in-flight calls at shutdown, in seconds.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: i64 = 10;
 
@@ -158,7 +166,11 @@ impl Config {
             data_dir,
             ready_file: ready_file.map(|(path, _)| path),
             window_seconds: window.within(1, 3600, "seconds")?,
-            max_records_per_batch: max_records.within(1, 1_000_000, "records")?,
+            max_records_per_batch: max_records.within(
+                MIN_MAX_RECORDS_PER_BATCH,
+                MAX_MAX_RECORDS_PER_BATCH,
+                "records, since the filter sends up to 10000 records in one batch",
+            )?,
             shutdown_grace: Duration::from_secs(grace.within(0, 3600, "seconds")?),
         })
     }
@@ -257,7 +269,10 @@ fn require_path(key: &'static str, path: &Path, origin: Origin) -> Result<(), Co
 }
 
 fn require_file_name(key: &'static str, path: &Path, origin: Origin) -> Result<(), ConfigError> {
-    if path.file_name().is_none() {
+    // `Path::file_name` ignores a trailing `/`, so check for it and for an
+    // existing directory too, because renaming the file into place fails.
+    let trailing_separator = path.as_os_str().to_string_lossy().ends_with('/');
+    if path.file_name().is_none() || trailing_separator || path.is_dir() {
         return Err(ConfigError::Invalid {
             origin,
             key,
@@ -308,7 +323,7 @@ mod tests {
             &dir,
             "listen = \"127.0.0.1:7000\"\ndata_dir = \"/var/lib/veo\"\n\
              ready_file = \"/run/veo/ready\"\nwindow_seconds = 30\n\
-             max_records_per_batch = 10\nshutdown_grace_seconds = 0\n",
+             max_records_per_batch = 10000\nshutdown_grace_seconds = 0\n",
         );
 
         let config = Config::load(&flags_for(&path)).unwrap();
@@ -317,7 +332,7 @@ mod tests {
         assert_eq!(config.data_dir(), Path::new("/var/lib/veo"));
         assert_eq!(config.ready_file(), Some(Path::new("/run/veo/ready")));
         assert_eq!(config.window_seconds(), 30);
-        assert_eq!(config.max_records_per_batch(), 10);
+        assert_eq!(config.max_records_per_batch(), 10_000);
         assert_eq!(config.shutdown_grace(), Duration::ZERO);
         assert_eq!(config.origin(), &Origin::File(path));
     }
@@ -365,11 +380,13 @@ mod tests {
         let cases = [
             ("window_seconds = 3601", "window_seconds"),
             ("max_records_per_batch = 0", "max_records_per_batch"),
-            ("max_records_per_batch = 1000001", "max_records_per_batch"),
+            ("max_records_per_batch = 9999", "max_records_per_batch"),
+            ("max_records_per_batch = 100001", "max_records_per_batch"),
             ("shutdown_grace_seconds = -1", "shutdown_grace_seconds"),
             ("listen = \"localhost\"", "listen"),
             ("data_dir = \"\"", "data_dir"),
             ("ready_file = \"/run/veo/..\"", "ready_file"),
+            ("ready_file = \"/run/veo/\"", "ready_file"),
         ];
 
         for (text, key) in cases {
@@ -380,6 +397,35 @@ mod tests {
                 other => panic!("expected {key} to be rejected, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn batch_limit_below_filter_batch_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(&dir, "max_records_per_batch = 1000\n");
+
+        let message = Config::load(&flags_for(&path)).unwrap_err().to_string();
+
+        assert!(
+            message.contains("max_records_per_batch = 1000"),
+            "{message}"
+        );
+        assert!(message.contains("10000"), "{message}");
+        assert!(message.contains("filter"), "{message}");
+    }
+
+    #[test]
+    fn ready_file_naming_a_directory_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = Flags {
+            ready_file: Some(dir.path().to_path_buf()),
+            ..Flags::default()
+        };
+
+        let message = Config::load(&flags).unwrap_err().to_string();
+
+        assert!(message.contains("flag --ready-file"), "{message}");
+        assert!(message.contains("directory"), "{message}");
     }
 
     #[test]

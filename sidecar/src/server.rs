@@ -28,6 +28,16 @@ use crate::sync_service::SyncService;
 use crate::usage_service::UsageService;
 use shutdown::StopSignals;
 
+/// Maximum size of one encoded usage record inside a `SyncRequest`, in
+/// bytes: a 256-byte customer, a 64-byte tier, the latest minute and the
+/// maximum counts, with their field tags and lengths.
+const MAX_ENCODED_RECORD_BYTES: usize = 347;
+
+/// Upper bound on the rest of an encoded `SyncRequest`, in bytes: a
+/// 256-byte instance id, the sequence and the creation time, with room to
+/// spare.
+const MAX_ENCODED_REQUEST_BYTES: usize = 1024;
+
 /// Errors that stop the sidecar.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -154,10 +164,23 @@ async fn build_router(
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(SyncServer::new(sync))
+        .add_service(
+            SyncServer::new(sync)
+                .max_decoding_message_size(max_sync_message_bytes(config.max_records_per_batch())),
+        )
         .add_service(UsageServer::new(usage));
     set_status(&health, ServingStatus::Serving).await;
     Ok((health, router))
+}
+
+/// Returns the maximum size of an encoded `SyncRequest` of `max_records`
+/// valid records, in bytes. tonic's default limit of 4 MB would reject a valid batch of
+/// long identifiers with `RESOURCE_EXHAUSTED` before validation, and
+/// without naming the field.
+fn max_sync_message_bytes(max_records: usize) -> usize {
+    max_records
+        .saturating_mul(MAX_ENCODED_RECORD_BYTES)
+        .saturating_add(MAX_ENCODED_REQUEST_BYTES)
 }
 
 /// Waits for the server to finish its in-flight calls after the stop
@@ -193,5 +216,73 @@ async fn set_status(health: &HealthReporter, status: ServingStatus) {
         <UsageServer<UsageService> as NamedService>::NAME,
     ] {
         health.set_service_status(name, status).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use veo_proto::sync::sync_client::SyncClient;
+    use veo_proto::sync::{SyncRequest, UsageRecord};
+
+    use super::*;
+    use crate::cli::Flags;
+    use crate::validate::{
+        MAX_ID_BYTES, MAX_MINUTE_UNIX_S, MAX_REQUESTS_PER_RECORD, MAX_TIER_BYTES,
+    };
+
+    /// Returns a valid record with every field at its largest.
+    fn longest_record(index: usize) -> UsageRecord {
+        UsageRecord {
+            customer: format!("{index:0>width$}", width = MAX_ID_BYTES),
+            tier: "t".repeat(MAX_TIER_BYTES),
+            minute_unix_s: MAX_MINUTE_UNIX_S,
+            admitted_requests: MAX_REQUESTS_PER_RECORD,
+            refused_requests: MAX_REQUESTS_PER_RECORD,
+        }
+    }
+
+    #[test]
+    fn record_bound_covers_longest_record() {
+        let one = SyncRequest {
+            usage: vec![longest_record(0)],
+            ..SyncRequest::default()
+        };
+
+        assert_eq!(one.encoded_len(), MAX_ENCODED_RECORD_BYTES);
+    }
+
+    #[tokio::test]
+    async fn full_batch_of_longest_records_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = Flags {
+            listen: Some("127.0.0.1:0".into()),
+            data_dir: Some(dir.path().into()),
+            ..Flags::default()
+        };
+        let config = Config::load(&flags).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (listener, address) = bind(config.listen()).await.unwrap();
+        let (_health, router) = build_router(&config, &store).await.unwrap();
+        let server = tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
+        let request = SyncRequest {
+            instance_id: "i".repeat(MAX_ID_BYTES),
+            sequence: u64::try_from(i64::MAX).unwrap(),
+            created_unix_ms: i64::MIN,
+            usage: (0..config.max_records_per_batch())
+                .map(longest_record)
+                .collect(),
+        };
+        assert!(request.encoded_len() > 4 * 1024 * 1024);
+
+        let mut client = SyncClient::connect(format!("http://{address}"))
+            .await
+            .unwrap()
+            .max_decoding_message_size(usize::MAX);
+        let reply = client.sync(request).await.unwrap().into_inner();
+
+        assert!(!reply.duplicate);
+        assert_eq!(reply.remote_usage.len(), config.max_records_per_batch());
+        server.abort();
     }
 }

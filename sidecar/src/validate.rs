@@ -12,8 +12,9 @@ pub const MAX_ID_BYTES: usize = 256;
 /// Maximum length of a tier name, in bytes.
 pub const MAX_TIER_BYTES: usize = 64;
 /// Maximum admitted or refused requests in one record. One Envoy instance
-/// cannot decide 2^32 requests for one customer within a minute, and the
-/// cap keeps every stored sum far below SQLite's 64-bit integer limit.
+/// cannot decide 2^32 requests for one customer within a minute. The store
+/// saturates totals at 2^63 - 1, which only many batches of this count for
+/// one key can reach.
 pub const MAX_REQUESTS_PER_RECORD: u64 = 4_294_967_295;
 /// Latest accepted minute: 9999-12-31T23:59:00Z, in seconds since the
 /// Unix epoch.
@@ -92,13 +93,23 @@ fn request_count(field: &str, count: u64) -> Result<i64, ServiceError> {
     i64::try_from(count).map_err(|_| too_large())
 }
 
-/// Checks that an identifier is non-empty and at most `max_bytes` long.
+/// Checks that an identifier is non-empty, at most `max_bytes` long and
+/// free of control characters. Identifiers go into log lines and query
+/// results, where a newline or an escape sequence would forge or garble
+/// output.
 pub fn identifier(field: &str, value: &str, max_bytes: usize) -> Result<(), ServiceError> {
     if value.is_empty() {
         return Err(ServiceError::invalid(field, "must not be empty"));
     }
     if value.len() > max_bytes {
         let reason = format!("is {} bytes long, more than {max_bytes}", value.len());
+        return Err(ServiceError::invalid(field, reason));
+    }
+    if let Some((at, control)) = value.char_indices().find(|(_, c)| c.is_control()) {
+        let reason = format!(
+            "contains the control character U+{:04X} at byte {at}; identifiers must be printable",
+            u32::from(control)
+        );
         return Err(ServiceError::invalid(field, reason));
     }
     Ok(())
@@ -217,6 +228,18 @@ mod tests {
         let cases: Vec<(&str, Mutation)> = vec![
             ("instance_id", Box::new(|r| r.instance_id.clear())),
             ("instance_id", Box::new(|r| r.instance_id = "x".repeat(257))),
+            (
+                "instance_id",
+                Box::new(|r| r.instance_id = "node\nERROR forged line".into()),
+            ),
+            (
+                "usage[1].customer",
+                Box::new(|r| r.usage[1].customer = "c\u{1b}[31m".into()),
+            ),
+            (
+                "usage[0].tier",
+                Box::new(|r| r.usage[0].tier = "pro\0".into()),
+            ),
             ("sequence", Box::new(|r| r.sequence = 0)),
             ("sequence", Box::new(|r| r.sequence = u64::MAX)),
             ("usage", Box::new(|r| r.usage = vec![record(); 11])),
@@ -256,6 +279,31 @@ mod tests {
     }
 
     #[test]
+    fn unicode_identifiers_are_accepted() {
+        let mut unicode = request(vec![record()]);
+        unicode.instance_id = "nœud-1/ab".into();
+        unicode.usage[0].customer = "kunde-ü-😀".into();
+
+        let batch = sync_batch(unicode, 10).unwrap();
+
+        assert_eq!(batch.records[0].customer, "kunde-ü-😀");
+    }
+
+    #[test]
+    fn control_character_rejection_names_position() {
+        let mut invalid = request(vec![record()]);
+        invalid.usage[0].customer = "a\nb".into();
+
+        let message = sync_batch(invalid, 10).unwrap_err().to_string();
+
+        assert_eq!(
+            message,
+            "invalid usage[0].customer: contains the control character U+000A at byte 1; \
+             identifiers must be printable"
+        );
+    }
+
+    #[test]
     fn rejection_message_names_value() {
         let mut invalid = request(vec![record()]);
         invalid.usage[0].minute_unix_s = 1_700_000_050;
@@ -291,8 +339,11 @@ mod tests {
         let minute = usage::Granularity::Minute as i32;
         let mut no_customer = usage_request(0, 60, day);
         no_customer.customer.clear();
+        let mut control_customer = usage_request(0, 60, day);
+        control_customer.customer = "c1\r\n".into();
         let cases = [
             (no_customer, "customer"),
+            (control_customer, "customer"),
             (usage_request(60, 60, day), "end_unix_s"),
             (usage_request(60, 0, day), "end_unix_s"),
             (usage_request(0, 60, 42), "granularity"),

@@ -222,9 +222,12 @@ fn build_quota(field: &str, raw: &RawQuota) -> Result<Quota, ConfigError> {
 fn build_burst(field: &str, raw: &RawBurst) -> Result<Burst, ConfigError> {
     let rate = raw.tokens_per_second;
     if !(0.001..=1_000_000.0).contains(&rate) {
+        // JSON's short form, such as `1e+300`, instead of 301 digits.
+        let value = serde_json::Number::from_f64(rate)
+            .map_or_else(|| rate.to_string(), |number| number.to_string());
         return Err(ConfigError::invalid(
             format!("{field}.burst.tokens_per_second"),
-            &rate.to_string(),
+            &value,
             "must be 0.001 to 1000000 tokens per second",
         ));
     }

@@ -129,6 +129,16 @@ fn ec_key(jwk: &RawJwk, field: &str) -> Result<VerifyingKey, ConfigError> {
 fn rsa_key(jwk: &RawJwk, field: &str) -> Result<VerifyingKey, ConfigError> {
     let n = member_bytes(&jwk.n, &format!("{field}.n"), None)?;
     let e = member_bytes(&jwk.e, &format!("{field}.e"), None)?;
+    // Checked here so that the error names `e`. The RSA library rejects
+    // other exponents too, but reports them as an unusable key.
+    let first_nonzero = e.iter().position(|&byte| byte != 0).unwrap_or(e.len());
+    if e[first_nonzero..] != [1, 0, 1] {
+        return Err(ConfigError::invalid(
+            format!("{field}.e"),
+            jwk.e.as_deref().unwrap_or_default(),
+            "only the public exponent 65537 (`AQAB`) is accepted",
+        ));
+    }
     let key = RS256PublicKey::from_components(&n, &e).map_err(|error| {
         ConfigError::invalid(
             format!("{field}.n"),

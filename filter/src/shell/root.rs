@@ -16,6 +16,7 @@ use crate::filter::Filter;
 use crate::host::{Host, LogLevel};
 use crate::metrics::Metrics;
 use crate::sync::Sync;
+use crate::sync::instance::instance_id;
 use crate::usage::QUEUE_NAME;
 
 /// Plugin name that selects the sync role; any other name runs the HTTP
@@ -146,7 +147,7 @@ impl Root {
                 .register_shared_queue(QUEUE_NAME)
                 .map_err(|error| format!("could not register queue {QUEUE_NAME}: {error}"))?;
             let node = property(&["xds", "node", "id"]).unwrap_or_default();
-            let instance_id = format!("{node}/{}", random_id(host));
+            let instance_id = instance_id(&node, &random_id(host));
             let metrics = Metrics::define(host, &config.tiers);
             host.log(
                 LogLevel::Info,

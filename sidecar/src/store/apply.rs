@@ -8,12 +8,16 @@ use crate::ledger::{ApplyOutcome, Batch};
 const SELECT_LAST_SEQUENCE: &str =
     "SELECT last_sequence FROM instance_sequence WHERE instance_id = ?1";
 
+// Totals saturate at i64::MAX. SQLite turns an overflowing sum into a REAL,
+// which the STRICT table rejects, and the filter resends a failed batch
+// forever. Only a client that sends about 2^31 records of the largest count
+// for one key reaches the limit.
 const UPSERT_USAGE: &str = "
 INSERT INTO usage_minute (customer, minute_unix_s, tier, admitted, refused)
 VALUES (?1, ?2, ?3, ?4, ?5)
 ON CONFLICT (customer, minute_unix_s, tier) DO UPDATE SET
-    admitted = admitted + excluded.admitted,
-    refused = refused + excluded.refused";
+    admitted = admitted + MIN(excluded.admitted, 9223372036854775807 - admitted),
+    refused = refused + MIN(excluded.refused, 9223372036854775807 - refused)";
 
 const UPSERT_SEQUENCE: &str = "
 INSERT INTO instance_sequence (instance_id, last_sequence, updated_unix_s)
@@ -191,6 +195,26 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM usage_minute", [], |row| row.get(0))
             .unwrap();
         assert_eq!(rows, 1);
+    }
+
+    #[test]
+    fn totals_saturate_instead_of_failing_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+        conn.execute(
+            "INSERT INTO usage_minute VALUES ('c1', 60, 'basic', ?1, ?1)",
+            [i64::MAX - 5],
+        )
+        .unwrap();
+
+        let outcome = apply_batch(
+            &mut conn,
+            &batch("a", 1, vec![entry("c1", 60, 10, 10)]),
+            100,
+        );
+
+        assert_eq!(outcome.unwrap(), ApplyOutcome::Applied { previous: 0 });
+        assert_eq!(totals(&conn, "c1"), (i64::MAX, i64::MAX));
     }
 
     #[test]
