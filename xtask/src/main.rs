@@ -1,2 +1,83 @@
-//! Placeholder.
-fn main() {}
+//! Project tasks of Veo Edge, run as `cargo xtask <task>`: install the
+//! tools, build the filter and the binaries, run the demo, the test suite or
+//! the benchmark.
+
+mod compile;
+mod demo;
+mod error;
+mod paths;
+mod process;
+mod run;
+mod suite;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::XtaskError;
+
+/// Command line of `cargo xtask`.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Project tasks of Veo Edge")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Installs the wasm32-wasip1 target and Envoy 1.40.0 when missing.
+    InstallTools {
+        /// Also install redis-server with apt-get when it is missing.
+        #[arg(long)]
+        redis: bool,
+    },
+    /// Builds the wasm filter, the sidecar and the replay tools in release mode.
+    Build,
+    /// Starts the sidecar and Envoy with the filter, replays an access log and
+    /// prints the summary, then stops every process.
+    Demo {
+        /// Apache or nginx combined access log to replay [default: the sample
+        /// in bench/sample/access.log].
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        /// How many times faster than recorded the requests are sent.
+        #[arg(long, value_name = "N", default_value_t = demo::DEFAULT_SPEED)]
+        speed: f64,
+    },
+    /// Installs the tools, builds everything, then runs `cargo test --workspace`.
+    Test {
+        /// Arguments passed on to `cargo test`, after `--`.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Installs the tools, builds everything, then runs `veo-bench`.
+    Bench {
+        /// Arguments passed on to `veo-bench`, after `--`.
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run_task(cli.task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {}", error::chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> Result<(), XtaskError> {
+    match task {
+        Task::InstallTools { redis } => tools::install(redis).map(|_| ()),
+        Task::Build => compile::build_all(),
+        Task::Demo { log, speed } => demo::run(log.as_deref(), speed),
+        Task::Test { cargo_args } => suite::run(&cargo_args),
+        Task::Bench { bench_args } => suite::bench(&bench_args),
+    }
+}

@@ -1,0 +1,185 @@
+//! The real `veo-sidecar` with its embedded store, started on a free loopback
+//! port, plus a client of its usage query API.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use veo_proto::usage::GetUsageRequest;
+use veo_proto::usage::usage_client::UsageClient;
+
+use crate::HarnessError;
+use crate::artifacts;
+use crate::process::ChildProcess;
+
+/// How long the sidecar gets to write its ready file.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running sidecar; dropping it stops the process.
+#[derive(Debug)]
+pub struct Sidecar {
+    process: ChildProcess,
+    address: SocketAddr,
+    data_dir: PathBuf,
+    dir: PathBuf,
+}
+
+/// Admitted and refused requests of one customer in the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CustomerUsage {
+    /// Requests admitted, in requests.
+    pub admitted: u64,
+    /// Requests refused with 429, in requests.
+    pub refused: u64,
+}
+
+impl Sidecar {
+    /// Starts the sidecar on a free port with its store and log under `dir`.
+    pub async fn start(dir: &Path) -> Result<Self, HarnessError> {
+        let data_dir = dir.join("sidecar-data");
+        let (process, address) = launch(dir, &data_dir, "127.0.0.1:0").await?;
+        Ok(Self {
+            process,
+            address,
+            data_dir,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Returns the address of the gRPC server.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Kills the sidecar with SIGKILL, as `kill -9` does.
+    pub fn kill_hard(&mut self) {
+        self.process.kill_hard();
+    }
+
+    /// Starts the sidecar again on the same port with the same store, after
+    /// [`Sidecar::kill_hard`] or when it exited.
+    pub async fn restart(&mut self) -> Result<(), HarnessError> {
+        self.process.stop();
+        let (process, address) =
+            launch(&self.dir, &self.data_dir, &self.address.to_string()).await?;
+        self.process = process;
+        self.address = address;
+        Ok(())
+    }
+
+    /// Returns the whole log of the sidecar, across restarts.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// Returns `customer`'s totals in the ledger over the last and the next
+    /// hour, through the usage query API.
+    pub async fn usage(&self, customer: &str) -> Result<CustomerUsage, HarnessError> {
+        let target = format!("http://{}", self.address);
+        let request_error = |reason: String| HarnessError::Request {
+            target: format!("{target} GetUsage"),
+            reason,
+        };
+        let mut client = UsageClient::connect(target.clone())
+            .await
+            .map_err(|err| request_error(err.to_string()))?;
+        let now = unix_seconds();
+        let response = client
+            .get_usage(GetUsageRequest {
+                customer: customer.to_owned(),
+                start_unix_s: now - 3600,
+                end_unix_s: now + 3600,
+                granularity: 0,
+            })
+            .await
+            .map_err(|status| request_error(format!("{status}")))?
+            .into_inner();
+        Ok(CustomerUsage {
+            admitted: response.admitted_requests,
+            refused: response.refused_requests,
+        })
+    }
+
+    /// Polls the ledger every 100 ms until every customer in `expected` has
+    /// exactly the expected usage or `timeout` passes, and returns what the
+    /// ledger held last.
+    ///
+    /// Usage reaches the ledger one sync interval after the requests, so a
+    /// test waits here instead of sleeping a guessed time.
+    pub async fn await_usage(
+        &self,
+        expected: &BTreeMap<String, CustomerUsage>,
+        timeout: Duration,
+    ) -> Result<BTreeMap<String, CustomerUsage>, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let observed = self.usage_of(expected.keys()).await;
+            match observed {
+                Ok(observed) if &observed == expected => return Ok(observed),
+                Ok(observed) if Instant::now() > deadline => return Ok(observed),
+                Err(err) if Instant::now() > deadline => return Err(err),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Returns the usage of each of `customers`.
+    pub async fn usage_of(
+        &self,
+        customers: impl IntoIterator<Item = &String>,
+    ) -> Result<BTreeMap<String, CustomerUsage>, HarnessError> {
+        let mut usage = BTreeMap::new();
+        for customer in customers {
+            usage.insert(customer.clone(), self.usage(customer).await?);
+        }
+        Ok(usage)
+    }
+}
+
+/// Starts the sidecar listening on `listen` and waits for its ready file.
+async fn launch(
+    dir: &Path,
+    data_dir: &Path,
+    listen: &str,
+) -> Result<(ChildProcess, SocketAddr), HarnessError> {
+    let ready_file = dir.join("sidecar.addr");
+    // A stale file from a previous run would look like readiness.
+    let _ = std::fs::remove_file(&ready_file);
+    let mut process = ChildProcess::spawn(
+        "veo-sidecar",
+        Command::new(artifacts::sidecar_binary()?)
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--ready-file")
+            .arg(&ready_file)
+            .env("RUST_LOG", "info"),
+        &dir.join("sidecar.log"),
+    )?;
+
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&ready_file)
+            && let Ok(address) = text.trim().parse()
+        {
+            return Ok((process, address));
+        }
+        process.ensure_running()?;
+        if Instant::now() > deadline {
+            return Err(process.not_ready(READY_TIMEOUT));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Returns the current time in seconds since the Unix epoch.
+pub fn unix_seconds() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
+        })
+}

@@ -1,0 +1,159 @@
+//! Usage counting end to end: what the filter admits and refuses reaches the
+//! sidecar's ledger exactly once, also when the sidecar is killed mid-run.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use veo_tests::Stack;
+use veo_tests::client::{HttpClient, burst};
+use veo_tests::plugin::{BASIC_QUOTA, PluginConfig, SYNC_INTERVAL_MS};
+use veo_tests::sidecar::CustomerUsage;
+use veo_tests::tokens::{SigningKey, TokenSpec};
+
+/// How long usage may take to reach the ledger, in sync intervals.
+const SETTLE_INTERVALS: u64 = 50;
+
+fn settle_timeout() -> Duration {
+    Duration::from_millis(SYNC_INTERVAL_MS * SETTLE_INTERVALS)
+}
+
+/// Counts 200 and 429 replies per customer.
+#[derive(Debug, Default)]
+struct Tally(BTreeMap<String, CustomerUsage>);
+
+impl Tally {
+    fn record(&mut self, customer: &str, status: u16) -> anyhow::Result<()> {
+        let usage = self.0.entry(customer.to_owned()).or_insert(CustomerUsage {
+            admitted: 0,
+            refused: 0,
+        });
+        match status {
+            200 => usage.admitted += 1,
+            429 => usage.refused += 1,
+            other => anyhow::bail!("{customer}: request not decided, status {other}"),
+        }
+        Ok(())
+    }
+}
+
+/// Proves the usage query returns exactly the admitted and refused requests per customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_query_matches_admitted_requests() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let stack = Stack::start(&PluginConfig::for_key(&key)?).await?;
+    let client = stack.client();
+    let quota = usize::try_from(BASIC_QUOTA)?;
+    let plan = [
+        ("usage-light", "basic", 3),
+        ("usage-heavy", "basic", quota + 4),
+        ("usage-pro", "pro", 7),
+    ];
+
+    let mut tally = Tally::default();
+    for (customer, tier, count) in plan {
+        let token = key.mint(&TokenSpec::new(customer, tier))?;
+        for reply in burst(&client, &token, count).await? {
+            tally.record(customer, reply.status)?;
+        }
+    }
+    assert_eq!(tally.0["usage-heavy"].refused, 4);
+
+    let ledger = stack
+        .sidecar
+        .await_usage(&tally.0, settle_timeout())
+        .await?;
+    assert_eq!(
+        ledger, tally.0,
+        "ledger (left) against client-side counts (right)"
+    );
+
+    // Later batches must not count anything twice.
+    tokio::time::sleep(Duration::from_millis(SYNC_INTERVAL_MS * 5)).await;
+    let ledger = stack.sidecar.usage_of(tally.0.keys()).await?;
+    assert_eq!(ledger, tally.0, "ledger changed after it had settled");
+    Ok(())
+}
+
+/// Sends requests for `customers` in turn every 20 ms until aborted, and
+/// returns the tally when stopped.
+fn spawn_traffic(
+    client: HttpClient,
+    tokens: Vec<(String, String)>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> JoinHandle<anyhow::Result<Tally>> {
+    tokio::spawn(async move {
+        let mut tally = Tally::default();
+        let mut turn = 0;
+        while !*stop.borrow() {
+            let (customer, token) = &tokens[turn % tokens.len()];
+            let reply = client.get_with_token("/", token, &[]).await?;
+            tally.record(customer, reply.status)?;
+            turn += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(tally)
+    })
+}
+
+/// Proves a sidecar killed with SIGKILL loses and doubles nothing, and requests stay decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_crash_keeps_every_admission_once() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let mut stack = Stack::start(&PluginConfig::for_key(&key)?).await?;
+    let mut tokens = Vec::new();
+    for (customer, tier) in [("crash-basic", "basic"), ("crash-pro", "pro")] {
+        tokens.push((
+            customer.to_owned(),
+            key.mint(&TokenSpec::new(customer, tier))?,
+        ));
+    }
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let traffic = spawn_traffic(stack.client(), tokens, stop);
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stack.sidecar.kill_hard();
+    // Requests during the outage are decided locally; the traffic task fails
+    // on any status other than 200 or 429.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    stack.sidecar.restart().await?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop_sender.send(true)?;
+    let tally = traffic.await.context("traffic task panicked")??;
+    assert!(
+        tally.0.values().all(|usage| usage.admitted > 0),
+        "{tally:?}"
+    );
+
+    let ledger = stack
+        .sidecar
+        .await_usage(&tally.0, settle_timeout())
+        .await?;
+    assert_eq!(
+        ledger, tally.0,
+        "ledger (left) against client-side counts (right)"
+    );
+    tokio::time::sleep(Duration::from_millis(SYNC_INTERVAL_MS * 5)).await;
+    let ledger = stack.sidecar.usage_of(tally.0.keys()).await?;
+    assert_eq!(ledger, tally.0, "ledger changed after it had settled");
+
+    // The outage is counted and logged, never silent.
+    let failures_stat = "wasmcustom.veo.sync_failures_total";
+    let stats = stack.envoy.admin().stats(failures_stat).await?;
+    let failures = stats.get(failures_stat).copied().unwrap_or(0);
+    assert!(failures > 0, "{failures_stat} is 0 after a 2 s outage");
+    let log = stack.envoy.log();
+    let filter_lines: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("wasm log"))
+        .collect();
+    assert!(
+        filter_lines
+            .iter()
+            .any(|line| line.contains("[warning]") && line.contains("sync")),
+        "no warning about the failed sync in Envoy's log; the filter's lines:\n{}",
+        filter_lines.join("\n")
+    );
+    Ok(())
+}

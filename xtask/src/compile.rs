@@ -1,0 +1,49 @@
+//! Release builds of the wasm filter and the native binaries.
+
+use std::process::Command;
+
+use crate::error::XtaskError;
+use crate::{paths, run};
+
+/// Native binaries that the demo, the tests and the benchmark start.
+pub const BINARIES: [(&str, &str); 3] = [
+    ("veo-sidecar", "veo-sidecar"),
+    ("veo-bench", "veo-replay"),
+    ("veo-bench", "veo-bench"),
+];
+
+/// Builds the filter for `wasm32-wasip1` and every binary in [`BINARIES`],
+/// all in release mode.
+pub fn build_all() -> Result<(), XtaskError> {
+    let root = paths::workspace_root();
+    run::status(
+        Command::new(paths::cargo())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "veo-filter",
+                "--target",
+                "wasm32-wasip1",
+            ])
+            .current_dir(&root),
+        "fix the filter's build errors above, then retry",
+    )?;
+
+    let mut native = Command::new(paths::cargo());
+    native.args(["build", "--release"]).current_dir(&root);
+    for (package, binary) in BINARIES {
+        native.args(["-p", package, "--bin", binary]);
+    }
+    run::status(&mut native, "fix the build errors above, then retry")?;
+
+    let wasm = paths::filter_wasm();
+    if !wasm.is_file() {
+        return Err(XtaskError::Tool(format!(
+            "the filter built, but {} is missing; check that veo-filter is a cdylib named \
+             veo_filter",
+            wasm.display()
+        )));
+    }
+    Ok(())
+}
