@@ -14,8 +14,8 @@ use crate::limiter::{Admission, Limiter};
 use crate::metrics::{Counter, Metrics};
 use crate::response::{self, LocalReply};
 use crate::token_cache::{CacheLevel, CachedToken, TokenCache};
-use crate::usage::UsageQueue;
 use crate::usage::queue::Delivery;
+use crate::usage::{self, UsageMessage, UsageQueue};
 
 /// Header the upstream reads the customer id from.
 pub const CUSTOMER_HEADER: &str = "x-veo-customer";
@@ -93,20 +93,28 @@ impl Filter {
         {
             Ok(admission) => admission,
             Err(error) => {
-                // Fail open: the request is decided without the shared
-                // record, so it is neither limited nor counted.
+                // Fail open: the request is admitted without the shared
+                // record, so it is not limited, but it is still billed.
                 self.metrics.add(Counter::LimiterErrors, 1);
                 let message = format!(
                     "rate limiter unavailable, admitting request customer={} error={error}",
                     cached.customer
                 );
                 self.warn(host, now_ms, &message);
+                let mut pending = Vec::new();
+                usage::count_request(&mut pending, now_ms, &tier.name, true);
+                let detached = UsageMessage::Detached {
+                    customer: cached.customer.clone(),
+                    pending,
+                };
+                self.deliver_usage(host, now_ms, &[detached]);
                 self.forward(host, &cached.customer, &tier.name);
                 return RequestOutcome::Forward(None);
             }
         };
         cached.limiter_slot.set(Some(admission.slot));
-        self.deliver_usage(host, now_ms, &admission);
+        self.note_eviction(host, now_ms, &admission);
+        self.deliver_usage(host, now_ms, &admission.messages);
 
         let decision = admission.decision;
         if self.debug.get() {
@@ -222,7 +230,7 @@ impl Filter {
         }
     }
 
-    fn deliver_usage(&self, host: &impl Host, now_ms: u64, admission: &Admission) {
+    fn note_eviction(&self, host: &impl Host, now_ms: u64, admission: &Admission) {
         if let Some(active) = admission.evicted_active {
             self.metrics.add(Counter::LimiterEvictions, 1);
             if active {
@@ -236,7 +244,10 @@ impl Filter {
                 );
             }
         }
-        for message in &admission.messages {
+    }
+
+    fn deliver_usage(&self, host: &impl Host, now_ms: u64, messages: &[UsageMessage]) {
+        for message in messages {
             if self.usage.send(host, message) == Delivery::Dropped {
                 self.metrics.add(Counter::UsageDropped, 1);
                 let message = "usage backlog full, dropping usage; \
@@ -266,7 +277,7 @@ mod tests {
     use crate::host::MemoryHost;
     use crate::limiter::MAX_ATTEMPTS;
     use crate::testing::{NOW_S, claims, config, es256_token};
-    use crate::usage::{QUEUE_NAME, UsageMessage};
+    use crate::usage::QUEUE_NAME;
 
     const NOW_MS: u64 = NOW_S * 1000;
 
@@ -562,10 +573,12 @@ mod tests {
     }
 
     #[test]
-    fn limiter_contention_fails_open_and_is_counted() {
+    fn limiter_contention_fails_open_and_is_billed() {
         let worker = worker();
+        let queue = worker.host.register_shared_queue(QUEUE_NAME).unwrap();
         let token = token("acme", None);
         assert_eq!(worker.send_token(&token), 200);
+        worker.host.dequeue_shared_queue(queue).unwrap().unwrap();
         let keys = worker.host.shared_data_keys(crate::limiter::KEY_PREFIX);
         for _ in 0..MAX_ATTEMPTS {
             let writer = worker.host.worker();
@@ -581,6 +594,16 @@ mod tests {
             Some("acme")
         );
         assert_eq!(worker.counter("veo.limiter_errors_total"), 1);
+
+        let message = worker.host.dequeue_shared_queue(queue).unwrap().unwrap();
+        let Some(UsageMessage::Detached { customer, pending }) = UsageMessage::decode(&message)
+        else {
+            panic!("expected the fail-open request's usage on the queue");
+        };
+        assert_eq!(customer, "acme");
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].admitted, 1);
+        assert_eq!(pending[0].refused, 0);
     }
 
     #[test]

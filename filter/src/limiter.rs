@@ -135,7 +135,7 @@ impl Limiter {
             let evicted_active = placement.displaced.map(|displaced| {
                 let active = !displaced.is_idle(now_ms);
                 if !displaced.pending.is_empty() {
-                    messages.push(UsageMessage::Evicted {
+                    messages.push(UsageMessage::Detached {
                         customer: displaced.customer,
                         pending: displaced.pending,
                     });
@@ -403,7 +403,7 @@ mod tests {
         // The slot already had a message pending, so only the evicted
         // usage is sent.
         match admission.messages.as_slice() {
-            [UsageMessage::Evicted { customer, pending }] => {
+            [UsageMessage::Detached { customer, pending }] => {
                 assert_eq!(customer, "old");
                 assert_eq!(pending[0].admitted, 1);
             }

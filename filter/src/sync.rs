@@ -218,7 +218,7 @@ impl Sync {
             match host.dequeue_shared_queue(self.queue_id) {
                 Ok(Some(bytes)) => match UsageMessage::decode(&bytes) {
                     Some(UsageMessage::Slot(slot)) => slots.push(slot),
-                    Some(UsageMessage::Evicted { customer, pending }) => {
+                    Some(UsageMessage::Detached { customer, pending }) => {
                         self.add(&customer, pending);
                     }
                     None => host.log(LogLevel::Warn, "skipped an unreadable usage queue message"),
@@ -529,7 +529,7 @@ mod tests {
             .resolve_shared_queue("veo_edge", crate::usage::QUEUE_NAME)
             .unwrap()
             .unwrap();
-        let message = UsageMessage::Evicted {
+        let message = UsageMessage::Detached {
             customer: "gone".to_owned(),
             pending: vec![PendingUsage {
                 minute: 29_000_000,

@@ -112,11 +112,13 @@ pub fn decode_pending(bytes: &[u8]) -> Option<(Vec<PendingUsage>, &[u8])> {
 pub enum UsageMessage {
     /// The record in this limiter slot went from no pending usage to some.
     Slot(u32),
-    /// A record was evicted from its slot; this is its pending usage.
-    Evicted {
-        /// Customer of the evicted record.
+    /// Usage of one customer that no limiter record holds: the pending
+    /// usage of an evicted record, or a request decided without its record
+    /// because shared data failed.
+    Detached {
+        /// Customer the usage belongs to.
         customer: String,
-        /// Its pending usage.
+        /// The usage, in minute buckets.
         pending: Vec<PendingUsage>,
     },
 }
@@ -130,7 +132,7 @@ impl UsageMessage {
                 out.extend_from_slice(&slot.to_le_bytes());
                 out
             }
-            Self::Evicted { customer, pending } => {
+            Self::Detached { customer, pending } => {
                 let mut out = vec![MESSAGE_EVICTED];
                 let customer = customer.as_bytes();
                 let len = customer.len().min(usize::from(u8::MAX));
@@ -154,7 +156,7 @@ impl UsageMessage {
                 let (&len, rest) = rest.split_first()?;
                 let (customer, rest) = rest.split_at_checked(usize::from(len))?;
                 let (pending, _) = decode_pending(rest)?;
-                Some(Self::Evicted {
+                Some(Self::Detached {
                     customer: String::from_utf8(customer.to_vec()).ok()?,
                     pending,
                 })
@@ -200,7 +202,7 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let evicted = UsageMessage::Evicted {
+        let evicted = UsageMessage::Detached {
             customer: "acme".to_owned(),
             pending: vec![PendingUsage {
                 minute: 28_000_000,
