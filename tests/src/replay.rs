@@ -2,7 +2,7 @@
 //! running Envoy.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::HarnessError;
@@ -67,21 +67,8 @@ pub async fn replay_log(
     decisions: &Path,
     timeout: Duration,
 ) -> Result<ReplayOutput, HarnessError> {
-    let mut command = tokio::process::Command::new(artifacts::replay_binary()?);
-    command
-        .arg("run")
-        .arg("--key")
-        .arg(&keys.signing_key)
-        .arg("--target")
-        .arg(format!("http://127.0.0.1:{port}"))
-        .arg("--log")
-        .arg(log)
-        .arg("--speed")
-        .arg(speed.to_string())
-        .arg("--decisions")
-        .arg(decisions)
-        .arg("--no-progress")
-        .kill_on_drop(true);
+    let mut command = run_command(keys, port, log, speed, decisions)?;
+    command.arg("--no-progress");
     let output = tokio::time::timeout(timeout, command.output())
         .await
         .map_err(|_| HarnessError::Request {
@@ -95,11 +82,35 @@ pub async fn replay_log(
             program: "veo-replay".to_owned(),
             source,
         })?;
-    Ok(ReplayOutput {
-        success: output.status.success(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    })
+    Ok(output.into())
+}
+
+/// Returns the `veo-replay run` command that replays `log` against the
+/// listener on 127.0.0.1:`port` at `speed` times the recorded pace, signed
+/// with `keys` and writing the decisions to `decisions`. The process is
+/// killed when the command's child is dropped.
+pub fn run_command(
+    keys: &ReplayKeys,
+    port: u16,
+    log: &Path,
+    speed: f64,
+    decisions: &Path,
+) -> Result<tokio::process::Command, HarnessError> {
+    let mut command = tokio::process::Command::new(artifacts::replay_binary()?);
+    command
+        .arg("run")
+        .arg("--key")
+        .arg(&keys.signing_key)
+        .arg("--target")
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("--log")
+        .arg(log)
+        .arg("--speed")
+        .arg(speed.to_string())
+        .arg("--decisions")
+        .arg(decisions)
+        .kill_on_drop(true);
+    Ok(command)
 }
 
 fn run(command: &mut Command) -> Result<ReplayOutput, HarnessError> {
@@ -107,9 +118,15 @@ fn run(command: &mut Command) -> Result<ReplayOutput, HarnessError> {
         program: command.get_program().to_string_lossy().into_owned(),
         source,
     })?;
-    Ok(ReplayOutput {
-        success: output.status.success(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    })
+    Ok(output.into())
+}
+
+impl From<Output> for ReplayOutput {
+    fn from(output: Output) -> Self {
+        Self {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
 }

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use veo_proto::usage::GetUsageRequest;
+use tonic::transport::Channel;
 use veo_proto::usage::usage_client::UsageClient;
+use veo_proto::usage::{GetUsageRequest, ListTopCustomersRequest};
 
 use crate::HarnessError;
 use crate::artifacts;
@@ -77,29 +78,71 @@ impl Sidecar {
     /// Returns `customer`'s totals in the ledger over the last and the next
     /// hour, through the usage query API.
     pub async fn usage(&self, customer: &str) -> Result<CustomerUsage, HarnessError> {
-        let target = format!("http://{}", self.address);
-        let request_error = |reason: String| HarnessError::Request {
-            target: format!("{target} GetUsage"),
-            reason,
-        };
-        let mut client = UsageClient::connect(target.clone())
-            .await
-            .map_err(|err| request_error(err.to_string()))?;
         let now = unix_seconds();
-        let response = client
-            .get_usage(GetUsageRequest {
-                customer: customer.to_owned(),
-                start_unix_s: now - 3600,
-                end_unix_s: now + 3600,
-                granularity: 0,
-            })
+        let request = GetUsageRequest {
+            customer: customer.to_owned(),
+            start_unix_s: now - 3600,
+            end_unix_s: now + 3600,
+            granularity: 0,
+        };
+        let response = self
+            .client("GetUsage")
+            .await?
+            .get_usage(request)
             .await
-            .map_err(|status| request_error(format!("{status}")))?
+            .map_err(|status| self.request_error("GetUsage", status.to_string()))?
             .into_inner();
         Ok(CustomerUsage {
             admitted: response.admitted_requests,
             refused: response.refused_requests,
         })
+    }
+
+    /// Returns at most `limit` customers with the most admitted requests
+    /// between `start_unix_s` and `end_unix_s`, most admitted first.
+    pub async fn top_customers(
+        &self,
+        start_unix_s: i64,
+        end_unix_s: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, CustomerUsage)>, HarnessError> {
+        let request = ListTopCustomersRequest {
+            start_unix_s,
+            end_unix_s,
+            limit,
+        };
+        let response = self
+            .client("ListTopCustomers")
+            .await?
+            .list_top_customers(request)
+            .await
+            .map_err(|status| self.request_error("ListTopCustomers", status.to_string()))?
+            .into_inner();
+        Ok(response
+            .customers
+            .into_iter()
+            .map(|total| {
+                let usage = CustomerUsage {
+                    admitted: total.admitted_requests,
+                    refused: total.refused_requests,
+                };
+                (total.customer, usage)
+            })
+            .collect())
+    }
+
+    /// Connects a client of the usage query API for a call of `method`.
+    async fn client(&self, method: &str) -> Result<UsageClient<Channel>, HarnessError> {
+        UsageClient::connect(format!("http://{}", self.address))
+            .await
+            .map_err(|err| self.request_error(method, err.to_string()))
+    }
+
+    fn request_error(&self, method: &str, reason: String) -> HarnessError {
+        HarnessError::Request {
+            target: format!("http://{} {method}", self.address),
+            reason,
+        }
     }
 
     /// Polls the ledger every 100 ms until every customer in `expected` has

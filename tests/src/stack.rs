@@ -48,7 +48,16 @@ impl Stack {
         config: &PluginConfig,
         options: StackOptions,
     ) -> Result<Self, HarnessError> {
-        let dir = temp_dir()?;
+        Self::start_in(temp_dir()?, config, options).await
+    }
+
+    /// Starts the stack with its files in `dir`, which it removes when
+    /// dropped, so that a caller can put its own files there first.
+    pub async fn start_in(
+        dir: TempDir,
+        config: &PluginConfig,
+        options: StackOptions,
+    ) -> Result<Self, HarnessError> {
         let upstream = EchoUpstream::start().await?;
         let sidecar = Sidecar::start(dir.path()).await?;
         let values = BootstrapValues {
@@ -79,10 +88,16 @@ impl Stack {
     }
 }
 
-/// Creates a temporary folder that is removed when dropped.
+/// Creates a temporary folder named `veo-test-*` that is removed when
+/// dropped.
 pub fn temp_dir() -> Result<TempDir, HarnessError> {
+    temp_dir_named("veo-test")
+}
+
+/// Creates a temporary folder named `{name}-*` that is removed when dropped.
+pub fn temp_dir_named(name: &str) -> Result<TempDir, HarnessError> {
     tempfile::Builder::new()
-        .prefix("veo-test-")
+        .prefix(&format!("{name}-"))
         .tempdir()
         .map_err(|source| HarnessError::Io {
             action: "create a temporary folder in",

@@ -79,30 +79,34 @@ fn assert_exact_quota(replies: &[Reply], tier: &str, quota: u64) -> anyhow::Resu
     Ok(())
 }
 
+/// Sends a rapid burst of `quota` plus 5 requests as `customer` of `tier`
+/// and checks that exactly `quota` are admitted, and only those reach the
+/// upstream.
+async fn assert_burst_gets_exact_quota(
+    customer: &str,
+    tier: &str,
+    quota: u64,
+) -> anyhow::Result<()> {
+    let (stack, key) = start().await?;
+    let token = key.mint(&TokenSpec::new(customer, tier))?;
+
+    let replies = burst(&stack.client(), &token, usize::try_from(quota)? + 5).await?;
+
+    assert_exact_quota(&replies, tier, quota)?;
+    assert_eq!(stack.upstream.requests(), quota);
+    Ok(())
+}
+
 /// Proves a basic customer's rapid burst gets exactly the basic quota, then 429s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_burst_gets_exactly_basic_quota() -> anyhow::Result<()> {
-    let (stack, key) = start().await?;
-    let token = key.mint(&TokenSpec::new("basic-burst", "basic"))?;
-
-    let replies = burst(&stack.client(), &token, usize::try_from(BASIC_QUOTA)? + 5).await?;
-
-    assert_exact_quota(&replies, "basic", BASIC_QUOTA)?;
-    assert_eq!(stack.upstream.requests(), BASIC_QUOTA);
-    Ok(())
+    assert_burst_gets_exact_quota("basic-burst", "basic", BASIC_QUOTA).await
 }
 
 /// Proves a pro customer's rapid burst gets exactly the pro quota, then 429s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pro_burst_gets_exactly_pro_quota() -> anyhow::Result<()> {
-    let (stack, key) = start().await?;
-    let token = key.mint(&TokenSpec::new("pro-burst", "pro"))?;
-
-    let replies = burst(&stack.client(), &token, usize::try_from(PRO_QUOTA)? + 5).await?;
-
-    assert_exact_quota(&replies, "pro", PRO_QUOTA)?;
-    assert_eq!(stack.upstream.requests(), PRO_QUOTA);
-    Ok(())
+    assert_burst_gets_exact_quota("pro-burst", "pro", PRO_QUOTA).await
 }
 
 /// Proves enterprise is never refused within its burst cap and is refused above it.

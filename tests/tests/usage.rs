@@ -38,6 +38,24 @@ impl Tally {
     }
 }
 
+/// Waits until the ledger holds exactly `tally`, then checks that later
+/// batches leave it unchanged, so that nothing is counted twice.
+async fn assert_ledger_settles_on(stack: &Stack, tally: &Tally) -> anyhow::Result<()> {
+    let ledger = stack
+        .sidecar
+        .await_usage(&tally.0, settle_timeout())
+        .await?;
+    assert_eq!(
+        ledger, tally.0,
+        "ledger (left) against client-side counts (right)"
+    );
+
+    tokio::time::sleep(Duration::from_millis(SYNC_INTERVAL_MS * 5)).await;
+    let ledger = stack.sidecar.usage_of(tally.0.keys()).await?;
+    assert_eq!(ledger, tally.0, "ledger changed after it had settled");
+    Ok(())
+}
+
 /// Proves the usage query returns exactly the admitted and refused requests per customer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_query_matches_admitted_requests() -> anyhow::Result<()> {
@@ -60,20 +78,7 @@ async fn usage_query_matches_admitted_requests() -> anyhow::Result<()> {
     }
     assert_eq!(tally.0["usage-heavy"].refused, 4);
 
-    let ledger = stack
-        .sidecar
-        .await_usage(&tally.0, settle_timeout())
-        .await?;
-    assert_eq!(
-        ledger, tally.0,
-        "ledger (left) against client-side counts (right)"
-    );
-
-    // Later batches must not count anything twice.
-    tokio::time::sleep(Duration::from_millis(SYNC_INTERVAL_MS * 5)).await;
-    let ledger = stack.sidecar.usage_of(tally.0.keys()).await?;
-    assert_eq!(ledger, tally.0, "ledger changed after it had settled");
-    Ok(())
+    assert_ledger_settles_on(&stack, &tally).await
 }
 
 /// Sends requests for `customers` in turn every 20 ms until aborted, and
@@ -126,17 +131,7 @@ async fn sidecar_crash_keeps_every_admission_once() -> anyhow::Result<()> {
         "{tally:?}"
     );
 
-    let ledger = stack
-        .sidecar
-        .await_usage(&tally.0, settle_timeout())
-        .await?;
-    assert_eq!(
-        ledger, tally.0,
-        "ledger (left) against client-side counts (right)"
-    );
-    tokio::time::sleep(Duration::from_millis(SYNC_INTERVAL_MS * 5)).await;
-    let ledger = stack.sidecar.usage_of(tally.0.keys()).await?;
-    assert_eq!(ledger, tally.0, "ledger changed after it had settled");
+    assert_ledger_settles_on(&stack, &tally).await?;
 
     // The outage is counted and logged, never silent.
     let failures_stat = "wasmcustom.veo.sync_failures_total";

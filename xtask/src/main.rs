@@ -6,7 +6,6 @@ mod compile;
 mod demo;
 mod error;
 mod paths;
-mod process;
 mod run;
 mod suite;
 mod tools;
@@ -66,7 +65,7 @@ fn main() -> ExitCode {
     match run_task(cli.task) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("xtask: {}", error::chain(&err));
+            eprintln!("xtask: {}", veo_tests::error::chain(&err));
             ExitCode::FAILURE
         }
     }
