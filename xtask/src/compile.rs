@@ -1,4 +1,4 @@
-//! Release builds of the wasm filter and the native binaries.
+//! Release builds of the wasm filters and the native binaries.
 
 use std::process::Command;
 
@@ -12,8 +12,8 @@ pub const BINARIES: [(&str, &str); 3] = [
     ("veo-bench", "veo-bench"),
 ];
 
-/// Builds the filter for `wasm32-wasip1` and every binary in [`BINARIES`],
-/// all in release mode.
+/// Builds the filter and the benchmark's empty filter for `wasm32-wasip1`
+/// and every binary in [`BINARIES`], all in release mode.
 pub fn build_all() -> Result<(), XtaskError> {
     let root = paths::workspace_root();
     run::status(
@@ -23,6 +23,8 @@ pub fn build_all() -> Result<(), XtaskError> {
                 "--release",
                 "-p",
                 "veo-filter",
+                "-p",
+                "veo-noop-filter",
                 "--target",
                 "wasm32-wasip1",
             ])

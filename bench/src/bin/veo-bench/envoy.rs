@@ -88,24 +88,28 @@ pub fn proxy_config(upstream: Upstream, wasm_filter: Option<Value>) -> Value {
     }
 }
 
-/// Returns the HTTP filter entry that loads `wasm` as plugin `veo_edge` with `configuration`.
-pub fn wasm_filter(wasm: &Path, configuration: &Value) -> Value {
+/// Returns the HTTP filter entry that loads `wasm` as plugin and VM `name` in V8, with
+/// `configuration` as the plugin configuration when given.
+pub fn wasm_filter(name: &str, wasm: &Path, configuration: Option<&Value>) -> Value {
+    let mut config = json!({
+        "name": name,
+        "vm_config": {
+            "vm_id": name,
+            "runtime": "envoy.wasm.runtime.v8",
+            "code": {"local": {"filename": wasm.display().to_string()}},
+        },
+    });
+    if let Some(configuration) = configuration {
+        config["configuration"] = json!({
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": configuration.to_string(),
+        });
+    }
     json!({
         "name": "envoy.filters.http.wasm",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "veo_edge",
-                "vm_config": {
-                    "vm_id": "veo_edge",
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": wasm.display().to_string()}},
-                },
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": configuration.to_string(),
-                },
-            },
+            "config": config,
         },
     })
 }
@@ -273,7 +277,11 @@ mod tests {
 
     #[test]
     fn proxy_config_inserts_filter_before_router() {
-        let filter = wasm_filter(Path::new("/x/veo_filter.wasm"), &json!({"jwt": {}}));
+        let filter = wasm_filter(
+            "veo_edge",
+            Path::new("/x/veo_filter.wasm"),
+            Some(&json!({"jwt": {}})),
+        );
         let config = proxy_config(Upstream::DirectResponse, Some(filter));
         let manager = &config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0];
         let filters = manager["typed_config"]["http_filters"].as_array().unwrap();
@@ -287,6 +295,19 @@ mod tests {
         );
         let value = filters[0]["typed_config"]["config"]["configuration"]["value"].as_str();
         assert_eq!(value, Some(r#"{"jwt":{}}"#));
+    }
+
+    #[test]
+    fn filter_without_configuration_keeps_runtime_settings() {
+        let with = wasm_filter("veo_edge", Path::new("/x/a.wasm"), Some(&json!({})));
+        let without = wasm_filter("veo_noop", Path::new("/x/b.wasm"), None);
+        let config = &without["typed_config"]["config"];
+        assert!(config.get("configuration").is_none());
+        assert_eq!(config["vm_config"]["vm_id"], "veo_noop");
+        assert_eq!(
+            config["vm_config"]["runtime"],
+            with["typed_config"]["config"]["vm_config"]["runtime"]
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! `veo-bench`: measures the throughput and latency of Envoy in three setups in one run.
-//! They are Envoy without the Veo Edge filter, with the filter on cached tokens, and with the
-//! filter verifying every token. All run against the same upstream at the same concurrency,
-//! and the table gives each one's ratio to the baseline.
+//! `veo-bench`: measures the throughput and latency of Envoy in four setups in one run.
+//! They are Envoy without a wasm filter, with a wasm filter that does nothing, with the Veo
+//! Edge filter on cached tokens, and with the filter verifying every token. All run against
+//! the same upstream at the same concurrency, and the table gives each one's ratio to the
+//! baseline, and the Veo Edge filter's ratio to the empty wasm filter.
 
 mod envoy;
 mod mint;
@@ -30,6 +31,10 @@ struct Args {
     /// Filter module [default: target/wasm32-wasip1/release/veo_filter.wasm].
     #[arg(long)]
     wasm: Option<PathBuf>,
+    /// Module of the empty wasm filter
+    /// [default: target/wasm32-wasip1/release/veo_noop_filter.wasm].
+    #[arg(long)]
+    noop_wasm: Option<PathBuf>,
     /// wrk binary.
     #[arg(long, default_value = "wrk")]
     wrk: PathBuf,
@@ -101,6 +106,12 @@ impl Args {
     fn wasm_path(&self) -> PathBuf {
         self.wasm.clone().unwrap_or_else(|| {
             PathBuf::from(REPOSITORY).join("target/wasm32-wasip1/release/veo_filter.wasm")
+        })
+    }
+
+    fn noop_wasm_path(&self) -> PathBuf {
+        self.noop_wasm.clone().unwrap_or_else(|| {
+            PathBuf::from(REPOSITORY).join("target/wasm32-wasip1/release/veo_noop_filter.wasm")
         })
     }
 

@@ -1,4 +1,4 @@
-//! The three measured setups, run one after another against one upstream.
+//! The four measured setups, run one after another against one upstream.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,10 +28,21 @@ pub struct Setup {
     pub label: &'static str,
     /// Short name for file names.
     pub name: &'static str,
-    /// Whether the proxy runs the filter.
-    pub with_filter: bool,
+    /// The wasm filter the proxy runs, if any.
+    pub filter: Filter,
     /// Tokens the measured run sends.
     pub tokens: PathBuf,
+}
+
+/// The wasm filter of a setup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// No wasm filter: HTTP connection manager and router only.
+    None,
+    /// The module that does nothing, in the same runtime as the Veo Edge filter.
+    Empty,
+    /// The Veo Edge filter.
+    VeoEdge,
 }
 
 /// Runs every setup and prints the table; returns false when a run is not valid (errors,
@@ -50,6 +61,13 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
          `cargo build --release -p veo-filter --target wasm32-wasip1`",
         wasm.display()
     );
+    let noop_wasm = args.noop_wasm_path();
+    ensure!(
+        noop_wasm.is_file(),
+        "empty filter module not found at {}: build it with \
+         `cargo build --release -p veo-noop-filter --target wasm32-wasip1`",
+        noop_wasm.display()
+    );
 
     let load_before = report::load_average();
     let dir = tempfile::Builder::new().prefix("veo-bench-").tempdir()?;
@@ -66,7 +84,8 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
         &unique,
     )
     .await?;
-    let filter = envoy::wasm_filter(&wasm, &plugin_config(&key));
+    let veo_edge = envoy::wasm_filter("veo_edge", &wasm, Some(&plugin_config(&key)));
+    let empty = envoy::wasm_filter("veo_noop", &noop_wasm, None);
 
     // The upstream Envoy, if any, lives until this function returns.
     let (_upstream_envoy, upstream) = start_upstream(args, &envoy_bin, dir.path()).await?;
@@ -76,7 +95,12 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
     for round in 1..=args.rounds.max(1) {
         for (setup, outcomes) in setups.iter().zip(&mut rounds) {
             eprintln!("round {round}: {}", setup.label);
-            let config = envoy::proxy_config(upstream, setup.with_filter.then(|| filter.clone()));
+            let filter = match setup.filter {
+                Filter::None => None,
+                Filter::Empty => Some(empty.clone()),
+                Filter::VeoEdge => Some(veo_edge.clone()),
+            };
+            let config = envoy::proxy_config(upstream, filter);
             let outcome = measure(
                 args,
                 &envoy_bin,
@@ -121,33 +145,39 @@ async fn start_upstream(
     }
 }
 
-/// Returns the three setups: the baseline, the filter on the cached tokens, and the filter
-/// on the unique tokens.
-fn setups(cached: &Path, unique: &Path) -> [Setup; 3] {
+/// Returns the four setups: the baseline, the empty wasm filter, the filter on the cached
+/// tokens, and the filter on the unique tokens.
+fn setups(cached: &Path, unique: &Path) -> [Setup; 4] {
     [
         Setup {
             label: "no filter",
             name: "no-filter",
-            with_filter: false,
+            filter: Filter::None,
+            tokens: cached.to_path_buf(),
+        },
+        Setup {
+            label: "empty wasm filter",
+            name: "empty-wasm",
+            filter: Filter::Empty,
             tokens: cached.to_path_buf(),
         },
         Setup {
             label: "filter, cached tokens",
             name: "cached",
-            with_filter: true,
+            filter: Filter::VeoEdge,
             tokens: cached.to_path_buf(),
         },
         Setup {
             label: "filter, every token verified",
             name: "verify",
-            with_filter: true,
+            filter: Filter::VeoEdge,
             tokens: unique.to_path_buf(),
         },
     ]
 }
 
-/// Starts the proxy of `setup`, checks that the filter decides requests, warms it up and
-/// measures it.
+/// Starts the proxy of `setup`, checks that the Veo Edge filter decides requests (or that the
+/// empty one lets them through), warms it up and measures it.
 async fn measure(
     args: &Args,
     envoy_bin: &Path,
@@ -158,7 +188,18 @@ async fn measure(
     config: &Value,
 ) -> anyhow::Result<Outcome> {
     let proxy = EnvoyProcess::start(envoy_bin, dir, setup.name, config).await?;
-    if setup.with_filter {
+    if setup.filter == Filter::Empty {
+        let status = probe(proxy.listener, None).await?;
+        if status != 200 {
+            bail!(
+                "the empty wasm filter did not let a request through in setup {:?}: status \
+                 {status} (expected 200); see {}",
+                setup.label,
+                proxy.log.display()
+            );
+        }
+    }
+    if setup.filter == Filter::VeoEdge {
         let token = std::fs::read_to_string(warmup_tokens)?;
         let token = token.lines().next().unwrap_or_default();
         let without = probe(proxy.listener, None).await?;
@@ -222,10 +263,10 @@ pub struct Outcome {
 }
 
 /// Reads the filter's token-cache counters. It first waits for the filter's 250 ms stats
-/// timer to publish the latest requests. Returns `None` without the filter or when the
-/// stats are missing.
+/// timer to publish the latest requests. Returns `None` without the Veo Edge filter or when
+/// the stats are missing.
 async fn cache_counters(proxy: &EnvoyProcess, setup: &Setup) -> Option<CacheCounts> {
-    if !setup.with_filter {
+    if setup.filter != Filter::VeoEdge {
         return None;
     }
     tokio::time::sleep(STATS_SETTLE).await;
