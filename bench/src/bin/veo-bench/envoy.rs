@@ -20,7 +20,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed for one admin request.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Where the proxy's route sends requests.
+/// Destination of the proxy's route.
 #[derive(Debug, Clone, Copy)]
 pub enum Upstream {
     /// A cluster pointing at the upstream Envoy's listener.
@@ -41,7 +41,7 @@ pub struct EnvoyProcess {
     _child: Child,
 }
 
-/// Returns the bootstrap of the upstream: one listener answering 200 `ok` to everything.
+/// Returns the bootstrap of the upstream: one listener that replies 200 `ok` to every request.
 pub fn upstream_config() -> Value {
     bootstrap(
         http_connection_manager("upstream", direct_response_route(), vec![]),
@@ -229,8 +229,8 @@ impl EnvoyProcess {
     }
 }
 
-/// Returns the admin and listener addresses once the admin endpoint answers `/ready` with
-/// `LIVE`.
+/// Returns the admin and listener addresses once the admin endpoint replies `LIVE` to
+/// `/ready`.
 async fn live_listener(admin_path: &Path) -> Option<(SocketAddr, SocketAddr)> {
     let admin: SocketAddr = std::fs::read_to_string(admin_path)
         .ok()?
