@@ -66,7 +66,15 @@ pub fn run(log: Option<&Path>, speed: f64) -> Result<(), XtaskError> {
 async fn replay_through_stack(log: &Path, speed: f64) -> Result<(), XtaskError> {
     let dir = temp_dir_named("veo-demo")?;
     let keys = replay::keygen(&dir.path().join("keys"))?;
-    let decisions = dir.path().join("decisions.jsonl");
+    // The decisions file outlives the demo's temporary folder, so a reader
+    // can check it with `veo-replay check` afterwards.
+    let out_dir = artifacts::workspace_root().join("out");
+    std::fs::create_dir_all(&out_dir).map_err(|source| XtaskError::Io {
+        action: "create",
+        path: out_dir.clone(),
+        source,
+    })?;
+    let decisions = out_dir.join("demo-decisions.jsonl");
     let options = StackOptions { concurrency: 2 };
     let stack = Stack::start_in(dir, &plugin_config(&keys), options).await?;
     print_setup(&stack, log, speed);
