@@ -270,6 +270,9 @@ impl Sync {
         false
     }
 
+    // NOTE: `collected` has one entry per customer, tier and minute and is
+    // not bounded, so a long sidecar outage grows it; it lives in this VM's
+    // memory only, so an Envoy restart loses what was not acknowledged.
     fn add(&mut self, customer: &str, pending: Vec<PendingUsage>) {
         for bucket in pending {
             let key = UsageKey {
