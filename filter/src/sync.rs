@@ -270,9 +270,9 @@ impl Sync {
         false
     }
 
-    // NOTE: `collected` has one entry per customer, tier and minute and is
-    // not bounded, so a long sidecar outage grows it; it lives in this VM's
-    // memory only, so an Envoy restart loses what was not acknowledged.
+    // NOTE: `collected` has one entry per customer, tier and minute and no
+    // bound, so it grows during a long sidecar outage. It lives only in this
+    // VM's memory, so an Envoy restart loses usage not yet acknowledged.
     fn add(&mut self, customer: &str, pending: Vec<PendingUsage>) {
         for bucket in pending {
             let key = UsageKey {

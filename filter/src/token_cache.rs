@@ -1,8 +1,8 @@
-//! Verified-token cache in two levels: a per-worker map keyed by the token
-//! itself (a hit costs no host call), in front of a slot table in Envoy
-//! shared data keyed by the SHA-256 of the whole token (a hit costs one
-//! `get_shared_data`), so a token is verified about once per Envoy
-//! instance. Entries are used only until the token's `exp`.
+//! Verified-token cache in two levels. The first is a per-worker map keyed
+//! by the token itself, where a hit costs no host call. Behind it is a slot
+//! table in Envoy shared data keyed by the SHA-256 of the whole token, where
+//! a hit costs one `get_shared_data`. So a token is verified about once per
+//! Envoy instance. Entries are used only until the token's `exp`.
 
 pub mod entry;
 

@@ -2,7 +2,7 @@
 //!
 //! It applies the filter's usage batches idempotently to an embedded SQLite
 //! store, reports to each Envoy instance what the other instances admitted within
-//! the current window, and answers usage queries, all over one gRPC port.
+//! the current window, and serves usage queries, all over one gRPC port.
 
 pub mod cli;
 pub mod config;

@@ -38,7 +38,7 @@ impl Tally {
     }
 }
 
-/// Waits until the ledger holds exactly `tally`, then checks that later
+/// Waits until the ledger contains exactly `tally`, then checks that later
 /// batches leave it unchanged, so that nothing is counted twice.
 async fn assert_ledger_settles_on(stack: &Stack, tally: &Tally) -> anyhow::Result<()> {
     let ledger = stack

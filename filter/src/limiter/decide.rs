@@ -81,12 +81,7 @@ pub fn apply(record: &mut Record, tier: &Tier, now_ms: u64) -> Decision {
                 reset_s: ceil_seconds(check.oldest_leaves_ms),
             }
         } else {
-            let wait_s = ceil_seconds(check.wait_ms).max(1);
-            retry_after_s = retry_after_s.max(wait_s);
-            LimitState {
-                remaining: 0,
-                reset_s: wait_s,
-            }
+            exhausted_state(check.wait_ms, &mut retry_after_s)
         };
         idle_at_ms = idle_at_ms.max(log.idle_at_ms(&quota));
         quota_state = Some(state);
@@ -106,12 +101,7 @@ pub fn apply(record: &mut Record, tier: &Tier, now_ms: u64) -> Decision {
                 reset_s: ceil_seconds(bucket.next_token_ms(&burst)),
             }
         } else {
-            let wait_s = ceil_seconds(check.wait_ms).max(1);
-            retry_after_s = retry_after_s.max(wait_s);
-            LimitState {
-                remaining: 0,
-                reset_s: wait_s,
-            }
+            exhausted_state(check.wait_ms, &mut retry_after_s)
         };
         idle_at_ms = idle_at_ms.max(bucket.idle_at_ms(&burst));
         burst_state = Some(state);
@@ -128,6 +118,17 @@ pub fn apply(record: &mut Record, tier: &Tier, now_ms: u64) -> Decision {
 
 fn ceil_seconds(ms: u64) -> u64 {
     ms.div_ceil(1000)
+}
+
+/// Returns the state of a limit that rejects the request for `wait_ms`, and
+/// raises `retry_after_s` to that wait in whole seconds, at least 1.
+fn exhausted_state(wait_ms: u64, retry_after_s: &mut u64) -> LimitState {
+    let wait_s = ceil_seconds(wait_ms).max(1);
+    *retry_after_s = (*retry_after_s).max(wait_s);
+    LimitState {
+        remaining: 0,
+        reset_s: wait_s,
+    }
 }
 
 #[cfg(test)]
