@@ -8,11 +8,13 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use crate::config::Config;
+use crate::config::tier::FailurePolicy;
 use crate::host::{Host, LogLevel};
 use crate::jwt::{AuthError, bearer_token};
 use crate::limiter::{Admission, Limiter};
 use crate::metrics::{Counter, Metrics};
 use crate::response::{self, LocalReply};
+use crate::sync::STATE_KEY;
 use crate::token_cache::{CacheLevel, CachedToken, TokenCache};
 use crate::usage::queue::Delivery;
 use crate::usage::{self, UsageMessage, UsageQueue};
@@ -53,6 +55,9 @@ pub struct Filter {
     metrics: Metrics,
     debug: Cell<bool>,
     last_warning_ms: Cell<u64>,
+    /// Whether the shared counters are unreachable, as the sync role last
+    /// published it; read on the timer, not per request.
+    degraded: Cell<bool>,
 }
 
 impl Filter {
@@ -67,6 +72,7 @@ impl Filter {
             config,
             debug: Cell::new(false),
             last_warning_ms: Cell::new(0),
+            degraded: Cell::new(false),
         }
     }
 
@@ -86,6 +92,12 @@ impl Filter {
             Err(error) => return self.reject(host, error),
         };
         let tier = self.config.tiers.get(cached.tier);
+        let degraded = self.degraded.get();
+        if degraded && let FailurePolicy::Refuse { status } = tier.failure_policy {
+            self.metrics.add(Counter::FailClosed, 1);
+            self.send(host, &response::counters_unavailable(tier, status));
+            return RequestOutcome::Replied;
+        }
         let hint = cached.limiter_slot.get();
         let admission = match self
             .limiter
@@ -131,6 +143,9 @@ impl Filter {
             host.log(LogLevel::Debug, &message);
         }
 
+        if degraded && decision.admitted {
+            self.metrics.add(Counter::FailOpen, 1);
+        }
         if !decision.admitted {
             self.metrics.add_rate_limited(cached.tier);
             self.send(host, &response::too_many_requests(tier, &decision));
@@ -177,6 +192,10 @@ impl Filter {
     /// Periodic work of the worker: publish counters, resend held usage
     /// messages.
     pub fn on_tick(&self, host: &impl Host) {
+        if let Ok(value) = host.get_shared_data(STATE_KEY) {
+            self.degraded
+                .set(value.bytes.is_some_and(|bytes| bytes.first() == Some(&1)));
+        }
         if self.usage.backlog_len() > 0 {
             self.usage.retry_backlog(host);
         }

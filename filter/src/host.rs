@@ -110,6 +110,9 @@ pub trait Host {
         timeout: Duration,
     ) -> Result<u32, HostError>;
 
+    /// Sets the period of the root context's timer.
+    fn set_tick_period(&self, period: Duration) -> Result<(), HostError>;
+
     /// Defines a counter (or finds the one already defined under `name`)
     /// and returns its id.
     fn define_counter(&self, name: &str) -> Result<u32, HostError>;

@@ -18,7 +18,7 @@ use crate::config::Tier;
 use crate::host::{Host, HostError, SetError};
 use crate::usage::UsageMessage;
 pub use decide::{Decision, LimitState};
-use record::Record;
+use record::{Record, RemoteState};
 
 /// Prefix of the shared-data keys of the limiter; the slot index follows.
 pub const KEY_PREFIX: &str = "veo.rl.";
@@ -152,6 +152,42 @@ impl Limiter {
         Err(LimiterError::Contention(MAX_ATTEMPTS))
     }
 
+    /// Stores what the last sync reply said about `customer` in its
+    /// record. Returns `false` when this instance holds no record of the
+    /// customer, which then starts without it.
+    pub fn set_remote(
+        &self,
+        host: &impl Host,
+        customer: &str,
+        remote: RemoteState,
+    ) -> Result<bool, LimiterError> {
+        let start = self.home_slot(customer);
+        'probes: for probe in 0..PROBES.min(self.slots) {
+            let key = slot_key((start + probe) % self.slots);
+            for _ in 0..MAX_ATTEMPTS {
+                let value = host.get_shared_data(&key)?;
+                let (Some(bytes), Some(cas)) = (value.bytes, value.cas) else {
+                    // Slots are never deleted, so no later slot holds it.
+                    return Ok(false);
+                };
+                let Some(mut record) = Record::decode(&bytes) else {
+                    continue 'probes;
+                };
+                if record.customer != customer {
+                    continue 'probes;
+                }
+                record.remote = Some(remote);
+                match host.set_shared_data(&key, &record.encode(), Some(cas)) {
+                    Ok(()) => return Ok(true),
+                    Err(SetError::CasMismatch) => {}
+                    Err(SetError::Host(error)) => return Err(error.into()),
+                }
+            }
+            return Err(LimiterError::Contention(MAX_ATTEMPTS));
+        }
+        Ok(false)
+    }
+
     /// Returns the number of slots.
     pub fn slots(&self) -> u32 {
         self.slots
@@ -263,6 +299,7 @@ mod tests {
             }),
             burst: None,
             policy_header: String::new(),
+            failure_policy: crate::config::tier::FailurePolicy::Local,
         }
     }
 
@@ -466,6 +503,59 @@ mod tests {
         assert!(admission.decision.admitted);
         assert_eq!(admission.evicted_active, None);
         assert_eq!(stored(&host, 0).customer, "acme");
+    }
+
+    #[test]
+    fn other_instances_usage_shrinks_the_local_quota() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(64);
+        assert!(admitted(&limiter, &host, "acme"));
+        let remote = RemoteState {
+            others_admitted: 1,
+            cap: None,
+            updated_ms: NOW,
+        };
+        assert_eq!(limiter.set_remote(&host, "acme", remote), Ok(true));
+
+        // Quota 3: one here, one elsewhere, so one more.
+        assert!(admitted(&limiter, &host, "acme"));
+        assert!(!admitted(&limiter, &host, "acme"));
+
+        // A reply older than the window no longer counts.
+        host.advance_ms(30_000);
+        assert!(!admitted(&limiter, &host, "acme"));
+        host.advance_ms(30_000);
+        assert!(admitted(&limiter, &host, "acme"));
+    }
+
+    #[test]
+    fn cap_limits_own_admissions_near_the_quota() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(64);
+        assert!(admitted(&limiter, &host, "acme"));
+        let remote = RemoteState {
+            others_admitted: 0,
+            cap: Some(2),
+            updated_ms: NOW,
+        };
+        assert_eq!(limiter.set_remote(&host, "acme", remote), Ok(true));
+        assert!(admitted(&limiter, &host, "acme"));
+        let refused = limiter.admit(&host, "acme", &basic(), NOW, None).unwrap();
+        assert!(!refused.decision.admitted);
+        assert_eq!(refused.decision.quota.map(|state| state.remaining), Some(0));
+    }
+
+    #[test]
+    fn remote_state_for_unknown_customer_is_skipped() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(64);
+        assert!(admitted(&limiter, &host, "acme"));
+        let remote = RemoteState {
+            others_admitted: 1,
+            cap: None,
+            updated_ms: NOW,
+        };
+        assert_eq!(limiter.set_remote(&host, "other", remote), Ok(false));
     }
 
     #[test]

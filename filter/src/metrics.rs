@@ -32,11 +32,20 @@ pub enum Counter {
     SyncBatchesSent,
     /// Sync calls that failed or timed out.
     SyncFailures,
+    /// Sync replies and failures while the counters shared with other
+    /// instances were unreachable.
+    SyncDegraded,
+    /// Requests admitted under the "local" failure policy while the shared
+    /// counters were unreachable.
+    FailOpen,
+    /// Requests refused under the "refuse" failure policy while the shared
+    /// counters were unreachable.
+    FailClosed,
 }
 
 impl Counter {
     /// Every counter, in id order.
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Requests,
         Counter::AuthFailures,
         Counter::TokenCacheHits,
@@ -46,6 +55,9 @@ impl Counter {
         Counter::UsageDropped,
         Counter::SyncBatchesSent,
         Counter::SyncFailures,
+        Counter::SyncDegraded,
+        Counter::FailOpen,
+        Counter::FailClosed,
     ];
 
     /// Returns the metric name passed to Envoy.
@@ -60,6 +72,9 @@ impl Counter {
             Self::UsageDropped => "veo.usage_dropped_total",
             Self::SyncBatchesSent => "veo.sync_batches_sent_total",
             Self::SyncFailures => "veo.sync_failures_total",
+            Self::SyncDegraded => "veo.sync_degraded_total",
+            Self::FailOpen => "veo.fail_open_total",
+            Self::FailClosed => "veo.fail_closed_total",
         }
     }
 }

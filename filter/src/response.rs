@@ -60,6 +60,26 @@ pub fn too_many_requests(tier: &Tier, decision: &Decision) -> LocalReply {
     }
 }
 
+/// Returns the refusal of a request whose tier refuses while the counters
+/// shared with other instances are unreachable.
+pub fn counters_unavailable(tier: &Tier, status: u16) -> LocalReply {
+    let body = json!({
+        "error": "quota_unavailable",
+        "tier": tier.name,
+        "message": "the shared quota counters are unreachable and this tier refuses \
+                    requests until they are back; retry later",
+        "retry_after_seconds": 1,
+    });
+    LocalReply {
+        status: u32::from(status),
+        headers: vec![
+            ("content-type", "application/json".to_owned()),
+            ("retry-after", "1".to_owned()),
+        ],
+        body: body.to_string(),
+    }
+}
+
 /// Returns the `ratelimit` value: per limit of the tier, the requests
 /// remaining (`r`) and the seconds until one more is available (`t`).
 pub fn ratelimit_value(tier: &Tier, decision: &Decision) -> String {
@@ -96,6 +116,7 @@ mod tests {
             }),
             burst: None,
             policy_header: "\"basic\";q=60;w=60".to_owned(),
+            failure_policy: crate::config::tier::FailurePolicy::Local,
         }
     }
 

@@ -6,20 +6,29 @@
 //! One call is in flight at a time. A batch is resent unchanged, with the
 //! same sequence number, until the sidecar acknowledges it, while new
 //! usage collects for the next batch. The sequence advances only on
-//! success, so the sidecar applies every batch once.
+//! success, so the sidecar applies every batch once. With no usage to send
+//! but customers whose usage at other instances matters, the tick sends a
+//! poll (a batch without usage) for the reply alone.
+//!
+//! Each reply's view of other instances is written into the customers'
+//! limiter records, where the request path reads it at no extra cost. The
+//! reply also sets the next interval, shorter near a quota, and says
+//! whether the counters shared with other sidecars are reachable; the
+//! workers read that state from shared data on their own timer.
 
 pub mod batch;
 pub mod instance;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use prost::Message;
-use veo_proto::sync::SyncResponse;
+use veo_proto::sync::{SyncRequest, SyncResponse};
 
-use crate::config::SidecarSettings;
+use crate::config::{SidecarSettings, Tiers};
 use crate::host::{Host, LogLevel, SetError};
-use crate::limiter::record::Record;
-use crate::limiter::slot_key;
+use crate::limiter::record::{Record, RemoteState};
+use crate::limiter::{Limiter, slot_key};
 use crate::metrics::{Counter, Metrics};
 use crate::usage::{PendingUsage, UsageMessage};
 use batch::{Batch, UsageKey, UsageTotals};
@@ -28,16 +37,27 @@ use batch::{Batch, UsageKey, UsageTotals};
 pub const SERVICE: &str = "veo.sync.v1.Sync";
 /// gRPC method of the sync call.
 pub const METHOD: &str = "Sync";
-/// Shared-data key holding the last `SyncResponse`, encoded, for limits
-/// that account for other instances' usage.
-pub const REPLY_KEY: &str = "veo.sync.reply";
+/// Shared-data key of the sync state the workers read: one byte, 1 while
+/// the shared counters are unreachable, else 0.
+pub const STATE_KEY: &str = "veo.sync.state";
 
 /// Compare-and-swap attempts to take one record's pending usage before
 /// the slot is left for the next tick.
 const TAKE_ATTEMPTS: u32 = 16;
 
+/// Failed sync calls in a row after which the shared counters count as
+/// unreachable.
+pub const DEGRADED_AFTER_FAILURES: u32 = 2;
+
 /// gRPC status code for success.
 const GRPC_OK: u32 = 0;
+
+/// The call in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct InFlight {
+    token: u32,
+    poll: bool,
+}
 
 /// State of the sync role.
 #[derive(Debug)]
@@ -46,41 +66,59 @@ pub struct Sync {
     instance_id: String,
     queue_id: u32,
     metrics: Metrics,
+    tiers: Tiers,
+    limiter: Limiter,
     collected: BTreeMap<UsageKey, UsageTotals>,
     retry_slots: Vec<u32>,
     unacknowledged: Option<Batch>,
-    in_flight: Option<u32>,
+    in_flight: Option<InFlight>,
     next_sequence: u64,
     failing: bool,
+    consecutive_failures: u32,
+    degraded: bool,
+    poll_wanted: bool,
+    interval: Duration,
 }
 
 impl Sync {
     /// Creates the sync role. `instance_id` identifies this Envoy
     /// instance and VM to the sidecar; `queue_id` is the registered usage
-    /// queue.
+    /// queue; `tiers` and `limiter` are the filter's.
     pub fn new(
         settings: SidecarSettings,
         instance_id: String,
         queue_id: u32,
         metrics: Metrics,
+        tiers: Tiers,
+        limiter: Limiter,
     ) -> Self {
         Self {
+            interval: settings.sync_interval,
             settings,
             instance_id,
             queue_id,
             metrics,
+            tiers,
+            limiter,
             collected: BTreeMap::new(),
             retry_slots: Vec::new(),
             unacknowledged: None,
             in_flight: None,
             next_sequence: 1,
             failing: false,
+            consecutive_failures: 0,
+            degraded: false,
+            poll_wanted: false,
         }
     }
 
-    /// Applies new sidecar settings from a configuration update.
-    pub fn set_settings(&mut self, settings: SidecarSettings) {
+    /// Applies new settings, tiers and limiter table from a configuration
+    /// update.
+    pub fn reconfigure(&mut self, settings: SidecarSettings, tiers: Tiers, limiter: Limiter) {
+        self.interval = settings.sync_interval;
         self.settings = settings;
+        self.tiers = tiers;
+        self.limiter = limiter;
     }
 
     /// Returns the instance id sent with every batch.
@@ -88,8 +126,13 @@ impl Sync {
         &self.instance_id
     }
 
-    /// Periodic work: collect usage, then send a batch unless one is in
-    /// flight.
+    /// Returns the timer period the role wants now.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Periodic work: collect usage, then send a batch or a poll unless a
+    /// call is in flight.
     pub fn on_tick(&mut self, host: &impl Host) {
         self.collect(host);
         self.metrics.flush(host);
@@ -99,28 +142,36 @@ impl Sync {
 
         if self.unacknowledged.is_none() && !self.collected.is_empty() {
             let created_unix_ms = i64::try_from(host.now_ms()).unwrap_or(i64::MAX);
+            let tiers = &self.tiers;
             let batch = Batch::take(
                 &mut self.collected,
                 &self.instance_id,
                 self.next_sequence,
                 created_unix_ms,
+                |name| {
+                    let index = tiers.resolve(Some(name));
+                    let tier = tiers.get(index);
+                    (tier.name == name).then_some(tier.quota).flatten()
+                },
             );
             self.unacknowledged = Some(batch);
         }
-        let Some(batch) = &self.unacknowledged else {
-            return;
+        let (message, poll) = match &self.unacknowledged {
+            Some(batch) => (batch.encoded.clone(), false),
+            None if self.poll_wanted => (self.poll_message(host), true),
+            None => return,
         };
 
         let dispatched = host.dispatch_grpc_call(
             &self.settings.cluster,
             SERVICE,
             METHOD,
-            &batch.encoded,
+            &message,
             self.settings.timeout,
         );
         match dispatched {
             Ok(token) => {
-                self.in_flight = Some(token);
+                self.in_flight = Some(InFlight { token, poll });
                 self.metrics.add(Counter::SyncBatchesSent, 1);
             }
             Err(error) => self.fail(host, &format!("dispatch failed: {error}")),
@@ -131,17 +182,16 @@ impl Sync {
     /// Handles the reply to a sync call: `status` is the gRPC status code
     /// and `body` the encoded `SyncResponse`.
     pub fn on_response(&mut self, host: &impl Host, token: u32, status: u32, body: Option<&[u8]>) {
-        if self.in_flight != Some(token) {
+        let Some(call) = self.in_flight.filter(|call| call.token == token) else {
             return;
-        }
+        };
         self.in_flight = None;
         if status != GRPC_OK {
             self.fail(host, &format!("grpc_status={status}"));
             self.metrics.flush(host);
             return;
         }
-        let body = body.unwrap_or_default();
-        let reply = match SyncResponse::decode(body) {
+        let reply = match SyncResponse::decode(body.unwrap_or_default()) {
             Ok(reply) => reply,
             Err(error) => {
                 self.fail(host, &format!("invalid reply: {error}"));
@@ -149,36 +199,38 @@ impl Sync {
                 return;
             }
         };
-
-        let Some(batch) = self.unacknowledged.take() else {
-            return;
-        };
-        self.next_sequence = batch.sequence + 1;
+        self.consecutive_failures = 0;
         if self.failing {
             self.failing = false;
             host.log(
                 LogLevel::Info,
                 &format!(
                     "sidecar sync recovered cluster={} sequence={}",
-                    self.settings.cluster, batch.sequence
+                    self.settings.cluster,
+                    self.next_sequence.saturating_sub(1)
                 ),
             );
         }
-        let level = if reply.duplicate {
-            LogLevel::Info
-        } else {
-            LogLevel::Debug
-        };
-        host.log(
-            level,
-            &format!(
-                "sync batch acknowledged sequence={} records={} duplicate={} applied_sequence={}",
-                batch.sequence, batch.records, reply.duplicate, reply.applied_sequence
-            ),
-        );
-        // Kept for a quota that also counts other instances' usage; the
-        // request path does not read it yet.
-        let _ = host.set_shared_data(REPLY_KEY, body, None);
+        if !call.poll
+            && let Some(batch) = self.unacknowledged.take()
+        {
+            self.next_sequence = batch.sequence + 1;
+            let level = if reply.duplicate {
+                LogLevel::Info
+            } else {
+                LogLevel::Debug
+            };
+            host.log(
+                level,
+                &format!(
+                    "sync batch acknowledged sequence={} records={} duplicate={} \
+                     applied_sequence={}",
+                    batch.sequence, batch.records, reply.duplicate, reply.applied_sequence
+                ),
+            );
+        }
+        self.apply_reply(host, &reply);
+        self.metrics.flush(host);
     }
 
     /// Returns the sequence number of the unacknowledged batch, if any.
@@ -191,9 +243,113 @@ impl Sync {
         self.in_flight.is_some()
     }
 
+    /// Returns whether the shared counters count as unreachable.
+    pub fn is_degraded(&self) -> bool {
+        self.degraded
+    }
+
+    fn poll_message(&self, host: &impl Host) -> Vec<u8> {
+        SyncRequest {
+            instance_id: self.instance_id.clone(),
+            sequence: self.next_sequence.saturating_sub(1),
+            created_unix_ms: i64::try_from(host.now_ms()).unwrap_or(i64::MAX),
+            usage: Vec::new(),
+        }
+        .encode_to_vec()
+    }
+
+    /// Writes the reply's view of other instances into the limiter
+    /// records, then applies its interval and degraded state.
+    fn apply_reply(&mut self, host: &impl Host, reply: &SyncResponse) {
+        let now_ms = host.now_ms();
+        let mut missing = 0usize;
+        for usage in &reply.remote_usage {
+            let remote = RemoteState {
+                others_admitted: u32::try_from(usage.admitted_requests).unwrap_or(u32::MAX),
+                cap: usage
+                    .instance_cap_requests
+                    .map(|cap| u32::try_from(cap).unwrap_or(u32::MAX - 1)),
+                updated_ms: now_ms,
+            };
+            match self.limiter.set_remote(host, &usage.customer, remote) {
+                Ok(true) => {}
+                Ok(false) => missing += 1,
+                Err(error) => host.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "could not store remote usage customer={} error={error}; the next \
+                         reply updates it",
+                        usage.customer
+                    ),
+                ),
+            }
+        }
+        if missing > 0 {
+            host.log(
+                LogLevel::Debug,
+                &format!("remote usage for {missing} customers without a record here"),
+            );
+        }
+        self.poll_wanted = !reply.remote_usage.is_empty();
+        self.set_degraded(host, reply.counters_degraded);
+
+        let interval = match reply.next_sync_ms {
+            0 => self.settings.sync_interval,
+            ms => Duration::from_millis(u64::from(ms)).min(self.settings.sync_interval),
+        };
+        self.set_interval(host, interval);
+    }
+
+    fn set_interval(&mut self, host: &impl Host, interval: Duration) {
+        if interval == self.interval {
+            return;
+        }
+        match host.set_tick_period(interval) {
+            Ok(()) => self.interval = interval,
+            Err(error) => host.log(
+                LogLevel::Warn,
+                &format!(
+                    "could not set the sync interval to {} ms: {error}",
+                    interval.as_millis()
+                ),
+            ),
+        }
+    }
+
+    /// Publishes whether the shared counters are unreachable, for the
+    /// workers' failure policies.
+    fn set_degraded(&mut self, host: &impl Host, degraded: bool) {
+        if degraded {
+            self.metrics.add(Counter::SyncDegraded, 1);
+        }
+        if degraded == self.degraded {
+            return;
+        }
+        match host.set_shared_data(STATE_KEY, &[u8::from(degraded)], None) {
+            Ok(()) => self.degraded = degraded,
+            Err(error) => {
+                host.log(
+                    LogLevel::Error,
+                    &format!("could not publish the sync state: {error}"),
+                );
+                return;
+            }
+        }
+        if degraded {
+            host.log(
+                LogLevel::Warn,
+                "shared counters unreachable; each tier's failure policy applies until \
+                 they are back",
+            );
+        } else {
+            host.log(LogLevel::Info, "shared counters reachable again");
+        }
+    }
+
     fn fail(&mut self, host: &impl Host, detail: &str) {
         self.metrics.add(Counter::SyncFailures, 1);
         self.failing = true;
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let (sequence, records) = self
             .unacknowledged
             .as_ref()
@@ -208,6 +364,11 @@ impl Sync {
                 self.settings.cluster
             ),
         );
+        if self.consecutive_failures >= DEGRADED_AFTER_FAILURES {
+            self.set_degraded(host, true);
+        }
+        let interval = self.settings.sync_interval;
+        self.set_interval(host, interval);
     }
 
     /// Drains the usage queue and takes pending usage out of the records
@@ -293,8 +454,9 @@ mod tests {
 
     use veo_proto::sync::{RemoteUsage, SyncRequest};
 
+    use crate::limiter::Limiter;
+
     use super::*;
-    use crate::config::tier::{build_tiers, default_raw_tiers};
     use crate::filter::{Filter, RequestOutcome};
     use crate::host::MemoryHost;
     use crate::testing::{NOW_S, claims, config, es256_token};
@@ -314,16 +476,23 @@ mod tests {
             let queue_id = sync_host
                 .register_shared_queue(crate::usage::QUEUE_NAME)
                 .unwrap();
-            let tiers = build_tiers(&default_raw_tiers(), "basic").unwrap();
+            let worker_host = sync_host.worker();
+            let filter = Filter::new(&worker_host, config(serde_json::json!({})), "veo_edge");
+            let tiers = filter.config().tiers.clone();
             let settings = SidecarSettings {
                 cluster: "veo_sidecar".to_owned(),
                 sync_interval: Duration::from_millis(100),
                 timeout: Duration::from_millis(50),
             };
             let metrics = Metrics::define(&sync_host, &tiers);
-            let sync = Sync::new(settings, "node-1/abcd".to_owned(), queue_id, metrics);
-            let worker_host = sync_host.worker();
-            let filter = Filter::new(&worker_host, config(serde_json::json!({})), "veo_edge");
+            let sync = Sync::new(
+                settings,
+                "node-1/abcd".to_owned(),
+                queue_id,
+                metrics,
+                tiers,
+                Limiter::new(filter.config().max_customers),
+            );
             Self {
                 sync_host,
                 sync,
@@ -551,8 +720,16 @@ mod tests {
         assert_eq!(request.usage[0].minute_unix_s, 29_000_000 * 60);
     }
 
+    fn remote(customer: &str, admitted: u64, cap: Option<u64>) -> RemoteUsage {
+        RemoteUsage {
+            customer: customer.to_owned(),
+            admitted_requests: admitted,
+            instance_cap_requests: cap,
+        }
+    }
+
     #[test]
-    fn reply_is_stored_and_duplicate_logged() {
+    fn duplicate_acknowledgement_is_logged() {
         let mut instance = Instance::new();
         instance.requests("acme", 1);
         instance.sync.on_tick(&instance.sync_host);
@@ -560,20 +737,130 @@ mod tests {
         let reply = SyncResponse {
             applied_sequence: 1,
             duplicate: true,
-            remote_usage: vec![RemoteUsage {
-                customer: "acme".to_owned(),
-                admitted_requests: 9,
-            }],
-            window_seconds: 60,
+            ..SyncResponse::default()
         };
         instance.reply(token, &reply);
 
-        let stored = instance.sync_host.peek_shared_data(REPLY_KEY).unwrap();
-        assert_eq!(SyncResponse::decode(stored.as_slice()).unwrap(), reply);
+        assert_eq!(instance.sync.pending_sequence(), None);
         let logs = instance.sync_host.logs();
         assert!(
             logs.iter()
                 .any(|(level, line)| *level == LogLevel::Info && line.contains("duplicate=true"))
+        );
+    }
+
+    #[test]
+    fn other_instances_usage_limits_the_next_requests() {
+        let mut instance = Instance::new();
+        assert_eq!(instance.requests("acme", 1), 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        let reply = SyncResponse {
+            applied_sequence: 1,
+            remote_usage: vec![remote("acme", 1, None)],
+            ..SyncResponse::default()
+        };
+        instance.reply(token, &reply);
+
+        // A quota of 3 per window, 1 here and 1 elsewhere leave 1.
+        assert_eq!(instance.requests("acme", 5), 1);
+    }
+
+    #[test]
+    fn cap_near_the_quota_limits_this_instance() {
+        let mut instance = Instance::new();
+        assert_eq!(instance.requests("acme", 1), 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        let reply = SyncResponse {
+            applied_sequence: 1,
+            remote_usage: vec![remote("acme", 0, Some(2))],
+            next_sync_ms: 40,
+            ..SyncResponse::default()
+        };
+        instance.reply(token, &reply);
+
+        // The quota of 3 would admit two more; the cap admits one.
+        assert_eq!(instance.requests("acme", 5), 1);
+        assert_eq!(
+            instance.sync_host.tick_period(),
+            Some(Duration::from_millis(40))
+        );
+    }
+
+    #[test]
+    fn poll_keeps_remote_usage_fresh_without_new_usage() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        let reply = SyncResponse {
+            applied_sequence: 1,
+            remote_usage: vec![remote("acme", 5, None)],
+            ..SyncResponse::default()
+        };
+        instance.reply(token, &reply);
+
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, poll) = instance.last_call();
+        assert!(poll.usage.is_empty());
+        assert_eq!(poll.sequence, 1);
+        instance.reply(token, &SyncResponse::default());
+
+        // The poll's reply named no customer, so polling stops.
+        instance.sync.on_tick(&instance.sync_host);
+        assert_eq!(instance.sync_host.grpc_calls().len(), 2);
+        // And the next batch still takes the next sequence.
+        instance.requests("acme", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        assert_eq!(instance.last_call().1.sequence, 2);
+    }
+
+    #[test]
+    fn degraded_state_is_published_for_workers() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        let reply = SyncResponse {
+            applied_sequence: 1,
+            counters_degraded: true,
+            ..SyncResponse::default()
+        };
+        instance.reply(token, &reply);
+        assert!(instance.sync.is_degraded());
+        assert_eq!(
+            instance.sync_host.peek_shared_data(STATE_KEY),
+            Some(vec![1])
+        );
+
+        instance.filter.on_tick(&instance.worker_host);
+        instance.requests("acme", 1);
+        instance.filter.on_tick(&instance.worker_host);
+        assert_eq!(instance.worker_host.counter("veo.fail_open_total"), 1);
+    }
+
+    #[test]
+    fn failed_calls_in_a_row_count_as_degraded() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 1);
+        for round in 0..DEGRADED_AFTER_FAILURES {
+            assert!(!instance.sync.is_degraded(), "round {round}");
+            instance.sync.on_tick(&instance.sync_host);
+            let call = instance.sync_host.grpc_calls().pop().unwrap();
+            instance
+                .sync
+                .on_response(&instance.sync_host, call.token, UNAVAILABLE, None);
+        }
+        assert!(instance.sync.is_degraded());
+
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        instance.reply(token, &acknowledge(1));
+        assert!(!instance.sync.is_degraded());
+        assert_eq!(
+            instance.sync_host.peek_shared_data(STATE_KEY),
+            Some(vec![0])
         );
     }
 

@@ -29,6 +29,12 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
 
+    /// Share counters with other sidecars through the Redis server at this
+    /// URL, such as redis://127.0.0.1:6379/; sets `counters.backend` to
+    /// "redis".
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+
     /// Check the configuration, then exit: 0 when valid, 1 with the error.
     #[arg(long)]
     pub validate: bool,

@@ -8,8 +8,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use redis::IntoConnectionInfo;
+
+use crate::allowance::AllowanceSettings;
 use crate::cli::Flags;
-use file::FileConfig;
+use crate::counters::redis::{RedisSettings, RedisTarget};
+use file::{FileConfig, FileCounters};
 
 /// Address served when neither the file nor `--listen` sets one.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -24,11 +28,48 @@ pub const DEFAULT_MAX_RECORDS_PER_BATCH: i64 = 50_000;
 /// lower cap would stop its usage for good.
 pub const MIN_MAX_RECORDS_PER_BATCH: i64 = 10_000;
 /// Maximum accepted cap on records per batch. The gRPC message limit grows
-/// with the cap (347 bytes a record, see [`crate::server`]), so this keeps
+/// with the cap (358 bytes a record, see [`crate::server`]), so this keeps
 /// one call's message under about 35 MB.
 pub const MAX_MAX_RECORDS_PER_BATCH: i64 = 100_000;
 /// Default time allowed for in-flight calls at shutdown, in seconds.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: i64 = 10;
+/// Default sync interval asked of an instance near a quota, in
+/// milliseconds.
+pub const DEFAULT_SYNC_INTERVAL_NEAR_MS: i64 = 100;
+/// Default share of a quota from which instances get caps.
+pub const DEFAULT_NEAR_QUOTA_FRACTION: f64 = 0.5;
+/// Default key prefix in Redis.
+pub const DEFAULT_KEY_PREFIX: &str = "veo";
+/// Default number of Redis shards (hash tags) the counters spread over.
+pub const DEFAULT_SHARDS: i64 = 4;
+/// Default interval between exchanges with Redis, in milliseconds.
+pub const DEFAULT_FLUSH_INTERVAL_MS: i64 = 100;
+/// Default deadline of one Redis exchange, in milliseconds.
+pub const DEFAULT_REDIS_TIMEOUT_MS: i64 = 500;
+/// Default lifetime of the per-minute totals in Redis, in seconds (two
+/// days).
+pub const DEFAULT_TOTALS_TTL_SECONDS: i64 = 172_800;
+
+/// Where the counters shared between sidecars live.
+#[derive(Debug, Clone)]
+pub enum CountersConfig {
+    /// Only this sidecar counts: one host.
+    Embedded,
+    /// Redis, shared by every sidecar with the same key prefix.
+    Redis(RedisConfig),
+}
+
+/// Settings of the Redis counters.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Connection and key layout.
+    pub settings: RedisSettings,
+    /// Interval between exchanges with Redis.
+    pub flush_interval: Duration,
+    /// Identifier of this sidecar in Redis; generated and kept in the data
+    /// directory when not configured.
+    pub sidecar_id: Option<String>,
+}
 
 /// Validated runtime configuration; built only by [`Config::load`].
 #[derive(Debug, Clone)]
@@ -40,6 +81,8 @@ pub struct Config {
     window_seconds: u32,
     max_records_per_batch: usize,
     shutdown_grace: Duration,
+    allowance: AllowanceSettings,
+    counters: CountersConfig,
 }
 
 /// Source of a configuration value, named in error messages.
@@ -160,7 +203,33 @@ impl Config {
             DEFAULT_SHUTDOWN_GRACE_SECONDS,
         );
 
+        let near_ms = setting(
+            "sync_interval_near_ms",
+            file.sync_interval_near_ms,
+            DEFAULT_SYNC_INTERVAL_NEAR_MS,
+        );
+        let near_fraction = file
+            .near_quota_fraction
+            .unwrap_or(DEFAULT_NEAR_QUOTA_FRACTION);
+        if !(0.0..=1.0).contains(&near_fraction) {
+            return Err(ConfigError::Invalid {
+                origin: file_origin.clone(),
+                key: "near_quota_fraction",
+                value: near_fraction.to_string(),
+                reason: "must be between 0 and 1, the share of the quota used from which \
+                         instances get caps"
+                    .into(),
+            });
+        }
+        let allowance = AllowanceSettings {
+            near_quota_fraction: near_fraction,
+            near_sync_ms: near_ms.within(10, 60_000, "milliseconds")?,
+        };
+        let counters = counters_config(file.counters, &file_origin, flags.redis_url.clone())?;
+
         Ok(Config {
+            allowance,
+            counters,
             origin: file_origin,
             listen,
             data_dir,
@@ -210,6 +279,166 @@ impl Config {
     pub fn shutdown_grace(&self) -> Duration {
         self.shutdown_grace
     }
+
+    /// How allowances near a quota are worked out.
+    pub fn allowance(&self) -> AllowanceSettings {
+        self.allowance
+    }
+
+    /// Where the counters shared between sidecars live.
+    pub fn counters(&self) -> &CountersConfig {
+        &self.counters
+    }
+}
+
+/// Validates the `[counters]` table, with `--redis-url` over it.
+fn counters_config(
+    file: Option<FileCounters>,
+    file_origin: &Origin,
+    redis_url_flag: Option<String>,
+) -> Result<CountersConfig, ConfigError> {
+    let file = file.unwrap_or_default();
+    let invalid =
+        |origin: Origin, key: &'static str, value: String, reason: String| ConfigError::Invalid {
+            origin,
+            key,
+            value,
+            reason,
+        };
+    let backend = match (&redis_url_flag, file.backend.as_deref()) {
+        (Some(_), _) => "redis",
+        (None, None) => "embedded",
+        (None, Some(backend @ ("embedded" | "redis"))) => backend,
+        (None, Some(other)) => {
+            return Err(invalid(
+                file_origin.clone(),
+                "counters.backend",
+                format!("{other:?}"),
+                "must be \"embedded\" (one host) or \"redis\" (counters shared through Redis)"
+                    .into(),
+            ));
+        }
+    };
+    if backend == "embedded" {
+        return Ok(CountersConfig::Embedded);
+    }
+
+    let check_url = |url: &str, origin: Origin, key: &'static str| {
+        url.into_connection_info().map(|_| ()).map_err(|error| {
+            invalid(
+                origin,
+                key,
+                format!("{url:?}"),
+                format!("not a Redis URL ({error}); write it as redis://HOST:PORT/"),
+            )
+        })
+    };
+    let target = match (redis_url_flag, file.redis_url, file.redis_cluster_urls) {
+        (Some(url), _, _) => {
+            check_url(&url, Origin::Flag("--redis-url"), "redis_url")?;
+            RedisTarget::Standalone(url)
+        }
+        (None, Some(_), Some(_)) => {
+            return Err(invalid(
+                file_origin.clone(),
+                "counters.redis_cluster_urls",
+                "[...]".into(),
+                "give either counters.redis_url (one server) or counters.redis_cluster_urls \
+                 (Redis Cluster seeds), not both"
+                    .into(),
+            ));
+        }
+        (None, Some(url), None) => {
+            check_url(&url, file_origin.clone(), "counters.redis_url")?;
+            RedisTarget::Standalone(url)
+        }
+        (None, None, Some(urls)) if !urls.is_empty() => {
+            for url in &urls {
+                check_url(url, file_origin.clone(), "counters.redis_cluster_urls")?;
+            }
+            RedisTarget::Cluster(urls)
+        }
+        (None, None, _) => {
+            return Err(invalid(
+                file_origin.clone(),
+                "counters.redis_url",
+                "(missing)".into(),
+                "backend \"redis\" needs counters.redis_url or counters.redis_cluster_urls".into(),
+            ));
+        }
+    };
+
+    let key_prefix = file.key_prefix.unwrap_or_else(|| DEFAULT_KEY_PREFIX.into());
+    let prefix_ok = !key_prefix.is_empty()
+        && key_prefix.len() <= 64
+        && key_prefix
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.' | b':'));
+    if !prefix_ok {
+        return Err(invalid(
+            file_origin.clone(),
+            "counters.key_prefix",
+            format!("{key_prefix:?}"),
+            "must be 1 to 64 characters of A-Z, a-z, 0-9, `_`, `-`, `.` and `:`".into(),
+        ));
+    }
+    if let Some(id) = &file.sidecar_id {
+        let id_ok = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'));
+        if !id_ok {
+            return Err(invalid(
+                file_origin.clone(),
+                "counters.sidecar_id",
+                format!("{id:?}"),
+                "must be 1 to 128 characters of A-Z, a-z, 0-9, `_`, `-` and `.`, unique among \
+                 the sidecars sharing Redis"
+                    .into(),
+            ));
+        }
+    }
+    let number = |key: &'static str, value: Option<i64>, default: i64| Setting {
+        key,
+        origin: if value.is_some() {
+            file_origin.clone()
+        } else {
+            Origin::Default
+        },
+        value: value.unwrap_or(default),
+    };
+    let shards =
+        number("counters.shards", file.shards, DEFAULT_SHARDS).within(1, 1024, "shards")?;
+    let flush_ms: u64 = number(
+        "counters.flush_interval_ms",
+        file.flush_interval_ms,
+        DEFAULT_FLUSH_INTERVAL_MS,
+    )
+    .within(10, 60_000, "milliseconds")?;
+    let timeout_ms: u64 = number(
+        "counters.timeout_ms",
+        file.timeout_ms,
+        DEFAULT_REDIS_TIMEOUT_MS,
+    )
+    .within(10, 60_000, "milliseconds")?;
+    let totals_ttl_seconds = number(
+        "counters.totals_ttl_seconds",
+        file.totals_ttl_seconds,
+        DEFAULT_TOTALS_TTL_SECONDS,
+    )
+    .within(60, 31_536_000, "seconds")?;
+    Ok(CountersConfig::Redis(RedisConfig {
+        settings: RedisSettings {
+            target,
+            key_prefix,
+            shards,
+            totals_ttl_seconds,
+            timeout: Duration::from_millis(timeout_ms),
+        },
+        flush_interval: Duration::from_millis(flush_ms),
+        sidecar_id: file.sidecar_id,
+    }))
 }
 
 /// One integer key with the origin of its value.

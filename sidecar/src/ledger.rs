@@ -29,6 +29,17 @@ pub struct UsageEntry {
     pub admitted: i64,
     /// Requests refused with 429.
     pub refused: i64,
+    /// Quota the requests were decided under, when the tier has one.
+    pub quota: Option<QuotaSpec>,
+}
+
+/// A tier's rolling-window quota as the filter reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaSpec {
+    /// Requests admitted per window.
+    pub requests: u64,
+    /// Window length, in milliseconds.
+    pub window_ms: u64,
 }
 
 /// Result of applying a batch.

@@ -4,8 +4,10 @@
 //! store, reports to each Envoy instance what the other instances admitted within
 //! the current window, and serves usage queries, all over one gRPC port.
 
+pub mod allowance;
 pub mod cli;
 pub mod config;
+pub mod counters;
 pub mod ledger;
 pub mod remote;
 pub mod server;

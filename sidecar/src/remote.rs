@@ -1,13 +1,13 @@
-//! Requests admitted recently per instance and customer, kept in memory so
+//! Requests decided recently per instance and customer, kept in memory so
 //! that the sync reply can report to each instance what the others admitted
-//! within the window.
+//! within the window, and share what is left of a quota by demand.
 //!
 //! Counts are kept in time buckets of at least one second, at most about 60
 //! per window, so a bucket that straddles the window's start counts in
 //! full. The estimate therefore errs towards more remote usage, which a
 //! global quota can only make stricter.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use tracing::warn;
 
@@ -18,7 +18,23 @@ pub const DEFAULT_MAX_SERIES: usize = 100_000;
 /// Buckets per window, which bounds the memory of one series.
 const BUCKETS_PER_WINDOW: u64 = 60;
 
-/// Recent admitted requests per customer and instance.
+/// Requests of one customer at one instance within the window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Requests admitted, in requests.
+    pub admitted: u64,
+    /// Requests received, admitted or refused, in requests.
+    pub requests: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: Counts) {
+        self.admitted = self.admitted.saturating_add(other.admitted);
+        self.requests = self.requests.saturating_add(other.requests);
+    }
+}
+
+/// Recent requests per customer and instance.
 #[derive(Debug)]
 pub struct RecentUsage {
     window_s: u64,
@@ -26,6 +42,11 @@ pub struct RecentUsage {
     max_series: usize,
     /// Customer, then instance, then buckets in ascending order of start.
     customers: HashMap<String, HashMap<String, VecDeque<Bucket>>>,
+    /// Customers of each instance, for the replies to that instance.
+    by_instance: HashMap<String, BTreeSet<String>>,
+    /// Quota of each customer's tier, as last reported, in requests per
+    /// window.
+    quotas: HashMap<String, u64>,
     series: usize,
     pruned_at_s: u64,
     dropped: u64,
@@ -35,7 +56,7 @@ pub struct RecentUsage {
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     start_s: u64,
-    admitted: u64,
+    counts: Counts,
 }
 
 impl RecentUsage {
@@ -48,11 +69,18 @@ impl RecentUsage {
             bucket_s: window_s.div_ceil(BUCKETS_PER_WINDOW),
             max_series,
             customers: HashMap::new(),
+            by_instance: HashMap::new(),
+            quotas: HashMap::new(),
             series: 0,
             pruned_at_s: 0,
             dropped: 0,
             warned_at_s: None,
         }
+    }
+
+    /// Returns the window length, in seconds.
+    pub fn window_seconds(&self) -> u64 {
+        self.window_s
     }
 
     /// Number of (instance, customer) pairs currently tracked.
@@ -61,9 +89,9 @@ impl RecentUsage {
     }
 
     /// Adds `admitted` requests of `customer` that `instance` reported at
-    /// `now_s` (seconds since the Unix epoch).
-    pub fn record(&mut self, instance: &str, customer: &str, admitted: u64, now_s: u64) {
-        if admitted == 0 {
+    /// `now_s` (seconds since the Unix epoch), out of `requests` received.
+    pub fn record(&mut self, instance: &str, customer: &str, counts: Counts, now_s: u64) {
+        if counts.requests == 0 && counts.admitted == 0 {
             return;
         }
         if now_s != self.pruned_at_s {
@@ -80,6 +108,10 @@ impl RecentUsage {
         }
         if !known {
             self.series += 1;
+            self.by_instance
+                .entry(instance.to_owned())
+                .or_default()
+                .insert(customer.to_owned());
         }
         let buckets = self
             .customers
@@ -92,10 +124,8 @@ impl RecentUsage {
         match buckets.back_mut() {
             // A clock that stepped back adds to the newest bucket, which
             // keeps the buckets in order.
-            Some(last) if last.start_s >= start_s => {
-                last.admitted = last.admitted.saturating_add(admitted);
-            }
-            _ => buckets.push_back(Bucket { start_s, admitted }),
+            Some(last) if last.start_s >= start_s => last.counts.add(counts),
+            _ => buckets.push_back(Bucket { start_s, counts }),
         }
         let (window_s, bucket_s) = (self.window_s, self.bucket_s);
         while buckets
@@ -106,18 +136,65 @@ impl RecentUsage {
         }
     }
 
-    /// Sums the requests of `customer` that every instance except
-    /// `instance` admitted within the window ending at `now_s`.
-    pub fn admitted_by_others(&self, instance: &str, customer: &str, now_s: u64) -> u64 {
+    /// Records the quota of `customer`'s tier; `None` for a tier without
+    /// one.
+    pub fn set_quota(&mut self, customer: &str, quota: Option<u64>) {
+        match quota {
+            Some(requests) => {
+                self.quotas.insert(customer.to_owned(), requests);
+            }
+            None => {
+                self.quotas.remove(customer);
+            }
+        }
+    }
+
+    /// Returns the quota last recorded for `customer`.
+    pub fn quota(&self, customer: &str) -> Option<u64> {
+        self.quotas.get(customer).copied()
+    }
+
+    /// Returns the window counts of `customer` at each instance that
+    /// decided requests of it within the window ending at `now_s`.
+    pub fn by_instance(&self, customer: &str, now_s: u64) -> Vec<(&str, Counts)> {
         let Some(instances) = self.customers.get(customer) else {
-            return 0;
+            return Vec::new();
         };
         instances
             .iter()
-            .filter(|(other, _)| other.as_str() != instance)
-            .flat_map(|(_, buckets)| buckets.iter())
-            .filter(|bucket| !expired(bucket, self.window_s, self.bucket_s, now_s))
-            .fold(0u64, |sum, bucket| sum.saturating_add(bucket.admitted))
+            .map(|(instance, buckets)| {
+                let mut counts = Counts::default();
+                for bucket in buckets {
+                    if !expired(bucket, self.window_s, self.bucket_s, now_s) {
+                        counts.add(bucket.counts);
+                    }
+                }
+                (instance.as_str(), counts)
+            })
+            .collect()
+    }
+
+    /// Sums the requests of `customer` that every instance except
+    /// `instance` admitted within the window ending at `now_s`.
+    pub fn admitted_by_others(&self, instance: &str, customer: &str, now_s: u64) -> u64 {
+        self.by_instance(customer, now_s)
+            .into_iter()
+            .filter(|(other, _)| *other != instance)
+            .fold(0u64, |sum, (_, counts)| sum.saturating_add(counts.admitted))
+    }
+
+    /// Returns the customers `instance` decided requests of within the
+    /// window, as of the last prune.
+    pub fn customers_of(&self, instance: &str) -> Vec<String> {
+        self.by_instance
+            .get(instance)
+            .map(|customers| customers.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Returns every customer tracked, as of the last prune.
+    pub fn customers(&self) -> Vec<String> {
+        self.customers.keys().cloned().collect()
     }
 
     /// Drops buckets that ended before the window ending at `now_s`, then
@@ -125,14 +202,24 @@ impl RecentUsage {
     pub fn prune(&mut self, now_s: u64) {
         let (window_s, bucket_s) = (self.window_s, self.bucket_s);
         let mut series = 0;
-        self.customers.retain(|_, instances| {
-            instances.retain(|_, buckets| {
+        let by_instance = &mut self.by_instance;
+        self.customers.retain(|customer, instances| {
+            instances.retain(|instance, buckets| {
                 buckets.retain(|bucket| !expired(bucket, window_s, bucket_s, now_s));
-                !buckets.is_empty()
+                let keep = !buckets.is_empty();
+                if !keep && let Some(customers) = by_instance.get_mut(instance) {
+                    customers.remove(customer);
+                }
+                keep
             });
             series += instances.len();
             !instances.is_empty()
         });
+        self.by_instance
+            .retain(|_, customers| !customers.is_empty());
+        let customers = &self.customers;
+        self.quotas
+            .retain(|customer, _| customers.contains_key(customer));
         self.series = series;
         self.pruned_at_s = now_s;
     }
@@ -170,14 +257,21 @@ fn expired(bucket: &Bucket, window_s: u64, bucket_s: u64, now_s: u64) -> bool {
 mod tests {
     use super::*;
 
+    fn admitted(count: u64) -> Counts {
+        Counts {
+            admitted: count,
+            requests: count,
+        }
+    }
+
     const T: u64 = 1_700_000_000;
 
     #[test]
     fn excludes_callers_own_instance() {
         let mut usage = RecentUsage::new(60, 100);
-        usage.record("a", "c1", 5, T);
-        usage.record("b", "c1", 7, T);
-        usage.record("c", "c1", 11, T);
+        usage.record("a", "c1", admitted(5), T);
+        usage.record("b", "c1", admitted(7), T);
+        usage.record("c", "c1", admitted(11), T);
 
         assert_eq!(usage.admitted_by_others("a", "c1", T), 18);
         assert_eq!(usage.admitted_by_others("b", "c1", T), 16);
@@ -187,8 +281,8 @@ mod tests {
     #[test]
     fn customers_are_counted_separately() {
         let mut usage = RecentUsage::new(60, 100);
-        usage.record("b", "c1", 5, T);
-        usage.record("b", "c2", 9, T);
+        usage.record("b", "c1", admitted(5), T);
+        usage.record("b", "c2", admitted(9), T);
 
         assert_eq!(usage.admitted_by_others("a", "c1", T), 5);
         assert_eq!(usage.admitted_by_others("a", "c2", T), 9);
@@ -198,8 +292,8 @@ mod tests {
     #[test]
     fn drops_buckets_older_than_window() {
         let mut usage = RecentUsage::new(60, 100);
-        usage.record("b", "c1", 5, T);
-        usage.record("b", "c1", 3, T + 30);
+        usage.record("b", "c1", admitted(5), T);
+        usage.record("b", "c1", admitted(3), T + 30);
 
         assert_eq!(usage.admitted_by_others("a", "c1", T + 60), 8);
         assert_eq!(usage.admitted_by_others("a", "c1", T + 61), 3);
@@ -209,8 +303,8 @@ mod tests {
     #[test]
     fn prune_forgets_expired_series() {
         let mut usage = RecentUsage::new(60, 100);
-        usage.record("b", "c1", 5, T);
-        usage.record("c", "c2", 5, T + 50);
+        usage.record("b", "c1", admitted(5), T);
+        usage.record("c", "c2", admitted(5), T + 50);
         assert_eq!(usage.series(), 2);
 
         usage.prune(T + 61);
@@ -222,15 +316,15 @@ mod tests {
     #[test]
     fn full_tracker_ignores_new_pairs_until_old_expire() {
         let mut usage = RecentUsage::new(60, 2);
-        usage.record("b", "c1", 1, T);
-        usage.record("b", "c2", 1, T);
+        usage.record("b", "c1", admitted(1), T);
+        usage.record("b", "c2", admitted(1), T);
 
-        usage.record("b", "c3", 1, T + 1);
-        usage.record("b", "c1", 1, T + 1);
+        usage.record("b", "c3", admitted(1), T + 1);
+        usage.record("b", "c1", admitted(1), T + 1);
         assert_eq!(usage.admitted_by_others("a", "c3", T + 1), 0);
         assert_eq!(usage.admitted_by_others("a", "c1", T + 1), 2);
 
-        usage.record("b", "c3", 4, T + 120);
+        usage.record("b", "c3", admitted(4), T + 120);
         assert_eq!(usage.admitted_by_others("a", "c3", T + 120), 4);
     }
 
@@ -238,7 +332,7 @@ mod tests {
     fn series_keeps_bounded_buckets() {
         let mut usage = RecentUsage::new(60, 10);
         for second in 0..600 {
-            usage.record("b", "c1", 1, T + second);
+            usage.record("b", "c1", admitted(1), T + second);
         }
 
         let buckets = &usage.customers["c1"]["b"];
@@ -251,7 +345,7 @@ mod tests {
     fn long_window_uses_coarser_buckets() {
         let mut usage = RecentUsage::new(3_600, 10);
         for minute in 0..120 {
-            usage.record("b", "c1", 1, T + minute * 60);
+            usage.record("b", "c1", admitted(1), T + minute * 60);
         }
 
         assert!(usage.customers["c1"]["b"].len() <= 61);

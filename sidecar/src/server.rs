@@ -21,7 +21,9 @@ use tracing::{error, info, warn};
 use veo_proto::sync::sync_server::SyncServer;
 use veo_proto::usage::usage_server::UsageServer;
 
-use crate::config::Config;
+use crate::config::{Config, CountersConfig};
+use crate::counters::redis::RedisCounters;
+use crate::counters::shared::SharedCounters;
 use crate::remote::DEFAULT_MAX_SERIES;
 use crate::store::{Store, StoreError};
 use crate::sync_service::SyncService;
@@ -29,9 +31,9 @@ use crate::usage_service::UsageService;
 use shutdown::StopSignals;
 
 /// Maximum size of one encoded usage record inside a `SyncRequest`, in
-/// bytes: a 256-byte customer, a 64-byte tier, the latest minute and the
-/// maximum counts, with their field tags and lengths.
-const MAX_ENCODED_RECORD_BYTES: usize = 347;
+/// bytes: a 256-byte customer, a 64-byte tier, the latest minute, the
+/// maximum counts and quota, with their field tags and lengths.
+const MAX_ENCODED_RECORD_BYTES: usize = 358;
 
 /// Upper bound on the rest of an encoded `SyncRequest`, in bytes: a
 /// 256-byte instance id, the sequence and the creation time, with room to
@@ -71,6 +73,9 @@ pub enum ServerError {
     /// The gRPC server stopped with an error.
     #[error("gRPC server failed")]
     Serve(#[from] tonic::transport::Error),
+    /// The shared counters could not be set up.
+    #[error("failed to set up the shared counters")]
+    Counters(#[source] crate::counters::CounterError),
     /// A blocking start-up task was cancelled or panicked.
     #[error("start-up task did not finish")]
     Task(#[from] tokio::task::JoinError),
@@ -94,7 +99,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 
     let (listener, address) = bind(config.listen()).await?;
     let mut signals = StopSignals::install().map_err(ServerError::Signals)?;
-    let (health, router) = build_router(&config, &store).await?;
+    let (health, router, shared) = build_router(&config, &store).await?;
+    let (stop_counters, counters_stopped) = tokio::sync::watch::channel(false);
+    let counters_task =
+        shared.map(|shared| tokio::spawn(shared.run(health.clone(), counters_stopped)));
     let (stop, stopped) = oneshot::channel::<()>();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
         // Without TCP_NODELAY, Nagle's algorithm holds back the reply's
@@ -129,6 +137,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     set_status(&health, ServingStatus::NotServing).await;
     let _ = stop.send(());
     finish(server, config.shutdown_grace()).await;
+    if let Some(task) = counters_task {
+        // One last exchange writes what the outbox holds; what it cannot
+        // write stays in the outbox for the next start.
+        let _ = stop_counters.send(true);
+        if tokio::time::timeout(config.shutdown_grace(), task)
+            .await
+            .is_err()
+        {
+            warn!(
+                "the last exchange with the shared counters did not finish; the outbox keeps its rows"
+            );
+        }
+    }
     if let Some(path) = config.ready_file()
         && let Err(err) = ready_file::remove(path).await
     {
@@ -146,18 +167,49 @@ async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerEr
     Ok((listener, bound))
 }
 
-/// Builds the router of every service and marks them serving.
+/// Builds the router of every service and marks them serving; with Redis
+/// configured, also the shared counters, not yet running.
 async fn build_router(
     config: &Config,
     store: &Store,
-) -> Result<(HealthReporter, Router), ServerError> {
+) -> Result<(HealthReporter, Router, Option<SharedCounters>), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let sync = SyncService::new(
+    let mut sync = SyncService::new(
         store.clone(),
         config.window_seconds(),
         config.max_records_per_batch(),
         DEFAULT_MAX_SERIES,
-    );
+    )
+    .with_allowance(config.allowance());
+    let mut shared = None;
+    if let CountersConfig::Redis(redis) = config.counters() {
+        let sidecar_id = match &redis.sidecar_id {
+            Some(id) => id.clone(),
+            None => {
+                store
+                    .meta_or_insert("sidecar_id", generated_sidecar_id)
+                    .await?
+            }
+        };
+        let backend = RedisCounters::new(redis.settings.clone(), sidecar_id.clone())
+            .map_err(ServerError::Counters)?;
+        info!(
+            target = %backend.describe_target(),
+            sidecar_id = %sidecar_id,
+            shards = redis.settings.shards,
+            flush_interval_ms = redis.flush_interval.as_millis(),
+            "counters shared through Redis"
+        );
+        let counters = SharedCounters::new(
+            backend,
+            store.clone(),
+            sync.recent(),
+            config.window_seconds(),
+            redis.flush_interval,
+        );
+        sync = sync.with_shared(counters.clone());
+        shared = Some(counters);
+    }
     let usage = UsageService::new(store.clone());
 
     let router = Server::builder()
@@ -170,7 +222,21 @@ async fn build_router(
         )
         .add_service(UsageServer::new(usage));
     set_status(&health, ServingStatus::Serving).await;
-    Ok((health, router))
+    Ok((health, router, shared))
+}
+
+/// Returns a new sidecar id: 16 hex digits from the clock and process id,
+/// stored in the data directory so that it survives restarts.
+fn generated_sidecar_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    format!("sidecar-{:016x}", hasher.finish())
 }
 
 /// Returns the maximum size of an encoded `SyncRequest` of `max_records`
@@ -228,7 +294,8 @@ mod tests {
     use super::*;
     use crate::cli::Flags;
     use crate::validate::{
-        MAX_ID_BYTES, MAX_MINUTE_UNIX_S, MAX_REQUESTS_PER_RECORD, MAX_TIER_BYTES,
+        MAX_ID_BYTES, MAX_MINUTE_UNIX_S, MAX_QUOTA_REQUESTS, MAX_QUOTA_WINDOW_MS,
+        MAX_REQUESTS_PER_RECORD, MAX_TIER_BYTES,
     };
 
     /// Returns a valid record with every field at its largest.
@@ -239,6 +306,8 @@ mod tests {
             minute_unix_s: MAX_MINUTE_UNIX_S,
             admitted_requests: MAX_REQUESTS_PER_RECORD,
             refused_requests: MAX_REQUESTS_PER_RECORD,
+            quota_requests: MAX_QUOTA_REQUESTS,
+            quota_window_ms: MAX_QUOTA_WINDOW_MS,
         }
     }
 
@@ -263,7 +332,7 @@ mod tests {
         let config = Config::load(&flags).unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (listener, address) = bind(config.listen()).await.unwrap();
-        let (_health, router) = build_router(&config, &store).await.unwrap();
+        let (_health, router, _) = build_router(&config, &store).await.unwrap();
         let server = tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
         let request = SyncRequest {
             instance_id: "i".repeat(MAX_ID_BYTES),

@@ -12,9 +12,10 @@ mod schema;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use tracing::{info, warn};
 
+use crate::counters::Contribution;
 use crate::ledger::{ApplyOutcome, Batch, BucketTotal, CustomerTotal, Granularity, TimeRange};
 
 /// File name of the SQLite database inside the data directory.
@@ -135,7 +136,81 @@ impl Store {
     /// instance's last applied one, changing nothing.
     pub async fn apply(&self, batch: Batch, now_unix_s: i64) -> Result<ApplyOutcome, StoreError> {
         self.run("apply a batch", Role::Writer, move |conn| {
-            apply::apply_batch(conn, &batch, now_unix_s)
+            apply::apply_batch(conn, &batch, now_unix_s, None)
+        })
+        .await
+    }
+
+    /// Like [`Store::apply`], and also queues the batch's usage in the
+    /// outbox of the shared counters, in the same transaction, so that
+    /// usage acknowledged to the filter always reaches them.
+    pub async fn apply_with_outbox(
+        &self,
+        batch: Batch,
+        now_unix_s: i64,
+        window_seconds: u32,
+    ) -> Result<ApplyOutcome, StoreError> {
+        self.run("apply a batch", Role::Writer, move |conn| {
+            apply::apply_batch(conn, &batch, now_unix_s, Some(i64::from(window_seconds)))
+        })
+        .await
+    }
+
+    /// Returns up to `limit` outbox rows, oldest first.
+    pub async fn outbox(&self, limit: u32) -> Result<Vec<Contribution>, StoreError> {
+        self.run("read the counter outbox", Role::Writer, move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT id, customer, bucket_unix_s, admitted, requests FROM counter_outbox \
+                 ORDER BY id LIMIT ?1",
+            )?;
+            let rows = statement.query_map([limit], |row| {
+                Ok(Contribution {
+                    id: row.get(0)?,
+                    customer: row.get(1)?,
+                    bucket_unix_s: row.get(2)?,
+                    admitted: row.get(3)?,
+                    requests: row.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Removes the outbox rows up to and including `id`, once the shared
+    /// counters hold them.
+    pub async fn remove_outbox(&self, id: i64) -> Result<(), StoreError> {
+        self.run("trim the counter outbox", Role::Writer, move |conn| {
+            conn.execute("DELETE FROM counter_outbox WHERE id <= ?1", [id])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Returns the value stored under `key` in the sidecar's metadata, or
+    /// stores and returns `make()` when there is none.
+    pub async fn meta_or_insert(
+        &self,
+        key: &'static str,
+        make: impl FnOnce() -> String + Send + 'static,
+    ) -> Result<String, StoreError> {
+        self.run("read the sidecar metadata", Role::Writer, move |conn| {
+            let found: Option<String> = conn
+                .query_row(
+                    "SELECT value FROM sidecar_meta WHERE key = ?1",
+                    [key],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if let Some(value) = found {
+                return Ok(value);
+            }
+            let value = make();
+            conn.execute(
+                "INSERT INTO sidecar_meta (key, value) VALUES (?1, ?2)",
+                [key, value.as_str()],
+            )?;
+            Ok(value)
         })
         .await
     }
@@ -245,6 +320,7 @@ mod tests {
                 minute_unix_s: 120,
                 admitted,
                 refused: 0,
+                quota: None,
             }],
         }
     }

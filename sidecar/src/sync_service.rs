@@ -1,7 +1,8 @@
-//! The `veo.sync.v1.Sync` service: applies usage batches and returns what
-//! other instances admitted within the window.
+//! The `veo.sync.v1.Sync` service: applies usage batches and returns, for
+//! every customer the instance served within the window, what the other
+//! instances admitted and, near the quota, the instance's cap.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tonic::{Request, Response, Status};
@@ -9,8 +10,10 @@ use tracing::{debug, warn};
 use veo_proto::sync::sync_server::Sync as SyncRpc;
 use veo_proto::sync::{RemoteUsage, SyncRequest, SyncResponse};
 
+use crate::allowance::{AllowanceSettings, CustomerView, grant};
+use crate::counters::shared::SharedCounters;
 use crate::ledger::{ApplyOutcome, MINUTE_SECONDS, UsageEntry, unix_now_s};
-use crate::remote::RecentUsage;
+use crate::remote::{Counts, RecentUsage};
 use crate::status::ServiceError;
 use crate::store::Store;
 use crate::validate;
@@ -20,8 +23,19 @@ use crate::validate;
 pub struct SyncService {
     store: Store,
     recent: Arc<Mutex<RecentUsage>>,
+    shared: Option<SharedCounters>,
+    allowance: AllowanceSettings,
     window_seconds: u32,
     max_records: usize,
+}
+
+/// One customer's part of a batch.
+#[derive(Debug, Clone, Copy, Default)]
+struct BatchCustomer {
+    /// Requests within the window ending now.
+    recent: Counts,
+    /// Quota of the customer's tier, in requests per window.
+    quota: Option<u64>,
 }
 
 impl SyncService {
@@ -37,9 +51,30 @@ impl SyncService {
         SyncService {
             store,
             recent: Arc::new(Mutex::new(RecentUsage::new(window_seconds, max_series))),
+            shared: None,
+            allowance: AllowanceSettings::default(),
             window_seconds,
             max_records,
         }
+    }
+
+    /// Sets how allowances are worked out.
+    pub fn with_allowance(mut self, allowance: AllowanceSettings) -> SyncService {
+        self.allowance = allowance;
+        self
+    }
+
+    /// Adds the counters shared with other sidecars; batches then also go
+    /// to their outbox.
+    pub fn with_shared(mut self, shared: SharedCounters) -> SyncService {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Returns the recent usage the replies are built from, for the shared
+    /// counters to read.
+    pub fn recent(&self) -> Arc<Mutex<RecentUsage>> {
+        Arc::clone(&self.recent)
     }
 
     /// Validates and applies one batch, then builds the reply.
@@ -49,11 +84,29 @@ impl SyncService {
         let instance = batch.instance_id.clone();
         let sequence = batch.sequence;
         let records = batch.records.len();
-        let admitted = admitted_in_window(&batch.records, now_s, self.window_seconds);
+        if records == 0 {
+            // A poll: nothing to store, only the reply.
+            let now = u64::try_from(now_s).unwrap_or(0);
+            return Ok(self.reply(
+                &instance,
+                u64::try_from(sequence).unwrap_or(0),
+                false,
+                &BTreeMap::new(),
+                now,
+            ));
+        }
+        let customers = batch_customers(&batch.records, now_s, self.window_seconds);
 
         // The store returns after the commit, so the reply below never
         // acknowledges a batch that a crash could lose.
-        let outcome = self.store.apply(batch, now_s).await?;
+        let outcome = match &self.shared {
+            Some(_) => {
+                self.store
+                    .apply_with_outbox(batch, now_s, self.window_seconds)
+                    .await?
+            }
+            None => self.store.apply(batch, now_s).await?,
+        };
 
         let (applied_sequence, duplicate) = match outcome {
             ApplyOutcome::Applied { previous } => {
@@ -76,36 +129,70 @@ impl SyncService {
         };
 
         let now = u64::try_from(now_s).unwrap_or(0);
-        Ok(SyncResponse {
-            applied_sequence: u64::try_from(applied_sequence).unwrap_or(0),
+        let applied = if duplicate {
+            BTreeMap::new()
+        } else {
+            customers
+        };
+        Ok(self.reply(
+            &instance,
+            u64::try_from(applied_sequence).unwrap_or(0),
             duplicate,
-            remote_usage: self.remote_usage(&instance, &admitted, !duplicate, now),
-            window_seconds: self.window_seconds,
-        })
+            &applied,
+            now,
+        ))
     }
 
-    /// Adds an applied batch's `admitted` requests to recent usage, then
-    /// returns what the other instances admitted for each customer in it.
-    fn remote_usage(
+    /// Adds an applied batch's customers to recent usage, then builds the
+    /// reply for every customer the instance served within the window.
+    fn reply(
         &self,
         instance: &str,
-        admitted: &BTreeMap<String, u64>,
-        applied: bool,
+        applied_sequence: u64,
+        duplicate: bool,
+        applied: &BTreeMap<String, BatchCustomer>,
         now_s: u64,
-    ) -> Vec<RemoteUsage> {
+    ) -> SyncResponse {
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        if applied {
-            for (customer, &count) in admitted {
-                recent.record(instance, customer, count, now_s);
-            }
+        for (customer, part) in applied {
+            recent.record(instance, customer, part.recent, now_s);
+            recent.set_quota(customer, part.quota);
         }
-        admitted
-            .keys()
-            .map(|customer| RemoteUsage {
-                customer: customer.clone(),
-                admitted_requests: recent.admitted_by_others(instance, customer, now_s),
+        let mut customers: BTreeSet<String> = recent.customers_of(instance).into_iter().collect();
+        customers.extend(applied.keys().cloned());
+
+        let mut near = false;
+        let remote_usage = customers
+            .into_iter()
+            .map(|customer| {
+                let local = recent.by_instance(&customer, now_s);
+                let elsewhere = self
+                    .shared
+                    .as_ref()
+                    .map_or(Counts::default(), |shared| shared.elsewhere(&customer));
+                let view = CustomerView {
+                    quota: recent.quota(&customer),
+                    local: &local,
+                    elsewhere,
+                };
+                let grant = grant(&view, instance, &self.allowance);
+                near |= grant.cap.is_some();
+                RemoteUsage {
+                    customer,
+                    admitted_requests: grant.others_admitted,
+                    instance_cap_requests: grant.cap,
+                }
             })
-            .collect()
+            .collect();
+        SyncResponse {
+            applied_sequence,
+            duplicate,
+            remote_usage,
+            window_seconds: self.window_seconds,
+            next_sync_ms: if near { self.allowance.near_sync_ms } else { 0 },
+            counters_degraded: self.shared.as_ref().is_some_and(SharedCounters::degraded),
+            tiers: Vec::new(),
+        }
     }
 }
 
@@ -117,24 +204,31 @@ impl SyncRpc for SyncService {
     }
 }
 
-/// Sums admitted requests per customer of the batch, counting only minutes
-/// that overlap the window ending at `now_s`, so a batch retried after a
-/// long outage does not inflate recent usage. Every customer of the batch
-/// has an entry, possibly 0.
-fn admitted_in_window(
+/// Sums each customer's requests of the batch, counting only minutes that
+/// overlap the window ending at `now_s`, so a batch retried after a long
+/// outage does not inflate recent usage. Every customer of the batch has
+/// an entry, possibly empty.
+fn batch_customers(
     records: &[UsageEntry],
     now_s: i64,
     window_seconds: u32,
-) -> BTreeMap<String, u64> {
+) -> BTreeMap<String, BatchCustomer> {
     let window_start = now_s - i64::from(window_seconds);
-    let mut admitted = BTreeMap::new();
+    let mut customers: BTreeMap<String, BatchCustomer> = BTreeMap::new();
     for record in records {
-        let count: &mut u64 = admitted.entry(record.customer.clone()).or_default();
+        let part = customers.entry(record.customer.clone()).or_default();
+        part.quota = record.quota.map(|quota| quota.requests);
         if record.minute_unix_s + MINUTE_SECONDS > window_start {
-            *count = count.saturating_add(u64::try_from(record.admitted).unwrap_or(0));
+            let admitted = u64::try_from(record.admitted).unwrap_or(0);
+            let refused = u64::try_from(record.refused).unwrap_or(0);
+            part.recent.admitted = part.recent.admitted.saturating_add(admitted);
+            part.recent.requests = part
+                .recent
+                .requests
+                .saturating_add(admitted.saturating_add(refused));
         }
     }
-    admitted
+    customers
 }
 
 #[cfg(test)]
@@ -166,6 +260,8 @@ mod tests {
                     minute_unix_s,
                     admitted_requests: admitted,
                     refused_requests: 0,
+                    quota_requests: 60,
+                    quota_window_ms: 60_000,
                 })
                 .collect(),
         }
@@ -263,5 +359,69 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("usage[1].customer"));
         assert!(!retry.duplicate);
+    }
+
+    fn caps(reply: &SyncResponse) -> Vec<(&str, Option<u64>)> {
+        reply
+            .remote_usage
+            .iter()
+            .map(|usage| (usage.customer.as_str(), usage.instance_cap_requests))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn near_the_quota_each_instance_gets_a_cap_and_a_short_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync = service(&dir);
+        let minute = current_minute();
+
+        let far = sync
+            .apply(request("a", 1, &[("c1", minute, 20)]))
+            .await
+            .unwrap();
+        assert_eq!(caps(&far), [("c1", None)]);
+        assert_eq!(far.next_sync_ms, 0);
+
+        // 20 + 20 of 60 used, equal demand: 10 left for each.
+        let near = sync
+            .apply(request("b", 1, &[("c1", minute, 20)]))
+            .await
+            .unwrap();
+        assert_eq!(caps(&near), [("c1", Some(30))]);
+        assert_eq!(near.next_sync_ms, 100);
+        assert!(!near.counters_degraded);
+    }
+
+    #[tokio::test]
+    async fn poll_reports_every_customer_of_the_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync = service(&dir);
+        let minute = current_minute();
+        sync.apply(request("a", 1, &[("c1", minute, 2), ("c2", minute, 1)]))
+            .await
+            .unwrap();
+        sync.apply(request("b", 1, &[("c2", minute, 4)]))
+            .await
+            .unwrap();
+
+        let poll = sync.apply(request("a", 1, &[])).await.unwrap();
+        assert_eq!(remote(&poll), [("c1", 0), ("c2", 4)]);
+        assert!(!poll.duplicate);
+        assert_eq!(poll.applied_sequence, 1);
+
+        // A poll stores nothing, so the next batch is not a duplicate.
+        let next = sync
+            .apply(request("a", 2, &[("c1", minute, 1)]))
+            .await
+            .unwrap();
+        assert!(!next.duplicate);
+    }
+
+    #[tokio::test]
+    async fn poll_before_any_batch_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync = service(&dir);
+        let poll = sync.apply(request("a", 0, &[])).await.unwrap();
+        assert!(poll.remote_usage.is_empty());
     }
 }

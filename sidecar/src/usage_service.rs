@@ -123,6 +123,7 @@ mod tests {
                     minute_unix_s,
                     admitted,
                     refused,
+                    quota: None,
                 })
                 .collect(),
         };

@@ -4,7 +4,7 @@
 use veo_proto::sync::SyncRequest;
 use veo_proto::usage;
 
-use crate::ledger::{Batch, Granularity, MINUTE_SECONDS, TimeRange, UsageEntry};
+use crate::ledger::{Batch, Granularity, MINUTE_SECONDS, QuotaSpec, TimeRange, UsageEntry};
 use crate::status::ServiceError;
 
 /// Maximum length of an instance or customer identifier, in bytes.
@@ -19,6 +19,10 @@ pub const MAX_REQUESTS_PER_RECORD: u64 = 4_294_967_295;
 /// Latest accepted minute: 9999-12-31T23:59:00Z, in seconds since the
 /// Unix epoch.
 pub const MAX_MINUTE_UNIX_S: i64 = 253_402_300_740;
+/// Largest accepted quota, in requests per window.
+pub const MAX_QUOTA_REQUESTS: u64 = 4_294_967_295;
+/// Longest accepted quota window, in milliseconds (one day).
+pub const MAX_QUOTA_WINDOW_MS: u64 = 86_400_000;
 /// Maximum number of buckets one usage query may span.
 pub const MAX_QUERY_BUCKETS: i64 = 100_000;
 /// Customers listed when a top-customers request leaves `limit` at 0.
@@ -29,8 +33,11 @@ pub const MAX_TOP_LIMIT: u32 = 1_000;
 /// Checks a sync request and converts it into a [`Batch`].
 pub fn sync_batch(request: SyncRequest, max_records: usize) -> Result<Batch, ServiceError> {
     identifier("instance_id", &request.instance_id, MAX_ID_BYTES)?;
-    if request.sequence == 0 {
-        return Err(ServiceError::invalid("sequence", "must be at least 1"));
+    if request.sequence == 0 && !request.usage.is_empty() {
+        return Err(ServiceError::invalid(
+            "sequence",
+            "must be at least 1 in a batch with usage; 0 is for polls without usage",
+        ));
     }
     let sequence = i64::try_from(request.sequence)
         .map_err(|_| ServiceError::invalid("sequence", format!("must be at most {}", i64::MAX)))?;
@@ -73,7 +80,28 @@ fn usage_entry(
         return Err(ServiceError::invalid(field("minute_unix_s"), reason));
     }
 
+    let quota = match (record.quota_requests, record.quota_window_ms) {
+        (0, 0) => None,
+        (requests, window_ms) => {
+            if requests > MAX_QUOTA_REQUESTS {
+                let reason = format!("{requests} is more than the maximum {MAX_QUOTA_REQUESTS}");
+                return Err(ServiceError::invalid(field("quota_requests"), reason));
+            }
+            if !(1..=MAX_QUOTA_WINDOW_MS).contains(&window_ms) {
+                let reason = format!(
+                    "{window_ms} is outside 1..={MAX_QUOTA_WINDOW_MS}; a quota needs its window"
+                );
+                return Err(ServiceError::invalid(field("quota_window_ms"), reason));
+            }
+            Some(QuotaSpec {
+                requests,
+                window_ms,
+            })
+        }
+    };
+
     Ok(UsageEntry {
+        quota,
         admitted: request_count(&field("admitted_requests"), record.admitted_requests)?,
         refused: request_count(&field("refused_requests"), record.refused_requests)?,
         customer: record.customer,
@@ -181,6 +209,8 @@ mod tests {
             minute_unix_s: 1_700_000_040,
             admitted_requests: 3,
             refused_requests: 1,
+            quota_requests: 60,
+            quota_window_ms: 60_000,
         }
     }
 
@@ -213,6 +243,10 @@ mod tests {
             minute_unix_s: 1_700_000_040,
             admitted: 3,
             refused: 1,
+            quota: Some(QuotaSpec {
+                requests: 60,
+                window_ms: 60_000,
+            }),
         };
         assert_eq!(batch.records, vec![expected]);
     }

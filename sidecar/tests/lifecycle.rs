@@ -151,6 +151,7 @@ fn batch(instance: &str, sequence: u64, usage: &[(&str, i64, u64, u64)]) -> Sync
                     minute_unix_s,
                     admitted_requests: admitted,
                     refused_requests: refused,
+                    ..UsageRecord::default()
                 },
             )
             .collect(),

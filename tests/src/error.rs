@@ -21,6 +21,16 @@ pub enum HarnessError {
         /// Environment variable that overrides the path.
         variable: &'static str,
     },
+    /// A program that the tests run is not installed.
+    #[error("{tool} not found: run `{install}`, or set {variable} to its path")]
+    MissingTool {
+        /// Name of the program.
+        tool: &'static str,
+        /// Command that installs it.
+        install: &'static str,
+        /// Environment variable that overrides the path.
+        variable: &'static str,
+    },
     /// A program could not be started.
     #[error("failed to start {program}")]
     Spawn {
@@ -80,6 +90,14 @@ pub enum HarnessError {
     /// A token could not be minted.
     #[error("failed to mint a token: {0}")]
     Token(String),
+    /// A configuration that the harness writes for a process is invalid.
+    #[error("invalid {what}: {reason}")]
+    InvalidConfig {
+        /// Which configuration.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Formats an error followed by its chain of causes.

@@ -25,6 +25,7 @@ pub struct Sidecar {
     address: SocketAddr,
     data_dir: PathBuf,
     dir: PathBuf,
+    config_file: Option<PathBuf>,
 }
 
 /// Admitted and refused requests of one customer in the ledger.
@@ -39,13 +40,34 @@ pub struct CustomerUsage {
 impl Sidecar {
     /// Starts the sidecar on a free port with its store and log under `dir`.
     pub async fn start(dir: &Path) -> Result<Self, HarnessError> {
+        Self::start_in(dir, None).await
+    }
+
+    /// Starts the sidecar like [`Sidecar::start`] with `toml` as its config
+    /// file, written to `dir/sidecar.toml` and passed with `--config`.
+    ///
+    /// The flags that the harness passes (`--listen`, `--data-dir`,
+    /// `--ready-file`) override the file's keys of the same name.
+    pub async fn start_with_config(dir: &Path, toml: &str) -> Result<Self, HarnessError> {
+        let config_file = dir.join("sidecar.toml");
+        std::fs::write(&config_file, toml).map_err(|source| HarnessError::Io {
+            action: "write the sidecar config file",
+            path: config_file.clone(),
+            source,
+        })?;
+        Self::start_in(dir, Some(config_file)).await
+    }
+
+    async fn start_in(dir: &Path, config_file: Option<PathBuf>) -> Result<Self, HarnessError> {
         let data_dir = dir.join("sidecar-data");
-        let (process, address) = launch(dir, &data_dir, "127.0.0.1:0").await?;
+        let (process, address) =
+            launch(dir, &data_dir, "127.0.0.1:0", config_file.as_deref()).await?;
         Ok(Self {
             process,
             address,
             data_dir,
             dir: dir.to_path_buf(),
+            config_file,
         })
     }
 
@@ -59,12 +81,17 @@ impl Sidecar {
         self.process.kill_hard();
     }
 
-    /// Starts the sidecar again on the same port with the same store, after
-    /// [`Sidecar::kill_hard`] or when it exited.
+    /// Starts the sidecar again on the same port with the same store and
+    /// config file, after [`Sidecar::kill_hard`] or when it exited.
     pub async fn restart(&mut self) -> Result<(), HarnessError> {
         self.process.stop();
-        let (process, address) =
-            launch(&self.dir, &self.data_dir, &self.address.to_string()).await?;
+        let (process, address) = launch(
+            &self.dir,
+            &self.data_dir,
+            &self.address.to_string(),
+            self.config_file.as_deref(),
+        )
+        .await?;
         self.process = process;
         self.address = address;
         Ok(())
@@ -181,27 +208,30 @@ impl Sidecar {
     }
 }
 
-/// Starts the sidecar listening on `listen` and waits for its ready file.
+/// Starts the sidecar listening on `listen`, with `config_file` when given,
+/// and waits for its ready file.
 async fn launch(
     dir: &Path,
     data_dir: &Path,
     listen: &str,
+    config_file: Option<&Path>,
 ) -> Result<(ChildProcess, SocketAddr), HarnessError> {
     let ready_file = dir.join("sidecar.addr");
     // A stale file from a previous run would look like readiness.
     let _ = std::fs::remove_file(&ready_file);
-    let mut process = ChildProcess::spawn(
-        "veo-sidecar",
-        Command::new(artifacts::sidecar_binary()?)
-            .arg("--listen")
-            .arg(listen)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--ready-file")
-            .arg(&ready_file)
-            .env("RUST_LOG", "info"),
-        &dir.join("sidecar.log"),
-    )?;
+    let mut command = Command::new(artifacts::sidecar_binary()?);
+    if let Some(config_file) = config_file {
+        command.arg("--config").arg(config_file);
+    }
+    command
+        .arg("--listen")
+        .arg(listen)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--ready-file")
+        .arg(&ready_file)
+        .env("RUST_LOG", "info");
+    let mut process = ChildProcess::spawn("veo-sidecar", &mut command, &dir.join("sidecar.log"))?;
 
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {

@@ -111,6 +111,11 @@ pub struct RawTier {
     pub quota: Option<RawQuota>,
     /// Token bucket.
     pub burst: Option<RawBurst>,
+    /// What happens while the counters shared with other instances are
+    /// unreachable: "local" (default) or "refuse".
+    pub failure_policy: Option<String>,
+    /// Status of the refusal under the "refuse" policy; default 503.
+    pub failure_status: Option<u16>,
 }
 
 /// `requests` admitted per rolling window of `window_seconds`.

@@ -47,6 +47,24 @@ impl Burst {
     }
 }
 
+/// What a tier does while the counters shared with other instances are
+/// unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Decide on this instance's counts and the last known usage of the
+    /// others, and count each such admission.
+    #[default]
+    Local,
+    /// Refuse every request with this status.
+    Refuse {
+        /// HTTP status of the refusal, 400 to 599.
+        status: u16,
+    },
+}
+
+/// Default status of a refusal under [`FailurePolicy::Refuse`].
+pub const DEFAULT_FAILURE_STATUS: u16 = 503;
+
 /// One subscription tier.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tier {
@@ -58,6 +76,8 @@ pub struct Tier {
     pub burst: Option<Burst>,
     /// Value of the `ratelimit-policy` response header.
     pub policy_header: String,
+    /// Behaviour while the shared counters are unreachable.
+    pub failure_policy: FailurePolicy,
 }
 
 impl Tier {
@@ -115,6 +135,8 @@ pub fn default_raw_tiers() -> BTreeMap<String, RawTier> {
             window_seconds: 60,
         }),
         burst: None,
+        failure_policy: None,
+        failure_status: None,
     };
     BTreeMap::from([
         ("basic".to_owned(), quota(60)),
@@ -127,6 +149,8 @@ pub fn default_raw_tiers() -> BTreeMap<String, RawTier> {
                     tokens_per_second: 100.0,
                     size: 200,
                 }),
+                failure_policy: None,
+                failure_status: None,
             },
         ),
     ])
@@ -188,14 +212,42 @@ fn build_tier(name: &str, raw: &RawTier) -> Result<Tier, ConfigError> {
         .as_ref()
         .map(|burst| build_burst(&field, burst))
         .transpose()?;
+    let failure_policy = build_failure_policy(&field, raw)?;
     let mut tier = Tier {
         name: name.to_owned(),
         quota,
         burst,
         policy_header: String::new(),
+        failure_policy,
     };
     tier.policy_header = policy_header(&tier);
     Ok(tier)
+}
+
+fn build_failure_policy(field: &str, raw: &RawTier) -> Result<FailurePolicy, ConfigError> {
+    let status = raw.failure_status.unwrap_or(DEFAULT_FAILURE_STATUS);
+    if !(400..=599).contains(&status) {
+        return Err(ConfigError::invalid(
+            format!("{field}.failure_status"),
+            &status.to_string(),
+            "must be an HTTP error status, 400 to 599",
+        ));
+    }
+    match raw.failure_policy.as_deref() {
+        None | Some("local") if raw.failure_status.is_none() => Ok(FailurePolicy::Local),
+        None | Some("local") => Err(ConfigError::invalid(
+            format!("{field}.failure_status"),
+            &status.to_string(),
+            "applies only with \"failure_policy\": \"refuse\"",
+        )),
+        Some("refuse") => Ok(FailurePolicy::Refuse { status }),
+        Some(other) => Err(ConfigError::invalid(
+            format!("{field}.failure_policy"),
+            &format!("{other:?}"),
+            "must be \"local\" (decide on local counts) or \"refuse\" (refuse while the \
+             shared counters are unreachable)",
+        )),
+    }
 }
 
 fn build_quota(field: &str, raw: &RawQuota) -> Result<Quota, ConfigError> {
@@ -301,6 +353,8 @@ mod tests {
                     tokens_per_second: 3.0,
                     size: 5,
                 }),
+                failure_policy: None,
+                failure_status: None,
             },
         )]);
         let tiers = build_tiers(&raw, "mixed").unwrap();
@@ -326,6 +380,8 @@ mod tests {
             RawTier {
                 quota: None,
                 burst: None,
+                failure_policy: None,
+                failure_status: None,
             },
         )]);
         let error = build_tiers(&raw, "free").unwrap_err().to_string();
@@ -351,6 +407,8 @@ mod tests {
                     window_seconds: 0,
                 }),
                 burst: None,
+                failure_policy: None,
+                failure_status: None,
             },
         )]);
         let error = build_tiers(&raw, "basic").unwrap_err().to_string();

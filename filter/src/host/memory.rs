@@ -74,6 +74,7 @@ struct Local {
     local_response: Option<LocalResponse>,
     grpc_calls: Vec<GrpcCall>,
     grpc_failure: Option<HostError>,
+    tick_period: Option<Duration>,
     metric_names: Vec<String>,
     metrics: HashMap<u32, u64>,
     logs: Vec<(LogLevel, String)>,
@@ -185,6 +186,11 @@ impl MemoryHost {
     /// Returns the log lines written so far.
     pub fn logs(&self) -> Vec<(LogLevel, String)> {
         self.local.borrow().logs.clone()
+    }
+
+    /// Returns the timer period last set, if any.
+    pub fn tick_period(&self) -> Option<Duration> {
+        self.local.borrow().tick_period
     }
 
     /// Returns how many shared-data reads and writes this worker made.
@@ -407,6 +413,11 @@ impl Host for MemoryHost {
     fn increment_metric(&self, metric_id: u32, offset: u64) -> Result<(), HostError> {
         let mut local = self.local.borrow_mut();
         *local.metrics.entry(metric_id).or_default() += offset;
+        Ok(())
+    }
+
+    fn set_tick_period(&self, period: Duration) -> Result<(), HostError> {
+        self.local.borrow_mut().tick_period = Some(period);
         Ok(())
     }
 

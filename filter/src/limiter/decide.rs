@@ -3,8 +3,8 @@
 //! as pending usage, and work out the rate-limit header values.
 
 use super::bucket::TokenBucket;
-use super::record::Record;
-use crate::config::Tier;
+use super::record::{Record, RemoteState};
+use crate::config::{Quota, Tier};
 use crate::usage::count_request;
 
 /// State of one limit after a request, for the `ratelimit` header.
@@ -36,6 +36,7 @@ pub fn apply(record: &mut Record, tier: &Tier, now_ms: u64) -> Decision {
 
     let quota_check = match tier.quota {
         Some(quota) => {
+            let quota = local_quota(quota, record.remote.as_ref(), now_ms);
             let log = record.log.get_or_insert_default();
             log.prune(&quota, now_ms);
             Some((quota, log.check(&quota, now_ms)))
@@ -116,6 +117,23 @@ pub fn apply(record: &mut Record, tier: &Tier, now_ms: u64) -> Decision {
     }
 }
 
+/// Returns the part of `quota` this instance may use: the quota less what
+/// other instances admitted, and at most this instance's cap, as of the
+/// last sync reply. A reply older than the window says nothing about it.
+fn local_quota(quota: Quota, remote: Option<&RemoteState>, now_ms: u64) -> Quota {
+    let Some(remote) = remote.filter(|remote| now_ms < remote.updated_ms + quota.window_ms) else {
+        return quota;
+    };
+    let mut requests = quota.requests.saturating_sub(remote.others_admitted);
+    if let Some(cap) = remote.cap {
+        requests = requests.min(cap);
+    }
+    Quota {
+        requests,
+        window_ms: quota.window_ms,
+    }
+}
+
 fn ceil_seconds(ms: u64) -> u64 {
     ms.div_ceil(1000)
 }
@@ -142,6 +160,7 @@ mod tests {
             quota,
             burst,
             policy_header: String::new(),
+            failure_policy: crate::config::tier::FailurePolicy::Local,
         }
     }
 

@@ -6,6 +6,8 @@
 //! - with the log: base time (8), count (4), one 4-byte offset per
 //!   admitted request;
 //! - with the bucket: tokens (8, f64), refill time (8);
+//! - with remote usage: others' admissions (4), this instance's cap (4,
+//!   `u32::MAX` for none), time of the sync reply (8);
 //! - pending usage: bucket count (1), then per bucket the minute (4),
 //!   admitted (4), refused (4), tier length (1) and tier bytes.
 
@@ -14,9 +16,23 @@ use super::window::SlidingLog;
 use crate::usage::{PendingUsage, decode_pending, encode_pending};
 
 /// Format version written in the first byte.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const HAS_LOG: u8 = 1;
 const HAS_BUCKET: u8 = 2;
+const HAS_REMOTE: u8 = 4;
+
+/// What the sidecar last said about a customer's usage at other instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteState {
+    /// Requests the other instances admitted within the window, as of
+    /// `updated_ms`.
+    pub others_admitted: u32,
+    /// Most requests this instance may have admitted within the window;
+    /// `None` far from the quota.
+    pub cap: Option<u32>,
+    /// Time of the sync reply, in milliseconds since the Unix epoch.
+    pub updated_ms: u64,
+}
 
 /// Rate-limit state and pending usage of one customer.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -34,6 +50,8 @@ pub struct Record {
     pub log: Option<SlidingLog>,
     /// Token bucket of the tier's burst limit.
     pub bucket: Option<TokenBucket>,
+    /// Usage at other instances, from the last sync reply.
+    pub remote: Option<RemoteState>,
     /// Usage not yet taken by the sync role.
     pub pending: Vec<PendingUsage>,
 }
@@ -75,6 +93,9 @@ impl Record {
         if self.bucket.is_some() {
             flags |= HAS_BUCKET;
         }
+        if self.remote.is_some() {
+            flags |= HAS_REMOTE;
+        }
         out.push(flags);
         if let Some(log) = &self.log {
             out.extend_from_slice(&log.base_ms.to_le_bytes());
@@ -86,6 +107,11 @@ impl Record {
         if let Some(bucket) = &self.bucket {
             out.extend_from_slice(&bucket.tokens.to_le_bytes());
             out.extend_from_slice(&bucket.updated_ms.to_le_bytes());
+        }
+        if let Some(remote) = &self.remote {
+            out.extend_from_slice(&remote.others_admitted.to_le_bytes());
+            out.extend_from_slice(&remote.cap.unwrap_or(u32::MAX).to_le_bytes());
+            out.extend_from_slice(&remote.updated_ms.to_le_bytes());
         }
         encode_pending(&mut out, &self.pending);
         out
@@ -129,6 +155,19 @@ impl Record {
             });
             rest = tail;
         }
+        let mut remote = None;
+        if flags & HAS_REMOTE != 0 {
+            let (others, tail) = rest.split_first_chunk::<4>()?;
+            let (cap, tail) = tail.split_first_chunk::<4>()?;
+            let (updated, tail) = tail.split_first_chunk::<8>()?;
+            let cap = u32::from_le_bytes(*cap);
+            remote = Some(RemoteState {
+                others_admitted: u32::from_le_bytes(*others),
+                cap: (cap != u32::MAX).then_some(cap),
+                updated_ms: u64::from_le_bytes(*updated),
+            });
+            rest = tail;
+        }
         let (pending, _) = decode_pending(rest)?;
 
         Some(Self {
@@ -137,6 +176,7 @@ impl Record {
             idle_at_ms: u64::from_le_bytes(*idle_at),
             log,
             bucket,
+            remote,
             pending,
         })
     }
@@ -158,6 +198,11 @@ mod tests {
             bucket: Some(TokenBucket {
                 tokens: 12.5,
                 updated_ms: 1_700_000_000_100,
+            }),
+            remote: Some(RemoteState {
+                others_admitted: 7,
+                cap: Some(20),
+                updated_ms: 1_700_000_000_050,
             }),
             pending: vec![PendingUsage {
                 minute: 28_333_333,
@@ -185,6 +230,7 @@ mod tests {
         // 60 admissions in the log and one pending bucket.
         let mut record = sample();
         record.bucket = None;
+        record.remote = None;
         record.log = Some(SlidingLog {
             base_ms: 0,
             offsets: (0..60).collect(),

@@ -92,6 +92,10 @@ impl Host for ProxyHost {
             .map_err(error)
     }
 
+    fn set_tick_period(&self, period: Duration) -> Result<(), HostError> {
+        hostcalls::set_tick_period(period).map_err(error)
+    }
+
     fn define_counter(&self, name: &str) -> Result<u32, HostError> {
         hostcalls::define_metric(MetricType::Counter, name).map_err(error)
     }

@@ -14,6 +14,7 @@ use crate::NAME_AND_VERSION;
 use crate::config::Config;
 use crate::filter::Filter;
 use crate::host::{Host, LogLevel};
+use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::sync::Sync;
 use crate::sync::instance::instance_id;
@@ -141,7 +142,11 @@ impl Root {
         if let Some(Role::Sync(sync)) = &mut self.role {
             // Keep the unacknowledged batch and the sequence across a
             // configuration update.
-            sync.set_settings(settings);
+            sync.reconfigure(
+                settings,
+                config.tiers.clone(),
+                Limiter::new(config.max_customers),
+            );
         } else {
             let queue_id = host
                 .register_shared_queue(QUEUE_NAME)
@@ -161,6 +166,8 @@ impl Root {
                 instance_id,
                 queue_id,
                 metrics,
+                config.tiers.clone(),
+                Limiter::new(config.max_customers),
             ))));
         }
         hostcalls::set_tick_period(interval)

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use prost::Message;
 use veo_proto::sync::{SyncRequest, UsageRecord};
 
+use crate::config::Quota;
+
 /// Maximum usage records in one batch; the rest waits for the next one.
 /// At about 60 bytes a record, this keeps a batch after a long sidecar
 /// outage under tonic's default 4 MB decoding limit.
@@ -44,19 +46,23 @@ pub struct Batch {
 
 impl Batch {
     /// Moves up to [`MAX_RECORDS_PER_BATCH`] entries out of `collected`
-    /// into a new batch.
+    /// into a new batch; `quota_of` gives the quota of a tier by name.
     pub fn take(
         collected: &mut BTreeMap<UsageKey, UsageTotals>,
         instance_id: &str,
         sequence: u64,
         created_unix_ms: i64,
+        quota_of: impl Fn(&str) -> Option<Quota>,
     ) -> Self {
         let mut usage = Vec::with_capacity(collected.len().min(MAX_RECORDS_PER_BATCH));
         while usage.len() < MAX_RECORDS_PER_BATCH {
             let Some((key, totals)) = collected.pop_first() else {
                 break;
             };
+            let quota = quota_of(&key.tier);
             usage.push(UsageRecord {
+                quota_requests: quota.map_or(0, |quota| u64::from(quota.requests)),
+                quota_window_ms: quota.map_or(0, |quota| quota.window_ms),
                 customer: key.customer,
                 tier: key.tier,
                 minute_unix_s: i64::from(key.minute) * 60,
@@ -99,7 +105,17 @@ mod tests {
                 refused: 2,
             },
         )]);
-        let batch = Batch::take(&mut collected, "node-1/ab12", 7, 1_680_000_000_000);
+        let quota = Quota {
+            requests: 60,
+            window_ms: 60_000,
+        };
+        let batch = Batch::take(
+            &mut collected,
+            "node-1/ab12",
+            7,
+            1_680_000_000_000,
+            |tier| (tier == "basic").then_some(quota),
+        );
         assert!(collected.is_empty());
 
         let request = SyncRequest::decode(batch.encoded.as_slice()).unwrap();
@@ -114,6 +130,8 @@ mod tests {
                 minute_unix_s: 1_680_000_000,
                 admitted_requests: 5,
                 refused_requests: 2,
+                quota_requests: 60,
+                quota_window_ms: 60_000,
             }]
         );
     }
@@ -123,7 +141,7 @@ mod tests {
         let mut collected: BTreeMap<UsageKey, UsageTotals> = (0..MAX_RECORDS_PER_BATCH as u32 + 3)
             .map(|minute| (key("acme", minute), UsageTotals::default()))
             .collect();
-        let first = Batch::take(&mut collected, "i", 1, 0);
+        let first = Batch::take(&mut collected, "i", 1, 0, |_| None);
         assert_eq!(first.records, MAX_RECORDS_PER_BATCH);
         assert_eq!(collected.len(), 3);
     }

@@ -18,6 +18,24 @@ pub(super) struct FileConfig {
     pub(super) window_seconds: Option<i64>,
     pub(super) max_records_per_batch: Option<i64>,
     pub(super) shutdown_grace_seconds: Option<i64>,
+    pub(super) sync_interval_near_ms: Option<i64>,
+    pub(super) near_quota_fraction: Option<f64>,
+    pub(super) counters: Option<FileCounters>,
+}
+
+/// The `[counters]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCounters {
+    pub(super) backend: Option<String>,
+    pub(super) redis_url: Option<String>,
+    pub(super) redis_cluster_urls: Option<Vec<String>>,
+    pub(super) key_prefix: Option<String>,
+    pub(super) shards: Option<i64>,
+    pub(super) flush_interval_ms: Option<i64>,
+    pub(super) timeout_ms: Option<i64>,
+    pub(super) totals_ttl_seconds: Option<i64>,
+    pub(super) sidecar_id: Option<String>,
 }
 
 impl FileConfig {

@@ -3,7 +3,9 @@
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::ledger::{ApplyOutcome, Batch};
+use std::collections::BTreeMap;
+
+use crate::ledger::{ApplyOutcome, Batch, MINUTE_SECONDS};
 
 const SELECT_LAST_SEQUENCE: &str =
     "SELECT last_sequence FROM instance_sequence WHERE instance_id = ?1";
@@ -19,6 +21,10 @@ ON CONFLICT (customer, minute_unix_s, tier) DO UPDATE SET
     admitted = admitted + MIN(excluded.admitted, 9223372036854775807 - admitted),
     refused = refused + MIN(excluded.refused, 9223372036854775807 - refused)";
 
+const INSERT_OUTBOX: &str = "
+INSERT INTO counter_outbox (customer, bucket_unix_s, admitted, requests)
+VALUES (?1, ?2, ?3, ?4)";
+
 const UPSERT_SEQUENCE: &str = "
 INSERT INTO instance_sequence (instance_id, last_sequence, updated_unix_s)
 VALUES (?1, ?2, ?3)
@@ -32,10 +38,17 @@ ON CONFLICT (instance_id) DO UPDATE SET
 /// Returns only after the commit, so a caller that replies after this
 /// returns never acknowledges a batch that a crash could lose. On error the
 /// transaction rolls back and nothing changes.
+///
+/// With `outbox_window_s`, the batch's usage is also queued for the shared
+/// counters in the same transaction: usage of minutes that overlap the
+/// window ending now in the bucket of `now_unix_s`, older usage in its own
+/// minute, which the shared store counts in its totals but not in the
+/// window.
 pub(super) fn apply_batch(
     conn: &mut Connection,
     batch: &Batch,
     now_unix_s: i64,
+    outbox_window_s: Option<i64>,
 ) -> rusqlite::Result<ApplyOutcome> {
     // IMMEDIATE takes the write lock before reading the sequence, so the
     // check and the write are atomic even if a second process opened the
@@ -66,6 +79,12 @@ pub(super) fn apply_batch(
             ])?;
         }
     }
+    if let Some(window_s) = outbox_window_s {
+        let mut insert = tx.prepare_cached(INSERT_OUTBOX)?;
+        for ((customer, bucket), (admitted, requests)) in outbox_rows(batch, now_unix_s, window_s) {
+            insert.execute(params![customer, bucket, admitted, requests])?;
+        }
+    }
     tx.execute(
         UPSERT_SEQUENCE,
         params![batch.instance_id, batch.sequence, now_unix_s],
@@ -73,6 +92,28 @@ pub(super) fn apply_batch(
 
     tx.commit()?;
     Ok(ApplyOutcome::Applied { previous: last })
+}
+
+/// Sums a batch per customer and outbox bucket.
+fn outbox_rows(batch: &Batch, now_unix_s: i64, window_s: i64) -> BTreeMap<(&str, i64), (i64, i64)> {
+    let window_start = now_unix_s - window_s;
+    let mut rows: BTreeMap<(&str, i64), (i64, i64)> = BTreeMap::new();
+    for record in &batch.records {
+        if record.admitted == 0 && record.refused == 0 {
+            continue;
+        }
+        let bucket = if record.minute_unix_s + MINUTE_SECONDS > window_start {
+            now_unix_s
+        } else {
+            record.minute_unix_s
+        };
+        let row = rows.entry((record.customer.as_str(), bucket)).or_default();
+        row.0 = row.0.saturating_add(record.admitted);
+        row.1 = row
+            .1
+            .saturating_add(record.admitted.saturating_add(record.refused));
+    }
+    rows
 }
 
 #[cfg(test)]
@@ -88,6 +129,7 @@ mod tests {
             minute_unix_s,
             admitted,
             refused,
+            quota: None,
         }
     }
 
@@ -124,7 +166,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
 
-        let outcome = apply_batch(&mut conn, &batch("a", 1, vec![entry("c1", 60, 5, 2)]), 100);
+        let outcome = apply_batch(
+            &mut conn,
+            &batch("a", 1, vec![entry("c1", 60, 5, 2)]),
+            100,
+            None,
+        );
 
         assert_eq!(outcome.unwrap(), ApplyOutcome::Applied { previous: 0 });
         assert_eq!(totals(&conn, "c1"), (5, 2));
@@ -136,9 +183,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
         let first = batch("a", 1, vec![entry("c1", 60, 5, 0)]);
-        apply_batch(&mut conn, &first, 100).unwrap();
+        apply_batch(&mut conn, &first, 100, None).unwrap();
 
-        let outcome = apply_batch(&mut conn, &first, 101).unwrap();
+        let outcome = apply_batch(&mut conn, &first, 101, None).unwrap();
 
         assert_eq!(outcome, ApplyOutcome::Duplicate { last: 1 });
         assert_eq!(totals(&conn, "c1"), (5, 0));
@@ -148,9 +195,20 @@ mod tests {
     fn older_sequence_is_duplicate() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
-        apply_batch(&mut conn, &batch("a", 5, vec![entry("c1", 60, 1, 0)]), 100).unwrap();
+        apply_batch(
+            &mut conn,
+            &batch("a", 5, vec![entry("c1", 60, 1, 0)]),
+            100,
+            None,
+        )
+        .unwrap();
 
-        let outcome = apply_batch(&mut conn, &batch("a", 3, vec![entry("c1", 60, 7, 0)]), 101);
+        let outcome = apply_batch(
+            &mut conn,
+            &batch("a", 3, vec![entry("c1", 60, 7, 0)]),
+            101,
+            None,
+        );
 
         assert_eq!(outcome.unwrap(), ApplyOutcome::Duplicate { last: 5 });
         assert_eq!(totals(&conn, "c1"), (1, 0));
@@ -161,9 +219,20 @@ mod tests {
     fn sequences_are_per_instance() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
-        apply_batch(&mut conn, &batch("a", 1, vec![entry("c1", 60, 1, 0)]), 100).unwrap();
+        apply_batch(
+            &mut conn,
+            &batch("a", 1, vec![entry("c1", 60, 1, 0)]),
+            100,
+            None,
+        )
+        .unwrap();
 
-        let outcome = apply_batch(&mut conn, &batch("b", 1, vec![entry("c1", 60, 2, 0)]), 100);
+        let outcome = apply_batch(
+            &mut conn,
+            &batch("b", 1, vec![entry("c1", 60, 2, 0)]),
+            100,
+            None,
+        );
 
         assert_eq!(outcome.unwrap(), ApplyOutcome::Applied { previous: 0 });
         assert_eq!(totals(&conn, "c1"), (3, 0));
@@ -173,9 +242,14 @@ mod tests {
     fn gap_is_accepted_and_reports_previous() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
-        apply_batch(&mut conn, &batch("a", 1, vec![]), 100).unwrap();
+        apply_batch(&mut conn, &batch("a", 1, vec![]), 100, None).unwrap();
 
-        let outcome = apply_batch(&mut conn, &batch("a", 4, vec![entry("c1", 0, 1, 0)]), 100);
+        let outcome = apply_batch(
+            &mut conn,
+            &batch("a", 4, vec![entry("c1", 0, 1, 0)]),
+            100,
+            None,
+        );
 
         assert_eq!(outcome.unwrap(), ApplyOutcome::Applied { previous: 1 });
         assert_eq!(last_sequence(&conn, "a"), Some(4));
@@ -186,9 +260,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
         let records = vec![entry("c1", 120, 2, 1), entry("c1", 120, 3, 0)];
-        apply_batch(&mut conn, &batch("a", 1, records), 100).unwrap();
+        apply_batch(&mut conn, &batch("a", 1, records), 100, None).unwrap();
 
-        apply_batch(&mut conn, &batch("a", 2, vec![entry("c1", 120, 4, 4)]), 100).unwrap();
+        apply_batch(
+            &mut conn,
+            &batch("a", 2, vec![entry("c1", 120, 4, 4)]),
+            100,
+            None,
+        )
+        .unwrap();
 
         assert_eq!(totals(&conn, "c1"), (9, 5));
         let rows: i64 = conn
@@ -211,6 +291,7 @@ mod tests {
             &mut conn,
             &batch("a", 1, vec![entry("c1", 60, 10, 10)]),
             100,
+            None,
         );
 
         assert_eq!(outcome.unwrap(), ApplyOutcome::Applied { previous: 0 });
@@ -222,7 +303,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
 
-        apply_batch(&mut conn, &batch("a", 1, vec![entry("c1", 60, 0, 0)]), 100).unwrap();
+        apply_batch(
+            &mut conn,
+            &batch("a", 1, vec![entry("c1", 60, 0, 0)]),
+            100,
+            None,
+        )
+        .unwrap();
 
         let rows: i64 = conn
             .query_row("SELECT COUNT(*) FROM usage_minute", [], |row| row.get(0))
@@ -243,7 +330,7 @@ mod tests {
         .unwrap();
         let records = vec![entry("c1", 60, 5, 0), entry("boom", 60, 1, 0)];
 
-        let result = apply_batch(&mut conn, &batch("a", 1, records), 100);
+        let result = apply_batch(&mut conn, &batch("a", 1, records), 100, None);
 
         assert!(result.is_err());
         assert_eq!(totals(&conn, "c1"), (0, 0));
@@ -255,7 +342,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
 
-        apply_batch(&mut conn, &batch("a", 1, vec![entry("c1", 60, 5, 0)]), 100).unwrap();
+        apply_batch(
+            &mut conn,
+            &batch("a", 1, vec![entry("c1", 60, 5, 0)]),
+            100,
+            None,
+        )
+        .unwrap();
 
         // Copy the database and its WAL while the writer is still open and
         // never closed cleanly, as after `kill -9`, then recover the copy.
@@ -268,5 +361,40 @@ mod tests {
         assert_eq!(totals(&recovered, "c1"), (5, 0));
         assert_eq!(last_sequence(&recovered, "a"), Some(1));
         drop(conn);
+    }
+
+    #[test]
+    fn outbox_gets_recent_usage_now_and_old_usage_in_its_minute() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir);
+        let records = vec![
+            entry("c1", 960, 5, 2),
+            entry("c1", 900, 1, 0),
+            entry("c1", 60, 4, 1),
+            entry("c2", 960, 0, 3),
+        ];
+        apply_batch(&mut conn, &batch("a", 1, records), 1_000, Some(60)).unwrap();
+        // A duplicate adds nothing.
+        let again = vec![entry("c1", 960, 5, 2)];
+        apply_batch(&mut conn, &batch("a", 1, again), 1_001, Some(60)).unwrap();
+
+        let mut statement = conn
+            .prepare("SELECT customer, bucket_unix_s, admitted, requests FROM counter_outbox ORDER BY id")
+            .unwrap();
+        let rows: Vec<(String, i64, i64, i64)> = statement
+            .query_map([], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            [
+                ("c1".to_owned(), 60, 4, 5),
+                ("c1".to_owned(), 1_000, 6, 8),
+                ("c2".to_owned(), 1_000, 0, 3),
+            ]
+        );
     }
 }

@@ -92,6 +92,7 @@ mod tests {
                 minute_unix_s,
                 admitted,
                 refused,
+                quota: None,
             })
             .collect();
         let batch = Batch {
@@ -99,7 +100,7 @@ mod tests {
             sequence: 1,
             records,
         };
-        apply_batch(&mut conn, &batch, 0).unwrap();
+        apply_batch(&mut conn, &batch, 0, None).unwrap();
         (dir, conn)
     }
 

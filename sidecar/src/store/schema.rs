@@ -31,6 +31,22 @@ CREATE TABLE IF NOT EXISTS instance_sequence (
     last_sequence INTEGER NOT NULL CHECK (last_sequence >= 1),
     updated_unix_s INTEGER NOT NULL
 ) WITHOUT ROWID, STRICT;
+
+-- Usage not yet written to the counters shared with other sidecars. Ids
+-- only grow (AUTOINCREMENT never reuses one), so the shared store can
+-- apply each row once even when a write is retried after a crash.
+CREATE TABLE IF NOT EXISTS counter_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    customer TEXT NOT NULL,
+    bucket_unix_s INTEGER NOT NULL,
+    admitted INTEGER NOT NULL CHECK (admitted >= 0),
+    requests INTEGER NOT NULL CHECK (requests >= 0)
+) STRICT;
+
+CREATE TABLE IF NOT EXISTS sidecar_meta (
+    key TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+) WITHOUT ROWID, STRICT;
 ";
 
 /// Opens the writing connection, switches the file to WAL and creates the

@@ -1,0 +1,458 @@
+//! Redis backend of the global counters, for one Redis server or a Redis
+//! Cluster.
+//!
+//! Customers are spread over `shards` shards by FNV-1a (64 bits) of the
+//! customer id modulo `shards`. Every key of a shard carries the hash tag
+//! `{<prefix>:<shard>}`, so a shard lives in one cluster slot and one Lua
+//! script updates it atomically. An exchange sends one `EVALSHA` per shard
+//! that has contributions or requested customers, all at once. An exchange
+//! therefore costs at most `shards` commands whatever the number of
+//! customers, plus one `EVAL` per shard whose server does not have the
+//! script cached yet.
+//!
+//! # Key layout
+//!
+//! | key | type | content | TTL |
+//! | --- | --- | --- | --- |
+//! | `{<prefix>:<shard>}:window` | hash | `a:<customer>` and `r:<customer>`: requests admitted and received in the window | window + 60 s, renewed by every exchange |
+//! | `{<prefix>:<shard>}:buckets` | hash | `a:<bucket>:<customer>` and `r:<bucket>:<customer>`: the same per one-second bucket still in the window | as `window` |
+//! | `{<prefix>:<shard>}:expiry` | sorted set | `<bucket>:<customer>` scored by bucket start, to find the buckets leaving the window | as `window` |
+//! | `{<prefix>:<shard>}:applied:<sidecar id>` | string | highest contribution id of that sidecar applied to this shard | the larger of `totals_ttl_seconds` and the window's TTL, renewed by every exchange of that sidecar on this shard |
+//! | `{<prefix>:<shard>}:m:<minute>` | hash | customer → requests admitted in the minute starting at `<minute>` (Unix seconds) | `totals_ttl_seconds`, renewed by every write |
+//!
+//! Bucket starts and minutes are Unix seconds. Each exchange first subtracts
+//! from the window sums the buckets at or before `now - window_seconds`, then
+//! applies the contributions with an id above the sidecar's highest applied
+//! id, then reads the window sums. The work of a call is proportional to its
+//! contributions, its customers and the buckets leaving the window. A
+//! contribution whose bucket has already left the window counts in the
+//! minute totals only. The window keys of a shard share one TTL renewed by
+//! every exchange, so an idle shard expires as a whole and never keeps a sum
+//! without the buckets it must subtract later.
+//!
+//! # Requirements on the callers
+//!
+//! - Every sidecar sharing a key prefix uses the same `shards`. Changing it
+//!   needs a new prefix, because customers would move to other shards and
+//!   their totals would split between the old and the new shard.
+//! - Every sidecar sharing a key prefix uses the same window length, because
+//!   each exchange removes the buckets that left its own window, so the
+//!   shortest window wins.
+//! - A sidecar id belongs to one running sidecar and its outbox. A sidecar
+//!   whose outbox restarts its ids from the beginning needs a new sidecar id,
+//!   or its contributions are skipped until their ids pass the old ones.
+//! - Contributions of a failed exchange are sent again in the next one,
+//!   before any newer ones, because each shard skips ids at or below the
+//!   highest it applied.
+//!
+//! NOTE: the highest applied id of a sidecar expires after its TTL without
+//! an exchange from that sidecar. A sidecar that comes back later and
+//! resends contributions Redis had already applied counts them again, in
+//! the minute totals that other sidecars kept alive meanwhile.
+
+mod connection;
+mod keys;
+mod plan;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::{Cmd, ErrorKind, Script, ServerErrorKind, Value};
+use tokio::sync::Mutex;
+
+use self::connection::{Connection, FailureKind, Link, classify};
+use self::keys::{MINUTE_SECONDS, minute_start};
+use self::plan::ScriptCall;
+use super::{CounterError, Exchange, ExchangeResult, WindowTotals};
+
+const EXCHANGE_LUA: &str = include_str!("redis/exchange.lua");
+const MINUTE_TOTALS_LUA: &str = include_str!("redis/minute_totals.lua");
+
+/// Seconds the window state outlives the window, so that sidecars whose
+/// clocks differ by less than this still subtract every bucket.
+const WINDOW_TTL_MARGIN_SECONDS: u64 = 60;
+
+/// Maximum minutes one [`RedisCounters::minute_totals`] call reads: one week.
+const MAX_MINUTES_PER_READ: i64 = 7 * 24 * 60;
+
+/// Settings of the Redis counters: server, key layout, TTL and timeout.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// Redis server or cluster.
+    pub target: RedisTarget,
+    /// Start of every key. Sidecars with the same prefix share counters.
+    /// Must not contain `{` or `}`, which delimit the cluster hash tag.
+    pub key_prefix: String,
+    /// Number of shards, at least 1. Each shard is one cluster slot and one
+    /// script call per exchange.
+    pub shards: u16,
+    /// TTL of the per-minute totals, in seconds, at least 1.
+    pub totals_ttl_seconds: u64,
+    /// Bound on each call, connecting included.
+    pub timeout: Duration,
+}
+
+/// Redis deployment to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server, as a URL such as `redis://user:password@host:6379/0`.
+    Standalone(String),
+    /// A Redis Cluster, as the URLs of some of its nodes.
+    Cluster(Vec<String>),
+}
+
+/// Global counters in Redis, shared by every sidecar using the same key
+/// prefix.
+///
+/// Connects on the first call, not at construction, and again after a
+/// connection error, a timeout or a `READONLY` reply.
+pub struct RedisCounters {
+    link: Link,
+    sidecar_id: String,
+    key_prefix: String,
+    shards: u16,
+    totals_ttl_seconds: u64,
+    timeout: Duration,
+    exchange_script: Script,
+    minute_totals_script: Script,
+    exchange_lock: Mutex<()>,
+    commands_sent: AtomicU64,
+}
+
+impl RedisCounters {
+    /// Checks the settings; connects only on the first call, so this
+    /// succeeds while Redis is down.
+    ///
+    /// # Errors
+    ///
+    /// [`CounterError::Invalid`] for an unparsable address, an empty seed
+    /// list, zero shards, a zero TTL or timeout, a key prefix with `{` or
+    /// `}`, or an empty sidecar id.
+    pub fn new(settings: RedisSettings, sidecar_id: String) -> Result<Self, CounterError> {
+        let invalid = |detail: &str| {
+            Err(CounterError::Invalid {
+                detail: detail.to_owned(),
+            })
+        };
+        if settings.shards == 0 {
+            return invalid("invalid Redis shards = 0: set at least 1");
+        }
+        if settings.totals_ttl_seconds == 0 {
+            return invalid("invalid Redis totals TTL of 0 s: set at least 1 s");
+        }
+        if settings.timeout.is_zero() {
+            return invalid("invalid Redis timeout of 0 ms: set at least 1 ms");
+        }
+        if settings.key_prefix.contains(['{', '}']) {
+            return Err(CounterError::Invalid {
+                detail: format!(
+                    "invalid Redis key prefix {:?}: remove the braces, which delimit the \
+                     cluster hash tag",
+                    settings.key_prefix
+                ),
+            });
+        }
+        if sidecar_id.is_empty() {
+            return invalid("invalid empty sidecar id: set an id unique to this sidecar");
+        }
+
+        Ok(Self {
+            link: Link::new(&settings.target, settings.timeout)?,
+            sidecar_id,
+            key_prefix: settings.key_prefix,
+            shards: settings.shards,
+            totals_ttl_seconds: settings.totals_ttl_seconds,
+            timeout: settings.timeout,
+            exchange_script: Script::new(EXCHANGE_LUA),
+            minute_totals_script: Script::new(MINUTE_TOTALS_LUA),
+            exchange_lock: Mutex::new(()),
+            commands_sent: AtomicU64::new(0),
+        })
+    }
+
+    /// Adds `exchange.contributions` and returns the window totals of
+    /// `exchange.customers` over every sidecar sharing the key prefix.
+    ///
+    /// The window is `(now - window_seconds, now]` in one-second buckets.
+    /// Each shard applies a contribution at most once per sidecar id, so a
+    /// retry after any error counts nothing twice. Calls are serialized and
+    /// each is bounded by the timeout, waiting for an earlier call included.
+    ///
+    /// # Errors
+    ///
+    /// [`CounterError::Unavailable`] when Redis cannot be reached or does not
+    /// reply in time, [`CounterError::ReadOnly`] from a replica,
+    /// [`CounterError::Rejected`] for an error reply, and
+    /// [`CounterError::Invalid`] for contributions with a negative id, ids not
+    /// in ascending order, or counts above `i64::MAX`. Contributions of a
+    /// failed call may have been applied on some shards, so send them again.
+    pub async fn exchange(&self, exchange: Exchange<'_>) -> Result<ExchangeResult, CounterError> {
+        let calls = self.plan_exchange(&exchange)?;
+        if calls.is_empty() {
+            return Ok(ExchangeResult::default());
+        }
+
+        let replies = self
+            .bounded(async {
+                let _serialized = self.exchange_lock.lock().await;
+                self.run_script(&self.exchange_script, EXCHANGE_LUA, &calls)
+                    .await
+            })
+            .await?;
+
+        let mut totals = HashMap::new();
+        for (call, reply) in calls.iter().zip(replies) {
+            let counts = self.parse_counts(reply, call.customers.len() * 2)?;
+            for (customer, pair) in call.customers.iter().zip(counts.chunks_exact(2)) {
+                let window = WindowTotals {
+                    admitted: pair[0],
+                    requests: pair[1],
+                };
+                if window != WindowTotals::default() {
+                    totals.insert(customer.clone(), window);
+                }
+            }
+        }
+        Ok(ExchangeResult { totals })
+    }
+
+    /// Returns the requests admitted per customer, summed over the minutes
+    /// from `from_minute` to `to_minute` inclusive (Unix seconds, each
+    /// rounded down to the start of its minute), over every sidecar.
+    ///
+    /// Customers with nothing admitted are absent. Minutes older than
+    /// `totals_ttl_seconds` may have expired.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisCounters::exchange`], and [`CounterError::Invalid`] for a
+    /// range of more than one week.
+    pub async fn minute_totals(
+        &self,
+        customers: &[String],
+        from_minute: i64,
+        to_minute: i64,
+    ) -> Result<HashMap<String, u64>, CounterError> {
+        let first = minute_start(from_minute);
+        let last = minute_start(to_minute);
+        if customers.is_empty() || first > last {
+            return Ok(HashMap::new());
+        }
+        let minutes = last
+            .checked_sub(first)
+            .map(|span| span / MINUTE_SECONDS + 1);
+        let minutes = match minutes {
+            Some(minutes) if minutes <= MAX_MINUTES_PER_READ => minutes,
+            _ => {
+                return Err(CounterError::Invalid {
+                    detail: format!(
+                        "invalid minute range {from_minute}..={to_minute}: read at most \
+                         {MAX_MINUTES_PER_READ} minutes per call"
+                    ),
+                });
+            }
+        };
+
+        let calls = self.plan_minute_totals(customers, first, minutes);
+        let replies = self
+            .bounded(self.run_script(&self.minute_totals_script, MINUTE_TOTALS_LUA, &calls))
+            .await?;
+
+        let mut totals = HashMap::new();
+        for (call, reply) in calls.iter().zip(replies) {
+            let counts = self.parse_counts(reply, call.customers.len())?;
+            for (customer, admitted) in call.customers.iter().zip(counts) {
+                if admitted > 0 {
+                    totals.insert(customer.clone(), admitted);
+                }
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Checks that Redis answers, with one `PING`; the exchange loop calls it
+    /// when there is nothing to exchange, so health still follows Redis.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisCounters::exchange`].
+    pub async fn ping(&self) -> Result<(), CounterError> {
+        self.bounded(async {
+            let _serialized = self.exchange_lock.lock().await;
+            let mut connection = self.link.connection().await?;
+            self.commands_sent.fetch_add(1, Ordering::Relaxed);
+            match connection.query(&redis::cmd("PING")).await {
+                Ok(_) => Ok(()),
+                Err(err) => Err(self.link.fail(&err).await),
+            }
+        })
+        .await
+    }
+
+    /// Returns the number of commands this instance sent to Redis: script
+    /// calls and their `EVAL` fallbacks, not the client's own handshake and
+    /// cluster topology commands.
+    pub fn commands_sent(&self) -> u64 {
+        self.commands_sent.load(Ordering::Relaxed)
+    }
+
+    /// Returns the address, or `cluster` and the seed addresses, without
+    /// credentials.
+    pub fn describe_target(&self) -> String {
+        self.link.target().to_owned()
+    }
+
+    /// Runs `future` within the timeout. On timeout it drops the connection,
+    /// which may be stuck.
+    async fn bounded<T>(
+        &self,
+        future: impl Future<Output = Result<T, CounterError>>,
+    ) -> Result<T, CounterError> {
+        match tokio::time::timeout(self.timeout, future).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.link.disconnect().await;
+                let detail = format!("no reply within {} ms", self.timeout.as_millis());
+                Err(self.link.unavailable(&detail))
+            }
+        }
+    }
+
+    /// Runs `script` once per call with `EVALSHA`, again with `EVAL` on the
+    /// shards whose server lacks it, and returns the replies in order.
+    async fn run_script(
+        &self,
+        script: &Script,
+        source: &str,
+        calls: &[ScriptCall],
+    ) -> Result<Vec<Value>, CounterError> {
+        let connection = self.link.connection().await?;
+        let by_hash = calls
+            .iter()
+            .map(|call| call.command("EVALSHA", script.get_hash()))
+            .collect();
+        let mut results = self.send(&connection, by_hash).await?;
+
+        let missing: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, result)| {
+                matches!(result, Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
+            })
+            .map(|(index, _)| index)
+            .collect();
+        if !missing.is_empty() {
+            let by_source = missing
+                .iter()
+                .map(|&index| calls[index].command("EVAL", source))
+                .collect();
+            let retried = self.send(&connection, by_source).await?;
+            for (index, result) in missing.into_iter().zip(retried) {
+                results[index] = result;
+            }
+        }
+
+        // Report the failure that matters most, so that a broken connection
+        // is dropped even when another shard only got an error reply.
+        let worst = results
+            .iter()
+            .filter_map(|result| result.as_ref().err())
+            .min_by_key(|err| match classify(err) {
+                FailureKind::ReadOnly => 0,
+                FailureKind::Connection => 1,
+                FailureKind::Reply => 2,
+            });
+        if let Some(err) = worst {
+            return Err(self.link.fail(err).await);
+        }
+        Ok(results.into_iter().filter_map(Result::ok).collect())
+    }
+
+    async fn send(
+        &self,
+        connection: &Connection,
+        commands: Vec<Cmd>,
+    ) -> Result<Vec<redis::RedisResult<Value>>, CounterError> {
+        self.commands_sent
+            .fetch_add(commands.len() as u64, Ordering::Relaxed);
+        connection
+            .send_all(commands)
+            .await
+            .map_err(|detail| self.link.unavailable(&detail))
+    }
+
+    /// Parses a script reply of `expected` non-negative integers.
+    fn parse_counts(&self, reply: Value, expected: usize) -> Result<Vec<u64>, CounterError> {
+        let rejected = |detail: String| CounterError::Rejected {
+            target: self.link.target().to_owned(),
+            detail,
+        };
+        let counts: Vec<i64> = redis::from_redis_value(reply)
+            .map_err(|err| rejected(format!("unexpected script reply: {err}")))?;
+        if counts.len() != expected {
+            return Err(rejected(format!(
+                "unexpected script reply of {} values, expected {expected}",
+                counts.len()
+            )));
+        }
+        // The script deletes sums that reach zero, so a negative count never
+        // comes back. Should one come back all the same, it reads as zero.
+        Ok(counts
+            .into_iter()
+            .map(|count| u64::try_from(count).unwrap_or(0))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(shards: u16) -> RedisSettings {
+        RedisSettings {
+            target: RedisTarget::Standalone("redis://127.0.0.1:1".to_owned()),
+            key_prefix: "veo".to_owned(),
+            shards,
+            totals_ttl_seconds: 3600,
+            timeout: Duration::from_millis(200),
+        }
+    }
+
+    fn invalid_detail(result: Result<RedisCounters, CounterError>) -> String {
+        match result {
+            Err(CounterError::Invalid { detail }) => detail,
+            Err(other) => format!("unexpected error: {other}"),
+            Ok(_) => "accepted".to_owned(),
+        }
+    }
+
+    #[test]
+    fn rejects_zero_shards() {
+        let detail = invalid_detail(RedisCounters::new(settings(0), "a".to_owned()));
+        assert!(detail.contains("shards = 0"), "{detail}");
+    }
+
+    #[test]
+    fn rejects_braces_in_prefix() {
+        let mut settings = settings(1);
+        settings.key_prefix = "veo{x}".to_owned();
+        let detail = invalid_detail(RedisCounters::new(settings, "a".to_owned()));
+        assert!(detail.contains("veo{x}"), "{detail}");
+    }
+
+    #[test]
+    fn rejects_empty_sidecar_id() {
+        let detail = invalid_detail(RedisCounters::new(settings(1), String::new()));
+        assert!(detail.contains("sidecar id"), "{detail}");
+    }
+
+    #[test]
+    fn rejects_empty_seed_list() {
+        let mut settings = settings(1);
+        settings.target = RedisTarget::Cluster(Vec::new());
+        let detail = invalid_detail(RedisCounters::new(settings, "a".to_owned()));
+        assert!(detail.contains("seed list is empty"), "{detail}");
+    }
+}
