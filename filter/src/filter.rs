@@ -4,17 +4,17 @@
 //! request upstream with the customer and tier headers set from the
 //! verified claims.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use crate::config::Config;
 use crate::config::tier::FailurePolicy;
+use crate::config::{Config, Tiers};
 use crate::host::{Host, LogLevel};
 use crate::jwt::{AuthError, bearer_token};
 use crate::limiter::{Admission, Limiter};
 use crate::metrics::{Counter, Metrics};
 use crate::response::{self, LocalReply};
-use crate::sync::STATE_KEY;
+use crate::sync::{STATE_KEY, TIERS_KEY, decode_pushed_tiers};
 use crate::token_cache::{CacheLevel, CachedToken, TokenCache};
 use crate::usage::queue::Delivery;
 use crate::usage::{self, UsageMessage, UsageQueue};
@@ -58,6 +58,11 @@ pub struct Filter {
     /// Whether the shared counters are unreachable, as the sync role last
     /// published it; read on the timer, not per request.
     degraded: Cell<bool>,
+    /// Tiers in force: the configured ones with the limits the sidecar
+    /// pushed; read on the timer.
+    tiers: RefCell<Rc<Tiers>>,
+    /// Compare-and-swap token of the pushed limits last applied.
+    tiers_cas: Cell<Option<u32>>,
 }
 
 impl Filter {
@@ -69,10 +74,12 @@ impl Filter {
             limiter: Limiter::new(config.max_customers),
             usage: UsageQueue::new(vm_id),
             metrics: Metrics::define(host, &config.tiers),
+            tiers: RefCell::new(Rc::new(config.tiers.clone())),
             config,
             debug: Cell::new(false),
             last_warning_ms: Cell::new(0),
             degraded: Cell::new(false),
+            tiers_cas: Cell::new(None),
         }
     }
 
@@ -91,7 +98,8 @@ impl Filter {
             Ok(found) => found,
             Err(error) => return self.reject(host, error),
         };
-        let tier = self.config.tiers.get(cached.tier);
+        let tiers = Rc::clone(&self.tiers.borrow());
+        let tier = tiers.get(cached.tier);
         let degraded = self.degraded.get();
         if degraded && let FailurePolicy::Refuse { status } = tier.failure_policy {
             self.metrics.add(Counter::FailClosed, 1);
@@ -184,7 +192,8 @@ impl Filter {
 
     /// Adds the rate-limit fields to the response of an admitted request.
     pub fn on_response_headers(&self, host: &impl Host, fields: &ResponseFields) {
-        let tier = self.config.tiers.get(fields.tier);
+        let tiers = Rc::clone(&self.tiers.borrow());
+        let tier = tiers.get(fields.tier);
         let _ = host.add_response_header("ratelimit-policy", &tier.policy_header);
         let _ = host.add_response_header("ratelimit", &fields.ratelimit);
     }
@@ -196,10 +205,41 @@ impl Filter {
             self.degraded
                 .set(value.bytes.is_some_and(|bytes| bytes.first() == Some(&1)));
         }
+        self.refresh_tiers(host);
         if self.usage.backlog_len() > 0 {
             self.usage.retry_backlog(host);
         }
         self.metrics.flush(host);
+    }
+
+    /// Applies tier limits the sync role published since the last tick.
+    fn refresh_tiers(&self, host: &impl Host) {
+        let Ok(value) = host.get_shared_data(TIERS_KEY) else {
+            return;
+        };
+        if value.cas == self.tiers_cas.get() {
+            return;
+        }
+        self.tiers_cas.set(value.cas);
+        let bytes = value.bytes.unwrap_or_default();
+        let Some(pushed) = decode_pushed_tiers(&bytes) else {
+            host.log(LogLevel::Error, "could not read the published tier limits");
+            return;
+        };
+        // The sync role checked these limits against the same
+        // configuration before publishing them.
+        match self.config.tiers.with_pushed(&pushed) {
+            Ok((tiers, _)) => *self.tiers.borrow_mut() = Rc::new(tiers),
+            Err(error) => host.log(
+                LogLevel::Error,
+                &format!("ignoring published tier limits: {error}"),
+            ),
+        }
+    }
+
+    /// Returns the tiers in force.
+    pub fn tiers(&self) -> Rc<Tiers> {
+        Rc::clone(&self.tiers.borrow())
     }
 
     /// Returns the configuration.

@@ -23,9 +23,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use prost::Message;
-use veo_proto::sync::{SyncRequest, SyncResponse};
+use veo_proto::sync::{SyncRequest, SyncResponse, TierLimits};
 
-use crate::config::{SidecarSettings, Tiers};
+use crate::config::{SidecarSettings, Tier, Tiers};
 use crate::host::{Host, LogLevel, SetError};
 use crate::limiter::record::{Record, RemoteState};
 use crate::limiter::{Limiter, slot_key};
@@ -40,6 +40,11 @@ pub const METHOD: &str = "Sync";
 /// Shared-data key of the sync state the workers read: one byte, 1 while
 /// the shared counters are unreachable, else 0.
 pub const STATE_KEY: &str = "veo.sync.state";
+
+/// Shared-data key of the tier limits the sidecar pushed, as an encoded
+/// `SyncResponse` with only its `tiers` set; empty when the plugin
+/// configuration's limits apply.
+pub const TIERS_KEY: &str = "veo.sync.tiers";
 
 /// Compare-and-swap attempts to take one record's pending usage before
 /// the slot is left for the next tick.
@@ -66,7 +71,12 @@ pub struct Sync {
     instance_id: String,
     queue_id: u32,
     metrics: Metrics,
+    /// Tiers of the plugin configuration.
+    base_tiers: Tiers,
+    /// Tiers in force: the configured ones with the pushed limits.
     tiers: Tiers,
+    /// The pushed limits last seen, encoded as in [`TIERS_KEY`].
+    pushed_tiers: Vec<u8>,
     limiter: Limiter,
     collected: BTreeMap<UsageKey, UsageTotals>,
     retry_slots: Vec<u32>,
@@ -98,7 +108,9 @@ impl Sync {
             instance_id,
             queue_id,
             metrics,
+            base_tiers: tiers.clone(),
             tiers,
+            pushed_tiers: Vec::new(),
             limiter,
             collected: BTreeMap::new(),
             retry_slots: Vec::new(),
@@ -117,7 +129,9 @@ impl Sync {
     pub fn reconfigure(&mut self, settings: SidecarSettings, tiers: Tiers, limiter: Limiter) {
         self.interval = settings.sync_interval;
         self.settings = settings;
+        self.base_tiers = tiers.clone();
         self.tiers = tiers;
+        self.pushed_tiers.clear();
         self.limiter = limiter;
     }
 
@@ -292,12 +306,68 @@ impl Sync {
         }
         self.poll_wanted = !reply.remote_usage.is_empty();
         self.set_degraded(host, reply.counters_degraded);
+        self.apply_tiers(host, &reply.tiers);
 
         let interval = match reply.next_sync_ms {
             0 => self.settings.sync_interval,
             ms => Duration::from_millis(u64::from(ms)).min(self.settings.sync_interval),
         };
         self.set_interval(host, interval);
+    }
+
+    /// Publishes tier limits the sidecar pushed, when they changed, for
+    /// the workers to apply on their next tick. Limits never reset a
+    /// customer's counters: the same log is checked against the new quota.
+    fn apply_tiers(&mut self, host: &impl Host, pushed: &[TierLimits]) {
+        let bytes = if pushed.is_empty() {
+            Vec::new()
+        } else {
+            SyncResponse {
+                tiers: pushed.to_vec(),
+                ..SyncResponse::default()
+            }
+            .encode_to_vec()
+        };
+        if bytes == self.pushed_tiers {
+            return;
+        }
+        let tiers = match self.base_tiers.with_pushed(pushed) {
+            Ok((tiers, unknown)) => {
+                if !unknown.is_empty() {
+                    host.log(
+                        LogLevel::Warn,
+                        &format!(
+                            "ignoring sidecar limits of tiers the plugin configuration does \
+                             not define: {}; add them to `tiers` to use them",
+                            unknown.join(", ")
+                        ),
+                    );
+                }
+                tiers
+            }
+            Err(error) => {
+                host.log(
+                    LogLevel::Error,
+                    &format!("ignoring tier limits from the sidecar: {error}"),
+                );
+                self.pushed_tiers = bytes;
+                return;
+            }
+        };
+        if let Err(error) = host.set_shared_data(TIERS_KEY, &bytes, None) {
+            host.log(
+                LogLevel::Error,
+                &format!("could not publish tier limits: {error}"),
+            );
+            return;
+        }
+        let summary: Vec<String> = tiers.all().iter().map(describe_tier).collect();
+        host.log(
+            LogLevel::Info,
+            &format!("tier limits in force: {}", summary.join("; ")),
+        );
+        self.tiers = tiers;
+        self.pushed_tiers = bytes;
     }
 
     fn set_interval(&mut self, host: &impl Host, interval: Duration) {
@@ -448,11 +518,36 @@ impl Sync {
     }
 }
 
+/// Describes a tier's limits for a log line.
+fn describe_tier(tier: &Tier) -> String {
+    let mut parts = Vec::new();
+    if let Some(quota) = tier.quota {
+        parts.push(format!(
+            "{} per {} s",
+            quota.requests,
+            quota.window_ms / 1000
+        ));
+    }
+    if let Some(burst) = tier.burst {
+        parts.push(format!(
+            "burst {} at {}/s",
+            burst.size, burst.tokens_per_second
+        ));
+    }
+    format!("{} {}", tier.name, parts.join(", "))
+}
+
+/// Reads the limits published under [`TIERS_KEY`]; `None` for bytes that
+/// do not decode.
+pub fn decode_pushed_tiers(bytes: &[u8]) -> Option<Vec<TierLimits>> {
+    SyncResponse::decode(bytes).ok().map(|reply| reply.tiers)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use veo_proto::sync::{RemoteUsage, SyncRequest};
+    use veo_proto::sync::{RemoteUsage, SyncRequest, TierLimits};
 
     use crate::limiter::Limiter;
 
@@ -861,6 +956,75 @@ mod tests {
         assert_eq!(
             instance.sync_host.peek_shared_data(STATE_KEY),
             Some(vec![0])
+        );
+    }
+
+    fn limits(name: &str, quota: u64) -> TierLimits {
+        TierLimits {
+            name: name.to_owned(),
+            quota_requests: quota,
+            window_ms: 60_000,
+            ..TierLimits::default()
+        }
+    }
+
+    #[test]
+    fn pushed_limits_apply_without_refill() {
+        let mut instance = Instance::new();
+        assert_eq!(instance.requests("acme", 1), 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        let reply = SyncResponse {
+            applied_sequence: 1,
+            tiers: vec![limits("basic", 2), limits("platinum", 9)],
+            ..SyncResponse::default()
+        };
+        instance.reply(token, &reply);
+        instance.filter.on_tick(&instance.worker_host);
+
+        // Down from 3 to 2 with 1 used: one more, not a fresh 2.
+        assert_eq!(instance.requests("acme", 5), 1);
+        let logs = instance.sync_host.logs();
+        assert!(logs.iter().any(|(_, line)| line.contains("platinum")));
+
+        // Up to 5 with 2 used: three more.
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        let reply = SyncResponse {
+            applied_sequence: 2,
+            tiers: vec![limits("basic", 5)],
+            ..SyncResponse::default()
+        };
+        instance.reply(token, &reply);
+        instance.filter.on_tick(&instance.worker_host);
+        assert_eq!(instance.requests("acme", 5), 3);
+        assert_eq!(
+            instance.filter.tiers().get(0).policy_header,
+            "\"basic\";q=5;w=60"
+        );
+    }
+
+    #[test]
+    fn invalid_pushed_limits_are_ignored() {
+        let mut instance = Instance::new();
+        assert_eq!(instance.requests("acme", 1), 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        let mut bad = limits("basic", 2);
+        bad.window_ms = 1_500;
+        let reply = SyncResponse {
+            applied_sequence: 1,
+            tiers: vec![bad],
+            ..SyncResponse::default()
+        };
+        instance.reply(token, &reply);
+        instance.filter.on_tick(&instance.worker_host);
+
+        assert_eq!(instance.requests("acme", 5), 2);
+        let logs = instance.sync_host.logs();
+        assert!(
+            logs.iter()
+                .any(|(level, line)| *level == LogLevel::Error && line.contains("window_ms"))
         );
     }
 

@@ -13,7 +13,8 @@ use redis::IntoConnectionInfo;
 use crate::allowance::AllowanceSettings;
 use crate::cli::Flags;
 use crate::counters::redis::{RedisSettings, RedisTarget};
-use file::{FileConfig, FileCounters};
+use file::{FileConfig, FileCounters, FileTier};
+use veo_proto::sync::TierLimits;
 
 /// Address served when neither the file nor `--listen` sets one.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -83,6 +84,7 @@ pub struct Config {
     shutdown_grace: Duration,
     allowance: AllowanceSettings,
     counters: CountersConfig,
+    tiers: Vec<TierLimits>,
 }
 
 /// Source of a configuration value, named in error messages.
@@ -226,15 +228,18 @@ impl Config {
             near_sync_ms: near_ms.within(10, 60_000, "milliseconds")?,
         };
         let counters = counters_config(file.counters, &file_origin, flags.redis_url.clone())?;
+        let window_seconds: u32 = window.within(1, 3600, "seconds")?;
+        let tiers = tiers_config(file.tiers, &file_origin, window_seconds)?;
 
         Ok(Config {
             allowance,
             counters,
+            tiers,
             origin: file_origin,
             listen,
             data_dir,
             ready_file: ready_file.map(|(path, _)| path),
-            window_seconds: window.within(1, 3600, "seconds")?,
+            window_seconds,
             max_records_per_batch: max_records.within(
                 MIN_MAX_RECORDS_PER_BATCH,
                 MAX_MAX_RECORDS_PER_BATCH,
@@ -289,6 +294,111 @@ impl Config {
     pub fn counters(&self) -> &CountersConfig {
         &self.counters
     }
+
+    /// Tier limits pushed to every instance; empty leaves each instance's
+    /// own.
+    pub fn tiers(&self) -> &[TierLimits] {
+        &self.tiers
+    }
+
+    /// Reads the config file again and returns its tier limits, for a
+    /// reload on SIGHUP; other keys take effect only at the next start.
+    pub fn reload_tiers(&self) -> Result<Vec<TierLimits>, ConfigError> {
+        let Origin::File(path) = &self.origin else {
+            return Ok(self.tiers.clone());
+        };
+        let file = FileConfig::read(path)?;
+        tiers_config(file.tiers, &self.origin, self.window_seconds)
+    }
+}
+
+/// Largest quota of a tier, in requests per window.
+const MAX_TIER_QUOTA: i64 = 100_000;
+/// Largest token-bucket size, in requests.
+const MAX_TIER_BURST: i64 = 1_000_000;
+
+/// Validates the `[tiers.<name>]` tables into the limits sent to the
+/// filters, with the quota window of `window_seconds`.
+fn tiers_config(
+    file: Option<std::collections::BTreeMap<String, FileTier>>,
+    origin: &Origin,
+    window_seconds: u32,
+) -> Result<Vec<TierLimits>, ConfigError> {
+    let Some(file) = file else {
+        return Ok(Vec::new());
+    };
+    let invalid = |key: &'static str, value: String, reason: String| ConfigError::Invalid {
+        origin: origin.clone(),
+        key,
+        value,
+        reason,
+    };
+    let mut tiers = Vec::with_capacity(file.len());
+    for (name, tier) in file {
+        let name_ok = !name.is_empty()
+            && name.len() <= 32
+            && name
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+        if !name_ok {
+            return Err(invalid(
+                "tiers",
+                format!("{name:?}"),
+                "tier names are 1 to 32 characters of A-Z, a-z, 0-9, `_` and `-`".into(),
+            ));
+        }
+        let quota = tier.quota_requests.unwrap_or(0);
+        if !(0..=MAX_TIER_QUOTA).contains(&quota) {
+            return Err(invalid(
+                "tiers.<name>.quota_requests",
+                format!("{quota} (tier {name})"),
+                format!("must be 1 to {MAX_TIER_QUOTA} requests per window, or absent"),
+            ));
+        }
+        let rate = tier.burst_rate_per_second.unwrap_or(0.0);
+        let size = tier.burst_size_requests.unwrap_or(0);
+        let burst_given =
+            tier.burst_rate_per_second.is_some() || tier.burst_size_requests.is_some();
+        let burst_valid = rate.is_finite()
+            && rate > 0.0
+            && rate <= 1_000_000.0
+            && (1..=MAX_TIER_BURST).contains(&size);
+        if burst_given && !burst_valid {
+            return Err(invalid(
+                "tiers.<name>.burst_rate_per_second",
+                format!("{rate} with burst_size_requests = {size} (tier {name})"),
+                format!(
+                    "a burst needs both a rate above 0 and up to 1000000 per second and a size \
+                     of 1 to {MAX_TIER_BURST}"
+                ),
+            ));
+        }
+        if quota == 0 && !burst_given {
+            return Err(invalid(
+                "tiers",
+                format!("{name:?}"),
+                "give the tier quota_requests, a burst (burst_rate_per_second and \
+                 burst_size_requests), or both"
+                    .into(),
+            ));
+        }
+        tiers.push(TierLimits {
+            name,
+            quota_requests: u64::try_from(quota).unwrap_or(0),
+            window_ms: if quota > 0 {
+                u64::from(window_seconds) * 1000
+            } else {
+                0
+            },
+            burst_rate_per_second: if burst_given { rate } else { 0.0 },
+            burst_size_requests: if burst_given {
+                u64::try_from(size).unwrap_or(0)
+            } else {
+                0
+            },
+        });
+    }
+    Ok(tiers)
 }
 
 /// Validates the `[counters]` table, with `--redis-url` over it.
@@ -626,6 +736,99 @@ mod tests {
                 other => panic!("expected {key} to be rejected, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn counter_and_tier_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("near_quota_fraction = 1.5", "near_quota_fraction"),
+            ("sync_interval_near_ms = 5", "sync_interval_near_ms"),
+            ("[counters]\nbackend = \"memcached\"", "counters.backend"),
+            ("[counters]\nbackend = \"redis\"", "counters.redis_url"),
+            (
+                "[counters]\nbackend = \"redis\"\nredis_url = \"http://x\"",
+                "counters.redis_url",
+            ),
+            (
+                "[counters]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1/\"\n\
+                 redis_cluster_urls = [\"redis://127.0.0.1:7000/\"]",
+                "counters.redis_cluster_urls",
+            ),
+            (
+                "[counters]\nredis_url = \"redis://127.0.0.1/\"\nbackend = \"redis\"\nshards = 0",
+                "counters.shards",
+            ),
+            (
+                "[counters]\nredis_url = \"redis://127.0.0.1/\"\nbackend = \"redis\"\n\
+                 key_prefix = \"a{b}\"",
+                "counters.key_prefix",
+            ),
+            (
+                "[tiers.basic]\nquota_requests = -1",
+                "tiers.<name>.quota_requests",
+            ),
+            (
+                "[tiers.basic]\nburst_size_requests = 5",
+                "tiers.<name>.burst_rate_per_second",
+            ),
+            ("[tiers.gold]", "tiers"),
+            ("[tiers.\"no way\"]\nquota_requests = 1", "tiers"),
+        ];
+
+        for (text, key) in cases {
+            let path = write_config(&dir, text);
+
+            match Config::load(&flags_for(&path)) {
+                Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key, "{text}"),
+                other => panic!("expected {key} to be rejected, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn redis_and_tiers_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(
+            &dir,
+            "window_seconds = 30\n[counters]\nbackend = \"redis\"\n\
+             redis_url = \"redis://127.0.0.1:6390/\"\nshards = 8\n\
+             [tiers.basic]\nquota_requests = 20\n\
+             [tiers.enterprise]\nburst_rate_per_second = 5.0\nburst_size_requests = 10\n",
+        );
+
+        let config = Config::load(&flags_for(&path)).unwrap();
+
+        let CountersConfig::Redis(redis) = config.counters() else {
+            panic!("expected Redis counters");
+        };
+        assert_eq!(redis.settings.shards, 8);
+        assert_eq!(
+            config
+                .tiers()
+                .iter()
+                .map(|tier| (tier.name.as_str(), tier.quota_requests, tier.window_ms))
+                .collect::<Vec<_>>(),
+            [("basic", 20, 30_000), ("enterprise", 0, 0)]
+        );
+        assert_eq!(config.tiers()[1].burst_size_requests, 10);
+
+        std::fs::write(
+            &path,
+            "window_seconds = 30\n[tiers.basic]\nquota_requests = 7\n",
+        )
+        .unwrap();
+        assert_eq!(config.reload_tiers().unwrap()[0].quota_requests, 7);
+    }
+
+    #[test]
+    fn redis_url_flag_selects_redis() {
+        let flags = Flags {
+            redis_url: Some("redis://127.0.0.1:6391/".into()),
+            ..Flags::default()
+        };
+        let config = Config::load(&flags).unwrap();
+        assert!(matches!(config.counters(), CountersConfig::Redis(_)));
     }
 
     #[test]

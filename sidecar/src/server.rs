@@ -99,7 +99,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 
     let (listener, address) = bind(config.listen()).await?;
     let mut signals = StopSignals::install().map_err(ServerError::Signals)?;
-    let (health, router, shared) = build_router(&config, &store).await?;
+    let (health, router, shared, sync) = build_router(&config, &store).await?;
+    let reload = tokio::spawn(reload_tiers_on_hangup(config.clone(), sync));
     let (stop_counters, counters_stopped) = tokio::sync::watch::channel(false);
     let counters_task =
         shared.map(|shared| tokio::spawn(shared.run(health.clone(), counters_stopped)));
@@ -155,6 +156,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     {
         warn!(path = %path.display(), error = %err, "failed to remove the ready file");
     }
+    reload.abort();
     store.close().await;
     info!("stopped");
     Ok(())
@@ -172,7 +174,7 @@ async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerEr
 async fn build_router(
     config: &Config,
     store: &Store,
-) -> Result<(HealthReporter, Router, Option<SharedCounters>), ServerError> {
+) -> Result<(HealthReporter, Router, Option<SharedCounters>, SyncService), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut sync = SyncService::new(
         store.clone(),
@@ -181,6 +183,7 @@ async fn build_router(
         DEFAULT_MAX_SERIES,
     )
     .with_allowance(config.allowance());
+    sync.set_tiers(config.tiers().to_vec());
     let mut shared = None;
     if let CountersConfig::Redis(redis) = config.counters() {
         let sidecar_id = match &redis.sidecar_id {
@@ -217,12 +220,47 @@ async fn build_router(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(
-            SyncServer::new(sync)
+            SyncServer::new(sync.clone())
                 .max_decoding_message_size(max_sync_message_bytes(config.max_records_per_batch())),
         )
         .add_service(UsageServer::new(usage));
     set_status(&health, ServingStatus::Serving).await;
-    Ok((health, router, shared))
+    Ok((health, router, shared, sync))
+}
+
+/// Reloads the tier limits from the config file on each SIGHUP; a file
+/// that fails validation leaves the limits in force and logs why.
+async fn reload_tiers_on_hangup(config: Config, sync: SyncService) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(err) => {
+            warn!(error = %err, "could not install the SIGHUP handler; tier limits reload only on restart");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        match config.reload_tiers() {
+            Ok(tiers) => {
+                let names: Vec<String> = tiers
+                    .iter()
+                    .map(|tier| {
+                        format!(
+                            "{} quota={} burst={}/{}",
+                            tier.name,
+                            tier.quota_requests,
+                            tier.burst_size_requests,
+                            tier.burst_rate_per_second
+                        )
+                    })
+                    .collect();
+                info!(tiers = %names.join("; "), "tier limits reloaded; instances apply them at their next sync");
+                sync.set_tiers(tiers);
+            }
+            Err(err) => {
+                error!(error = %err, "tier limits not reloaded; keeping the limits in force")
+            }
+        }
+    }
 }
 
 /// Returns a new sidecar id: 16 hex digits from the clock and process id,
@@ -332,7 +370,7 @@ mod tests {
         let config = Config::load(&flags).unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (listener, address) = bind(config.listen()).await.unwrap();
-        let (_health, router, _) = build_router(&config, &store).await.unwrap();
+        let (_health, router, _, _) = build_router(&config, &store).await.unwrap();
         let server = tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
         let request = SyncRequest {
             instance_id: "i".repeat(MAX_ID_BYTES),

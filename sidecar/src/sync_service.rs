@@ -3,12 +3,12 @@
 //! instances admitted and, near the quota, the instance's cap.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 use veo_proto::sync::sync_server::Sync as SyncRpc;
-use veo_proto::sync::{RemoteUsage, SyncRequest, SyncResponse};
+use veo_proto::sync::{RemoteUsage, SyncRequest, SyncResponse, TierLimits};
 
 use crate::allowance::{AllowanceSettings, CustomerView, grant};
 use crate::counters::shared::SharedCounters;
@@ -25,13 +25,16 @@ pub struct SyncService {
     recent: Arc<Mutex<RecentUsage>>,
     shared: Option<SharedCounters>,
     allowance: AllowanceSettings,
+    tiers: Arc<RwLock<Vec<TierLimits>>>,
     window_seconds: u32,
     max_records: usize,
 }
 
 /// One customer's part of a batch.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct BatchCustomer {
+    /// Tier of the customer's latest record.
+    tier: String,
     /// Requests within the window ending now.
     recent: Counts,
     /// Quota of the customer's tier, in requests per window.
@@ -53,6 +56,7 @@ impl SyncService {
             recent: Arc::new(Mutex::new(RecentUsage::new(window_seconds, max_series))),
             shared: None,
             allowance: AllowanceSettings::default(),
+            tiers: Arc::new(RwLock::new(Vec::new())),
             window_seconds,
             max_records,
         }
@@ -69,6 +73,12 @@ impl SyncService {
     pub fn with_shared(mut self, shared: SharedCounters) -> SyncService {
         self.shared = Some(shared);
         self
+    }
+
+    /// Sets the tier limits sent to every instance; empty leaves each
+    /// instance's own. Takes effect with the next reply.
+    pub fn set_tiers(&self, tiers: Vec<TierLimits>) {
+        *self.tiers.write().unwrap_or_else(PoisonError::into_inner) = tiers;
     }
 
     /// Returns the recent usage the replies are built from, for the shared
@@ -95,7 +105,17 @@ impl SyncService {
                 now,
             ));
         }
-        let customers = batch_customers(&batch.records, now_s, self.window_seconds);
+        let mut customers = batch_customers(&batch.records, now_s, self.window_seconds);
+        {
+            // The sidecar's own limits, when it has them, decide the
+            // quota that caps are worked out from.
+            let tiers = self.tiers.read().unwrap_or_else(PoisonError::into_inner);
+            for part in customers.values_mut() {
+                if let Some(limits) = tiers.iter().find(|limits| limits.name == part.tier) {
+                    part.quota = (limits.quota_requests > 0).then_some(limits.quota_requests);
+                }
+            }
+        }
 
         // The store returns after the commit, so the reply below never
         // acknowledges a batch that a crash could lose.
@@ -191,7 +211,11 @@ impl SyncService {
             window_seconds: self.window_seconds,
             next_sync_ms: if near { self.allowance.near_sync_ms } else { 0 },
             counters_degraded: self.shared.as_ref().is_some_and(SharedCounters::degraded),
-            tiers: Vec::new(),
+            tiers: self
+                .tiers
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
     }
 }
@@ -218,6 +242,7 @@ fn batch_customers(
     for record in records {
         let part = customers.entry(record.customer.clone()).or_default();
         part.quota = record.quota.map(|quota| quota.requests);
+        part.tier.clone_from(&record.tier);
         if record.minute_unix_s + MINUTE_SECONDS > window_start {
             let admitted = u64::try_from(record.admitted).unwrap_or(0);
             let refused = u64::try_from(record.refused).unwrap_or(0);

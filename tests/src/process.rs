@@ -115,6 +115,22 @@ impl ChildProcess {
         }
     }
 
+    /// Sends `signal` to the process, unless it already exited.
+    pub fn signal(&mut self, signal: Signal) -> Result<(), HarnessError> {
+        if let Some(status) = self.exit_status() {
+            return Err(HarnessError::Exited {
+                name: self.name.clone(),
+                status,
+                log_tail: self.log_tail(),
+            });
+        }
+        if let Ok(raw) = i32::try_from(self.child.id()) {
+            // The process may exit between the check and the signal.
+            let _ = kill(Pid::from_raw(raw), signal);
+        }
+        Ok(())
+    }
+
     /// Kills the process with SIGKILL, as `kill -9` does, and reaps it.
     pub fn kill_hard(&mut self) {
         let _ = self.child.kill();

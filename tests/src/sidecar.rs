@@ -97,6 +97,24 @@ impl Sidecar {
         Ok(())
     }
 
+    /// Replaces the sidecar's config file with `toml` and sends SIGHUP, so the
+    /// sidecar reloads its tier limits; fails for a sidecar started without
+    /// a config file.
+    pub fn reload_config(&mut self, toml: &str) -> Result<(), HarnessError> {
+        let Some(path) = &self.config_file else {
+            return Err(HarnessError::InvalidConfig {
+                what: "sidecar config reload",
+                reason: "the sidecar was started without a config file".to_owned(),
+            });
+        };
+        std::fs::write(path, toml).map_err(|source| HarnessError::Io {
+            action: "write the sidecar config",
+            path: path.clone(),
+            source,
+        })?;
+        self.process.signal(nix::sys::signal::Signal::SIGHUP)
+    }
+
     /// Returns the whole log of the sidecar, across restarts.
     pub fn log(&self) -> String {
         self.process.log()

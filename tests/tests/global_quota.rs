@@ -542,3 +542,142 @@ async fn refuse_policy_refuses_while_counters_are_unreachable() -> anyhow::Resul
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_changed_mid_window_apply_without_refill() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let config = PluginConfig::for_key(&key)?.quota("basic", 12, 30);
+    let sidecar_with_quota =
+        |quota: u64| format!("window_seconds = 30\n[tiers.basic]\nquota_requests = {quota}\n");
+    let options = FleetOptions {
+        sidecar_config: sidecar_with_quota(12).parse()?,
+        ..FleetOptions::new(1)
+    };
+    let mut fleet = Fleet::start(&config, &options).await?;
+    let client = fleet.instances()[0].envoy.client();
+    let token = key.mint(&TokenSpec::new("steady", "basic"))?;
+
+    for _ in 0..8 {
+        let reply = client.get_with_token("/", &token, &[]).await?;
+        ensure!(reply.status == 200, "under the quota: {}", reply.body);
+    }
+
+    // Down to 6 with 8 used: refused from the next sync on, with no
+    // fresh 6. A request admitted before the change reaches the instance
+    // counts as used too.
+    fleet.instances_mut()[0]
+        .sidecar
+        .reload_config(&sidecar_with_quota(6))?;
+    let mut admitted_before_change = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = client.get_with_token("/", &token, &[]).await?;
+        let policy = reply.header("ratelimit-policy").unwrap_or_default();
+        if policy.contains("q=6") {
+            ensure!(reply.status == 429, "the lower limit granted a fresh quota");
+            break;
+        }
+        // Until the limit shows, requests are still decided under the old
+        // one; the sidecar may already cap this instance at what it used.
+        if reply.status == 200 {
+            admitted_before_change += 1;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the lower limit did not apply within 10 s:\n{}",
+            fleet.instances()[0].sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let used = 8 + admitted_before_change;
+    ensure!(used <= 12, "{used} admitted under a quota of 12");
+
+    // Up to 10: exactly what is left of 10 in the same window.
+    fleet.instances_mut()[0]
+        .sidecar
+        .reload_config(&sidecar_with_quota(10))?;
+    let mut admitted_after_raise = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = client.get_with_token("/", &token, &[]).await?;
+        let raised = reply
+            .header("ratelimit-policy")
+            .is_some_and(|policy| policy.contains("q=10"));
+        if reply.status == 200 {
+            ensure!(raised, "admitted while the limit was still 6");
+            admitted_after_raise += 1;
+        } else if raised {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the higher limit did not apply within 10 s"
+        );
+        if !raised {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(
+        admitted_after_raise,
+        10usize.saturating_sub(used),
+        "{used} used before the raise to 10"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_replica_after_failover_recovers_by_reconnecting() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let primary = RedisServer::start(&dir.path().join("primary")).await?;
+    let replica = RedisServer::start_replica_of(&dir.path().join("replica"), &primary).await?;
+    let key = SigningKey::generate("k1");
+    // The sidecar points at the replica, as after a failover that has not
+    // finished: its writes get READONLY.
+    let target = format!("redis_url = \"{}\"", replica.url());
+    let fleet = fleet(&key, 1, sidecar_config(&target)?).await?;
+    let sidecar = fleet.instances()[0].sidecar.address();
+    let clients = clients(&fleet);
+    let tokens = tokens(&key, &["failover"], "basic")?;
+    let start = Instant::now();
+    let mut sent = Vec::new();
+    drive(
+        &clients,
+        &tokens,
+        2.0,
+        Duration::from_secs(2),
+        start,
+        &mut sent,
+    )
+    .await?;
+    ensure!(
+        sent.iter().all(|request| request.status == 200),
+        "requests refused while Redis was read-only: {sent:?}"
+    );
+    assert_eq!(
+        health::check(sidecar, "veo.counters").await?,
+        Health::NotServing
+    );
+    ensure!(
+        fleet.instances()[0].sidecar.log().contains("read-only"),
+        "the sidecar did not log the READONLY replies:\n{}",
+        fleet.instances()[0].sidecar.log()
+    );
+
+    // The replica becomes the primary.
+    let _: String = replica
+        .query(redis::cmd("REPLICAOF").arg("NO").arg("ONE"))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health::check(sidecar, "veo.counters").await? != Health::Serving {
+        ensure!(
+            Instant::now() < deadline,
+            "no recovery 10 s after the promotion"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let admitted = admitted_per_customer(&sent);
+    let (_, seen) = await_totals(&fleet, &[&replica], &admitted).await?;
+    assert_eq!(seen, admitted, "usage counted while Redis was read-only");
+    drop(primary);
+    Ok(())
+}

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use veo_proto::sync::TierLimits;
+
 use super::ConfigError;
 use super::raw::{RawBurst, RawQuota, RawTier};
 
@@ -123,6 +125,59 @@ impl Tiers {
     /// Returns the index of the default tier.
     pub fn default_index(&self) -> usize {
         self.default
+    }
+
+    /// Returns this table with the limits the sidecar pushed: each tier it
+    /// names takes the pushed quota and burst, keeping its failure policy;
+    /// the others keep theirs. Also returns the pushed names this table
+    /// does not have, which are ignored.
+    pub fn with_pushed(&self, pushed: &[TierLimits]) -> Result<(Tiers, Vec<String>), ConfigError> {
+        let mut tiers = self.clone();
+        let mut unknown = Vec::new();
+        for limits in pushed {
+            let Some(tier) = tiers.tiers.iter_mut().find(|tier| tier.name == limits.name) else {
+                unknown.push(limits.name.clone());
+                continue;
+            };
+            let field = format!("sidecar tiers.{}", limits.name);
+            let quota = match limits.quota_requests {
+                0 => None,
+                requests => {
+                    if limits.window_ms % 1000 != 0 {
+                        return Err(ConfigError::invalid(
+                            format!("{field}.window_ms"),
+                            &limits.window_ms.to_string(),
+                            "must be whole seconds",
+                        ));
+                    }
+                    let raw = RawQuota {
+                        requests: u32::try_from(requests).unwrap_or(u32::MAX),
+                        window_seconds: u32::try_from(limits.window_ms / 1000).unwrap_or(u32::MAX),
+                    };
+                    Some(build_quota(&field, &raw)?)
+                }
+            };
+            let burst = if limits.burst_rate_per_second == 0.0 {
+                None
+            } else {
+                let raw = RawBurst {
+                    tokens_per_second: limits.burst_rate_per_second,
+                    size: u32::try_from(limits.burst_size_requests).unwrap_or(u32::MAX),
+                };
+                Some(build_burst(&field, &raw)?)
+            };
+            if quota.is_none() && burst.is_none() {
+                return Err(ConfigError::invalid(
+                    field,
+                    "{}",
+                    "the sidecar sent a tier without a quota or a burst limit",
+                ));
+            }
+            tier.quota = quota;
+            tier.burst = burst;
+            tier.policy_header = policy_header(tier);
+        }
+        Ok((tiers, unknown))
     }
 }
 
@@ -416,5 +471,50 @@ mod tests {
             error.contains("tiers.basic.quota.window_seconds"),
             "{error}"
         );
+    }
+
+    fn tier_with_policy(policy: Option<&str>, status: Option<u16>) -> Result<Tiers, ConfigError> {
+        let raw = BTreeMap::from([(
+            "basic".to_owned(),
+            RawTier {
+                quota: Some(RawQuota {
+                    requests: 5,
+                    window_seconds: 60,
+                }),
+                burst: None,
+                failure_policy: policy.map(str::to_owned),
+                failure_status: status,
+            },
+        )]);
+        build_tiers(&raw, "basic")
+    }
+
+    #[test]
+    fn failure_policy_is_local_unless_refuse_is_asked() {
+        let local = tier_with_policy(None, None).unwrap();
+        assert_eq!(local.get(0).failure_policy, FailurePolicy::Local);
+        let refuse = tier_with_policy(Some("refuse"), None).unwrap();
+        assert_eq!(
+            refuse.get(0).failure_policy,
+            FailurePolicy::Refuse { status: 503 }
+        );
+        let custom = tier_with_policy(Some("refuse"), Some(429)).unwrap();
+        assert_eq!(
+            custom.get(0).failure_policy,
+            FailurePolicy::Refuse { status: 429 }
+        );
+    }
+
+    #[test]
+    fn invalid_failure_policy_names_the_field() {
+        let cases = [
+            (Some("maybe"), None, "tiers.basic.failure_policy"),
+            (Some("refuse"), Some(200), "tiers.basic.failure_status"),
+            (None, Some(503), "tiers.basic.failure_status"),
+        ];
+        for (policy, status, field) in cases {
+            let error = tier_with_policy(policy, status).unwrap_err().to_string();
+            assert!(error.contains(field), "{policy:?} {status:?}: {error}");
+        }
     }
 }

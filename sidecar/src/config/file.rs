@@ -21,6 +21,16 @@ pub(super) struct FileConfig {
     pub(super) sync_interval_near_ms: Option<i64>,
     pub(super) near_quota_fraction: Option<f64>,
     pub(super) counters: Option<FileCounters>,
+    pub(super) tiers: Option<std::collections::BTreeMap<String, FileTier>>,
+}
+
+/// One `[tiers.<name>]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileTier {
+    pub(super) quota_requests: Option<i64>,
+    pub(super) burst_rate_per_second: Option<f64>,
+    pub(super) burst_size_requests: Option<i64>,
 }
 
 /// The `[counters]` table.
