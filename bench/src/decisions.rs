@@ -36,6 +36,10 @@ pub struct Decision {
     /// Error that prevented a response, when `status` is [`NO_RESPONSE`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Index of the proxy instance the request was sent to, for replays
+    /// spread over several instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<usize>,
 }
 
 impl Decision {
@@ -160,6 +164,7 @@ mod tests {
                 lateness_ms: Some(0.1),
                 line: Some(1),
                 error: None,
+                instance: None,
             },
             Decision {
                 t: 0.25,
@@ -170,6 +175,7 @@ mod tests {
                 lateness_ms: None,
                 line: None,
                 error: Some("connection refused".to_string()),
+                instance: Some(1),
             },
         ]
     }

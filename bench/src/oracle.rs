@@ -7,6 +7,8 @@
 //! time a request was sent, which the decisions file records, and the time the proxy
 //! decided it.
 
+pub mod accuracy;
+
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -244,6 +246,7 @@ mod tests {
                 lateness_ms: None,
                 line: None,
                 error: None,
+                instance: None,
             })
             .collect()
     }

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 pub use plan::{PlanError, PlannedRequest, SyntheticLoad, plan_from_log, plan_synthetic};
 
 use crate::decisions::{Decision, NO_RESPONSE};
+use crate::random::SplitMix64;
 use crate::tokens::{SigningKey, TokenError, TokenSpec};
 use client::TargetClient;
 
@@ -103,21 +104,96 @@ pub async fn run_replay(
     key: &SigningKey,
     options: &ReplayOptions,
 ) -> Result<ReplayOutcome, ReplayError> {
-    let concurrency = options.concurrency.max(1);
-    let client = Arc::new(TargetClient::new(
+    let client = TargetClient::new(
         &options.target,
-        concurrency,
+        options.concurrency.max(1),
         options.request_timeout,
-    )?);
-    let tokens = Arc::new(mint_tokens(&plan, key, &options.token_spec)?);
+    )?;
+    let tokens = mint_tokens(&plan, key, &options.token_spec)?;
+    let routed = plan
+        .into_iter()
+        .map(|request| RoutedRequest {
+            target: 0,
+            instance: None,
+            request,
+        })
+        .collect();
+    replay_routed(routed, vec![client], tokens, options).await
+}
+
+/// Replays `plan` like [`run_replay`], spread over several proxy instances: each request goes
+/// to one of `targets`, drawn at random with `seed`. The same plan and seed send every request
+/// to the same target again. Each decision records the index of its target in `instance`.
+/// `options.target` is not used.
+///
+/// # Errors
+/// Returns [`ReplayError`] for an empty or invalid target list, a minting failure or a failed
+/// task.
+pub async fn run_replay_across(
+    plan: Vec<PlannedRequest>,
+    key: &SigningKey,
+    options: &ReplayOptions,
+    targets: &[String],
+    seed: u64,
+) -> Result<ReplayOutcome, ReplayError> {
+    if targets.is_empty() {
+        return Err(ReplayError::InvalidTarget {
+            target: String::new(),
+            reason: "the list of targets is empty".to_string(),
+        });
+    }
+    let clients = targets
+        .iter()
+        .map(|target| {
+            TargetClient::new(target, options.concurrency.max(1), options.request_timeout)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tokens = mint_tokens(&plan, key, &options.token_spec)?;
+
+    let mut random = SplitMix64::new(seed);
+    let routed = plan
+        .into_iter()
+        .map(|request| {
+            let target = random.range(0, targets.len() as u64) as usize;
+            RoutedRequest {
+                target,
+                instance: Some(target),
+                request,
+            }
+        })
+        .collect();
+    replay_routed(routed, clients, tokens, options).await
+}
+
+/// A planned request with the index of the client that sends it.
+struct RoutedRequest {
+    target: usize,
+    /// Index recorded in the decision, `None` for single-target replays.
+    instance: Option<usize>,
+    request: PlannedRequest,
+}
+
+/// Sends each request of `plan` on schedule with `clients[target]`.
+async fn replay_routed(
+    plan: Vec<RoutedRequest>,
+    clients: Vec<TargetClient>,
+    tokens: HashMap<String, String>,
+    options: &ReplayOptions,
+) -> Result<ReplayOutcome, ReplayError> {
+    let clients: Vec<Arc<TargetClient>> = clients.into_iter().map(Arc::new).collect();
+    let tokens = Arc::new(tokens);
     let progress = progress_bar(plan.len(), options.progress);
-    let permits = Arc::new(Semaphore::new(concurrency));
+    let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
 
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     let mut decisions = Vec::with_capacity(plan.len());
-    for request in plan {
-        let due = start + request.at;
+    for routed in plan {
+        // Every target index is drawn from `0..clients.len()`, so none is skipped.
+        let Some(client) = clients.get(routed.target).map(Arc::clone) else {
+            continue;
+        };
+        let due = start + routed.request.at;
         tokio::time::sleep_until(due.into()).await;
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             break;
@@ -126,11 +202,11 @@ pub async fn run_replay(
             decisions.push(done?);
         }
 
-        let client = Arc::clone(&client);
         let tokens = Arc::clone(&tokens);
         let progress = progress.clone();
         tasks.spawn(async move {
-            let decision = send_planned(&client, &tokens, request, start, due).await;
+            let mut decision = send_planned(&client, &tokens, routed.request, start, due).await;
+            decision.instance = routed.instance;
             drop(permit);
             progress.inc(1);
             decision
@@ -179,6 +255,7 @@ async fn send_planned(
         lateness_ms: Some(milliseconds(sent.saturating_duration_since(due))),
         line: request.line,
         error,
+        instance: None,
     }
 }
 
@@ -318,6 +395,77 @@ mod tests {
         assert!(outcome.decisions.iter().all(|d| d.customer == "cust-a"));
         assert!(outcome.decisions.iter().all(|d| d.latency_ms.is_some()));
         assert_eq!(outcome.decisions[3].line, Some(60));
+    }
+
+    #[tokio::test]
+    async fn replay_across_targets_records_each_instance() {
+        let (first, first_served) = start_server(100).await;
+        let (second, second_served) = start_server(100).await;
+        let plan: Vec<_> = (0..40).map(|i| planned(i * 5, "cust-a")).collect();
+        let options = ReplayOptions {
+            progress: false,
+            ..ReplayOptions::new("http://unused")
+        };
+        let targets = [first, second];
+
+        let outcome =
+            run_replay_across(plan.clone(), &SigningKey::generate(), &options, &targets, 3)
+                .await
+                .unwrap();
+        let to_first = outcome
+            .decisions
+            .iter()
+            .filter(|d| d.instance == Some(0))
+            .count();
+        let to_second = outcome
+            .decisions
+            .iter()
+            .filter(|d| d.instance == Some(1))
+            .count();
+        assert_eq!(to_first + to_second, 40);
+        assert_eq!(to_first, first_served.load(Ordering::SeqCst));
+        assert_eq!(to_second, second_served.load(Ordering::SeqCst));
+        assert!(to_first > 0, "no request went to the first target");
+        assert!(to_second > 0, "no request went to the second target");
+
+        let again = run_replay_across(plan, &SigningKey::generate(), &options, &targets, 3)
+            .await
+            .unwrap();
+        let routes = |outcome: &ReplayOutcome| -> Vec<Option<usize>> {
+            let mut by_line: Vec<_> = outcome
+                .decisions
+                .iter()
+                .map(|d| (d.line, d.instance))
+                .collect();
+            by_line.sort();
+            by_line.into_iter().map(|(_, instance)| instance).collect()
+        };
+        assert_eq!(routes(&outcome), routes(&again), "same seed, other routes");
+    }
+
+    #[tokio::test]
+    async fn replay_across_no_targets_fails() {
+        let options = ReplayOptions::new("http://unused");
+        let error = run_replay_across(vec![], &SigningKey::generate(), &options, &[], 1)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ReplayError::InvalidTarget { .. }),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn single_target_replay_records_no_instance() {
+        let (target, _) = start_server(10).await;
+        let options = ReplayOptions {
+            progress: false,
+            ..ReplayOptions::new(target)
+        };
+        let outcome = run_replay(vec![planned(0, "a")], &SigningKey::generate(), &options)
+            .await
+            .unwrap();
+        assert_eq!(outcome.decisions[0].instance, None);
     }
 
     #[tokio::test]

@@ -122,6 +122,7 @@ mod tests {
             lateness_ms: None,
             line: None,
             error: None,
+            instance: None,
         }
     }
 

@@ -92,6 +92,10 @@ pub struct Config {
     pub tiers: Tiers,
     /// Customer slots in the shared limiter table.
     pub max_customers: u32,
+    /// Share of a quota this instance admits for a customer while it has
+    /// no sync reply about that customer from the last window, above 0 and
+    /// at most 1.
+    pub quota_share_before_sync: f64,
     /// Slots in the shared verified-token cache.
     pub token_cache_entries: u32,
     /// Lowercase names of client headers removed before the request goes
@@ -134,6 +138,14 @@ impl Config {
         let default_tier = raw.default_tier.as_deref().unwrap_or("basic");
         let tiers = tier::build_tiers(&raw_tiers, default_tier)?;
         let max_customers = table_slots("max_customers", raw.max_customers, DEFAULT_MAX_CUSTOMERS)?;
+        let quota_share_before_sync = raw.quota_share_before_sync.unwrap_or(1.0);
+        if !(quota_share_before_sync > 0.0 && quota_share_before_sync <= 1.0) {
+            return Err(ConfigError::invalid(
+                "quota_share_before_sync",
+                &quota_share_before_sync.to_string(),
+                "must be above 0 and at most 1; with N instances sharing quotas, 1/N",
+            ));
+        }
         let token_cache_entries = table_slots(
             "token_cache_entries",
             raw.token_cache_entries,
@@ -145,6 +157,7 @@ impl Config {
             verifier,
             tiers,
             max_customers,
+            quota_share_before_sync,
             token_cache_entries,
             forged_headers,
             sidecar,
@@ -383,6 +396,14 @@ mod tests {
     fn errors_name_field_and_value() {
         let cases = [
             (json!({"max_customers": 0}), "`max_customers` = 0"),
+            (
+                json!({"quota_share_before_sync": 0.0}),
+                "`quota_share_before_sync` = 0",
+            ),
+            (
+                json!({"quota_share_before_sync": 1.5}),
+                "`quota_share_before_sync` = 1.5",
+            ),
             (
                 json!({"token_cache_entries": 2_000_000}),
                 "`token_cache_entries` = 2000000",

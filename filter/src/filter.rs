@@ -71,7 +71,8 @@ impl Filter {
     pub fn new(host: &impl Host, config: Config, vm_id: &str) -> Self {
         Self {
             tokens: TokenCache::new(config.token_cache_entries),
-            limiter: Limiter::new(config.max_customers),
+            limiter: Limiter::new(config.max_customers)
+                .with_share_before_sync(config.quota_share_before_sync),
             usage: UsageQueue::new(vm_id),
             metrics: Metrics::define(host, &config.tiers),
             tiers: RefCell::new(Rc::new(config.tiers.clone())),
@@ -223,7 +224,11 @@ impl Filter {
         self.tiers_cas.set(value.cas);
         let bytes = value.bytes.unwrap_or_default();
         let Some(pushed) = decode_pushed_tiers(&bytes) else {
-            host.log(LogLevel::Error, "could not read the published tier limits");
+            host.log(
+                LogLevel::Error,
+                "failed to decode the tier limits published under veo.sync.tiers; keeping the \
+                 limits in force",
+            );
             return;
         };
         // The sync role checked these limits against the same

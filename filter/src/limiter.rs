@@ -30,6 +30,11 @@ pub const PROBES: u32 = 4;
 /// shared record.
 pub const MAX_ATTEMPTS: u32 = 32;
 
+/// Age after which an unchanged remote state is written again, so that it
+/// never looks older than a window, in milliseconds. Windows are at least
+/// one second long.
+const REMOTE_REFRESH_MS: u64 = 1_000;
+
 /// Token passed when writing a slot that did not exist at read time.
 /// proxy-wasm-cpp-host checks a token only against an existing key, so
 /// this creates the key when it is still missing and fails with a
@@ -85,6 +90,7 @@ enum Rank {
 #[derive(Debug, Clone)]
 pub struct Limiter {
     slots: u32,
+    share_before_sync: f64,
 }
 
 impl Limiter {
@@ -92,7 +98,15 @@ impl Limiter {
     pub fn new(slots: u32) -> Self {
         Self {
             slots: slots.max(1),
+            share_before_sync: 1.0,
         }
+    }
+
+    /// Sets the share of a quota admitted for a customer without a recent
+    /// sync reply about it (see [`decide::apply_with`]).
+    pub fn with_share_before_sync(mut self, share: f64) -> Self {
+        self.share_before_sync = share;
+        self
     }
 
     /// Decides one request of `customer` under `tier` at `now_ms`, counts
@@ -114,7 +128,7 @@ impl Limiter {
                 .or(placement.displaced.as_ref())
                 .is_some_and(|record| !record.pending.is_empty());
             let mut record = placement.own.unwrap_or_else(|| Record::new(customer));
-            let decision = decide::apply(&mut record, tier, now_ms);
+            let decision = decide::apply_with(&mut record, tier, now_ms, self.share_before_sync);
 
             let key = slot_key(placement.slot);
             match host.set_shared_data(&key, &record.encode(), Some(placement.cas)) {
@@ -152,9 +166,9 @@ impl Limiter {
         Err(LimiterError::Contention(MAX_ATTEMPTS))
     }
 
-    /// Stores what the last sync reply said about `customer` in its
-    /// record. Returns `false` when this instance holds no record of the
-    /// customer, which then starts without it.
+    /// Stores the usage at other instances from the last sync reply in the
+    /// record of `customer`. Returns `false` when this instance has no
+    /// record of the customer, so a record created later starts without it.
     pub fn set_remote(
         &self,
         host: &impl Host,
@@ -167,7 +181,8 @@ impl Limiter {
             for _ in 0..MAX_ATTEMPTS {
                 let value = host.get_shared_data(&key)?;
                 let (Some(bytes), Some(cas)) = (value.bytes, value.cas) else {
-                    // Slots are never deleted, so no later slot holds it.
+                    // Slots are never deleted, so no later slot contains the
+                    // customer either.
                     return Ok(false);
                 };
                 let Some(mut record) = Record::decode(&bytes) else {
@@ -175,6 +190,14 @@ impl Limiter {
                 };
                 if record.customer != customer {
                     continue 'probes;
+                }
+                let unchanged = record.remote.is_some_and(|current| {
+                    current.others_admitted == remote.others_admitted
+                        && current.cap == remote.cap
+                        && remote.updated_ms.saturating_sub(current.updated_ms) < REMOTE_REFRESH_MS
+                });
+                if unchanged {
+                    return Ok(true);
                 }
                 record.remote = Some(remote);
                 match host.set_shared_data(&key, &record.encode(), Some(cas)) {
@@ -540,9 +563,60 @@ mod tests {
         };
         assert_eq!(limiter.set_remote(&host, "acme", remote), Ok(true));
         assert!(admitted(&limiter, &host, "acme"));
-        let refused = limiter.admit(&host, "acme", &basic(), NOW, None).unwrap();
-        assert!(!refused.decision.admitted);
-        assert_eq!(refused.decision.quota.map(|state| state.remaining), Some(0));
+        let rejected = limiter.admit(&host, "acme", &basic(), NOW, None).unwrap();
+        assert!(!rejected.decision.admitted);
+        assert_eq!(
+            rejected.decision.quota.map(|state| state.remaining),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn share_before_sync_applies_until_reply() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(64).with_share_before_sync(0.5);
+        // Half of 3, rounded up.
+        assert!(admitted(&limiter, &host, "acme"));
+        assert!(admitted(&limiter, &host, "acme"));
+        assert!(!admitted(&limiter, &host, "acme"));
+
+        let remote = RemoteState {
+            others_admitted: 0,
+            cap: None,
+            updated_ms: NOW,
+        };
+        assert_eq!(limiter.set_remote(&host, "acme", remote), Ok(true));
+        assert!(admitted(&limiter, &host, "acme"));
+        assert!(!admitted(&limiter, &host, "acme"));
+    }
+
+    #[test]
+    fn unchanged_remote_state_is_not_written_again() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(64);
+        assert!(admitted(&limiter, &host, "acme"));
+        let remote = RemoteState {
+            others_admitted: 1,
+            cap: Some(2),
+            updated_ms: NOW,
+        };
+        assert_eq!(limiter.set_remote(&host, "acme", remote), Ok(true));
+        let slot = limiter.home_slot("acme");
+        let written = host.peek_shared_data(&slot_key(slot));
+
+        let again = RemoteState {
+            updated_ms: NOW + 500,
+            ..remote
+        };
+        assert_eq!(limiter.set_remote(&host, "acme", again), Ok(true));
+        assert_eq!(host.peek_shared_data(&slot_key(slot)), written);
+
+        let refreshed = RemoteState {
+            updated_ms: NOW + 1_000,
+            ..remote
+        };
+        assert_eq!(limiter.set_remote(&host, "acme", refreshed), Ok(true));
+        assert_eq!(stored(&host, slot).remote, Some(refreshed));
     }
 
     #[test]

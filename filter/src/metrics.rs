@@ -38,7 +38,7 @@ pub enum Counter {
     /// Requests admitted under the "local" failure policy while the shared
     /// counters were unreachable.
     FailOpen,
-    /// Requests refused under the "refuse" failure policy while the shared
+    /// Requests rejected under the "refuse" failure policy while the shared
     /// counters were unreachable.
     FailClosed,
 }

@@ -60,13 +60,13 @@ pub fn too_many_requests(tier: &Tier, decision: &Decision) -> LocalReply {
     }
 }
 
-/// Returns the refusal of a request whose tier refuses while the counters
-/// shared with other instances are unreachable.
+/// Returns the rejection of a request whose tier has the "refuse" failure
+/// policy while the counters shared with other instances are unreachable.
 pub fn counters_unavailable(tier: &Tier, status: u16) -> LocalReply {
     let body = json!({
         "error": "quota_unavailable",
         "tier": tier.name,
-        "message": "the shared quota counters are unreachable and this tier refuses \
+        "message": "the shared quota counters are unreachable and this tier rejects \
                     requests until they are back; retry later",
         "retry_after_seconds": 1,
     });

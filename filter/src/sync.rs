@@ -6,14 +6,14 @@
 //! One call is in flight at a time. A batch is resent unchanged, with the
 //! same sequence number, until the sidecar acknowledges it, while new
 //! usage collects for the next batch. The sequence advances only on
-//! success, so the sidecar applies every batch once. With no usage to send
-//! but customers whose usage at other instances matters, the tick sends a
-//! poll (a batch without usage) for the reply alone.
+//! success, so the sidecar applies every batch once. When there is no usage
+//! to send but the last reply named any customer, the tick sends a poll (a
+//! batch without usage) for the reply alone.
 //!
 //! Each reply's view of other instances is written into the customers'
 //! limiter records, where the request path reads it at no extra cost. The
-//! reply also sets the next interval, shorter near a quota, and says
-//! whether the counters shared with other sidecars are reachable; the
+//! reply also sets the next interval, shorter near a quota, and reports
+//! whether the counters shared with other sidecars are reachable. The
 //! workers read that state from shared data on their own timer.
 
 pub mod batch;
@@ -75,8 +75,9 @@ pub struct Sync {
     base_tiers: Tiers,
     /// Tiers in force: the configured ones with the pushed limits.
     tiers: Tiers,
-    /// The pushed limits last seen, encoded as in [`TIERS_KEY`].
-    pushed_tiers: Vec<u8>,
+    /// The pushed limits last seen, encoded as in [`TIERS_KEY`]; `None`
+    /// until the first reply, so that it publishes whatever it carries.
+    pushed_tiers: Option<Vec<u8>>,
     limiter: Limiter,
     collected: BTreeMap<UsageKey, UsageTotals>,
     retry_slots: Vec<u32>,
@@ -86,7 +87,7 @@ pub struct Sync {
     failing: bool,
     consecutive_failures: u32,
     degraded: bool,
-    poll_wanted: bool,
+    poll_due: bool,
     interval: Duration,
 }
 
@@ -110,7 +111,7 @@ impl Sync {
             metrics,
             base_tiers: tiers.clone(),
             tiers,
-            pushed_tiers: Vec::new(),
+            pushed_tiers: None,
             limiter,
             collected: BTreeMap::new(),
             retry_slots: Vec::new(),
@@ -120,7 +121,7 @@ impl Sync {
             failing: false,
             consecutive_failures: 0,
             degraded: false,
-            poll_wanted: false,
+            poll_due: false,
         }
     }
 
@@ -131,7 +132,8 @@ impl Sync {
         self.settings = settings;
         self.base_tiers = tiers.clone();
         self.tiers = tiers;
-        self.pushed_tiers.clear();
+        // Unknown, so the next reply publishes its limits, none included.
+        self.pushed_tiers = None;
         self.limiter = limiter;
     }
 
@@ -140,13 +142,13 @@ impl Sync {
         &self.instance_id
     }
 
-    /// Returns the timer period the role wants now.
+    /// Returns the current timer period of the role.
     pub fn interval(&self) -> Duration {
         self.interval
     }
 
-    /// Periodic work: collect usage, then send a batch or a poll unless a
-    /// call is in flight.
+    /// Collects usage, then sends a batch or a poll unless a call is in
+    /// flight.
     pub fn on_tick(&mut self, host: &impl Host) {
         self.collect(host);
         self.metrics.flush(host);
@@ -172,7 +174,7 @@ impl Sync {
         }
         let (message, poll) = match &self.unacknowledged {
             Some(batch) => (batch.encoded.clone(), false),
-            None if self.poll_wanted => (self.poll_message(host), true),
+            None if self.poll_due => (self.poll_message(host), true),
             None => return,
         };
 
@@ -291,7 +293,7 @@ impl Sync {
                 Err(error) => host.log(
                     LogLevel::Warn,
                     &format!(
-                        "could not store remote usage customer={} error={error}; the next \
+                        "failed to store remote usage customer={} error={error}; the next \
                          reply updates it",
                         usage.customer
                     ),
@@ -301,10 +303,12 @@ impl Sync {
         if missing > 0 {
             host.log(
                 LogLevel::Debug,
-                &format!("remote usage for {missing} customers without a record here"),
+                &format!(
+                    "skipped remote usage of {missing} customers without a record on this instance"
+                ),
             );
         }
-        self.poll_wanted = !reply.remote_usage.is_empty();
+        self.poll_due = !reply.remote_usage.is_empty();
         self.set_degraded(host, reply.counters_degraded);
         self.apply_tiers(host, &reply.tiers);
 
@@ -328,7 +332,7 @@ impl Sync {
             }
             .encode_to_vec()
         };
-        if bytes == self.pushed_tiers {
+        if self.pushed_tiers.as_ref() == Some(&bytes) {
             return;
         }
         let tiers = match self.base_tiers.with_pushed(pushed) {
@@ -350,14 +354,14 @@ impl Sync {
                     LogLevel::Error,
                     &format!("ignoring tier limits from the sidecar: {error}"),
                 );
-                self.pushed_tiers = bytes;
+                self.pushed_tiers = Some(bytes);
                 return;
             }
         };
         if let Err(error) = host.set_shared_data(TIERS_KEY, &bytes, None) {
             host.log(
                 LogLevel::Error,
-                &format!("could not publish tier limits: {error}"),
+                &format!("failed to publish tier limits: {error}"),
             );
             return;
         }
@@ -367,7 +371,7 @@ impl Sync {
             &format!("tier limits in force: {}", summary.join("; ")),
         );
         self.tiers = tiers;
-        self.pushed_tiers = bytes;
+        self.pushed_tiers = Some(bytes);
     }
 
     fn set_interval(&mut self, host: &impl Host, interval: Duration) {
@@ -379,7 +383,7 @@ impl Sync {
             Err(error) => host.log(
                 LogLevel::Warn,
                 &format!(
-                    "could not set the sync interval to {} ms: {error}",
+                    "failed to set the sync interval to {} ms: {error}",
                     interval.as_millis()
                 ),
             ),
@@ -400,7 +404,7 @@ impl Sync {
             Err(error) => {
                 host.log(
                     LogLevel::Error,
-                    &format!("could not publish the sync state: {error}"),
+                    &format!("failed to publish the sync state: {error}"),
                 );
                 return;
             }
@@ -845,7 +849,7 @@ mod tests {
     }
 
     #[test]
-    fn other_instances_usage_limits_the_next_requests() {
+    fn other_instances_usage_limits_requests() {
         let mut instance = Instance::new();
         assert_eq!(instance.requests("acme", 1), 1);
         instance.sync.on_tick(&instance.sync_host);
@@ -857,12 +861,12 @@ mod tests {
         };
         instance.reply(token, &reply);
 
-        // A quota of 3 per window, 1 here and 1 elsewhere leave 1.
+        // A quota of 3 per window, with 1 admitted here and 1 elsewhere, leaves 1.
         assert_eq!(instance.requests("acme", 5), 1);
     }
 
     #[test]
-    fn cap_near_the_quota_limits_this_instance() {
+    fn cap_near_quota_limits_instance() {
         let mut instance = Instance::new();
         assert_eq!(instance.requests("acme", 1), 1);
         instance.sync.on_tick(&instance.sync_host);
@@ -884,7 +888,7 @@ mod tests {
     }
 
     #[test]
-    fn poll_keeps_remote_usage_fresh_without_new_usage() {
+    fn poll_refreshes_remote_usage_when_idle() {
         let mut instance = Instance::new();
         instance.requests("acme", 1);
         instance.sync.on_tick(&instance.sync_host);
@@ -936,7 +940,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_calls_in_a_row_count_as_degraded() {
+    fn consecutive_failures_count_as_degraded() {
         let mut instance = Instance::new();
         instance.requests("acme", 1);
         for round in 0..DEGRADED_AFTER_FAILURES {

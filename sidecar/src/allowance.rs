@@ -1,15 +1,16 @@
-//! What each instance may admit of a customer's quota.
+//! Allowance of each instance within a customer's quota.
 //!
 //! Far from the quota an instance decides on its own count plus what the
 //! others admitted, as of its last sync. Once the customer has used
 //! `near_quota_fraction` of the quota across all instances, each instance
 //! also gets a cap: its own admissions in the window plus its share of what
 //! is left, weighted by the requests it received in the window. The shares
-//! are rounded down, so the caps of all instances together never hand out
-//! more than is left as this sidecar sees it.
+//! are rounded down and the remaining units go to the largest remainders,
+//! so the caps of all instances together hand out exactly what is left by
+//! this sidecar's counts, never more.
 //!
-//! Over-admission therefore comes only from usage a grant could not yet
-//! see: with `n` instances, each admitting at most `r` requests per second
+//! Over-admission therefore comes only from usage that had not reached this
+//! sidecar when it computed a grant. With `n` instances, each admitting at most `r` requests per second
 //! of the customer, a sync interval `t`, a shared-store flush interval `f`
 //! and call latency `l`, at most `(n - 1) * r * (t + f + l)` requests
 //! beyond the quota in any window.
@@ -22,7 +23,7 @@ pub struct AllowanceSettings {
     /// Share of the quota used across all instances from which each
     /// instance gets a cap, between 0 and 1.
     pub near_quota_fraction: f64,
-    /// Sync interval asked of an instance while one of its customers is
+    /// Sync interval requested of an instance while one of its customers is
     /// near the quota, in milliseconds.
     pub near_sync_ms: u32,
 }
@@ -30,13 +31,13 @@ pub struct AllowanceSettings {
 impl Default for AllowanceSettings {
     fn default() -> Self {
         AllowanceSettings {
-            near_quota_fraction: 0.5,
+            near_quota_fraction: 0.0,
             near_sync_ms: 100,
         }
     }
 }
 
-/// One customer as this sidecar sees it.
+/// One customer's window counts, as recorded by this sidecar.
 #[derive(Debug, Clone, Copy)]
 pub struct CustomerView<'a> {
     /// Quota in requests per window, when the customer's tier has one.
@@ -47,17 +48,17 @@ pub struct CustomerView<'a> {
     pub elsewhere: Counts,
 }
 
-/// What one instance is told about one customer.
+/// Usage of one customer sent to one instance in a sync reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
     /// Requests every other instance admitted within the window.
     pub others_admitted: u64,
-    /// Most requests the instance may have admitted within the window,
+    /// Maximum requests the instance may have admitted within the window,
     /// counting its own only; `None` far from the quota.
     pub cap: Option<u64>,
 }
 
-/// Works out the grant of `instance` for the customer in `view`.
+/// Computes the grant of `instance` for the customer in `view`.
 pub fn grant(view: &CustomerView<'_>, instance: &str, settings: &AllowanceSettings) -> Grant {
     let mut global = view.elsewhere;
     let mut own = Counts::default();
@@ -85,19 +86,72 @@ pub fn grant(view: &CustomerView<'_>, instance: &str, settings: &AllowanceSettin
     }
 
     let left = quota.saturating_sub(global.admitted);
-    let share = if global.requests == 0 || own.requests == 0 {
-        // An instance with no requests in the window gets nothing until it
-        // shows demand; the next sync, at the near interval, corrects it.
-        0
-    } else {
-        // u128 keeps left * requests exact; the quotient is at most `left`.
-        let share = u128::from(left) * u128::from(own.requests) / u128::from(global.requests);
-        u64::try_from(share).unwrap_or(left)
-    };
     Grant {
         others_admitted,
-        cap: Some(own.admitted.saturating_add(share)),
+        cap: Some(
+            own.admitted
+                .saturating_add(share_of(view, instance, left, global.requests)),
+        ),
     }
+}
+
+/// Splits `left` among this sidecar's instances and the other sidecars by
+/// their requests in the window, and returns the part of `instance`.
+///
+/// Each part is rounded down, and the units left over go one each to the
+/// parts with the largest fractions, ties to the lowest name (the other
+/// sidecars last). So the parts add up to exactly `left`: rounding down
+/// alone could leave a unit that no instance may use, for the rest of the
+/// window. An instance without requests in the window gets nothing until it
+/// shows demand; the next sync, at the near interval, corrects that.
+fn share_of(view: &CustomerView<'_>, instance: &str, left: u64, total_requests: u64) -> u64 {
+    if total_requests == 0 || left == 0 {
+        return 0;
+    }
+    // Entries: (name, requests); `None` names the other sidecars together.
+    let mut parts: Vec<(Option<&str>, u128, u128)> = view
+        .local
+        .iter()
+        .map(|&(name, counts)| (Some(name), u128::from(counts.requests), 0))
+        .collect();
+    parts.push((None, u128::from(view.elsewhere.requests), 0));
+
+    let left = u128::from(left);
+    let total = u128::from(total_requests);
+    let mut handed = 0u128;
+    for part in &mut parts {
+        // left * requests fits u128; the quotient is at most `left`.
+        part.2 = left * part.1 / total;
+        handed += part.2;
+    }
+    let mut spare = left.saturating_sub(handed);
+    if spare > 0 {
+        let mut order: Vec<usize> = (0..parts.len())
+            .filter(|&index| parts[index].1 > 0)
+            .collect();
+        order.sort_by(|&a, &b| {
+            let fraction = |index: usize| left * parts[index].1 % total;
+            fraction(b)
+                .cmp(&fraction(a))
+                .then_with(|| match (parts[a].0, parts[b].0) {
+                    (Some(x), Some(y)) => x.cmp(y),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => std::cmp::Ordering::Equal,
+                })
+        });
+        for index in order {
+            if spare == 0 {
+                break;
+            }
+            parts[index].2 += 1;
+            spare -= 1;
+        }
+    }
+    parts
+        .iter()
+        .find(|part| part.0 == Some(instance))
+        .map_or(0, |part| u64::try_from(part.2).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -200,5 +254,46 @@ mod tests {
                 cap: None
             }
         );
+    }
+
+    #[test]
+    fn last_unit_goes_to_one_instance() {
+        // 59 of 60 used with equal demand: rounding down alone would give the
+        // last request to no instance.
+        let local = [("a", counts(30, 50)), ("b", counts(29, 50))];
+        let view = CustomerView {
+            quota: Some(60),
+            local: &local,
+            elsewhere: Counts::default(),
+        };
+        assert_eq!(grant(&view, "a", &SETTINGS).cap, Some(31));
+        assert_eq!(grant(&view, "b", &SETTINGS).cap, Some(29));
+    }
+
+    #[test]
+    fn parts_add_up_to_what_is_left() {
+        for left in 0..50u64 {
+            let local = [
+                ("a", counts(1, 7)),
+                ("b", counts(1, 11)),
+                ("c", counts(1, 13)),
+            ];
+            let view = CustomerView {
+                quota: Some(3 + left),
+                local: &local,
+                elsewhere: counts(0, 5),
+            };
+            let total = 7 + 11 + 13 + 5;
+            let local_parts: u64 = ["a", "b", "c"]
+                .iter()
+                .map(|name| share_of(&view, name, left, total))
+                .sum();
+            let elsewhere_part = left * 5 / total;
+            assert!(local_parts <= left, "{local_parts} of {left}");
+            assert!(
+                local_parts + elsewhere_part + 1 >= left,
+                "{local_parts} of {left}"
+            );
+        }
     }
 }

@@ -34,15 +34,19 @@ pub const MIN_MAX_RECORDS_PER_BATCH: i64 = 10_000;
 pub const MAX_MAX_RECORDS_PER_BATCH: i64 = 100_000;
 /// Default time allowed for in-flight calls at shutdown, in seconds.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: i64 = 10;
-/// Default sync interval asked of an instance near a quota, in
+/// Default sync interval requested of an instance near a quota, in
 /// milliseconds.
 pub const DEFAULT_SYNC_INTERVAL_NEAR_MS: i64 = 100;
 /// Default share of a quota from which instances get caps.
-pub const DEFAULT_NEAR_QUOTA_FRACTION: f64 = 0.5;
+pub const DEFAULT_NEAR_QUOTA_FRACTION: f64 = 0.0;
 /// Default key prefix in Redis.
 pub const DEFAULT_KEY_PREFIX: &str = "veo";
-/// Default number of Redis shards (hash tags) the counters spread over.
-pub const DEFAULT_SHARDS: i64 = 4;
+/// Default number of shards (hash tags) on one Redis server: one script
+/// call per exchange.
+pub const DEFAULT_SHARDS: i64 = 1;
+/// Default number of shards on a Redis Cluster, enough to spread the
+/// counters over several masters.
+pub const DEFAULT_CLUSTER_SHARDS: i64 = 8;
 /// Default interval between exchanges with Redis, in milliseconds.
 pub const DEFAULT_FLUSH_INTERVAL_MS: i64 = 100;
 /// Default deadline of one Redis exchange, in milliseconds.
@@ -51,10 +55,10 @@ pub const DEFAULT_REDIS_TIMEOUT_MS: i64 = 500;
 /// days).
 pub const DEFAULT_TOTALS_TTL_SECONDS: i64 = 172_800;
 
-/// Where the counters shared between sidecars live.
+/// Backend of the counters shared between sidecars.
 #[derive(Debug, Clone)]
 pub enum CountersConfig {
-    /// Only this sidecar counts: one host.
+    /// Counts of this sidecar's instances only, for one host.
     Embedded,
     /// Redis, shared by every sidecar with the same key prefix.
     Redis(RedisConfig),
@@ -285,12 +289,13 @@ impl Config {
         self.shutdown_grace
     }
 
-    /// How allowances near a quota are worked out.
+    /// Returns the allowance settings: when caps start and the sync
+    /// interval near a quota.
     pub fn allowance(&self) -> AllowanceSettings {
         self.allowance
     }
 
-    /// Where the counters shared between sidecars live.
+    /// Returns the backend of the counters shared between sidecars.
     pub fn counters(&self) -> &CountersConfig {
         &self.counters
     }
@@ -312,9 +317,9 @@ impl Config {
     }
 }
 
-/// Largest quota of a tier, in requests per window.
+/// Maximum quota of a tier, in requests per window.
 const MAX_TIER_QUOTA: i64 = 100_000;
-/// Largest token-bucket size, in requests.
+/// Maximum token-bucket size, in requests.
 const MAX_TIER_BURST: i64 = 1_000_000;
 
 /// Validates the `[tiers.<name>]` tables into the limits sent to the
@@ -352,7 +357,9 @@ fn tiers_config(
             return Err(invalid(
                 "tiers.<name>.quota_requests",
                 format!("{quota} (tier {name})"),
-                format!("must be 1 to {MAX_TIER_QUOTA} requests per window, or absent"),
+                format!(
+                    "must be 0 to {MAX_TIER_QUOTA} requests per window; 0 or absent means no quota"
+                ),
             ));
         }
         let rate = tier.burst_rate_per_second.unwrap_or(0.0);
@@ -518,8 +525,12 @@ fn counters_config(
         },
         value: value.unwrap_or(default),
     };
+    let default_shards = match target {
+        RedisTarget::Standalone(_) => DEFAULT_SHARDS,
+        RedisTarget::Cluster(_) => DEFAULT_CLUSTER_SHARDS,
+    };
     let shards =
-        number("counters.shards", file.shards, DEFAULT_SHARDS).within(1, 1024, "shards")?;
+        number("counters.shards", file.shards, default_shards).within(1, 1024, "shards")?;
     let flush_ms: u64 = number(
         "counters.flush_interval_ms",
         file.flush_interval_ms,

@@ -1,5 +1,5 @@
 //! Global counters: usage that several sidecars share, so that a customer's
-//! quota holds across every Envoy instance that serves it.
+//! quota applies across every Envoy instance that serves it.
 //!
 //! Each sidecar contributes the requests its own instances admitted, in
 //! one-second buckets, and reads back the window totals of every sidecar
@@ -17,25 +17,26 @@ use std::collections::HashMap;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Contribution {
     /// Position in this sidecar's outbox; strictly increasing in the order
-    /// contributions were made, and never reused. The store applies each
-    /// id at most once per sidecar, so a resent contribution counts once.
+    /// contributions were made, and never reused. Each shard of the store
+    /// applies an id at most once per sidecar id, so a resent contribution
+    /// counts once.
     pub id: i64,
     /// Customer identifier.
     pub customer: String,
     /// Start of the bucket, in seconds since the Unix epoch.
     pub bucket_unix_s: i64,
-    /// Requests admitted, in requests.
+    /// Requests admitted.
     pub admitted: u64,
-    /// Requests received, admitted or refused, in requests.
+    /// Requests received, admitted or rejected.
     pub requests: u64,
 }
 
 /// Totals of one customer over the window, summed over every sidecar.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WindowTotals {
-    /// Requests admitted within the window, in requests.
+    /// Requests admitted within the window.
     pub admitted: u64,
-    /// Requests received within the window, in requests.
+    /// Requests received within the window.
     pub requests: u64,
 }
 
@@ -44,7 +45,7 @@ pub struct WindowTotals {
 pub struct Exchange<'a> {
     /// Contributions to add, in ascending `id` order.
     pub contributions: &'a [Contribution],
-    /// Customers whose window totals are wanted.
+    /// Customers whose window totals are requested.
     pub customers: &'a [String],
     /// Current time, in seconds since the Unix epoch.
     pub now_unix_s: i64,
@@ -72,14 +73,14 @@ pub enum CounterError {
         /// Cause as reported by the client.
         detail: String,
     },
-    /// The server refused writes (a replica after failover); the next call
-    /// reconnects.
+    /// The server rejected writes because it is a replica, as after a
+    /// failover. The next call reconnects.
     #[error("Redis at {target} is read-only (a replica); reconnecting on the next call")]
     ReadOnly {
         /// Address or cluster seed list, without credentials.
         target: String,
     },
-    /// The store answered with an error or a reply of the wrong shape.
+    /// The store returned an error or a reply of the wrong shape.
     #[error("Redis at {target} rejected the counter update: {detail}")]
     Rejected {
         /// Address or cluster seed list, without credentials.

@@ -21,9 +21,9 @@ const BUCKETS_PER_WINDOW: u64 = 60;
 /// Requests of one customer at one instance within the window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
-    /// Requests admitted, in requests.
+    /// Requests admitted.
     pub admitted: u64,
-    /// Requests received, admitted or refused, in requests.
+    /// Requests received, admitted or rejected.
     pub requests: u64,
 }
 
@@ -195,6 +195,13 @@ impl RecentUsage {
     /// Returns every customer tracked, as of the last prune.
     pub fn customers(&self) -> Vec<String> {
         self.customers.keys().cloned().collect()
+    }
+
+    /// Prunes as [`RecentUsage::prune`] does, at most once per second.
+    pub fn prune_if_due(&mut self, now_s: u64) {
+        if now_s != self.pruned_at_s {
+            self.prune(now_s);
+        }
     }
 
     /// Drops buckets that ended before the window ending at `now_s`, then

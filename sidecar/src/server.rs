@@ -139,8 +139,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let _ = stop.send(());
     finish(server, config.shutdown_grace()).await;
     if let Some(task) = counters_task {
-        // One last exchange writes what the outbox holds; what it cannot
-        // write stays in the outbox for the next start.
+        // One last exchange writes the outbox to Redis. Rows it cannot
+        // write stay in the outbox for the next start.
         let _ = stop_counters.send(true);
         if tokio::time::timeout(config.shutdown_grace(), task)
             .await
@@ -157,6 +157,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         warn!(path = %path.display(), error = %err, "failed to remove the ready file");
     }
     reload.abort();
+    // The reload task holds a handle to the store; wait until it is gone so
+    // that the store closes cleanly.
+    let _ = reload.await;
     store.close().await;
     info!("stopped");
     Ok(())
@@ -169,8 +172,8 @@ async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerEr
     Ok((listener, bound))
 }
 
-/// Builds the router of every service and marks them serving; with Redis
-/// configured, also the shared counters, not yet running.
+/// Builds the router of every service and marks them serving. With Redis
+/// configured, it also builds the shared counters, which the caller runs.
 async fn build_router(
     config: &Config,
     store: &Store,
@@ -228,13 +231,13 @@ async fn build_router(
     Ok((health, router, shared, sync))
 }
 
-/// Reloads the tier limits from the config file on each SIGHUP; a file
-/// that fails validation leaves the limits in force and logs why.
+/// Reloads the tier limits from the config file on each SIGHUP. A file
+/// that fails validation leaves the limits in force and logs the error.
 async fn reload_tiers_on_hangup(config: Config, sync: SyncService) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => signal,
         Err(err) => {
-            warn!(error = %err, "could not install the SIGHUP handler; tier limits reload only on restart");
+            warn!(error = %err, "failed to install the SIGHUP handler; tier limits reload only on restart");
             return;
         }
     };
@@ -263,8 +266,9 @@ async fn reload_tiers_on_hangup(config: Config, sync: SyncService) {
     }
 }
 
-/// Returns a new sidecar id: 16 hex digits from the clock and process id,
-/// stored in the data directory so that it survives restarts.
+/// Returns a new sidecar id: `sidecar-` and 16 hex digits of a randomly
+/// seeded hash of the clock and process id. The caller stores it in the
+/// data directory so that it survives restarts.
 fn generated_sidecar_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();

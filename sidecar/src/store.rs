@@ -178,7 +178,7 @@ impl Store {
     }
 
     /// Removes the outbox rows up to and including `id`, once the shared
-    /// counters hold them.
+    /// counters have applied them.
     pub async fn remove_outbox(&self, id: i64) -> Result<(), StoreError> {
         self.run("trim the counter outbox", Role::Writer, move |conn| {
             conn.execute("DELETE FROM counter_outbox WHERE id <= ?1", [id])

@@ -33,9 +33,9 @@ pub struct SyncService {
 /// One customer's part of a batch.
 #[derive(Debug, Clone, Default)]
 struct BatchCustomer {
-    /// Tier of the customer's latest record.
+    /// Tier of the customer's last record in the batch.
     tier: String,
-    /// Requests within the window ending now.
+    /// Requests of the batch in minutes that overlap the window ending now.
     recent: Counts,
     /// Quota of the customer's tier, in requests per window.
     quota: Option<u64>,
@@ -62,7 +62,8 @@ impl SyncService {
         }
     }
 
-    /// Sets how allowances are worked out.
+    /// Sets the allowance settings: when caps start and the sync interval
+    /// near a quota.
     pub fn with_allowance(mut self, allowance: AllowanceSettings) -> SyncService {
         self.allowance = allowance;
         self
@@ -107,8 +108,8 @@ impl SyncService {
         }
         let mut customers = batch_customers(&batch.records, now_s, self.window_seconds);
         {
-            // The sidecar's own limits, when it has them, decide the
-            // quota that caps are worked out from.
+            // The sidecar's own tier limits, when configured, set the quota
+            // that caps are computed from.
             let tiers = self.tiers.read().unwrap_or_else(PoisonError::into_inner);
             for part in customers.values_mut() {
                 if let Some(limits) = tiers.iter().find(|limits| limits.name == part.tier) {
@@ -174,6 +175,9 @@ impl SyncService {
         now_s: u64,
     ) -> SyncResponse {
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        // Without the prune, a poll would keep naming customers whose
+        // usage left the window, and the instance would poll for ever.
+        recent.prune_if_due(now_s);
         for (customer, part) in applied {
             recent.record(instance, customer, part.recent, now_s);
             recent.set_quota(customer, part.quota);
@@ -264,7 +268,11 @@ mod tests {
 
     fn service(dir: &tempfile::TempDir) -> SyncService {
         let store = Store::open(dir.path()).unwrap();
-        SyncService::new(store, 60, 100, 1_000)
+        // Caps from half the quota on, so the tests see both modes.
+        SyncService::new(store, 60, 100, 1_000).with_allowance(AllowanceSettings {
+            near_quota_fraction: 0.5,
+            near_sync_ms: 100,
+        })
     }
 
     fn current_minute() -> i64 {
@@ -395,7 +403,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn near_the_quota_each_instance_gets_a_cap_and_a_short_interval() {
+    async fn near_quota_gets_cap_and_short_interval() {
         let dir = tempfile::tempdir().unwrap();
         let sync = service(&dir);
         let minute = current_minute();
@@ -407,7 +415,7 @@ mod tests {
         assert_eq!(caps(&far), [("c1", None)]);
         assert_eq!(far.next_sync_ms, 0);
 
-        // 20 + 20 of 60 used, equal demand: 10 left for each.
+        // 20 + 20 of 60 used with equal demand: 10 more for each instance.
         let near = sync
             .apply(request("b", 1, &[("c1", minute, 20)]))
             .await
@@ -448,5 +456,23 @@ mod tests {
         let sync = service(&dir);
         let poll = sync.apply(request("a", 0, &[])).await.unwrap();
         assert!(poll.remote_usage.is_empty());
+    }
+
+    #[tokio::test]
+    async fn poll_stops_naming_customers_after_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sync = SyncService::new(store, 1, 100, 1_000);
+        let minute = current_minute();
+        sync.apply(request("a", 1, &[("c1", minute, 2)]))
+            .await
+            .unwrap();
+
+        let soon = sync.apply(request("a", 1, &[])).await.unwrap();
+        assert_eq!(remote(&soon), [("c1", 0)]);
+
+        tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+        let later = sync.apply(request("a", 1, &[])).await.unwrap();
+        assert!(later.remote_usage.is_empty(), "{:?}", later.remote_usage);
     }
 }

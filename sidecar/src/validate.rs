@@ -19,9 +19,9 @@ pub const MAX_REQUESTS_PER_RECORD: u64 = 4_294_967_295;
 /// Latest accepted minute: 9999-12-31T23:59:00Z, in seconds since the
 /// Unix epoch.
 pub const MAX_MINUTE_UNIX_S: i64 = 253_402_300_740;
-/// Largest accepted quota, in requests per window.
+/// Maximum accepted quota, in requests per window.
 pub const MAX_QUOTA_REQUESTS: u64 = 4_294_967_295;
-/// Longest accepted quota window, in milliseconds (one day).
+/// Maximum accepted quota window, in milliseconds (one day).
 pub const MAX_QUOTA_WINDOW_MS: u64 = 86_400_000;
 /// Maximum number of buckets one usage query may span.
 pub const MAX_QUERY_BUCKETS: i64 = 100_000;

@@ -14,7 +14,7 @@ use veo_tests::{RedisCluster, RedisServer};
 /// A fixed clock for the tests that do not depend on real time.
 const NOW: i64 = 1_700_000_000;
 
-/// Window length of most tests, in seconds.
+/// Window length of the tests that do not set their own, in seconds.
 const WINDOW: u32 = 60;
 
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -96,7 +96,7 @@ fn expected_totals(contributions: &[&[Contribution]]) -> HashMap<String, WindowT
 
 /// Proves two sidecars on one server each read the sum of both.
 #[tokio::test]
-async fn two_sidecars_see_the_sum() -> anyhow::Result<()> {
+async fn two_sidecars_read_the_sum() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server = RedisServer::start(dir.path()).await?;
     let side_a = counters(&server, "side-a")?;
@@ -110,14 +110,14 @@ async fn two_sidecars_see_the_sum() -> anyhow::Result<()> {
         .collect();
 
     exchange_at(&side_a, &from_a, &[], NOW).await?;
-    let seen_by_b = exchange_at(&side_b, &from_b, &names, NOW).await?;
-    let seen_by_a = exchange_at(&side_a, &[], &names, NOW).await?;
+    let read_by_b = exchange_at(&side_b, &from_b, &names, NOW).await?;
+    let read_by_a = exchange_at(&side_a, &[], &names, NOW).await?;
 
     let expected = expected_totals(&[&from_a, &from_b]);
-    assert_eq!(seen_by_b.totals, expected, "totals read by side-b");
-    assert_eq!(seen_by_a.totals, expected, "totals read by side-a");
+    assert_eq!(read_by_b.totals, expected, "totals read by side-b");
+    assert_eq!(read_by_a.totals, expected, "totals read by side-a");
     assert_eq!(
-        seen_by_a.totals.get("cus_0"),
+        read_by_a.totals.get("cus_0"),
         Some(&WindowTotals {
             admitted: 10,
             requests: 12
@@ -520,10 +520,10 @@ async fn replica_is_read_only_until_promoted() -> anyhow::Result<()> {
     let batch = [contribution(1, "cus_a", NOW, 2)];
     let names = customers(&["cus_a"]);
 
-    let refused = exchange_at(&side_a, &batch, &names, NOW).await;
+    let rejected = exchange_at(&side_a, &batch, &names, NOW).await;
     ensure!(
-        matches!(refused, Err(CounterError::ReadOnly { .. })),
-        "expected ReadOnly, got {refused:?}"
+        matches!(rejected, Err(CounterError::ReadOnly { .. })),
+        "expected ReadOnly, got {rejected:?}"
     );
 
     let _: () = replica
@@ -534,10 +534,10 @@ async fn replica_is_read_only_until_promoted() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Proves two sidecars on a three-master Redis Cluster with 8 shards see
+/// Proves two sidecars on a three-master Redis Cluster with 8 shards read
 /// the sum, with the shards spread over the masters.
 #[tokio::test]
-async fn cluster_sidecars_see_the_sum() -> anyhow::Result<()> {
+async fn cluster_sidecars_read_the_sum() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = RedisCluster::start(dir.path(), 3).await?;
     let cluster_counters = |sidecar_id: &str| -> anyhow::Result<RedisCounters> {
@@ -559,14 +559,14 @@ async fn cluster_sidecars_see_the_sum() -> anyhow::Result<()> {
     exchange_at(&side_a, &from_a, &[], NOW).await?;
     exchange_at(&side_b, &from_b, &names, NOW).await?;
     let again = exchange_at(&side_b, &from_b, &names, NOW).await?;
-    let seen_by_a = exchange_at(&side_a, &[], &names, NOW).await?;
+    let read_by_a = exchange_at(&side_a, &[], &names, NOW).await?;
 
     let expected = expected_totals(&[&from_a, &from_b]);
     assert_eq!(
         again.totals, expected,
         "totals read by side-b after a resend"
     );
-    assert_eq!(seen_by_a.totals, expected, "totals read by side-a");
+    assert_eq!(read_by_a.totals, expected, "totals read by side-a");
     let minutes = side_a.minute_totals(&names, NOW, NOW).await?;
     assert_eq!(minutes.get("cus_7"), Some(&7));
 

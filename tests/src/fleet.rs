@@ -19,7 +19,7 @@ use crate::upstream::EchoUpstream;
 /// Counter that makes each fleet's node ids unique within this process.
 static NEXT_FLEET: AtomicU32 = AtomicU32::new(0);
 
-/// How a fleet is started.
+/// Options for starting a fleet.
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
     /// Number of instances, at least 1.
@@ -50,7 +50,7 @@ impl FleetOptions {
 pub struct Instance {
     /// Envoy with the filter.
     pub envoy: Envoy,
-    /// The sidecar of this Envoy alone.
+    /// The sidecar that only this Envoy syncs with.
     pub sidecar: Sidecar,
     dir: PathBuf,
 }
@@ -159,7 +159,7 @@ impl Fleet {
             .collect()
     }
 
-    /// Returns the folder with every instance's folder.
+    /// Returns the folder that contains every instance's folder.
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

@@ -1,4 +1,4 @@
-//! gRPC health checks of a sidecar, as Kubernetes or Envoy would ask.
+//! gRPC health checks of a sidecar, as Kubernetes or Envoy would send them.
 
 use std::net::SocketAddr;
 
@@ -19,8 +19,8 @@ pub enum Health {
     Unknown,
 }
 
-/// Asks the health service at `address` for the status of `service` ("" for
-/// the server as a whole).
+/// Queries the health service at `address` for the status of `service` (""
+/// for the server as a whole).
 pub async fn check(address: SocketAddr, service: &str) -> Result<Health, HarnessError> {
     let target = format!("http://{address}");
     let request_error = |reason: String| HarnessError::Request {

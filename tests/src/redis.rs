@@ -2,7 +2,7 @@
 //! or a Redis Cluster, on free loopback ports with their data in the test's
 //! folder. Dropping one stops its processes.
 //!
-//! The binary is `REDIS_SERVER_BIN`, else `redis-server` on `PATH`;
+//! The binary is `REDIS_SERVER_BIN`, else `redis-server` on `PATH`.
 //! `cargo xtask install-tools --redis` installs it. Cluster nodes need
 //! redis-server 7.0 or later (`cluster-port`, `CLUSTER MEET` with a bus port).
 
@@ -22,7 +22,8 @@ use crate::process::ChildProcess;
 /// `cluster_state:ok`.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Starts tried before giving up when the chosen port was taken meanwhile.
+/// Start attempts before giving up when another process took the chosen
+/// port first.
 const PORT_ATTEMPTS: usize = 5;
 
 /// Arguments that keep every acknowledged write through a crash.
@@ -217,7 +218,7 @@ impl RedisServer {
         self.wait_for_ping().await
     }
 
-    /// Tells whether the last start failed because the port was taken
+    /// Returns whether the last start failed because the port was taken
     /// between choosing it and binding it.
     fn lost_port_race(&self) -> bool {
         self.log().contains("Address already in use")
@@ -377,7 +378,7 @@ fn free_port() -> Result<u16, HarnessError> {
     Ok(port)
 }
 
-/// Tells whether the server on `port` returns `+PONG` to PING.
+/// Returns whether the server on `port` replies `+PONG` to PING.
 async fn ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
         return false;

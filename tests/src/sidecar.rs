@@ -98,7 +98,7 @@ impl Sidecar {
     }
 
     /// Replaces the sidecar's config file with `toml` and sends SIGHUP, so the
-    /// sidecar reloads its tier limits; fails for a sidecar started without
+    /// sidecar reloads its tier limits. Fails for a sidecar started without
     /// a config file.
     pub fn reload_config(&mut self, toml: &str) -> Result<(), HarnessError> {
         let Some(path) = &self.config_file else {

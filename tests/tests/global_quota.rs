@@ -1,7 +1,7 @@
 //! One quota across several Envoy instances, each with its own sidecar, all
-//! sharing counters in a real redis-server: the quota holds for the customer
-//! as a whole, Redis outages and late starts lose and double count nothing,
-//! and a customer's tier changes without a refill.
+//! sharing counters in a real redis-server. The quota applies to the
+//! customer as a whole, Redis outages and late starts lose and double count
+//! nothing, and a change of tier or limits grants no refill.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -13,14 +13,14 @@ use veo_tests::plugin::PluginConfig;
 use veo_tests::tokens::{SigningKey, TokenSpec};
 use veo_tests::{Fleet, FleetOptions, RedisCluster, RedisServer};
 
-/// Rolling window of the tests, in seconds: short, so a test sees several.
+/// Rolling window of the tests, in seconds: short, so a test spans several.
 const WINDOW_SECONDS: u64 = 6;
 /// Basic quota of the tests, in requests per window.
 const QUOTA: u64 = 12;
 /// Sync interval of the filter far from the quota, in milliseconds
 /// (`PluginConfig`'s default).
 const FAR_SYNC_MS: u64 = 200;
-/// Sync interval the sidecar asks for near the quota, in milliseconds.
+/// Sync interval the sidecar requests near the quota, in milliseconds.
 const NEAR_SYNC_MS: u64 = 50;
 /// Interval between the sidecars' exchanges with Redis, in milliseconds.
 const FLUSH_MS: u64 = 50;
@@ -46,7 +46,6 @@ fn sidecar_config(target: &str) -> anyhow::Result<toml::Table> {
     let text = format!(
         "window_seconds = {WINDOW_SECONDS}\n\
          sync_interval_near_ms = {NEAR_SYNC_MS}\n\
-         near_quota_fraction = 0.5\n\
          [counters]\n\
          backend = \"redis\"\n\
          {target}\n\
@@ -95,9 +94,9 @@ async fn drive(
     Ok(())
 }
 
-/// Returns the most requests of `customer` admitted within any window
-/// shorter than the quota window by [`TOLERANCE_S`].
-fn most_admitted_in_a_window(sent: &[Sent], customer: &str) -> usize {
+/// Returns the maximum number of requests of `customer` admitted within any
+/// window shorter than the quota window by [`TOLERANCE_S`].
+fn max_admitted_in_window(sent: &[Sent], customer: &str) -> usize {
     let admitted: Vec<f64> = sent
         .iter()
         .filter(|request| request.customer == customer && request.status == 200)
@@ -216,8 +215,8 @@ fn clients(fleet: &Fleet) -> Vec<HttpClient> {
 
 /// Checks that a customer sending far above its quota through several
 /// instances gets at most the quota plus the stated bound in any window,
-/// and keeps getting requests through window after window, while a
-/// customer under its quota is never refused.
+/// and keeps getting requests through window after window. A customer
+/// under its quota must never be rejected meanwhile.
 async fn assert_one_quota(fleet: &Fleet, key: &SigningKey) -> anyhow::Result<()> {
     let instances = fleet.instances().len();
     let clients = clients(fleet);
@@ -253,26 +252,26 @@ async fn assert_one_quota(fleet: &Fleet, key: &SigningKey) -> anyhow::Result<()>
     heavy_done?;
     light_done?;
 
-    let most = most_admitted_in_a_window(&heavy_sent, "heavy");
+    let max_admitted = max_admitted_in_window(&heavy_sent, "heavy");
     let bound = overshoot_bound(instances, 10.0);
     let admitted = admitted_per_customer(&heavy_sent)["heavy"];
     eprintln!(
-        "heavy: {} sent, {admitted} admitted, at most {most} in one window \
+        "heavy: {} sent, {admitted} admitted, at most {max_admitted} in one window \
          (quota {QUOTA}, bound {bound})",
         heavy_sent.len()
     );
     ensure!(
-        most <= QUOTA as usize + bound,
-        "{most} admitted within one window, more than the quota {QUOTA} plus the bound {bound}"
+        max_admitted <= QUOTA as usize + bound,
+        "{max_admitted} admitted within one window, more than the quota {QUOTA} plus the bound {bound}"
     );
     ensure!(
         admitted >= 2 * QUOTA,
         "only {admitted} admitted over more than two windows; the quota is {QUOTA} per window"
     );
-    let refused_light: Vec<&Sent> = light_sent.iter().filter(|r| r.status != 200).collect();
+    let rejected_light: Vec<&Sent> = light_sent.iter().filter(|r| r.status != 200).collect();
     ensure!(
-        refused_light.is_empty(),
-        "a customer under its quota was refused: {refused_light:?}"
+        rejected_light.is_empty(),
+        "a customer under its quota was rejected: {rejected_light:?}"
     );
     Ok(())
 }
@@ -313,7 +312,7 @@ async fn redis_cluster_shares_one_quota() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_outage_loses_and_double_counts_nothing() -> anyhow::Result<()> {
+async fn redis_outage_counts_every_request_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut redis = RedisServer::start(&dir.path().join("redis")).await?;
     let key = SigningKey::generate("k1");
@@ -332,8 +331,9 @@ async fn redis_outage_loses_and_double_counts_nothing() -> anyhow::Result<()> {
     redis.stop();
     drive(&clients, &tokens, rate, phase, start, &mut sent).await?;
 
-    // While Redis is down the sidecars report themselves degraded, and the
-    // filters see it, yet every request is decided under the local policy.
+    // While Redis is down the sidecars report themselves degraded and the
+    // filters count degraded replies, yet the local policy admits every
+    // request.
     for instance in fleet.instances() {
         let status = health::check(instance.sidecar.address(), "veo.counters").await?;
         assert_eq!(
@@ -354,13 +354,13 @@ async fn redis_outage_loses_and_double_counts_nothing() -> anyhow::Result<()> {
     redis.start_again().await?;
     drive(&clients, &tokens, rate, phase, start, &mut sent).await?;
 
-    let refused: Vec<&Sent> = sent
+    let rejected: Vec<&Sent> = sent
         .iter()
         .filter(|request| request.status != 200)
         .collect();
     ensure!(
-        refused.is_empty(),
-        "requests refused under the quota: {refused:?}"
+        rejected.is_empty(),
+        "requests rejected under the quota: {rejected:?}"
     );
     let admitted = admitted_per_customer(&sent);
     let (ledger, redis_seen) = await_totals(&fleet, &[&redis], &admitted).await?;
@@ -384,7 +384,7 @@ async fn redis_outage_loses_and_double_counts_nothing() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sidecar_started_while_redis_is_down_recovers_without_restart() -> anyhow::Result<()> {
+async fn sidecar_started_during_outage_recovers() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut redis = RedisServer::start(&dir.path().join("redis")).await?;
     redis.stop();
@@ -413,7 +413,7 @@ async fn sidecar_started_while_redis_is_down_recovers_without_restart() -> anyho
     .await?;
     ensure!(
         sent.iter().all(|request| request.status == 200),
-        "requests refused while Redis was down: {sent:?}"
+        "requests rejected while Redis was down: {sent:?}"
     );
 
     redis.start_again().await?;
@@ -433,7 +433,7 @@ async fn sidecar_started_while_redis_is_down_recovers_without_restart() -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tier_change_mid_window_applies_without_refill() -> anyhow::Result<()> {
+async fn tier_change_applies_without_refill() -> anyhow::Result<()> {
     let key = SigningKey::generate("k1");
     let config = PluginConfig::for_key(&key)?
         .quota("basic", 5, 30)
@@ -471,7 +471,7 @@ async fn tier_change_mid_window_applies_without_refill() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refuse_policy_refuses_while_counters_are_unreachable() -> anyhow::Result<()> {
+async fn refuse_policy_rejects_during_outage() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut redis = RedisServer::start(&dir.path().join("redis")).await?;
     let key = SigningKey::generate("k1");
@@ -492,10 +492,10 @@ async fn refuse_policy_refuses_while_counters_are_unreachable() -> anyhow::Resul
     assert_eq!(client.get_with_token("/", &basic, &[]).await?.status, 200);
 
     redis.stop();
-    // The workers read the sync state on their timer; wait until the pro
-    // tier's policy shows.
+    // The workers read the sync state on their timer, so wait until the pro
+    // tier's policy applies.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let refusal = loop {
+    let rejection = loop {
         let reply = client.get_with_token("/", &pro, &[]).await?;
         if reply.status != 200 {
             break reply;
@@ -506,9 +506,9 @@ async fn refuse_policy_refuses_while_counters_are_unreachable() -> anyhow::Resul
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(refusal.status, 503, "body: {}", refusal.body);
-    assert_eq!(refusal.json()?["error"], "quota_unavailable");
-    assert_eq!(refusal.header("retry-after"), Some("1"));
+    assert_eq!(rejection.status, 503, "body: {}", rejection.body);
+    assert_eq!(rejection.json()?["error"], "quota_unavailable");
+    assert_eq!(rejection.header("retry-after"), Some("1"));
     // Basic keeps the default policy: decided locally, and counted.
     assert_eq!(client.get_with_token("/", &basic, &[]).await?.status, 200);
     let expected = BTreeMap::from([("wasmcustom.veo.fail_open_total".to_owned(), 1)]);
@@ -527,7 +527,7 @@ async fn refuse_policy_refuses_while_counters_are_unreachable() -> anyhow::Resul
     while client.get_with_token("/", &pro, &[]).await?.status != 200 {
         ensure!(
             Instant::now() < deadline,
-            "pro still refused 10 s after Redis returned"
+            "pro still rejected 10 s after Redis returned"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -538,13 +538,13 @@ async fn refuse_policy_refuses_while_counters_are_unreachable() -> anyhow::Resul
         .await?;
     ensure!(
         closed.values().any(|&count| count >= 1),
-        "refusals under the refuse policy not counted: {closed:?}"
+        "rejections under the refuse policy not counted: {closed:?}"
     );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn limits_changed_mid_window_apply_without_refill() -> anyhow::Result<()> {
+async fn limit_change_applies_without_refill() -> anyhow::Result<()> {
     let key = SigningKey::generate("k1");
     let config = PluginConfig::for_key(&key)?.quota("basic", 12, 30);
     let sidecar_with_quota =
@@ -562,7 +562,7 @@ async fn limits_changed_mid_window_apply_without_refill() -> anyhow::Result<()> 
         ensure!(reply.status == 200, "under the quota: {}", reply.body);
     }
 
-    // Down to 6 with 8 used: refused from the next sync on, with no
+    // Down to 6 with 8 used: rejected from the next sync on, with no
     // fresh 6. A request admitted before the change reaches the instance
     // counts as used too.
     fleet.instances_mut()[0]
@@ -577,8 +577,9 @@ async fn limits_changed_mid_window_apply_without_refill() -> anyhow::Result<()> 
             ensure!(reply.status == 429, "the lower limit granted a fresh quota");
             break;
         }
-        // Until the limit shows, requests are still decided under the old
-        // one; the sidecar may already cap this instance at what it used.
+        // Until the new limit appears in `ratelimit-policy`, requests are
+        // decided under the old one. The sidecar may already cap this
+        // instance at what it used.
         if reply.status == 200 {
             admitted_before_change += 1;
         }
@@ -626,7 +627,7 @@ async fn limits_changed_mid_window_apply_without_refill() -> anyhow::Result<()> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_only_replica_after_failover_recovers_by_reconnecting() -> anyhow::Result<()> {
+async fn read_only_replica_recovers_after_promotion() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let primary = RedisServer::start(&dir.path().join("primary")).await?;
     let replica = RedisServer::start_replica_of(&dir.path().join("replica"), &primary).await?;
@@ -651,7 +652,7 @@ async fn read_only_replica_after_failover_recovers_by_reconnecting() -> anyhow::
     .await?;
     ensure!(
         sent.iter().all(|request| request.status == 200),
-        "requests refused while Redis was read-only: {sent:?}"
+        "requests rejected while Redis was read-only: {sent:?}"
     );
     assert_eq!(
         health::check(sidecar, "veo.counters").await?,

@@ -1,6 +1,6 @@
 //! Project tasks of Veo Edge, run as `cargo xtask <task>`: install the
 //! tools, build the filter and the binaries, run the demo, the test suite or
-//! the benchmark.
+//! the benchmarks.
 
 mod compile;
 mod demo;
@@ -58,6 +58,13 @@ enum Task {
         #[arg(last = true)]
         bench_args: Vec<String>,
     },
+    /// Installs the tools with redis-server, builds everything, then runs
+    /// `veo-accuracy`, the accuracy benchmark of the global quota.
+    Accuracy {
+        /// Arguments passed on to `veo-accuracy`, after `--`.
+        #[arg(last = true)]
+        accuracy_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,5 +85,6 @@ fn run_task(task: Task) -> Result<(), XtaskError> {
         Task::Demo { log, speed } => demo::run(log.as_deref(), speed),
         Task::Test { cargo_args } => suite::run(&cargo_args),
         Task::Bench { bench_args } => suite::bench(&bench_args),
+        Task::Accuracy { accuracy_args } => suite::accuracy(&accuracy_args),
     }
 }

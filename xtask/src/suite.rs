@@ -1,19 +1,21 @@
-//! The test suite and the benchmark, each run after installing the tools and
-//! building the artifacts they start.
+//! The test suite and the benchmarks, each run after installing the tools
+//! and building the artifacts they start.
 
 use std::process::Command;
 
 use crate::error::XtaskError;
 use crate::{compile, paths, run, tools};
 
-/// Installs the tools, builds the artifacts, then runs `cargo test
-/// --workspace --no-fail-fast` with `extra_args` passed to the test binaries,
-/// so one run lists every failing test.
+/// Installs the tools with redis-server, builds the artifacts, then runs
+/// `cargo test --workspace --no-fail-fast` with `extra_args` passed to the
+/// test binaries, so one run lists every failing test.
 ///
 /// The end-to-end tests find Envoy, the filter and the binaries through the
 /// `ENVOY_BIN`, `VEO_FILTER_WASM`, `VEO_SIDECAR_BIN` and `VEO_REPLAY_BIN`
 /// variables set here.
 pub fn run(extra_args: &[String]) -> Result<(), XtaskError> {
+    // The tests of the shared counters start real redis-server processes.
+    tools::install(true)?;
     let mut command = prepared_command(paths::cargo())?;
     command.args(["test", "--workspace", "--no-fail-fast"]);
     if !extra_args.is_empty() {
@@ -26,6 +28,21 @@ pub fn run(extra_args: &[String]) -> Result<(), XtaskError> {
 /// `args`.
 pub fn bench(args: &[String]) -> Result<(), XtaskError> {
     let mut command = prepared_command(paths::release_binary("veo-bench").into_os_string())?;
+    command.args(args);
+    run::status(&mut command, "see the benchmark's output above")
+}
+
+/// Installs the tools with redis-server, builds the artifacts and
+/// `veo-accuracy`, then runs it with `args`.
+pub fn accuracy(args: &[String]) -> Result<(), XtaskError> {
+    tools::install(true)?;
+    let mut command = prepared_command(paths::release_binary("veo-accuracy").into_os_string())?;
+    run::status(
+        Command::new(paths::cargo())
+            .args(["build", "--release", "-p", "veo-accuracy"])
+            .current_dir(paths::workspace_root()),
+        "fix the build errors above, then retry",
+    )?;
     command.args(args);
     run::status(&mut command, "see the benchmark's output above")
 }

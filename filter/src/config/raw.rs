@@ -17,6 +17,9 @@ pub struct RawConfig {
     pub tiers: Option<BTreeMap<String, RawTier>>,
     /// Number of customer slots in the shared limiter table.
     pub max_customers: Option<u32>,
+    /// Share of a quota this instance admits for a customer before any
+    /// sync reply about it.
+    pub quota_share_before_sync: Option<f64>,
     /// Number of slots in the shared verified-token cache.
     pub token_cache_entries: Option<u32>,
     /// Extra request headers removed before the request goes upstream.
@@ -111,10 +114,10 @@ pub struct RawTier {
     pub quota: Option<RawQuota>,
     /// Token bucket.
     pub burst: Option<RawBurst>,
-    /// What happens while the counters shared with other instances are
+    /// Failure policy while the counters shared with other instances are
     /// unreachable: "local" (default) or "refuse".
     pub failure_policy: Option<String>,
-    /// Status of the refusal under the "refuse" policy; default 503.
+    /// Status of the rejection under the "refuse" policy; default 503.
     pub failure_status: Option<u16>,
 }
 

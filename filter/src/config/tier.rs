@@ -49,7 +49,7 @@ impl Burst {
     }
 }
 
-/// What a tier does while the counters shared with other instances are
+/// Behaviour of a tier while the counters shared with other instances are
 /// unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
@@ -57,14 +57,14 @@ pub enum FailurePolicy {
     /// others, and count each such admission.
     #[default]
     Local,
-    /// Refuse every request with this status.
+    /// Reject every request with this status (config value `"refuse"`).
     Refuse {
-        /// HTTP status of the refusal, 400 to 599.
+        /// HTTP status of the rejection, 400 to 599.
         status: u16,
     },
 }
 
-/// Default status of a refusal under [`FailurePolicy::Refuse`].
+/// Default status of a rejection under [`FailurePolicy::Refuse`].
 pub const DEFAULT_FAILURE_STATUS: u16 = 503;
 
 /// One subscription tier.
@@ -127,10 +127,11 @@ impl Tiers {
         self.default
     }
 
-    /// Returns this table with the limits the sidecar pushed: each tier it
-    /// names takes the pushed quota and burst, keeping its failure policy;
-    /// the others keep theirs. Also returns the pushed names this table
-    /// does not have, which are ignored.
+    /// Returns this table with the limits the sidecar pushed, and the
+    /// pushed names this table does not have, which are ignored.
+    ///
+    /// Each tier the sidecar names takes the pushed quota and burst but
+    /// keeps its failure policy. The other tiers keep their limits.
     pub fn with_pushed(&self, pushed: &[TierLimits]) -> Result<(Tiers, Vec<String>), ConfigError> {
         let mut tiers = self.clone();
         let mut unknown = Vec::new();
@@ -490,7 +491,7 @@ mod tests {
     }
 
     #[test]
-    fn failure_policy_is_local_unless_refuse_is_asked() {
+    fn failure_policy_defaults_to_local() {
         let local = tier_with_policy(None, None).unwrap();
         assert_eq!(local.get(0).failure_policy, FailurePolicy::Local);
         let refuse = tier_with_policy(Some("refuse"), None).unwrap();

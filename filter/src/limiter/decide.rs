@@ -30,13 +30,28 @@ pub struct Decision {
     pub burst: Option<LimitState>,
 }
 
-/// Applies one request at `now_ms` to `record` under `tier`.
+/// Applies one request at `now_ms` to `record` under `tier`, with the
+/// whole quota available before any sync reply.
 pub fn apply(record: &mut Record, tier: &Tier, now_ms: u64) -> Decision {
+    apply_with(record, tier, now_ms, 1.0)
+}
+
+/// Applies one request at `now_ms` to `record` under `tier`. Without a
+/// sync reply about the customer from the last window, only
+/// `share_before_sync` of the quota is available, rounded up, so that
+/// instances that receive a new customer at the same time do not each
+/// admit the whole quota.
+pub fn apply_with(
+    record: &mut Record,
+    tier: &Tier,
+    now_ms: u64,
+    share_before_sync: f64,
+) -> Decision {
     record.last_seen_ms = now_ms;
 
     let quota_check = match tier.quota {
         Some(quota) => {
-            let quota = local_quota(quota, record.remote.as_ref(), now_ms);
+            let quota = local_quota(quota, record.remote.as_ref(), now_ms, share_before_sync);
             let log = record.log.get_or_insert_default();
             log.prune(&quota, now_ms);
             Some((quota, log.check(&quota, now_ms)))
@@ -119,10 +134,21 @@ pub fn apply(record: &mut Record, tier: &Tier, now_ms: u64) -> Decision {
 
 /// Returns the part of `quota` this instance may use: the quota less what
 /// other instances admitted, and at most this instance's cap, as of the
-/// last sync reply. A reply older than the window says nothing about it.
-fn local_quota(quota: Quota, remote: Option<&RemoteState>, now_ms: u64) -> Quota {
+/// last sync reply. Without a reply from the last window, the share
+/// before sync applies.
+fn local_quota(
+    quota: Quota,
+    remote: Option<&RemoteState>,
+    now_ms: u64,
+    share_before_sync: f64,
+) -> Quota {
     let Some(remote) = remote.filter(|remote| now_ms < remote.updated_ms + quota.window_ms) else {
-        return quota;
+        // The share is above 0 and at most 1, so the product fits a u32.
+        let share = (f64::from(quota.requests) * share_before_sync).ceil() as u32;
+        return Quota {
+            requests: share.clamp(1, quota.requests.max(1)),
+            window_ms: quota.window_ms,
+        };
     };
     let mut requests = quota.requests.saturating_sub(remote.others_admitted);
     if let Some(cap) = remote.cap {

@@ -2,7 +2,8 @@
 //!
 //! Layout, little-endian:
 //! - version (1 byte), customer length (1) and bytes, last seen (8),
-//!   idle-at time (8), flags (1: bit 0 log, bit 1 bucket);
+//!   idle-at time (8), flags (1: bit 0 log, bit 1 bucket, bit 2 remote
+//!   usage);
 //! - with the log: base time (8), count (4), one 4-byte offset per
 //!   admitted request;
 //! - with the bucket: tokens (8, f64), refill time (8);
@@ -21,13 +22,14 @@ const HAS_LOG: u8 = 1;
 const HAS_BUCKET: u8 = 2;
 const HAS_REMOTE: u8 = 4;
 
-/// What the sidecar last said about a customer's usage at other instances.
+/// Usage of a customer at other instances, from the sidecar's last sync
+/// reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteState {
     /// Requests the other instances admitted within the window, as of
     /// `updated_ms`.
     pub others_admitted: u32,
-    /// Most requests this instance may have admitted within the window;
+    /// Maximum requests this instance may have admitted within the window;
     /// `None` far from the quota.
     pub cap: Option<u32>,
     /// Time of the sync reply, in milliseconds since the Unix epoch.
@@ -239,6 +241,67 @@ mod tests {
             record.encode().len(),
             1 + 1 + 4 + 8 + 8 + 1 + 12 + 240 + 1 + 18
         );
+    }
+
+    /// Customer, log entries, bucket, remote usage, and the tiers of the
+    /// pending buckets of one record.
+    type Shape<'a> = (&'a str, Option<u32>, bool, bool, &'a [&'a str]);
+
+    #[test]
+    fn encoded_size_follows_layout() {
+        let shapes: [Shape<'_>; 6] = [
+            ("c", None, false, false, &[]),
+            ("customer-000001", Some(1), false, true, &[]),
+            ("customer-000001", Some(60), false, true, &[]),
+            (
+                "customer-000001",
+                Some(60),
+                false,
+                false,
+                &["basic", "basic"],
+            ),
+            ("acme", None, true, true, &["enterprise"]),
+            (&"x".repeat(255), Some(600), true, true, &["pro"]),
+        ];
+        for (customer, entries, has_bucket, has_remote, tiers) in shapes {
+            let record = Record {
+                customer: customer.to_owned(),
+                log: entries.map(|count| SlidingLog {
+                    base_ms: 0,
+                    offsets: (0..count).collect(),
+                }),
+                bucket: has_bucket.then_some(TokenBucket {
+                    tokens: 1.0,
+                    updated_ms: 0,
+                }),
+                remote: has_remote.then_some(RemoteState {
+                    others_admitted: 0,
+                    cap: None,
+                    updated_ms: 0,
+                }),
+                pending: tiers
+                    .iter()
+                    .zip(0..)
+                    .map(|(tier, minute)| PendingUsage {
+                        minute,
+                        tier: (*tier).to_owned(),
+                        admitted: 1,
+                        refused: 0,
+                    })
+                    .collect(),
+                ..Record::default()
+            };
+            let log = entries.map_or(0, |count| 12 + 4 * count as usize);
+            let pending: usize = tiers.iter().map(|tier| 13 + tier.len()).sum();
+            let expected = 19
+                + customer.len()
+                + log
+                + 16 * usize::from(has_bucket)
+                + 16 * usize::from(has_remote)
+                + 1
+                + pending;
+            assert_eq!(record.encode().len(), expected, "customer {customer:.8}");
+        }
     }
 
     #[test]

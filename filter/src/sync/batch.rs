@@ -46,7 +46,7 @@ pub struct Batch {
 
 impl Batch {
     /// Moves up to [`MAX_RECORDS_PER_BATCH`] entries out of `collected`
-    /// into a new batch; `quota_of` gives the quota of a tier by name.
+    /// into a new batch. `quota_of` returns the quota of a tier by name.
     pub fn take(
         collected: &mut BTreeMap<UsageKey, UsageTotals>,
         instance_id: &str,

@@ -177,8 +177,9 @@ impl RedisCounters {
     ///
     /// The window is `(now - window_seconds, now]` in one-second buckets.
     /// Each shard applies a contribution at most once per sidecar id, so a
-    /// retry after any error counts nothing twice. Calls are serialized and
-    /// each is bounded by the timeout, waiting for an earlier call included.
+    /// retry after any error counts nothing twice. Exchanges and pings are
+    /// serialized, and each is bounded by the timeout, waiting for an
+    /// earlier call included.
     ///
     /// # Errors
     ///
@@ -272,8 +273,9 @@ impl RedisCounters {
         Ok(totals)
     }
 
-    /// Checks that Redis answers, with one `PING`; the exchange loop calls it
-    /// when there is nothing to exchange, so health still follows Redis.
+    /// Sends one `PING` to check that Redis responds. The exchange loop calls
+    /// it when there is nothing to exchange, so the health status still
+    /// follows Redis.
     ///
     /// # Errors
     ///
@@ -292,8 +294,8 @@ impl RedisCounters {
     }
 
     /// Returns the number of commands this instance sent to Redis: script
-    /// calls and their `EVAL` fallbacks, not the client's own handshake and
-    /// cluster topology commands.
+    /// calls, their `EVAL` fallbacks and `PING`s, but not the client's own
+    /// handshake and cluster topology commands.
     pub fn commands_sent(&self) -> u64 {
         self.commands_sent.load(Ordering::Relaxed)
     }

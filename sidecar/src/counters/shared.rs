@@ -30,10 +30,10 @@ pub const HEALTH_SERVICE: &str = "veo.counters";
 /// Minimum time between two warnings about an unreachable Redis.
 pub const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Interval between checks that an idle Redis still answers.
+/// Interval between checks that an idle Redis still responds to `PING`.
 const IDLE_PING_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Most outbox rows written in one exchange.
+/// Maximum outbox rows written in one exchange.
 const OUTBOX_BATCH: u32 = 20_000;
 
 /// Handle to the shared counters; clones share one state.
@@ -61,7 +61,7 @@ struct State {
     /// Highest outbox id added to `own`.
     own_max_id: i64,
     degraded: bool,
-    /// Set once the first exchange has answered or failed.
+    /// Set once the first exchange has succeeded or failed.
     known: bool,
     failures_since_warning: u64,
     warned_at: Option<Instant>,
@@ -173,8 +173,8 @@ impl SharedCounters {
                         state.failures_since_warning = 0;
                         state.warned_at = Some(now);
                         format!(
-                            "{error}; counting locally and keeping the outbox until it is \
-                             back (failed exchanges since the last warning: {failures})"
+                            "{error}; counting locally and keeping the outbox until Redis \
+                             is back (failed exchanges since the last warning: {failures})"
                         )
                     });
                     (
@@ -203,16 +203,18 @@ impl SharedCounters {
             .outbox(OUTBOX_BATCH)
             .await
             .map_err(|error| ExchangeError::Store(error.to_string()))?;
+
         let now_unix_s = unix_now_s();
         let customers = {
             let mut recent = inner.recent.lock().unwrap_or_else(PoisonError::into_inner);
             recent.prune(u64::try_from(now_unix_s).unwrap_or(0));
             recent.customers()
         };
+
         if rows.is_empty() && customers.is_empty() {
-            // Nothing to write and nobody to ask about; still check, once
-            // per IDLE_PING_INTERVAL, that Redis answers, so health
-            // follows it.
+            // Nothing to write and no customer to read. Still check, once
+            // per IDLE_PING_INTERVAL, that Redis responds, so the health
+            // status follows it.
             let due = {
                 let state = self.lock();
                 state.degraded
@@ -228,6 +230,7 @@ impl SharedCounters {
             self.lock().elsewhere.clear();
             return Ok(());
         }
+
         let result = inner
             .backend
             .exchange(Exchange {
@@ -237,13 +240,20 @@ impl SharedCounters {
                 window_seconds: inner.window_seconds,
             })
             .await?;
+
         if let Some(last) = rows.last() {
-            // Redis has these rows now; a failed removal only resends them,
-            // and Redis skips ids it has applied.
+            // Redis has applied these rows. A failed removal only resends
+            // them, and Redis skips ids it has applied.
             if let Err(error) = inner.store.remove_outbox(last.id).await {
-                warn!(error = %error, "could not trim the counter outbox; its rows will be resent and skipped");
+                warn!(
+                    target: "veo_sidecar::counters",
+                    error = %error,
+                    last_id = last.id,
+                    "failed to trim the counter outbox; Redis will skip its rows when they are resent"
+                );
             }
         }
+
         let mut state = self.lock();
         state.contact_at = Some(Instant::now());
         state.add_own(&rows);

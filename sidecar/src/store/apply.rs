@@ -40,10 +40,10 @@ ON CONFLICT (instance_id) DO UPDATE SET
 /// transaction rolls back and nothing changes.
 ///
 /// With `outbox_window_s`, the batch's usage is also queued for the shared
-/// counters in the same transaction: usage of minutes that overlap the
-/// window ending now in the bucket of `now_unix_s`, older usage in its own
-/// minute, which the shared store counts in its totals but not in the
-/// window.
+/// counters in the same transaction. Usage of minutes that overlap the
+/// window ending now goes into the bucket of `now_unix_s`. Older usage goes
+/// into its own minute, which the shared store counts in its minute totals
+/// but not in the window.
 pub(super) fn apply_batch(
     conn: &mut Connection,
     batch: &Batch,
@@ -364,7 +364,7 @@ mod tests {
     }
 
     #[test]
-    fn outbox_gets_recent_usage_now_and_old_usage_in_its_minute() {
+    fn outbox_buckets_recent_and_old_usage() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
         let records = vec![

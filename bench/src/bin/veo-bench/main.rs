@@ -3,8 +3,12 @@
 //! Edge filter on cached tokens, and with the filter verifying every token. All run against
 //! the same upstream at the same concurrency, and the table gives each one's ratio to the
 //! baseline, and the Veo Edge filter's ratio to the empty wasm filter.
+//!
+//! `veo-bench memory` instead measures Envoy's heap per customer that the filter tracks in
+//! shared data.
 
 mod envoy;
+mod memory;
 mod mint;
 mod report;
 mod setup;
@@ -14,7 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Repository root, for the default Envoy and wasm paths.
 const REPOSITORY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -22,9 +26,13 @@ const REPOSITORY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 #[derive(Parser)]
 #[command(
     version,
-    about = "Throughput of Envoy with and without the Veo Edge filter"
+    about = "Throughput of Envoy with and without the Veo Edge filter",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    /// Measurement to run instead of the throughput benchmark.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Envoy binary [default: .tools/envoy/envoy/_bin/envoy in the repository].
     #[arg(long, env = "ENVOY_BIN")]
     envoy: Option<PathBuf>,
@@ -70,6 +78,14 @@ struct Args {
     keep_dir: bool,
 }
 
+/// Measurements other than the throughput benchmark.
+#[derive(Subcommand)]
+enum Command {
+    /// Envoy heap per customer tracked in shared data: the limiter record and the
+    /// verified-token cache entry, read from Envoy's admin `/memory`.
+    Memory(memory::MemoryArgs),
+}
+
 /// Upstream of the proxy under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum UpstreamKind {
@@ -83,8 +99,8 @@ enum UpstreamKind {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let outcome = tokio::select! {
-        outcome = setup::run(&args) => outcome,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopped every Envoy and wrk")),
+        outcome = run(&args) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopped every process it started")),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -93,6 +109,13 @@ async fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn run(args: &Args) -> anyhow::Result<bool> {
+    match &args.command {
+        Some(Command::Memory(memory_args)) => memory::run(memory_args).await,
+        None => setup::run(args).await,
     }
 }
 

@@ -80,7 +80,7 @@ impl Link {
         })
     }
 
-    /// Address or seed list without credentials.
+    /// Returns the address or seed list, without credentials.
     pub(super) fn target(&self) -> &str {
         &self.target
     }
@@ -186,7 +186,7 @@ impl Connection {
     }
 }
 
-/// Sorts a client error into what it means for the connection.
+/// Classifies a client error by what it means for the connection.
 pub(super) fn classify(err: &RedisError) -> FailureKind {
     // A script that writes on a replica fails with the READONLY code of the
     // write command inside it.

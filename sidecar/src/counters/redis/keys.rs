@@ -61,8 +61,8 @@ pub(super) fn shard_of(customer: &str, shards: u16) -> u16 {
     u16::try_from(shard).unwrap_or(0)
 }
 
-/// Returns the start of the minute that contains `unix_s`, or `i64::MIN`
-/// for the seconds of the minute that starts below it.
+/// Returns the start of the minute that contains `unix_s`, saturating at
+/// `i64::MIN` when that start is below `i64::MIN`.
 pub(super) fn minute_start(unix_s: i64) -> i64 {
     unix_s.saturating_sub(unix_s.rem_euclid(MINUTE_SECONDS))
 }
