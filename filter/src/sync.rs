@@ -87,6 +87,8 @@ pub struct Sync {
     failing: bool,
     consecutive_failures: u32,
     degraded: bool,
+    /// Whether `degraded` was written to [`STATE_KEY`] at least once.
+    state_published: bool,
     poll_due: bool,
     interval: Duration,
 }
@@ -121,6 +123,7 @@ impl Sync {
             failing: false,
             consecutive_failures: 0,
             degraded: false,
+            state_published: false,
             poll_due: false,
         }
     }
@@ -396,11 +399,17 @@ impl Sync {
         if degraded {
             self.metrics.add(Counter::SyncDegraded, 1);
         }
-        if degraded == self.degraded {
+        // The first call always publishes: a reloaded VM may find the
+        // state of its predecessor in shared data.
+        if degraded == self.degraded && self.state_published {
             return;
         }
+        let changed = degraded != self.degraded;
         match host.set_shared_data(STATE_KEY, &[u8::from(degraded)], None) {
-            Ok(()) => self.degraded = degraded,
+            Ok(()) => {
+                self.degraded = degraded;
+                self.state_published = true;
+            }
             Err(error) => {
                 host.log(
                     LogLevel::Error,
@@ -408,6 +417,9 @@ impl Sync {
                 );
                 return;
             }
+        }
+        if !changed {
+            return;
         }
         if degraded {
             host.log(

@@ -88,10 +88,7 @@ pub fn grant(view: &CustomerView<'_>, instance: &str, settings: &AllowanceSettin
     let left = quota.saturating_sub(global.admitted);
     Grant {
         others_admitted,
-        cap: Some(
-            own.admitted
-                .saturating_add(share_of(view, instance, left, global.requests)),
-        ),
+        cap: Some(own.admitted.saturating_add(share_of(view, instance, left))),
     }
 }
 
@@ -102,22 +99,27 @@ pub fn grant(view: &CustomerView<'_>, instance: &str, settings: &AllowanceSettin
 /// parts with the largest fractions, ties to the lowest name (the other
 /// sidecars last). So the parts add up to exactly `left`: rounding down
 /// alone could leave a unit that no instance may use, for the rest of the
-/// window. An instance without requests in the window gets nothing until it
-/// shows demand; the next sync, at the near interval, corrects that.
-fn share_of(view: &CustomerView<'_>, instance: &str, left: u64, total_requests: u64) -> u64 {
-    if total_requests == 0 || left == 0 {
+/// window. Each local instance counts one request more than it received,
+/// so an instance whose demand is new gets a small share at once.
+fn share_of(view: &CustomerView<'_>, instance: &str, left: u64) -> u64 {
+    if left == 0 {
         return 0;
     }
-    // Entries: (name, requests); `None` names the other sidecars together.
+    // Entries: (name, weight, part); `None` names the other sidecars
+    // together. Each local instance weighs one request more than it
+    // received, so an instance whose demand is new still gets a share.
     let mut parts: Vec<(Option<&str>, u128, u128)> = view
         .local
         .iter()
-        .map(|&(name, counts)| (Some(name), u128::from(counts.requests), 0))
+        .map(|&(name, counts)| (Some(name), u128::from(counts.requests) + 1, 0))
         .collect();
     parts.push((None, u128::from(view.elsewhere.requests), 0));
 
     let left = u128::from(left);
-    let total = u128::from(total_requests);
+    let total: u128 = parts.iter().map(|part| part.1).sum();
+    if total == 0 {
+        return 0;
+    }
     let mut handed = 0u128;
     for part in &mut parts {
         // left * requests fits u128; the quotient is at most `left`.
@@ -286,7 +288,7 @@ mod tests {
             let total = 7 + 11 + 13 + 5;
             let local_parts: u64 = ["a", "b", "c"]
                 .iter()
-                .map(|name| share_of(&view, name, left, total))
+                .map(|name| share_of(&view, name, left))
                 .sum();
             let elsewhere_part = left * 5 / total;
             assert!(local_parts <= left, "{local_parts} of {left}");

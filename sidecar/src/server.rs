@@ -380,8 +380,12 @@ mod tests {
             instance_id: "i".repeat(MAX_ID_BYTES),
             sequence: u64::try_from(i64::MAX).unwrap(),
             created_unix_ms: i64::MIN,
+            // The sidecar's window, so the reply names every customer.
             usage: (0..config.max_records_per_batch())
-                .map(longest_record)
+                .map(|index| UsageRecord {
+                    quota_window_ms: 60_000,
+                    ..longest_record(index)
+                })
                 .collect(),
         };
         assert!(request.encoded_len() > 4 * 1024 * 1024);

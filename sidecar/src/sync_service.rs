@@ -26,9 +26,14 @@ pub struct SyncService {
     shared: Option<SharedCounters>,
     allowance: AllowanceSettings,
     tiers: Arc<RwLock<Vec<TierLimits>>>,
+    warned_other_window: Arc<std::sync::atomic::AtomicBool>,
     window_seconds: u32,
     max_records: usize,
 }
+
+/// Quota recorded for a customer whose tier's window differs from the
+/// sidecar's `window_seconds`.
+const OTHER_WINDOW: u64 = u64::MAX;
 
 /// One customer's part of a batch.
 #[derive(Debug, Clone, Default)]
@@ -39,6 +44,8 @@ struct BatchCustomer {
     recent: Counts,
     /// Quota of the customer's tier, in requests per window.
     quota: Option<u64>,
+    /// Whether that quota's window differs from the sidecar's.
+    other_window: bool,
 }
 
 impl SyncService {
@@ -57,6 +64,7 @@ impl SyncService {
             shared: None,
             allowance: AllowanceSettings::default(),
             tiers: Arc::new(RwLock::new(Vec::new())),
+            warned_other_window: Arc::default(),
             window_seconds,
             max_records,
         }
@@ -80,6 +88,22 @@ impl SyncService {
     /// instance's own. Takes effect with the next reply.
     pub fn set_tiers(&self, tiers: Vec<TierLimits>) {
         *self.tiers.write().unwrap_or_else(PoisonError::into_inner) = tiers;
+    }
+
+    /// Logs once that a tier's quota window differs from the sidecar's.
+    fn warn_other_window(&self, tier: &str) {
+        if !self
+            .warned_other_window
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            warn!(
+                tier,
+                window_seconds = self.window_seconds,
+                "tier quota window differs from the sidecar's window_seconds; its customers \
+                 get no remote usage and each instance enforces the quota alone; set \
+                 window_seconds to the tier's window or push the tier from [tiers]"
+            );
+        }
     }
 
     /// Returns the recent usage the replies are built from, for the shared
@@ -114,6 +138,7 @@ impl SyncService {
             for part in customers.values_mut() {
                 if let Some(limits) = tiers.iter().find(|limits| limits.name == part.tier) {
                     part.quota = (limits.quota_requests > 0).then_some(limits.quota_requests);
+                    part.other_window = false;
                 }
             }
         }
@@ -180,7 +205,13 @@ impl SyncService {
         recent.prune_if_due(now_s);
         for (customer, part) in applied {
             recent.record(instance, customer, part.recent, now_s);
-            recent.set_quota(customer, part.quota);
+            let quota = if part.other_window {
+                self.warn_other_window(&part.tier);
+                Some(OTHER_WINDOW)
+            } else {
+                part.quota
+            };
+            recent.set_quota(customer, quota);
         }
         let mut customers: BTreeSet<String> = recent.customers_of(instance).into_iter().collect();
         customers.extend(applied.keys().cloned());
@@ -188,6 +219,7 @@ impl SyncService {
         let mut near = false;
         let remote_usage = customers
             .into_iter()
+            .filter(|customer| recent.quota(customer) != Some(OTHER_WINDOW))
             .map(|customer| {
                 let local = recent.by_instance(&customer, now_s);
                 let elsewhere = self
@@ -246,6 +278,11 @@ fn batch_customers(
     for record in records {
         let part = customers.entry(record.customer.clone()).or_default();
         part.quota = record.quota.map(|quota| quota.requests);
+        // Counts over this sidecar's window say nothing exact about a quota
+        // of another window, so such customers get no remote usage.
+        part.other_window = record
+            .quota
+            .is_some_and(|quota| quota.window_ms != u64::from(window_seconds) * 1000);
         part.tier.clone_from(&record.tier);
         if record.minute_unix_s + MINUTE_SECONDS > window_start {
             let admitted = u64::try_from(record.admitted).unwrap_or(0);
@@ -464,9 +501,9 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let sync = SyncService::new(store, 1, 100, 1_000);
         let minute = current_minute();
-        sync.apply(request("a", 1, &[("c1", minute, 2)]))
-            .await
-            .unwrap();
+        let mut batch = request("a", 1, &[("c1", minute, 2)]);
+        batch.usage[0].quota_window_ms = 1_000;
+        sync.apply(batch).await.unwrap();
 
         let soon = sync.apply(request("a", 1, &[])).await.unwrap();
         assert_eq!(remote(&soon), [("c1", 0)]);
@@ -474,5 +511,24 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
         let later = sync.apply(request("a", 1, &[])).await.unwrap();
         assert!(later.remote_usage.is_empty(), "{:?}", later.remote_usage);
+    }
+
+    #[tokio::test]
+    async fn quota_of_another_window_gets_no_remote_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync = service(&dir);
+        let minute = current_minute();
+        let mut hourly = request("a", 1, &[("c1", minute, 2)]);
+        hourly.usage[0].quota_window_ms = 3_600_000;
+        sync.apply(hourly).await.unwrap();
+
+        let other = sync
+            .apply(request("b", 1, &[("c2", minute, 1)]))
+            .await
+            .unwrap();
+        let poll = sync.apply(request("a", 1, &[])).await.unwrap();
+
+        assert_eq!(remote(&other), [("c2", 0)]);
+        assert!(poll.remote_usage.is_empty(), "{:?}", poll.remote_usage);
     }
 }

@@ -9,7 +9,7 @@
 //! row id once, so the counts merge without loss or double counting once
 //! Redis is back.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -57,7 +57,7 @@ struct State {
     /// exchange.
     elsewhere: HashMap<String, Counts>,
     /// This sidecar's rows already in Redis, per customer, newest last.
-    own: HashMap<String, VecDeque<(i64, Counts)>>,
+    own: HashMap<String, BTreeMap<i64, Counts>>,
     /// Highest outbox id added to `own`.
     own_max_id: i64,
     degraded: bool,
@@ -256,7 +256,7 @@ impl SharedCounters {
 
         let mut state = self.lock();
         state.contact_at = Some(Instant::now());
-        state.add_own(&rows);
+        state.add_own(&rows, now_unix_s, inner.window_seconds);
         state.prune_own(now_unix_s, inner.window_seconds);
         let elsewhere = result
             .totals
@@ -276,20 +276,23 @@ impl SharedCounters {
 }
 
 impl State {
-    fn add_own(&mut self, rows: &[Contribution]) {
-        for row in rows.iter().filter(|row| row.id > self.own_max_id) {
-            let counts = Counts {
-                admitted: row.admitted,
-                requests: row.requests,
-            };
-            let series = self.own.entry(row.customer.clone()).or_default();
-            match series.back_mut() {
-                Some((bucket, last)) if *bucket >= row.bucket_unix_s => {
-                    last.admitted = last.admitted.saturating_add(counts.admitted);
-                    last.requests = last.requests.saturating_add(counts.requests);
-                }
-                _ => series.push_back((row.bucket_unix_s, counts)),
-            }
+    /// Adds the rows Redis now holds to this sidecar's own window counts.
+    /// Rows whose bucket is already outside the window went to Redis's
+    /// minute totals only, so they are left out here too.
+    fn add_own(&mut self, rows: &[Contribution], now_unix_s: i64, window_seconds: u32) {
+        let start = now_unix_s - i64::from(window_seconds);
+        for row in rows
+            .iter()
+            .filter(|row| row.id > self.own_max_id && row.bucket_unix_s > start)
+        {
+            let bucket = self
+                .own
+                .entry(row.customer.clone())
+                .or_default()
+                .entry(row.bucket_unix_s)
+                .or_default();
+            bucket.admitted = bucket.admitted.saturating_add(row.admitted);
+            bucket.requests = bucket.requests.saturating_add(row.requests);
         }
         if let Some(last) = rows.last() {
             self.own_max_id = self.own_max_id.max(last.id);
@@ -300,9 +303,7 @@ impl State {
     fn prune_own(&mut self, now_unix_s: i64, window_seconds: u32) {
         let start = now_unix_s - i64::from(window_seconds);
         self.own.retain(|_, series| {
-            while series.front().is_some_and(|(bucket, _)| *bucket <= start) {
-                series.pop_front();
-            }
+            *series = series.split_off(&(start + 1));
             !series.is_empty()
         });
     }
@@ -310,8 +311,8 @@ impl State {
     fn subtract_own(&self, customer: &str, totals: &WindowTotals) -> Counts {
         let own = self.own.get(customer).map_or(Counts::default(), |series| {
             series
-                .iter()
-                .fold(Counts::default(), |sum, (_, counts)| Counts {
+                .values()
+                .fold(Counts::default(), |sum, counts| Counts {
                     admitted: sum.admitted.saturating_add(counts.admitted),
                     requests: sum.requests.saturating_add(counts.requests),
                 })
@@ -330,4 +331,46 @@ enum ExchangeError {
     Counters(#[from] CounterError),
     #[error("could not read the counter outbox: {0}")]
     Store(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, bucket_unix_s: i64, admitted: u64) -> Contribution {
+        Contribution {
+            id,
+            customer: "c1".to_owned(),
+            bucket_unix_s,
+            admitted,
+            requests: admitted,
+        }
+    }
+
+    #[test]
+    fn old_rows_stay_out_of_own_window() {
+        let mut state = State::default();
+        // A backlog row of an old minute after a recent one.
+        state.add_own(&[row(1, 1_000, 3), row(2, 600, 50)], 1_000, 60);
+        let totals = WindowTotals {
+            admitted: 10,
+            requests: 10,
+        };
+        assert_eq!(state.subtract_own("c1", &totals).admitted, 7);
+    }
+
+    #[test]
+    fn rows_are_added_once_and_pruned_with_the_window() {
+        let mut state = State::default();
+        state.add_own(&[row(1, 990, 2), row(2, 1_000, 3)], 1_000, 60);
+        state.add_own(&[row(2, 1_000, 3)], 1_000, 60);
+        let totals = WindowTotals {
+            admitted: 5,
+            requests: 5,
+        };
+        assert_eq!(state.subtract_own("c1", &totals).admitted, 0);
+
+        state.prune_own(1_050, 60);
+        assert_eq!(state.subtract_own("c1", &totals).admitted, 2);
+    }
 }
