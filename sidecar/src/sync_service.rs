@@ -278,8 +278,8 @@ fn batch_customers(
     for record in records {
         let part = customers.entry(record.customer.clone()).or_default();
         part.quota = record.quota.map(|quota| quota.requests);
-        // Counts over this sidecar's window say nothing exact about a quota
-        // of another window, so such customers get no remote usage.
+        // Counts over this sidecar's window do not give the usage over another
+        // window, so customers of such a quota get no remote usage.
         part.other_window = record
             .quota
             .is_some_and(|quota| quota.window_ms != u64::from(window_seconds) * 1000);

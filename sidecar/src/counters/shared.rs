@@ -276,7 +276,7 @@ impl SharedCounters {
 }
 
 impl State {
-    /// Adds the rows Redis now holds to this sidecar's own window counts.
+    /// Adds the rows now stored in Redis to this sidecar's own window counts.
     /// Rows whose bucket is already outside the window went to Redis's
     /// minute totals only, so they are left out here too.
     fn add_own(&mut self, rows: &[Contribution], now_unix_s: i64, window_seconds: u32) {
@@ -360,7 +360,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_are_added_once_and_pruned_with_the_window() {
+    fn own_rows_counted_once_then_pruned() {
         let mut state = State::default();
         state.add_own(&[row(1, 990, 2), row(2, 1_000, 3)], 1_000, 60);
         state.add_own(&[row(2, 1_000, 3)], 1_000, 60);
