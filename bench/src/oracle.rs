@@ -213,16 +213,21 @@ impl CustomerCheck<'_> {
     }
 }
 
+/// Decisions and limits shared by the tests of the oracle and of the
+/// accuracy measures.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::limits::{Quota, TierLimit};
+pub(crate) mod testing {
+    use std::collections::BTreeMap;
 
-    /// Limits with one quota tier `basic` (3 per 10 s) and one burst-only tier `enterprise`.
-    fn limits() -> TierLimits {
+    use crate::decisions::Decision;
+    use crate::limits::{Quota, TierLimit, TierLimits};
+
+    /// Returns limits with one quota tier `basic` (`requests` per 10 s) and
+    /// one burst-only tier `enterprise`.
+    pub(crate) fn basic_limits(requests: u64) -> TierLimits {
         let basic = TierLimit {
             quota: Some(Quota {
-                requests: 3,
+                requests,
                 window_seconds: 10,
             }),
             burst: None,
@@ -234,7 +239,8 @@ mod tests {
         ]))
     }
 
-    fn decisions(customer: &str, tier: &str, events: &[(f64, u16)]) -> Vec<Decision> {
+    /// Returns one decision per `(t, status)` of `customer` in `tier`.
+    pub(crate) fn decisions(customer: &str, tier: &str, events: &[(f64, u16)]) -> Vec<Decision> {
         events
             .iter()
             .map(|&(t, status)| Decision {
@@ -249,6 +255,18 @@ mod tests {
                 instance: None,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::testing::{basic_limits, decisions};
+
+    /// Limits with one quota tier `basic` (3 per 10 s) and one burst-only tier `enterprise`.
+    fn limits() -> TierLimits {
+        basic_limits(3)
     }
 
     #[test]

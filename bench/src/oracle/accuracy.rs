@@ -208,39 +208,11 @@ fn peaks_per_window(times: &[f64], rolling: f64, window: f64) -> BTreeMap<u64, u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::{Quota, TierLimit};
+    use crate::oracle::testing::{basic_limits, decisions};
 
     /// Limits with one quota tier `basic` (4 per 10 s) and one burst-only tier `enterprise`.
     fn limits() -> TierLimits {
-        let basic = TierLimit {
-            quota: Some(Quota {
-                requests: 4,
-                window_seconds: 10,
-            }),
-            burst: None,
-        };
-        let enterprise = *TierLimits::default_tiers().get("enterprise").unwrap();
-        TierLimits::new(BTreeMap::from([
-            ("basic".to_string(), basic),
-            ("enterprise".to_string(), enterprise),
-        ]))
-    }
-
-    fn decisions(customer: &str, tier: &str, events: &[(f64, u16)]) -> Vec<Decision> {
-        events
-            .iter()
-            .map(|&(t, status)| Decision {
-                t,
-                customer: customer.to_string(),
-                tier: tier.to_string(),
-                status,
-                latency_ms: None,
-                lateness_ms: None,
-                line: None,
-                error: None,
-                instance: None,
-            })
-            .collect()
+        basic_limits(4)
     }
 
     /// `count` requests from `start`, one every `step` seconds, all with `status`.
