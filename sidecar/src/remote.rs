@@ -197,7 +197,8 @@ impl RecentUsage {
         self.customers.keys().cloned().collect()
     }
 
-    /// Prunes as [`RecentUsage::prune`] does, at most once per second.
+    /// Prunes as [`RecentUsage::prune`] does, unless it already pruned at
+    /// `now_s`, so a second's calls prune once.
     pub fn prune_if_due(&mut self, now_s: u64) {
         if now_s != self.pruned_at_s {
             self.prune(now_s);

@@ -157,7 +157,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         warn!(path = %path.display(), error = %err, "failed to remove the ready file");
     }
     reload.abort();
-    // The reload task holds a handle to the store; wait until it is gone so
+    // The reload task keeps a handle to the store; wait until it is gone so
     // that the store closes cleanly.
     let _ = reload.await;
     store.close().await;

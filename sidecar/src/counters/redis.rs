@@ -412,7 +412,9 @@ impl RedisCounters {
 mod tests {
     use super::*;
 
-    fn settings(shards: u16) -> RedisSettings {
+    /// Returns settings for a server that is never reached, with `shards`
+    /// shards; the tests of `plan` use them too.
+    pub(super) fn settings(shards: u16) -> RedisSettings {
         RedisSettings {
             target: RedisTarget::Standalone("redis://127.0.0.1:1".to_owned()),
             key_prefix: "veo".to_owned(),

@@ -158,20 +158,8 @@ fn check_contributions(contributions: &[Contribution]) -> Result<(), CounterErro
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::counters::redis::{RedisSettings, RedisTarget};
-
-    fn settings(shards: u16) -> RedisSettings {
-        RedisSettings {
-            target: RedisTarget::Standalone("redis://127.0.0.1:1".to_owned()),
-            key_prefix: "veo".to_owned(),
-            shards,
-            totals_ttl_seconds: 3600,
-            timeout: Duration::from_millis(200),
-        }
-    }
+    use crate::counters::redis::tests::settings;
 
     fn contribution(id: i64, customer: &str, bucket: i64) -> Contribution {
         Contribution {
