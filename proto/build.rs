@@ -2,7 +2,11 @@
 
 use std::{env, path::PathBuf};
 
-const PROTOS: [&str; 2] = ["veo/sync/v1/sync.proto", "veo/usage/v1/usage.proto"];
+const PROTOS: [&str; 3] = [
+    "veo/sync/v1/sync.proto",
+    "veo/usage/v1/usage.proto",
+    "veo/admin/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -273,6 +273,7 @@ impl Sync {
             sequence: self.next_sequence.saturating_sub(1),
             created_unix_ms: i64::try_from(host.now_ms()).unwrap_or(i64::MAX),
             usage: Vec::new(),
+            tier_overrides_version: 0,
         }
         .encode_to_vec()
     }

@@ -2,7 +2,8 @@
 //! tonic clients and servers.
 //!
 //! `sync` is the filter-to-sidecar usage sync; `usage` is the public usage
-//! query API.
+//! query API; `admin` holds operator actions such as billing
+//! reconciliation.
 
 #![allow(missing_docs)]
 
@@ -14,6 +15,11 @@ pub mod sync {
 /// Usage queries over the sidecar's ledger, package `veo.usage.v1`.
 pub mod usage {
     include!(concat!(env!("OUT_DIR"), "/veo.usage.v1.rs"));
+}
+
+/// Operator actions on the sidecar, package `veo.admin.v1`.
+pub mod admin {
+    include!(concat!(env!("OUT_DIR"), "/veo.admin.v1.rs"));
 }
 
 /// Encoded `FileDescriptorSet` of every service, for gRPC server reflection.

@@ -350,6 +350,7 @@ mod tests {
             refused_requests: MAX_REQUESTS_PER_RECORD,
             quota_requests: MAX_QUOTA_REQUESTS,
             quota_window_ms: MAX_QUOTA_WINDOW_MS,
+            egress_bytes: 0,
         }
     }
 
@@ -357,6 +358,7 @@ mod tests {
     fn record_bound_covers_longest_record() {
         let one = SyncRequest {
             usage: vec![longest_record(0)],
+            tier_overrides_version: 0,
             ..SyncRequest::default()
         };
 
@@ -384,9 +386,11 @@ mod tests {
             usage: (0..config.max_records_per_batch())
                 .map(|index| UsageRecord {
                     quota_window_ms: 60_000,
+                    egress_bytes: 0,
                     ..longest_record(index)
                 })
                 .collect(),
+            tier_overrides_version: u64::MAX,
         };
         assert!(request.encoded_len() > 4 * 1024 * 1024);
 

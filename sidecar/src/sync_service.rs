@@ -252,6 +252,7 @@ impl SyncService {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            tier_overrides: None,
         }
     }
 }
@@ -332,8 +333,10 @@ mod tests {
                     refused_requests: 0,
                     quota_requests: 60,
                     quota_window_ms: 60_000,
+                    egress_bytes: 0,
                 })
                 .collect(),
+            tier_overrides_version: 0,
         }
     }
 

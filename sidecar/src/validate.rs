@@ -211,6 +211,7 @@ mod tests {
             refused_requests: 1,
             quota_requests: 60,
             quota_window_ms: 60_000,
+            egress_bytes: 0,
         }
     }
 
@@ -220,6 +221,7 @@ mod tests {
             sequence: 7,
             created_unix_ms: 0,
             usage: records,
+            tier_overrides_version: 0,
         }
     }
 

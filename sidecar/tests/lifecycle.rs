@@ -155,6 +155,7 @@ fn batch(instance: &str, sequence: u64, usage: &[(&str, i64, u64, u64)]) -> Sync
                 },
             )
             .collect(),
+        tier_overrides_version: 0,
     }
 }
 

@@ -63,6 +63,7 @@ impl Batch {
             usage.push(UsageRecord {
                 quota_requests: quota.map_or(0, |quota| u64::from(quota.requests)),
                 quota_window_ms: quota.map_or(0, |quota| quota.window_ms),
+                egress_bytes: 0,
                 customer: key.customer,
                 tier: key.tier,
                 minute_unix_s: i64::from(key.minute) * 60,
@@ -75,6 +76,7 @@ impl Batch {
             sequence,
             created_unix_ms,
             usage,
+            tier_overrides_version: 0,
         };
         Self {
             sequence,
@@ -132,6 +134,7 @@ mod tests {
                 refused_requests: 2,
                 quota_requests: 60,
                 quota_window_ms: 60_000,
+                egress_bytes: 0,
             }]
         );
     }
