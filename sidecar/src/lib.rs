@@ -5,6 +5,7 @@
 //! the current window, and serves usage queries, all over one gRPC port.
 
 pub mod allowance;
+pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod counters;

@@ -278,6 +278,25 @@ impl Store {
         }
     }
 
+    /// Runs `work` on the writing connection on the blocking pool; SQLite
+    /// errors are reported as failures to do `operation`.
+    pub async fn write<T, F>(&self, operation: &'static str, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.run(operation, Role::Writer, work).await
+    }
+
+    /// Runs `work` on the read-only connection on the blocking pool.
+    pub async fn read<T, F>(&self, operation: &'static str, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.run(operation, Role::Reader, work).await
+    }
+
     /// Runs `work` on the writer or the reader connection on the blocking
     /// pool. The mutex keeps the writer the only one, even across clones.
     async fn run<T, F>(&self, operation: &'static str, role: Role, work: F) -> Result<T, StoreError>

@@ -1,0 +1,1 @@
+//! Stripe webhook endpoint: signature verification and tier changes.
