@@ -1,8 +1,11 @@
 //! The HTTP filter role. Per request it reads the bearer token, finds it
-//! in the verified-token cache or verifies it, and rate-limits the
-//! customer in shared data. Then it replies 401 or 429, or passes the
-//! request upstream with the customer and tier headers set from the
-//! verified claims.
+//! in the verified-token cache or verifies it, applies the customer's tier
+//! override, and rate-limits the customer in shared data. Then it replies
+//! 401 or 429, or passes the request upstream with the customer and tier
+//! headers set from the verified claims, and counts the response body
+//! bytes.
+
+pub mod stream;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -14,10 +17,13 @@ use crate::jwt::{AuthError, bearer_token};
 use crate::limiter::{Admission, Limiter};
 use crate::metrics::{Counter, Metrics};
 use crate::response::{self, LocalReply};
-use crate::sync::{STATE_KEY, TIERS_KEY, decode_pushed_tiers};
+use crate::sync::{
+    OVERRIDES_KEY, OverrideTable, STATE_KEY, TIERS_KEY, decode_overrides, decode_pushed_tiers,
+};
 use crate::token_cache::{CacheLevel, CachedToken, TokenCache};
 use crate::usage::queue::Delivery;
-use crate::usage::{self, UsageMessage, UsageQueue};
+use crate::usage::{self, EgressMeter, UsageMessage, UsageQueue};
+pub use stream::{RequestEgress, Stream};
 
 /// Header the upstream reads the customer id from.
 pub const CUSTOMER_HEADER: &str = "x-veo-customer";
@@ -28,12 +34,18 @@ pub const TIER_HEADER: &str = "x-veo-tier";
 const WARNING_INTERVAL_MS: u64 = 10_000;
 
 /// Next step of the HTTP context after the request headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum RequestOutcome {
     /// A local reply was sent; stop the filter chain.
     Replied,
-    /// Send the request upstream; add these headers to its response.
-    Forward(Option<ResponseFields>),
+    /// Send the request upstream.
+    Forward {
+        /// Headers to add to the response; `None` when the request was
+        /// admitted without the limiter.
+        fields: Option<ResponseFields>,
+        /// The usage bucket the response body bytes count in.
+        egress: RequestEgress,
+    },
 }
 
 /// Rate-limit fields for the response of an admitted request.
@@ -63,6 +75,15 @@ pub struct Filter {
     tiers: RefCell<Rc<Tiers>>,
     /// Compare-and-swap token of the pushed limits last applied.
     tiers_cas: Cell<Option<u32>>,
+    /// Customer tier overrides the sync role published, read on the timer.
+    overrides: RefCell<OverrideTable>,
+    /// Compare-and-swap token of the overrides last applied.
+    overrides_cas: Cell<Option<u32>>,
+    /// Response body bytes not yet on the usage queue.
+    egress: EgressMeter,
+    /// Whether a newer configuration replaced this filter or the plugin
+    /// stopped. No timer flushes `egress` after that.
+    retired: Cell<bool>,
 }
 
 impl Filter {
@@ -81,6 +102,10 @@ impl Filter {
             last_warning_ms: Cell::new(0),
             degraded: Cell::new(false),
             tiers_cas: Cell::new(None),
+            overrides: RefCell::new(OverrideTable::default()),
+            overrides_cas: Cell::new(None),
+            egress: EgressMeter::new(),
+            retired: Cell::new(false),
         }
     }
 
@@ -99,8 +124,9 @@ impl Filter {
             Ok(found) => found,
             Err(error) => return self.reject(host, error),
         };
+        let tier_index = self.tier_of(&cached);
         let tiers = Rc::clone(&self.tiers.borrow());
-        let tier = tiers.get(cached.tier);
+        let tier = tiers.get(tier_index);
         let degraded = self.degraded.get();
         if degraded && let FailurePolicy::Refuse { status } = tier.failure_policy {
             self.metrics.add(Counter::FailClosed, 1);
@@ -130,7 +156,10 @@ impl Filter {
                 };
                 self.deliver_usage(host, now_ms, &[detached]);
                 self.forward(host, &cached.customer, &tier.name);
-                return RequestOutcome::Forward(None);
+                return RequestOutcome::Forward {
+                    fields: None,
+                    egress: RequestEgress::new(cached, tier_index, now_ms),
+                };
             }
         };
         cached.limiter_slot.set(Some(admission.slot));
@@ -156,15 +185,29 @@ impl Filter {
             self.metrics.add(Counter::FailOpen, 1);
         }
         if !decision.admitted {
-            self.metrics.add_rate_limited(cached.tier);
+            self.metrics.add_rate_limited(tier_index);
             self.send(host, &response::too_many_requests(tier, &decision));
             return RequestOutcome::Replied;
         }
         self.forward(host, &cached.customer, &tier.name);
-        RequestOutcome::Forward(Some(ResponseFields {
-            tier: cached.tier,
+        let fields = ResponseFields {
+            tier: tier_index,
             ratelimit: response::ratelimit_value(tier, &decision),
-        }))
+        };
+        RequestOutcome::Forward {
+            fields: Some(fields),
+            egress: RequestEgress::new(cached, tier_index, now_ms),
+        }
+    }
+
+    /// Returns the index of the tier a request of `cached` is decided
+    /// under: the customer's override when it has one, else the tier the
+    /// token resolved to.
+    fn tier_of(&self, cached: &CachedToken) -> usize {
+        self.overrides
+            .borrow()
+            .tier_of(&cached.customer)
+            .unwrap_or(cached.tier)
     }
 
     /// Finds the request's bearer token in the cache or verifies it; the
@@ -199,18 +242,54 @@ impl Filter {
         let _ = host.add_response_header("ratelimit", &fields.ratelimit);
     }
 
-    /// Periodic work of the worker: publish counters, resend held usage
-    /// messages.
+    /// Periodic work of the worker: read what the sync role published,
+    /// put the counted response bytes and held usage messages on the usage
+    /// queue, publish counters.
     pub fn on_tick(&self, host: &impl Host) {
         if let Ok(value) = host.get_shared_data(STATE_KEY) {
             self.degraded
                 .set(value.bytes.is_some_and(|bytes| bytes.first() == Some(&1)));
         }
         self.refresh_tiers(host);
+        self.refresh_overrides(host);
         if self.usage.backlog_len() > 0 {
             self.usage.retry_backlog(host);
         }
+        self.flush_egress(host);
         self.metrics.flush(host);
+    }
+
+    /// Adds the response body bytes of a finished request to the worker's
+    /// sums, which the next tick puts on the usage queue.
+    pub fn record_egress(&self, host: &impl Host, egress: &RequestEgress) {
+        self.egress.add(
+            &egress.token.customer,
+            egress.tier,
+            egress.minute,
+            egress.bytes,
+        );
+        // A replaced filter gets no more ticks, but its requests in flight
+        // still end here.
+        if self.retired.get() {
+            self.flush_egress(host);
+        }
+    }
+
+    /// Puts the response body bytes counted so far on the usage queue, and
+    /// those of later requests as they end. Call it when a newer
+    /// configuration replaces this filter or the plugin stops.
+    pub fn retire(&self, host: &impl Host) {
+        self.retired.set(true);
+        self.flush_egress(host);
+        self.metrics.flush(host);
+    }
+
+    fn flush_egress(&self, host: &impl Host) {
+        if self.egress.is_empty() {
+            return;
+        }
+        let messages = self.egress.take_messages(&self.config.tiers);
+        self.deliver_usage(host, host.now_ms(), &messages);
     }
 
     /// Applies tier limits the sync role published since the last tick.
@@ -240,6 +319,34 @@ impl Filter {
                 &format!("ignoring published tier limits: {error}"),
             ),
         }
+    }
+
+    /// Applies the customer tier overrides the sync role published since
+    /// the last tick. An empty set clears every override.
+    // NOTE: each tick copies the whole set out of shared data before the
+    // compare-and-swap token shows it unchanged. That is cheap for
+    // thousands of overrides; a set of many megabytes would call for a
+    // separate version key.
+    fn refresh_overrides(&self, host: &impl Host) {
+        let Ok(value) = host.get_shared_data(OVERRIDES_KEY) else {
+            return;
+        };
+        if value.cas == self.overrides_cas.get() {
+            return;
+        }
+        self.overrides_cas.set(value.cas);
+        let bytes = value.bytes.unwrap_or_default();
+        let Some(set) = decode_overrides(&bytes) else {
+            host.log(
+                LogLevel::Error,
+                "failed to decode the tier overrides published under veo.sync.overrides; \
+                 keeping the overrides in force",
+            );
+            return;
+        };
+        // The sync role logged and counted the overrides that name a tier
+        // the configuration does not define; the table leaves them out.
+        *self.overrides.borrow_mut() = OverrideTable::build(&set, &self.config.tiers);
     }
 
     /// Returns the tiers in force.
@@ -335,55 +442,18 @@ impl Filter {
 #[cfg(test)]
 mod tests {
     use jwt_simple::prelude::UnixTimeStamp;
-    use serde_json::{Value, json};
+    use prost::Message;
+    use serde_json::json;
+    use veo_proto::sync::{TierOverride, TierOverrides};
 
     use super::*;
     use crate::host::MemoryHost;
     use crate::limiter::MAX_ATTEMPTS;
-    use crate::testing::{NOW_S, claims, config, es256_token};
+    use crate::limiter::record::Record;
+    use crate::testing::{NOW_S, Worker, claims, es256_token};
     use crate::usage::QUEUE_NAME;
 
     const NOW_MS: u64 = NOW_S * 1000;
-
-    struct Worker {
-        host: MemoryHost,
-        filter: Filter,
-    }
-
-    impl Worker {
-        fn new(host: MemoryHost) -> Self {
-            let filter = Filter::new(&host, config(json!({})), "veo_edge");
-            Self { host, filter }
-        }
-
-        /// Sends one request and returns its status: 200 when forwarded.
-        fn send(&self, headers: &[(&str, &[u8])]) -> u32 {
-            self.host.start_request(headers);
-            match self.filter.on_request_headers(&self.host) {
-                RequestOutcome::Replied => self.host.local_response().unwrap().status,
-                RequestOutcome::Forward(fields) => {
-                    if let Some(fields) = fields {
-                        self.filter.on_response_headers(&self.host, &fields);
-                    }
-                    200
-                }
-            }
-        }
-
-        fn send_token(&self, token: &str) -> u32 {
-            let header = format!("Bearer {token}");
-            self.send(&[("authorization", header.as_bytes())])
-        }
-
-        fn reply_json(&self) -> Value {
-            serde_json::from_str(self.host.local_response().unwrap().body_text()).unwrap()
-        }
-
-        fn counter(&self, name: &str) -> u64 {
-            self.filter.on_tick(&self.host);
-            self.host.counter(name)
-        }
-    }
 
     fn worker() -> Worker {
         Worker::new(MemoryHost::new(NOW_MS))
@@ -391,6 +461,22 @@ mod tests {
 
     fn token(customer: &str, tier: Option<&str>) -> String {
         es256_token(claims(customer, tier))
+    }
+
+    /// Stores a set of tier overrides as the sync role publishes it.
+    fn publish_overrides(host: &MemoryHost, version: u64, entries: &[(&str, &str)]) {
+        let set = TierOverrides {
+            version,
+            overrides: entries
+                .iter()
+                .map(|(customer, tier)| TierOverride {
+                    customer: (*customer).to_owned(),
+                    tier: (*tier).to_owned(),
+                })
+                .collect(),
+        };
+        host.set_shared_data(OVERRIDES_KEY, &set.encode_to_vec(), None)
+            .unwrap();
     }
 
     #[test]
@@ -486,12 +572,8 @@ mod tests {
 
     #[test]
     fn forged_headers_cannot_remove_verified_identity() {
-        let host = MemoryHost::new(NOW_MS);
         let forged = json!({"forged_headers": ["x-veo-customer", "X-Veo-Tier", "x-veo-region"]});
-        let worker = Worker {
-            filter: Filter::new(&host, config(forged), "veo_edge"),
-            host,
-        };
+        let worker = Worker::with_config(MemoryHost::new(NOW_MS), forged);
         let bearer = format!("Bearer {}", token("acme", Some("pro")));
         let status = worker.send(&[
             ("authorization", bearer.as_bytes()),
@@ -684,5 +766,115 @@ mod tests {
         );
         assert!(logs.iter().any(|(_, line)| line.contains("status=401")));
         assert!(logs.iter().all(|(_, line)| !line.contains(&token)));
+    }
+
+    #[test]
+    fn override_applies_to_cached_token() {
+        let worker = worker();
+        let token = token("acme", Some("basic"));
+        assert_eq!(worker.send_token(&token), 200);
+        publish_overrides(&worker.host, 1, &[("acme", "pro")]);
+        worker.filter.on_tick(&worker.host);
+
+        let before = worker.host.shared_data_calls();
+        assert_eq!(worker.send_token(&token), 200);
+        assert_eq!(worker.host.shared_data_calls() - before, 2);
+        assert_eq!(worker.counter("veo.token_cache_hits_total"), 1);
+        let host = &worker.host;
+        assert_eq!(
+            host.request_header_text("x-veo-tier").as_deref(),
+            Some("pro")
+        );
+        assert_eq!(
+            host.response_header("ratelimit-policy").as_deref(),
+            Some("\"pro\";q=5;w=60")
+        );
+        // The record is the customer's whatever the tier, so the request
+        // admitted under basic counts against the quota of pro.
+        assert_eq!(
+            host.response_header("ratelimit").as_deref(),
+            Some("\"pro\";r=3;t=60")
+        );
+
+        let statuses: Vec<u32> = (0..4).map(|_| worker.send_token(&token)).collect();
+        assert_eq!(statuses, [200, 200, 200, 429]);
+        assert_eq!(worker.reply_json()["tier"], "pro");
+        assert_eq!(worker.counter("veo.rate_limited_total.tier.pro"), 1);
+        assert_eq!(worker.counter("veo.rate_limited_total.tier.basic"), 0);
+
+        let keys = host.shared_data_keys(crate::limiter::KEY_PREFIX);
+        let record = Record::decode(&host.peek_shared_data(&keys[0]).unwrap()).unwrap();
+        let counted: Vec<(&str, u32, u32)> = record
+            .pending
+            .iter()
+            .map(|bucket| (bucket.tier.as_str(), bucket.admitted, bucket.refused))
+            .collect();
+        assert_eq!(counted, [("basic", 1, 0), ("pro", 4, 1)]);
+    }
+
+    #[test]
+    fn unknown_override_tier_is_ignored() {
+        let worker = worker();
+        publish_overrides(
+            &worker.host,
+            1,
+            &[("acme", "platinum"), ("zeta", "enterprise")],
+        );
+        worker.filter.on_tick(&worker.host);
+
+        assert_eq!(worker.send_token(&token("acme", Some("pro"))), 200);
+        assert_eq!(
+            worker.host.request_header_text("x-veo-tier").as_deref(),
+            Some("pro")
+        );
+        assert_eq!(worker.send_token(&token("zeta", None)), 200);
+        assert_eq!(
+            worker.host.request_header_text("x-veo-tier").as_deref(),
+            Some("enterprise")
+        );
+    }
+
+    #[test]
+    fn empty_override_set_clears_overrides() {
+        let worker = worker();
+        let token = token("acme", None);
+        publish_overrides(&worker.host, 1, &[("acme", "pro")]);
+        worker.filter.on_tick(&worker.host);
+        assert_eq!(worker.send_token(&token), 200);
+        assert_eq!(
+            worker.host.request_header_text("x-veo-tier").as_deref(),
+            Some("pro")
+        );
+
+        publish_overrides(&worker.host, 2, &[]);
+        worker.filter.on_tick(&worker.host);
+        assert_eq!(worker.send_token(&token), 200);
+        assert_eq!(
+            worker.host.request_header_text("x-veo-tier").as_deref(),
+            Some("basic")
+        );
+    }
+
+    #[test]
+    fn undecodable_overrides_keep_those_in_force() {
+        let worker = worker();
+        publish_overrides(&worker.host, 1, &[("acme", "pro")]);
+        worker.filter.on_tick(&worker.host);
+        worker
+            .host
+            .set_shared_data(OVERRIDES_KEY, b"\xff\xff", None)
+            .unwrap();
+        worker.filter.on_tick(&worker.host);
+
+        assert_eq!(worker.send_token(&token("acme", None)), 200);
+        assert_eq!(
+            worker.host.request_header_text("x-veo-tier").as_deref(),
+            Some("pro")
+        );
+        let logs = worker.host.logs();
+        assert!(
+            logs.iter()
+                .any(|(level, line)| *level == LogLevel::Error && line.contains("overrides"))
+        );
     }
 }

@@ -41,11 +41,15 @@ pub enum Counter {
     /// Requests rejected under the "refuse" failure policy while the shared
     /// counters were unreachable.
     FailClosed,
+    /// Customer tier overrides from the sidecar ignored because they name a
+    /// tier the plugin configuration does not define, counted once per
+    /// received set.
+    TierOverridesIgnored,
 }
 
 impl Counter {
     /// Every counter, in id order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Requests,
         Counter::AuthFailures,
         Counter::TokenCacheHits,
@@ -58,6 +62,7 @@ impl Counter {
         Counter::SyncDegraded,
         Counter::FailOpen,
         Counter::FailClosed,
+        Counter::TierOverridesIgnored,
     ];
 
     /// Returns the metric name passed to Envoy.
@@ -75,6 +80,7 @@ impl Counter {
             Self::SyncDegraded => "veo.sync_degraded_total",
             Self::FailOpen => "veo.fail_open_total",
             Self::FailClosed => "veo.fail_closed_total",
+            Self::TierOverridesIgnored => "veo.tier_overrides_ignored_total",
         }
     }
 }

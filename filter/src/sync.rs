@@ -13,11 +13,14 @@
 //! Each reply's view of other instances is written into the customers'
 //! limiter records, where the request path reads it at no extra cost. The
 //! reply also sets the next interval, shorter near a quota, and reports
-//! whether the counters shared with other sidecars are reachable. The
-//! workers read that state from shared data on their own timer.
+//! whether the counters shared with other sidecars are reachable. It may
+//! carry tier limits and customer tier overrides. The workers read the
+//! state, the limits and the overrides from shared data on their own
+//! timer.
 
 pub mod batch;
 pub mod instance;
+pub mod overrides;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -30,8 +33,9 @@ use crate::host::{Host, LogLevel, SetError};
 use crate::limiter::record::{Record, RemoteState};
 use crate::limiter::{Limiter, slot_key};
 use crate::metrics::{Counter, Metrics};
-use crate::usage::{PendingUsage, UsageMessage};
+use crate::usage::{EgressUsage, PendingUsage, UsageMessage};
 use batch::{Batch, UsageKey, UsageTotals};
+pub use overrides::{OVERRIDES_KEY, OverrideTable, decode_overrides};
 
 /// gRPC service of the sync call.
 pub const SERVICE: &str = "veo.sync.v1.Sync";
@@ -78,6 +82,9 @@ pub struct Sync {
     /// The pushed limits last seen, encoded as in [`TIERS_KEY`]; `None`
     /// until the first reply, so that it publishes whatever it carries.
     pushed_tiers: Option<Vec<u8>>,
+    /// Version of the tier overrides last published under
+    /// [`OVERRIDES_KEY`]; 0 before the first.
+    overrides_version: u64,
     limiter: Limiter,
     collected: BTreeMap<UsageKey, UsageTotals>,
     retry_slots: Vec<u32>,
@@ -114,6 +121,7 @@ impl Sync {
             base_tiers: tiers.clone(),
             tiers,
             pushed_tiers: None,
+            overrides_version: 0,
             limiter,
             collected: BTreeMap::new(),
             retry_slots: Vec::new(),
@@ -162,11 +170,15 @@ impl Sync {
         if self.unacknowledged.is_none() && !self.collected.is_empty() {
             let created_unix_ms = i64::try_from(host.now_ms()).unwrap_or(i64::MAX);
             let tiers = &self.tiers;
+            // The batch is resent with this version until it is
+            // acknowledged. A version that is stale by then only makes the
+            // sidecar send the set in force again, which changes nothing.
             let batch = Batch::take(
                 &mut self.collected,
                 &self.instance_id,
                 self.next_sequence,
                 created_unix_ms,
+                self.overrides_version,
                 |name| {
                     let index = tiers.resolve(Some(name));
                     let tier = tiers.get(index);
@@ -273,7 +285,7 @@ impl Sync {
             sequence: self.next_sequence.saturating_sub(1),
             created_unix_ms: i64::try_from(host.now_ms()).unwrap_or(i64::MAX),
             usage: Vec::new(),
-            tier_overrides_version: 0,
+            tier_overrides_version: self.overrides_version,
         }
         .encode_to_vec()
     }
@@ -315,6 +327,7 @@ impl Sync {
         self.poll_due = !reply.remote_usage.is_empty();
         self.set_degraded(host, reply.counters_degraded);
         self.apply_tiers(host, &reply.tiers);
+        self.apply_overrides(host, reply.tier_overrides.as_ref());
 
         let interval = match reply.next_sync_ms {
             0 => self.settings.sync_interval,
@@ -469,6 +482,7 @@ impl Sync {
                     Some(UsageMessage::Detached { customer, pending }) => {
                         self.add(&customer, pending);
                     }
+                    Some(UsageMessage::Egress(entries)) => self.add_egress(entries),
                     None => host.log(LogLevel::Warn, "skipped an unreadable usage queue message"),
                 },
                 Ok(None) => break,
@@ -529,8 +543,22 @@ impl Sync {
                 minute: bucket.minute,
             };
             let totals = self.collected.entry(key).or_default();
-            totals.admitted += u64::from(bucket.admitted);
-            totals.refused += u64::from(bucket.refused);
+            totals.admitted = totals.admitted.saturating_add(u64::from(bucket.admitted));
+            totals.refused = totals.refused.saturating_add(u64::from(bucket.refused));
+        }
+    }
+
+    /// Adds response body bytes to the usage records of their customer,
+    /// tier and minute, the same records that carry the request counts.
+    fn add_egress(&mut self, entries: Vec<EgressUsage>) {
+        for entry in entries {
+            let key = UsageKey {
+                customer: entry.customer,
+                tier: entry.tier,
+                minute: entry.minute,
+            };
+            let totals = self.collected.entry(key).or_default();
+            totals.egress_bytes = totals.egress_bytes.saturating_add(entry.bytes);
         }
     }
 }
@@ -562,14 +590,15 @@ pub fn decode_pushed_tiers(bytes: &[u8]) -> Option<Vec<TierLimits>> {
 
 #[cfg(test)]
 mod tests {
+    use std::rc::Rc;
     use std::time::Duration;
 
-    use veo_proto::sync::{RemoteUsage, SyncRequest, TierLimits};
+    use veo_proto::sync::{RemoteUsage, SyncRequest, TierLimits, TierOverride, TierOverrides};
 
     use crate::limiter::Limiter;
 
     use super::*;
-    use crate::filter::{Filter, RequestOutcome};
+    use crate::filter::{Filter, RequestOutcome, Stream};
     use crate::host::MemoryHost;
     use crate::testing::{NOW_S, claims, config, es256_token};
 
@@ -579,7 +608,7 @@ mod tests {
         sync_host: MemoryHost,
         sync: Sync,
         worker_host: MemoryHost,
-        filter: Filter,
+        filter: Rc<Filter>,
     }
 
     impl Instance {
@@ -589,7 +618,11 @@ mod tests {
                 .register_shared_queue(crate::usage::QUEUE_NAME)
                 .unwrap();
             let worker_host = sync_host.worker();
-            let filter = Filter::new(&worker_host, config(serde_json::json!({})), "veo_edge");
+            let filter = Rc::new(Filter::new(
+                &worker_host,
+                config(serde_json::json!({})),
+                "veo_edge",
+            ));
             let tiers = filter.config().tiers.clone();
             let settings = SidecarSettings {
                 cluster: "veo_sidecar".to_owned(),
@@ -621,10 +654,34 @@ mod tests {
                         .start_request(&[("authorization", header.as_bytes())]);
                     matches!(
                         self.filter.on_request_headers(&self.worker_host),
-                        RequestOutcome::Forward(_)
+                        RequestOutcome::Forward { .. }
                     )
                 })
                 .count()
+        }
+
+        /// Sends one request of `customer` with the tier claim `tier`
+        /// whose response body comes in chunks of `chunk_sizes` bytes;
+        /// returns whether it was forwarded.
+        fn exchange(&self, customer: &str, tier: Option<&str>, chunk_sizes: &[usize]) -> bool {
+            let header = format!("Bearer {}", es256_token(claims(customer, tier)));
+            self.worker_host
+                .start_request(&[("authorization", header.as_bytes())]);
+            let mut stream = Stream::new(Rc::clone(&self.filter));
+            let forwarded = stream.on_request_headers(&self.worker_host);
+            stream.on_response_headers(&self.worker_host);
+            if forwarded {
+                for &size in chunk_sizes {
+                    stream.on_response_body(size);
+                }
+            }
+            stream.on_log(&self.worker_host);
+            forwarded
+        }
+
+        /// Returns the tier the upstream saw on the last forwarded request.
+        fn forwarded_tier(&self) -> Option<String> {
+            self.worker_host.request_header_text("x-veo-tier")
         }
 
         fn last_call(&self) -> (u32, SyncRequest) {
@@ -1060,5 +1117,212 @@ mod tests {
         let mut instance = Instance::new();
         instance.sync.on_tick(&instance.sync_host);
         assert!(instance.sync_host.grpc_calls().is_empty());
+    }
+
+    fn record<'a>(request: &'a SyncRequest, customer: &str) -> &'a veo_proto::sync::UsageRecord {
+        let mut records = request
+            .usage
+            .iter()
+            .filter(|record| record.customer == customer);
+        let record = records.next().unwrap();
+        assert!(
+            records.next().is_none(),
+            "{customer} has more than one record"
+        );
+        record
+    }
+
+    #[test]
+    fn egress_bytes_join_request_counts_in_batch() {
+        let mut instance = Instance::new();
+        assert!(instance.exchange("acme", None, &[100, 200]));
+        assert!(instance.exchange("acme", None, &[50]));
+        assert!(instance.exchange("zeta", Some("pro"), &[7]));
+        instance.filter.on_tick(&instance.worker_host);
+        instance.sync.on_tick(&instance.sync_host);
+
+        let (_, request) = instance.last_call();
+        assert_eq!(request.usage.len(), 2);
+        let acme = record(&request, "acme");
+        assert_eq!(acme.admitted_requests, 2);
+        assert_eq!(acme.egress_bytes, 350);
+        assert_eq!(acme.minute_unix_s, (NOW_S / 60 * 60) as i64);
+        let zeta = record(&request, "zeta");
+        assert_eq!(zeta.tier, "pro");
+        assert_eq!(zeta.egress_bytes, 7);
+    }
+
+    #[test]
+    fn retried_batch_carries_identical_egress() {
+        let mut instance = Instance::new();
+        assert!(instance.exchange("acme", None, &[300]));
+        instance.filter.on_tick(&instance.worker_host);
+        instance.sync.on_tick(&instance.sync_host);
+        let first = instance.sync_host.grpc_calls().pop().unwrap();
+        instance
+            .sync
+            .on_response(&instance.sync_host, first.token, UNAVAILABLE, None);
+
+        // More bytes arrive while the sidecar is down.
+        assert!(instance.exchange("acme", None, &[50]));
+        instance.filter.on_tick(&instance.worker_host);
+        instance.sync.on_tick(&instance.sync_host);
+        let resent = instance.sync_host.grpc_calls().pop().unwrap();
+        assert_eq!(resent.message, first.message);
+        let request = SyncRequest::decode(resent.message.as_slice()).unwrap();
+        assert_eq!(record(&request, "acme").egress_bytes, 300);
+        instance.reply(resent.token, &acknowledge(1));
+
+        instance.sync.on_tick(&instance.sync_host);
+        let (_, next) = instance.last_call();
+        assert_eq!(next.sequence, 2);
+        let acme = record(&next, "acme");
+        assert_eq!((acme.admitted_requests, acme.egress_bytes), (1, 50));
+    }
+
+    #[test]
+    fn late_bytes_count_in_request_minute() {
+        let mut instance = Instance::new();
+        let header = format!("Bearer {}", es256_token(claims("acme", None)));
+        instance
+            .worker_host
+            .start_request(&[("authorization", header.as_bytes())]);
+        let mut stream = Stream::new(Rc::clone(&instance.filter));
+        assert!(stream.on_request_headers(&instance.worker_host));
+
+        // The request's count goes out before its response ends, in the
+        // next minute.
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, first) = instance.last_call();
+        assert_eq!(record(&first, "acme").egress_bytes, 0);
+        instance.reply(token, &acknowledge(1));
+        instance.sync_host.advance_ms(60_000);
+        stream.on_response_body(4_096);
+        stream.on_log(&instance.worker_host);
+        instance.filter.on_tick(&instance.worker_host);
+
+        instance.sync.on_tick(&instance.sync_host);
+        let (_, second) = instance.last_call();
+        let acme = record(&second, "acme");
+        assert_eq!(acme.egress_bytes, 4_096);
+        assert_eq!(acme.admitted_requests, 0);
+        assert_eq!(acme.minute_unix_s, record(&first, "acme").minute_unix_s);
+    }
+
+    fn overrides(version: u64, entries: &[(&str, &str)]) -> TierOverrides {
+        TierOverrides {
+            version,
+            overrides: entries
+                .iter()
+                .map(|(customer, tier)| TierOverride {
+                    customer: (*customer).to_owned(),
+                    tier: (*tier).to_owned(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Sends a batch and replies to it with `set`.
+    fn reply_with_overrides(instance: &mut Instance, set: TierOverrides) -> SyncRequest {
+        instance.requests("acme", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, request) = instance.last_call();
+        let reply = SyncResponse {
+            applied_sequence: request.sequence,
+            tier_overrides: Some(set),
+            ..SyncResponse::default()
+        };
+        instance.reply(token, &reply);
+        request
+    }
+
+    #[test]
+    fn override_version_is_echoed() {
+        let mut instance = Instance::new();
+        let set = overrides(5, &[("acme", "pro")]);
+        let first = reply_with_overrides(&mut instance, set.clone());
+        assert_eq!(first.tier_overrides_version, 0);
+        assert_eq!(instance.sync.overrides_version(), 5);
+        let stored = instance.sync_host.peek_shared_data(OVERRIDES_KEY).unwrap();
+        assert_eq!(decode_overrides(&stored), Some(set));
+
+        instance.requests("acme", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, next) = instance.last_call();
+        assert_eq!(next.tier_overrides_version, 5);
+
+        // A poll carries the version too.
+        let reply = SyncResponse {
+            applied_sequence: next.sequence,
+            remote_usage: vec![remote("acme", 0, None)],
+            ..SyncResponse::default()
+        };
+        instance.reply(token, &reply);
+        instance.sync.on_tick(&instance.sync_host);
+        let (_, poll) = instance.last_call();
+        assert!(poll.usage.is_empty());
+        assert_eq!(poll.tier_overrides_version, 5);
+
+        instance.filter.on_tick(&instance.worker_host);
+        assert!(instance.exchange("acme", None, &[]));
+        assert_eq!(instance.forwarded_tier().as_deref(), Some("pro"));
+    }
+
+    #[test]
+    fn unknown_override_tier_is_logged_once_per_set() {
+        let mut instance = Instance::new();
+        let set = overrides(2, &[("acme", "platinum"), ("zeta", "pro")]);
+        reply_with_overrides(&mut instance, set.clone());
+        instance.filter.on_tick(&instance.worker_host);
+        // Basic admits 3 per window; the batch above used one.
+        for _ in 0..2 {
+            assert!(instance.exchange("acme", None, &[]));
+            assert_eq!(instance.forwarded_tier().as_deref(), Some("basic"));
+        }
+        assert!(instance.exchange("zeta", None, &[]));
+        assert_eq!(instance.forwarded_tier().as_deref(), Some("pro"));
+
+        // The sidecar sends the same set again, as for a resent batch
+        // with an older version.
+        reply_with_overrides(&mut instance, set);
+        instance.filter.on_tick(&instance.worker_host);
+
+        let warnings = |host: &MemoryHost| {
+            host.logs()
+                .into_iter()
+                .filter(|(level, line)| *level == LogLevel::Warn && line.contains("platinum"))
+                .count()
+        };
+        assert_eq!(warnings(&instance.sync_host), 1);
+        assert_eq!(warnings(&instance.worker_host), 0);
+        assert_eq!(
+            instance
+                .sync_host
+                .counter("veo.tier_overrides_ignored_total"),
+            1
+        );
+        let published = instance
+            .sync_host
+            .logs()
+            .into_iter()
+            .filter(|(_, line)| line.contains("tier overrides in force"))
+            .count();
+        assert_eq!(published, 1);
+    }
+
+    #[test]
+    fn empty_override_set_clears_through_sync() {
+        let mut instance = Instance::new();
+        reply_with_overrides(&mut instance, overrides(1, &[("acme", "enterprise")]));
+        instance.filter.on_tick(&instance.worker_host);
+        assert!(instance.exchange("acme", None, &[]));
+        assert_eq!(instance.forwarded_tier().as_deref(), Some("enterprise"));
+
+        let request = reply_with_overrides(&mut instance, overrides(2, &[]));
+        assert_eq!(request.tier_overrides_version, 1);
+        instance.filter.on_tick(&instance.worker_host);
+        assert!(instance.exchange("acme", None, &[]));
+        assert_eq!(instance.forwarded_tier().as_deref(), Some("basic"));
+        assert_eq!(instance.sync.overrides_version(), 2);
     }
 }

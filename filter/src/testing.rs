@@ -1,9 +1,14 @@
-//! Test keys, JWKS documents, tokens and configurations.
+//! Test keys, JWKS documents, tokens, configurations, and a worker that
+//! sends requests through the filter.
+
+use std::rc::Rc;
 
 use jwt_simple::prelude::*;
 use serde_json::{Map, Value, json};
 
 use crate::config::Config;
+use crate::filter::{Filter, Stream};
+use crate::host::MemoryHost;
 
 /// Test clock, in seconds since the Unix epoch.
 pub const NOW_S: u64 = 1_750_000_000;
@@ -150,4 +155,70 @@ pub fn raw_token(header: &Value, claims: &Value, signature: &[u8]) -> String {
 /// Returns the claims of [`claims`] as JSON, as they appear in a token.
 pub fn claims_json(customer: &str, tier: Option<&str>) -> Value {
     serde_json::to_value(claims(customer, tier)).unwrap()
+}
+
+/// One worker's filter on a [`MemoryHost`], with the test configuration.
+pub struct Worker {
+    /// The worker's host.
+    pub host: MemoryHost,
+    /// The worker's filter.
+    pub filter: Rc<Filter>,
+}
+
+impl Worker {
+    /// Creates a worker with [`config`] of no extra keys.
+    pub fn new(host: MemoryHost) -> Self {
+        Self::with_config(host, json!({}))
+    }
+
+    /// Creates a worker with [`config`] of `extra`.
+    pub fn with_config(host: MemoryHost, extra: Value) -> Self {
+        let filter = Rc::new(Filter::new(&host, config(extra), "veo_edge"));
+        Self { host, filter }
+    }
+
+    /// Sends one request and returns its status: 200 when forwarded.
+    pub fn send(&self, headers: &[(&str, &[u8])]) -> u32 {
+        self.exchange(headers, &[])
+    }
+
+    /// Sends one request with a bearer token and returns its status.
+    pub fn send_token(&self, token: &str) -> u32 {
+        let header = format!("Bearer {token}");
+        self.send(&[("authorization", header.as_bytes())])
+    }
+
+    /// Sends one request through a [`Stream`] as Envoy drives it and
+    /// returns its status. The upstream of a forwarded request responds with
+    /// a body in chunks of `chunk_sizes` bytes. A local reply's body passes
+    /// the filter's response path too, as one chunk.
+    pub fn exchange(&self, headers: &[(&str, &[u8])], chunk_sizes: &[usize]) -> u32 {
+        self.host.start_request(headers);
+        let mut stream = Stream::new(Rc::clone(&self.filter));
+        let forwarded = stream.on_request_headers(&self.host);
+        stream.on_response_headers(&self.host);
+        let status = if forwarded {
+            for &size in chunk_sizes {
+                stream.on_response_body(size);
+            }
+            200
+        } else {
+            let reply = self.host.local_response().unwrap();
+            stream.on_response_body(reply.body.len());
+            reply.status
+        };
+        stream.on_log(&self.host);
+        status
+    }
+
+    /// Returns the JSON body of the last local reply.
+    pub fn reply_json(&self) -> Value {
+        serde_json::from_str(self.host.local_response().unwrap().body_text()).unwrap()
+    }
+
+    /// Runs the worker's tick, then returns the counter named `name`.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.filter.on_tick(&self.host);
+        self.host.counter(name)
+    }
 }

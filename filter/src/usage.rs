@@ -1,9 +1,12 @@
-//! Usage not yet sent to the sidecar: per minute bucket and tier, carried
-//! inside each customer's limiter record, and the shared-queue messages
-//! that tell the sync role which records to drain.
+//! Usage not yet sent to the sidecar, and the shared-queue messages that
+//! hand it to the sync role. Request counts per minute bucket and tier live
+//! inside each customer's limiter record. Response body bytes live in each
+//! worker's memory until its timer sends them.
 
+pub mod egress;
 pub mod queue;
 
+pub use egress::{EgressMeter, EgressUsage};
 pub use queue::UsageQueue;
 
 /// Name of the shared queue from the workers to the sync role.
@@ -17,6 +20,7 @@ pub const MAX_PENDING_BUCKETS: usize = 32;
 
 const MESSAGE_SLOT: u8 = 1;
 const MESSAGE_EVICTED: u8 = 2;
+const MESSAGE_EGRESS: u8 = 3;
 
 /// Requests of one customer in one minute under one tier, not yet sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +42,15 @@ impl PendingUsage {
     }
 }
 
+/// Returns the minute bucket of `now_ms` (milliseconds since the Unix
+/// epoch), in minutes since the Unix epoch.
+pub fn minute_of(now_ms: u64) -> u32 {
+    u32::try_from(now_ms / 60_000).unwrap_or(u32::MAX)
+}
+
 /// Counts one request in `pending`, in the bucket of `now_ms` and `tier`.
 pub fn count_request(pending: &mut Vec<PendingUsage>, now_ms: u64, tier: &str, admitted: bool) {
-    let minute = u32::try_from(now_ms / 60_000).unwrap_or(u32::MAX);
+    let minute = minute_of(now_ms);
     let index = pending
         .iter()
         .position(|bucket| bucket.minute == minute && bucket.tier == tier);
@@ -121,6 +131,9 @@ pub enum UsageMessage {
         /// The usage, in minute buckets.
         pending: Vec<PendingUsage>,
     },
+    /// Response body bytes of admitted requests, taken from one worker's
+    /// [`EgressMeter`].
+    Egress(Vec<EgressUsage>),
 }
 
 impl UsageMessage {
@@ -139,6 +152,11 @@ impl UsageMessage {
                 out.push(len as u8);
                 out.extend_from_slice(&customer[..len]);
                 encode_pending(&mut out, pending);
+                out
+            }
+            Self::Egress(entries) => {
+                let mut out = vec![MESSAGE_EGRESS];
+                egress::encode_entries(&mut out, entries);
                 out
             }
         }
@@ -161,6 +179,7 @@ impl UsageMessage {
                     pending,
                 })
             }
+            MESSAGE_EGRESS => egress::decode_entries(rest).map(Self::Egress),
             _ => None,
         }
     }
@@ -211,10 +230,25 @@ mod tests {
                 refused: 2,
             }],
         };
-        for message in [UsageMessage::Slot(4242), evicted] {
+        let egress = UsageMessage::Egress(vec![
+            EgressUsage {
+                customer: "acme".to_owned(),
+                tier: "pro".to_owned(),
+                minute: 28_000_000,
+                bytes: u64::MAX,
+            },
+            EgressUsage {
+                customer: "zeta".to_owned(),
+                tier: "basic".to_owned(),
+                minute: 28_000_001,
+                bytes: 1,
+            },
+        ]);
+        for message in [UsageMessage::Slot(4242), evicted, egress] {
             assert_eq!(UsageMessage::decode(&message.encode()), Some(message));
         }
         assert_eq!(UsageMessage::decode(&[9, 1, 2]), None);
         assert_eq!(UsageMessage::decode(&[MESSAGE_SLOT, 1]), None);
+        assert_eq!(UsageMessage::decode(&[MESSAGE_EGRESS, 1, 0, 0, 0]), None);
     }
 }

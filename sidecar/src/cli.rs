@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Flags of `veo-sidecar`.
 #[derive(Debug, Default, Parser)]
@@ -13,6 +13,11 @@ use clap::Parser;
     about = "Usage ledger sidecar of Veo Edge"
 )]
 pub struct Flags {
+    /// Operator command against a running sidecar; without one, the sidecar
+    /// runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// TOML config file; the flags below override its keys.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -35,7 +40,88 @@ pub struct Flags {
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
 
+    /// Address to serve HTTP on (Stripe webhooks at /stripe/webhook,
+    /// Prometheus metrics at /metrics), as IP:PORT; port 0 picks a free
+    /// port.
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<String>,
+
+    /// File that receives the bound HTTP address once it is serving.
+    #[arg(long, value_name = "FILE")]
+    pub http_ready_file: Option<PathBuf>,
+
+    /// Stripe secret key; without one, meter events go to the outbox file
+    /// in the data directory instead of Stripe.
+    #[arg(
+        long,
+        env = "STRIPE_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub stripe_api_key: Option<String>,
+
+    /// Base URL of the Stripe API, such as http://127.0.0.1:12111/ for a
+    /// local Stripe mock; Stripe's own by default.
+    #[arg(long, env = "STRIPE_API_BASE", value_name = "URL")]
+    pub stripe_api_base: Option<String>,
+
+    /// Stripe webhook signing secrets (whsec_...), comma-separated; give
+    /// two while rotating. Overrides `billing.webhook_secrets`.
+    #[arg(
+        long,
+        env = "STRIPE_WEBHOOK_SECRET",
+        hide_env_values = true,
+        value_name = "SECRETS"
+    )]
+    pub stripe_webhook_secret: Option<String>,
+
     /// Check the configuration, then exit: 0 when valid, 1 with the error.
     #[arg(long)]
     pub validate: bool,
+}
+
+/// Default gRPC address of the sidecar that commands connect to.
+pub const DEFAULT_SIDECAR_URL: &str = "http://127.0.0.1:50051";
+
+/// Operator commands, sent to a running sidecar over its admin gRPC service.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Compares the ledger, the events sent and Stripe's meter event
+    /// summaries per customer and meter, and prints the drift.
+    Reconcile {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Start of the range, in seconds since the Unix epoch (a multiple
+        /// of 60); 24 hours before the end by default.
+        #[arg(long, value_name = "UNIX_S")]
+        start: Option<i64>,
+        /// End of the range, exclusive, in seconds since the Unix epoch (a
+        /// multiple of 60); the start of the current minute by default.
+        #[arg(long, value_name = "UNIX_S")]
+        end: Option<i64>,
+        /// Send corrective meter events for usage Stripe is missing.
+        #[arg(long)]
+        correct: bool,
+    },
+    /// Sets the Stripe customer (cus_...) that a customer's usage is billed
+    /// to.
+    SetStripeCustomer {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Customer id, as in the token's customer claim.
+        customer: String,
+        /// Stripe customer id.
+        stripe_customer_id: String,
+    },
+    /// Lists meter events that Stripe rejected for good, with the reason.
+    ParkedEvents {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Maximum number of events listed.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }

@@ -1,6 +1,7 @@
 //! Sidecar configuration: a TOML file overridden by flags, validated once at
 //! start into an immutable [`Config`].
 
+pub mod billing;
 mod file;
 
 use std::fmt;
@@ -89,6 +90,7 @@ pub struct Config {
     allowance: AllowanceSettings,
     counters: CountersConfig,
     tiers: Vec<TierLimits>,
+    billing: billing::BillingConfig,
 }
 
 /// Source of a configuration value, named in error messages.
@@ -234,11 +236,28 @@ impl Config {
         let counters = counters_config(file.counters, &file_origin, flags.redis_url.clone())?;
         let window_seconds: u32 = window.within(1, 3600, "seconds")?;
         let tiers = tiers_config(file.tiers, &file_origin, window_seconds)?;
+        let billing = billing::billing_config(file.billing, &file_origin, flags, &data_dir)?;
+        for tier in billing
+            .webhook
+            .price_tiers
+            .values()
+            .chain([&billing.webhook.canceled_tier])
+        {
+            if !tiers.is_empty() && !tiers.iter().any(|known| &known.name == tier) {
+                return Err(ConfigError::Invalid {
+                    origin: file_origin.clone(),
+                    key: "billing.prices",
+                    value: format!("{tier:?}"),
+                    reason: "names no tier of the [tiers.<name>] tables".into(),
+                });
+            }
+        }
 
         Ok(Config {
             allowance,
             counters,
             tiers,
+            billing,
             origin: file_origin,
             listen,
             data_dir,
@@ -304,6 +323,11 @@ impl Config {
     /// own.
     pub fn tiers(&self) -> &[TierLimits] {
         &self.tiers
+    }
+
+    /// Billing, webhook and HTTP settings.
+    pub fn billing(&self) -> &billing::BillingConfig {
+        &self.billing
     }
 
     /// Reads the config file again and returns its tier limits, for a

@@ -29,6 +29,8 @@ pub struct UsageEntry {
     pub admitted: i64,
     /// Requests refused with 429.
     pub refused: i64,
+    /// Response body bytes sent for the admitted requests.
+    pub egress_bytes: i64,
     /// Quota the requests were decided under, when the tier has one.
     pub quota: Option<QuotaSpec>,
 }

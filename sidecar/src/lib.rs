@@ -4,12 +4,16 @@
 //! store, reports to each Envoy instance what the other instances admitted within
 //! the current window, and serves usage queries, all over one gRPC port.
 
+pub mod admin_cli;
+pub mod admin_service;
 pub mod allowance;
 pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod counters;
+pub mod http;
 pub mod ledger;
+pub mod metrics;
 pub mod remote;
 pub mod server;
 pub mod status;

@@ -13,6 +13,9 @@ use veo_sidecar::config::Config;
 fn main() -> ExitCode {
     let flags = Flags::parse();
     init_tracing();
+    if let Some(command) = flags.command.clone() {
+        return run_command(command);
+    }
 
     let config = match Config::load(&flags) {
         Ok(config) => config,
@@ -38,6 +41,31 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(error = %chain(&err), "sidecar failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs an operator command against a running sidecar and prints its
+/// result.
+fn run_command(command: veo_sidecar::cli::Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("veo-sidecar: failed to start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(veo_sidecar::admin_cli::run(command)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("veo-sidecar: {}", chain(&err));
             ExitCode::FAILURE
         }
     }

@@ -1,6 +1,7 @@
 //! Server lifecycle: open the store, bind, serve every gRPC service on one
 //! port, announce readiness, and stop cleanly on SIGTERM or SIGINT.
 
+mod billing;
 mod ready_file;
 mod shutdown;
 
@@ -18,16 +19,20 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
+use veo_proto::admin::admin_server::AdminServer;
 use veo_proto::sync::sync_server::SyncServer;
 use veo_proto::usage::usage_server::UsageServer;
 
+use crate::admin_service::AdminService;
 use crate::config::{Config, CountersConfig};
 use crate::counters::redis::RedisCounters;
 use crate::counters::shared::SharedCounters;
+use crate::metrics::Metrics;
 use crate::remote::DEFAULT_MAX_SERIES;
 use crate::store::{Store, StoreError};
 use crate::sync_service::SyncService;
 use crate::usage_service::UsageService;
+use billing::billing_parts;
 use shutdown::StopSignals;
 
 /// Maximum size of one encoded usage record inside a `SyncRequest`, in
@@ -76,6 +81,21 @@ pub enum ServerError {
     /// The shared counters could not be set up.
     #[error("failed to set up the shared counters")]
     Counters(#[source] crate::counters::CounterError),
+    /// The metrics registry rejected a metric.
+    #[error("failed to register the metrics")]
+    Metrics(#[from] prometheus::Error),
+    /// The Stripe client could not be built.
+    #[error("failed to build the Stripe client; check STRIPE_API_BASE")]
+    Stripe(#[source] stripe::StripeError),
+    /// The HTTP address could not be bound.
+    #[error("failed to bind the HTTP address {address}; choose another with --http-listen")]
+    HttpBind {
+        /// The configured address.
+        address: SocketAddr,
+        /// Cause reported by the OS.
+        #[source]
+        source: std::io::Error,
+    },
     /// A blocking start-up task was cancelled or panicked.
     #[error("start-up task did not finish")]
     Task(#[from] tokio::task::JoinError),
@@ -98,8 +118,36 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     info!(path = %store.path().display(), "usage store open");
 
     let (listener, address) = bind(config.listen()).await?;
+    let http_address = config.billing().http_listen;
+    let (http_listener, http_address) =
+        crate::http::bind(http_address)
+            .await
+            .map_err(|source| ServerError::HttpBind {
+                address: http_address,
+                source,
+            })?;
     let mut signals = StopSignals::install().map_err(ServerError::Signals)?;
-    let (health, router, shared, sync) = build_router(&config, &store).await?;
+    let metrics = Metrics::new()?;
+    let billing = billing_parts(&config, &store, &metrics).await?;
+    let (health, router, shared, sync) =
+        build_router(&config, &store, billing.admin.clone(), metrics.clone()).await?;
+    let (stop_billing, billing_stopped) = tokio::sync::watch::channel(false);
+    let billing_tasks = billing.spawn(
+        &config,
+        sync.clone(),
+        metrics.clone(),
+        http_listener,
+        &billing_stopped,
+    );
+    info!(address = %http_address, webhook_path = crate::http::WEBHOOK_PATH, "HTTP listening (webhooks, metrics)");
+    if let Some(path) = &config.billing().http_ready_file
+        && let Err(source) = ready_file::write(path, http_address).await
+    {
+        return Err(ServerError::ReadyFile {
+            path: path.clone(),
+            source,
+        });
+    }
     let reload = tokio::spawn(reload_tiers_on_hangup(config.clone(), sync));
     let (stop_counters, counters_stopped) = tokio::sync::watch::channel(false);
     let counters_task =
@@ -137,6 +185,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 
     set_status(&health, ServingStatus::NotServing).await;
     let _ = stop.send(());
+    // The billing loop's last round runs while the gRPC server drains: a
+    // connected Envoy can keep the drain waiting for the whole grace
+    // period, and usage of a batch applied meanwhile is billed as one more
+    // event at the next start.
+    let _ = stop_billing.send(true);
     finish(server, config.shutdown_grace()).await;
     if let Some(task) = counters_task {
         // One last exchange writes the outbox to Redis. Rows it cannot
@@ -151,10 +204,26 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             );
         }
     }
-    if let Some(path) = config.ready_file()
-        && let Err(err) = ready_file::remove(path).await
+    // What the last billing round cannot send stays queued in the store
+    // for the next start.
+    for task in billing_tasks {
+        if tokio::time::timeout(config.shutdown_grace(), task)
+            .await
+            .is_err()
+        {
+            warn!("a billing task did not stop in time; its work stays queued in the store");
+        }
+    }
+    for path in [
+        config.ready_file(),
+        config.billing().http_ready_file.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
     {
-        warn!(path = %path.display(), error = %err, "failed to remove the ready file");
+        if let Err(err) = ready_file::remove(path).await {
+            warn!(path = %path.display(), error = %err, "failed to remove the ready file");
+        }
     }
     reload.abort();
     // The reload task keeps a handle to the store; wait until it is gone so
@@ -177,6 +246,8 @@ async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerEr
 async fn build_router(
     config: &Config,
     store: &Store,
+    admin: AdminService,
+    metrics: Metrics,
 ) -> Result<(HealthReporter, Router, Option<SharedCounters>, SyncService), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut sync = SyncService::new(
@@ -185,7 +256,8 @@ async fn build_router(
         config.max_records_per_batch(),
         DEFAULT_MAX_SERIES,
     )
-    .with_allowance(config.allowance());
+    .with_allowance(config.allowance())
+    .with_metrics(metrics);
     sync.set_tiers(config.tiers().to_vec());
     let mut shared = None;
     if let CountersConfig::Redis(redis) = config.counters() {
@@ -226,7 +298,8 @@ async fn build_router(
             SyncServer::new(sync.clone())
                 .max_decoding_message_size(max_sync_message_bytes(config.max_records_per_batch())),
         )
-        .add_service(UsageServer::new(usage));
+        .add_service(UsageServer::new(usage))
+        .add_service(AdminServer::new(admin));
     set_status(&health, ServingStatus::Serving).await;
     Ok((health, router, shared, sync))
 }
@@ -376,7 +449,11 @@ mod tests {
         let config = Config::load(&flags).unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (listener, address) = bind(config.listen()).await.unwrap();
-        let (_health, router, _, _) = build_router(&config, &store).await.unwrap();
+        let metrics = Metrics::new().unwrap();
+        let billing = billing_parts(&config, &store, &metrics).await.unwrap();
+        let (_health, router, _, _) = build_router(&config, &store, billing.admin, metrics)
+            .await
+            .unwrap();
         let server = tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
         let request = SyncRequest {
             instance_id: "i".repeat(MAX_ID_BYTES),

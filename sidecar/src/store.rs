@@ -339,6 +339,7 @@ mod tests {
                 minute_unix_s: 120,
                 admitted,
                 refused: 0,
+                egress_bytes: 0,
                 quota: None,
             }],
         }

@@ -8,11 +8,14 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 use veo_proto::sync::sync_server::Sync as SyncRpc;
-use veo_proto::sync::{RemoteUsage, SyncRequest, SyncResponse, TierLimits};
+use veo_proto::sync::{
+    RemoteUsage, SyncRequest, SyncResponse, TierLimits, TierOverride, TierOverrides,
+};
 
 use crate::allowance::{AllowanceSettings, CustomerView, grant};
 use crate::counters::shared::SharedCounters;
 use crate::ledger::{ApplyOutcome, MINUTE_SECONDS, UsageEntry, unix_now_s};
+use crate::metrics::Metrics;
 use crate::remote::{Counts, RecentUsage};
 use crate::status::ServiceError;
 use crate::store::Store;
@@ -26,9 +29,22 @@ pub struct SyncService {
     shared: Option<SharedCounters>,
     allowance: AllowanceSettings,
     tiers: Arc<RwLock<Vec<TierLimits>>>,
+    overrides: Arc<RwLock<TierOverrides>>,
+    metrics: Option<Metrics>,
     warned_other_window: Arc<std::sync::atomic::AtomicBool>,
     window_seconds: u32,
     max_records: usize,
+}
+
+/// Returns the version of the first override set: the start time in
+/// milliseconds, so that after a restart every instance receives the set
+/// again even when it held an earlier sidecar's version.
+fn first_overrides_version() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(1).max(1)
+        })
 }
 
 /// Quota recorded for a customer whose tier's window differs from the
@@ -64,6 +80,11 @@ impl SyncService {
             shared: None,
             allowance: AllowanceSettings::default(),
             tiers: Arc::new(RwLock::new(Vec::new())),
+            overrides: Arc::new(RwLock::new(TierOverrides {
+                version: first_overrides_version(),
+                overrides: Vec::new(),
+            })),
+            metrics: None,
             warned_other_window: Arc::default(),
             window_seconds,
             max_records,
@@ -88,6 +109,46 @@ impl SyncService {
     /// instance's own. Takes effect with the next reply.
     pub fn set_tiers(&self, tiers: Vec<TierLimits>) {
         *self.tiers.write().unwrap_or_else(PoisonError::into_inner) = tiers;
+    }
+
+    /// Counts the stored usage in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> SyncService {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Sets the customer tier overrides sent to every instance, as
+    /// (customer, tier) pairs. A set that differs from the current one gets
+    /// a new version, so each instance receives it with its next reply.
+    pub fn set_tier_overrides(&self, mut overrides: Vec<(String, String)>) {
+        overrides.sort();
+        let mut current = self
+            .overrides
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let unchanged = current.overrides.len() == overrides.len()
+            && current
+                .overrides
+                .iter()
+                .zip(&overrides)
+                .all(|(old, (customer, tier))| &old.customer == customer && &old.tier == tier);
+        if unchanged {
+            return;
+        }
+        current.version = current.version.wrapping_add(1).max(1);
+        current.overrides = overrides
+            .into_iter()
+            .map(|(customer, tier)| TierOverride { customer, tier })
+            .collect();
+    }
+
+    /// Returns the overrides when the instance holds another version.
+    fn overrides_for(&self, known_version: u64) -> Option<TierOverrides> {
+        let current = self
+            .overrides
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        (current.version != known_version).then(|| current.clone())
     }
 
     /// Logs once that a tier's quota window differs from the sidecar's.
@@ -115,6 +176,17 @@ impl SyncService {
     /// Validates and applies one batch, then builds the reply.
     pub async fn apply(&self, request: SyncRequest) -> Result<SyncResponse, ServiceError> {
         let now_s = unix_now_s();
+        let known_overrides = request.tier_overrides_version;
+        let mut response = self.apply_batch(request, now_s).await?;
+        response.tier_overrides = self.overrides_for(known_overrides);
+        Ok(response)
+    }
+
+    async fn apply_batch(
+        &self,
+        request: SyncRequest,
+        now_s: i64,
+    ) -> Result<SyncResponse, ServiceError> {
         let batch = validate::sync_batch(request, self.max_records)?;
         let instance = batch.instance_id.clone();
         let sequence = batch.sequence;
@@ -143,6 +215,13 @@ impl SyncService {
             }
         }
 
+        let (admitted, egress) = batch.records.iter().fold((0u64, 0u64), |(a, e), record| {
+            (
+                a.saturating_add(u64::try_from(record.admitted).unwrap_or(0)),
+                e.saturating_add(u64::try_from(record.egress_bytes).unwrap_or(0)),
+            )
+        });
+
         // The store returns after the commit, so the reply below never
         // acknowledges a batch that a crash could lose.
         let outcome = match &self.shared {
@@ -166,6 +245,16 @@ impl SyncService {
                     );
                 }
                 debug!(instance = %instance, sequence, records, "applied batch");
+                if let Some(metrics) = &self.metrics {
+                    metrics
+                        .ledger_usage
+                        .with_label_values(&["api_requests"])
+                        .inc_by(admitted);
+                    metrics
+                        .ledger_usage
+                        .with_label_values(&["egress_bytes"])
+                        .inc_by(egress);
+                }
                 (sequence, false)
             }
             ApplyOutcome::Duplicate { last } => {

@@ -16,6 +16,9 @@ pub const MAX_TIER_BYTES: usize = 64;
 /// saturates totals at 2^63 - 1, which only many batches of this count for
 /// one key can reach.
 pub const MAX_REQUESTS_PER_RECORD: u64 = 4_294_967_295;
+/// Maximum response body bytes in one record: 2^50 bytes (1 PiB), far more
+/// than one Envoy instance sends one customer within a minute.
+pub const MAX_EGRESS_BYTES_PER_RECORD: u64 = 1 << 50;
 /// Latest accepted minute: 9999-12-31T23:59:00Z, in seconds since the
 /// Unix epoch.
 pub const MAX_MINUTE_UNIX_S: i64 = 253_402_300_740;
@@ -104,6 +107,7 @@ fn usage_entry(
         quota,
         admitted: request_count(&field("admitted_requests"), record.admitted_requests)?,
         refused: request_count(&field("refused_requests"), record.refused_requests)?,
+        egress_bytes: egress_bytes(&field("egress_bytes"), record.egress_bytes)?,
         customer: record.customer,
         tier: record.tier,
         minute_unix_s: minute,
@@ -119,6 +123,14 @@ fn request_count(field: &str, count: u64) -> Result<i64, ServiceError> {
         return Err(too_large());
     }
     i64::try_from(count).map_err(|_| too_large())
+}
+
+fn egress_bytes(field: &str, bytes: u64) -> Result<i64, ServiceError> {
+    if bytes > MAX_EGRESS_BYTES_PER_RECORD {
+        let reason = format!("{bytes} is more than the maximum {MAX_EGRESS_BYTES_PER_RECORD}");
+        return Err(ServiceError::invalid(field, reason));
+    }
+    i64::try_from(bytes).map_err(|_| ServiceError::invalid(field, format!("{bytes} is too large")))
 }
 
 /// Checks that an identifier is non-empty, at most `max_bytes` long and
@@ -245,6 +257,7 @@ mod tests {
             minute_unix_s: 1_700_000_040,
             admitted: 3,
             refused: 1,
+            egress_bytes: 0,
             quota: Some(QuotaSpec {
                 requests: 60,
                 window_ms: 60_000,

@@ -19,6 +19,7 @@ pub mod redis;
 pub mod replay;
 pub mod sidecar;
 pub mod stack;
+pub mod stripe;
 pub mod tokens;
 pub mod upstream;
 

@@ -23,9 +23,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Sidecar {
     process: ChildProcess,
     address: SocketAddr,
+    http_address: SocketAddr,
     data_dir: PathBuf,
     dir: PathBuf,
     config_file: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 /// Admitted and refused requests of one customer in the ledger.
@@ -49,31 +51,91 @@ impl Sidecar {
     /// The flags that the harness passes (`--listen`, `--data-dir`,
     /// `--ready-file`) override the file's keys of the same name.
     pub async fn start_with_config(dir: &Path, toml: &str) -> Result<Self, HarnessError> {
-        let config_file = dir.join("sidecar.toml");
-        std::fs::write(&config_file, toml).map_err(|source| HarnessError::Io {
-            action: "write the sidecar config file",
-            path: config_file.clone(),
-            source,
-        })?;
-        Self::start_in(dir, Some(config_file)).await
+        Self::start_with_env(dir, Some(toml), &[]).await
+    }
+
+    /// Starts the sidecar like [`Sidecar::start_with_config`] with `toml`
+    /// when given and the environment variables `env` (such as
+    /// `STRIPE_API_KEY`) added to its environment.
+    pub async fn start_with_env(
+        dir: &Path,
+        toml: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Self, HarnessError> {
+        let config_file = match toml {
+            Some(toml) => {
+                let config_file = dir.join("sidecar.toml");
+                std::fs::write(&config_file, toml).map_err(|source| HarnessError::Io {
+                    action: "write the sidecar config file",
+                    path: config_file.clone(),
+                    source,
+                })?;
+                Some(config_file)
+            }
+            None => None,
+        };
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect();
+        Self::start_in_with(dir, config_file, env).await
     }
 
     async fn start_in(dir: &Path, config_file: Option<PathBuf>) -> Result<Self, HarnessError> {
+        Self::start_in_with(dir, config_file, Vec::new()).await
+    }
+
+    async fn start_in_with(
+        dir: &Path,
+        config_file: Option<PathBuf>,
+        env: Vec<(String, String)>,
+    ) -> Result<Self, HarnessError> {
         let data_dir = dir.join("sidecar-data");
-        let (process, address) =
-            launch(dir, &data_dir, "127.0.0.1:0", config_file.as_deref()).await?;
+        let ports = Ports {
+            grpc: "127.0.0.1:0".into(),
+            http: "127.0.0.1:0".into(),
+        };
+        let (process, address, http_address) =
+            launch(dir, &data_dir, &ports, config_file.as_deref(), &env).await?;
         Ok(Self {
             process,
             address,
+            http_address,
             data_dir,
             dir: dir.to_path_buf(),
             config_file,
+            env,
         })
     }
 
     /// Returns the address of the gRPC server.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Returns the address of the HTTP server (webhooks and metrics).
+    pub fn http_address(&self) -> SocketAddr {
+        self.http_address
+    }
+
+    /// Returns the sidecar's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Stops the sidecar with SIGTERM and waits for it to exit, so its
+    /// last billing round has run.
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    /// Connects a client of the admin API.
+    pub async fn admin(
+        &self,
+    ) -> Result<veo_proto::admin::admin_client::AdminClient<Channel>, HarnessError> {
+        veo_proto::admin::admin_client::AdminClient::connect(format!("http://{}", self.address))
+            .await
+            .map_err(|err| self.request_error("Admin", err.to_string()))
     }
 
     /// Kills the sidecar with SIGKILL, as `kill -9` does.
@@ -85,15 +147,21 @@ impl Sidecar {
     /// config file, after [`Sidecar::kill_hard`] or when it exited.
     pub async fn restart(&mut self) -> Result<(), HarnessError> {
         self.process.stop();
-        let (process, address) = launch(
+        let ports = Ports {
+            grpc: self.address.to_string(),
+            http: self.http_address.to_string(),
+        };
+        let (process, address, http_address) = launch(
             &self.dir,
             &self.data_dir,
-            &self.address.to_string(),
+            &ports,
             self.config_file.as_deref(),
+            &self.env,
         )
         .await?;
         self.process = process;
         self.address = address;
+        self.http_address = http_address;
         Ok(())
     }
 
@@ -226,28 +294,50 @@ impl Sidecar {
     }
 }
 
-/// Starts the sidecar listening on `listen`, with `config_file` when given,
-/// and waits for its ready file.
+/// Addresses the sidecar listens on, as IP:PORT.
+struct Ports {
+    grpc: String,
+    http: String,
+}
+
+/// Starts the sidecar listening on `ports`, with `config_file` when given,
+/// and waits for its ready files.
 async fn launch(
     dir: &Path,
     data_dir: &Path,
-    listen: &str,
+    ports: &Ports,
     config_file: Option<&Path>,
-) -> Result<(ChildProcess, SocketAddr), HarnessError> {
+    env: &[(String, String)],
+) -> Result<(ChildProcess, SocketAddr, SocketAddr), HarnessError> {
     let ready_file = dir.join("sidecar.addr");
+    let http_ready_file = dir.join("sidecar.http");
     // A stale file from a previous run would look like readiness.
     let _ = std::fs::remove_file(&ready_file);
+    let _ = std::fs::remove_file(&http_ready_file);
     let mut command = Command::new(artifacts::sidecar_binary()?);
     if let Some(config_file) = config_file {
         command.arg("--config").arg(config_file);
     }
     command
         .arg("--listen")
-        .arg(listen)
+        .arg(&ports.grpc)
+        .arg("--http-listen")
+        .arg(&ports.http)
+        .arg("--http-ready-file")
+        .arg(&http_ready_file)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--ready-file")
         .arg(&ready_file)
+        // A Stripe key in the developer's shell must not reach the tests'
+        // sidecars; tests that bill Stripe pass the fake's key themselves.
+        .env_remove("STRIPE_API_KEY")
+        .env_remove("STRIPE_API_BASE")
+        .env_remove("STRIPE_WEBHOOK_SECRET")
+        .envs(
+            env.iter()
+                .map(|(key, value)| (key.as_str(), value.as_str())),
+        )
         .env("RUST_LOG", "info");
     let mut process = ChildProcess::spawn("veo-sidecar", &mut command, &dir.join("sidecar.log"))?;
 
@@ -255,8 +345,10 @@ async fn launch(
     loop {
         if let Ok(text) = std::fs::read_to_string(&ready_file)
             && let Ok(address) = text.trim().parse()
+            && let Ok(http_text) = std::fs::read_to_string(&http_ready_file)
+            && let Ok(http_address) = http_text.trim().parse()
         {
-            return Ok((process, address));
+            return Ok((process, address, http_address));
         }
         process.ensure_running()?;
         if Instant::now() > deadline {

@@ -11,15 +11,24 @@ use crate::sidecar::Sidecar;
 use crate::upstream::EchoUpstream;
 
 /// How the stack is started.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StackOptions {
     /// Envoy's worker threads (`--concurrency`).
     pub concurrency: u32,
+    /// Config file of the sidecar, when it needs one.
+    pub sidecar_toml: Option<String>,
+    /// Environment variables added to the sidecar's, such as
+    /// `STRIPE_API_KEY`.
+    pub sidecar_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
     fn default() -> Self {
-        Self { concurrency: 1 }
+        Self {
+            concurrency: 1,
+            sidecar_toml: None,
+            sidecar_env: Vec::new(),
+        }
     }
 }
 
@@ -59,7 +68,13 @@ impl Stack {
         options: StackOptions,
     ) -> Result<Self, HarnessError> {
         let upstream = EchoUpstream::start().await?;
-        let sidecar = Sidecar::start(dir.path()).await?;
+        let env: Vec<(&str, &str)> = options
+            .sidecar_env
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+            .collect();
+        let sidecar =
+            Sidecar::start_with_env(dir.path(), options.sidecar_toml.as_deref(), &env).await?;
         let values = BootstrapValues {
             node_id: format!("veo-test-{}", std::process::id()),
             upstream_port: upstream.address().port(),

@@ -48,7 +48,14 @@ async fn replay_and_check(log: &Path, expectation: &Expectation) -> anyhow::Resu
             "enterprise": {"burst": {"tokens_per_second": 100, "size": 200}},
         }),
     );
-    let stack = Stack::start_with(&config, StackOptions { concurrency: 2 }).await?;
+    let stack = Stack::start_with(
+        &config,
+        StackOptions {
+            concurrency: 2,
+            ..StackOptions::default()
+        },
+    )
+    .await?;
 
     let decisions_path = files.path().join("decisions.jsonl");
     let output = replay_log(

@@ -22,7 +22,14 @@ const PARALLEL_CONNECTIONS: usize = 16;
 async fn workers_share_one_count() -> anyhow::Result<()> {
     let key = SigningKey::generate("k1");
     let config = PluginConfig::for_key(&key)?.quota("basic", QUOTA, WINDOW_SECONDS);
-    let stack = Stack::start_with(&config, StackOptions { concurrency: 2 }).await?;
+    let stack = Stack::start_with(
+        &config,
+        StackOptions {
+            concurrency: 2,
+            ..StackOptions::default()
+        },
+    )
+    .await?;
     let customers = ["shared-a", "shared-b"];
     let mut tokens = Vec::new();
     for customer in customers {

@@ -75,8 +75,11 @@ async fn replay_through_stack(log: &Path, speed: f64) -> Result<(), XtaskError> 
         source,
     })?;
     let decisions = out_dir.join("demo-decisions.jsonl");
-    let options = StackOptions { concurrency: 2 };
-    let stack = Stack::start_in(dir, &plugin_config(&keys), options).await?;
+    let options = StackOptions {
+        concurrency: 2,
+        ..StackOptions::default()
+    };
+    let mut stack = Stack::start_in(dir, &plugin_config(&keys), options).await?;
     print_setup(&stack, log, speed);
 
     let started_unix_s = unix_seconds();
@@ -99,7 +102,15 @@ async fn replay_through_stack(log: &Path, speed: f64) -> Result<(), XtaskError> 
     tokio::time::sleep(Duration::from_millis(2 * SYNC_INTERVAL_MS + 500)).await;
     report::print_top_customers(&stack.sidecar, started_unix_s).await?;
     report::print_filter_stats(stack.envoy.admin()).await?;
-    println!("\nStopping Envoy, the sidecar and the upstream.");
+
+    // Stopping the sidecar runs its last billing round, which turns every
+    // minute of usage into meter events in the outbox file.
+    stack.sidecar.stop();
+    report::print_billed(
+        &stack.sidecar.data_dir().join("meter_events.jsonl"),
+        &out_dir.join("demo-meter-events.jsonl"),
+    )?;
+    println!("\nStopping Envoy and the upstream.");
     Ok(())
 }
 

@@ -105,8 +105,14 @@ impl Tiers {
     /// Returns the index of tier `name`, or of the default tier when the
     /// name is missing or unknown.
     pub fn resolve(&self, name: Option<&str>) -> usize {
-        name.and_then(|name| self.tiers.iter().position(|tier| tier.name == name))
+        name.and_then(|name| self.find(name))
             .unwrap_or(self.default)
+    }
+
+    /// Returns the index of tier `name`, or `None` when the table has no
+    /// tier of that name.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.tiers.iter().position(|tier| tier.name == name)
     }
 
     /// Returns the tier at `index`, or the default tier when out of range.

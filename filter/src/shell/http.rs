@@ -1,5 +1,5 @@
-//! The HTTP context: hands each request's headers to the core filter and
-//! adds the rate-limit fields to the response of an admitted request.
+//! The HTTP context: hands each callback of one stream to the core
+//! [`Stream`].
 
 use std::rc::Rc;
 
@@ -7,20 +7,18 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::host::ProxyHost;
-use crate::filter::{Filter, RequestOutcome, ResponseFields};
+use crate::filter::{Filter, Stream};
 
 /// One request.
 pub struct Http {
-    filter: Rc<Filter>,
-    response: Option<ResponseFields>,
+    stream: Stream,
 }
 
 impl Http {
     /// Creates the context for one request.
     pub fn new(filter: Rc<Filter>) -> Self {
         Self {
-            filter,
-            response: None,
+            stream: Stream::new(filter),
         }
     }
 }
@@ -29,21 +27,26 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        match self.filter.on_request_headers(&ProxyHost) {
-            RequestOutcome::Replied => Action::Pause,
-            RequestOutcome::Forward(fields) => {
-                self.response = fields;
-                Action::Continue
-            }
+        if self.stream.on_request_headers(&ProxyHost) {
+            Action::Continue
+        } else {
+            Action::Pause
         }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        // Local replies already carry their headers; `response` is set
-        // only for admitted requests.
-        if let Some(fields) = self.response.take() {
-            self.filter.on_response_headers(&ProxyHost, &fields);
-        }
+        self.stream.on_response_headers(&ProxyHost);
         Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        // Continuing without buffering makes `body_size` the size of this
+        // chunk alone.
+        self.stream.on_response_body(body_size);
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.stream.on_log(&ProxyHost);
     }
 }

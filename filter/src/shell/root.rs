@@ -53,6 +53,13 @@ impl Context for Root {
             sync.on_response(&ProxyHost, token_id, status_code, body.as_deref());
         }
     }
+
+    fn on_done(&mut self) -> bool {
+        if let Some(Role::Filter(filter)) = &self.role {
+            filter.retire(&ProxyHost);
+        }
+        true
+    }
 }
 
 impl RootContext for Root {
@@ -132,6 +139,9 @@ impl Root {
         filter.set_debug(debug_enabled());
         hostcalls::set_tick_period(WORKER_TICK)
             .map_err(|status| format!("could not start the timer: status {}", status as u32))?;
+        if let Some(Role::Filter(replaced)) = &self.role {
+            replaced.retire(host);
+        }
         self.role = Some(Role::Filter(Rc::new(filter)));
         Ok(format!("http_filter vm_id={vm_id}"))
     }

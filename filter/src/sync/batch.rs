@@ -31,6 +31,8 @@ pub struct UsageTotals {
     pub admitted: u64,
     /// Requests refused with 429.
     pub refused: u64,
+    /// Response body bytes of the admitted requests.
+    pub egress_bytes: u64,
 }
 
 /// A built batch awaiting acknowledgement.
@@ -46,12 +48,15 @@ pub struct Batch {
 
 impl Batch {
     /// Moves up to [`MAX_RECORDS_PER_BATCH`] entries out of `collected`
-    /// into a new batch. `quota_of` returns the quota of a tier by name.
+    /// into a new batch. `tier_overrides_version` is the version of the
+    /// tier overrides the instance applies; `quota_of` returns the quota of
+    /// a tier by name.
     pub fn take(
         collected: &mut BTreeMap<UsageKey, UsageTotals>,
         instance_id: &str,
         sequence: u64,
         created_unix_ms: i64,
+        tier_overrides_version: u64,
         quota_of: impl Fn(&str) -> Option<Quota>,
     ) -> Self {
         let mut usage = Vec::with_capacity(collected.len().min(MAX_RECORDS_PER_BATCH));
@@ -63,7 +68,7 @@ impl Batch {
             usage.push(UsageRecord {
                 quota_requests: quota.map_or(0, |quota| u64::from(quota.requests)),
                 quota_window_ms: quota.map_or(0, |quota| quota.window_ms),
-                egress_bytes: 0,
+                egress_bytes: totals.egress_bytes,
                 customer: key.customer,
                 tier: key.tier,
                 minute_unix_s: i64::from(key.minute) * 60,
@@ -76,7 +81,7 @@ impl Batch {
             sequence,
             created_unix_ms,
             usage,
-            tier_overrides_version: 0,
+            tier_overrides_version,
         };
         Self {
             sequence,
@@ -105,6 +110,7 @@ mod tests {
             UsageTotals {
                 admitted: 5,
                 refused: 2,
+                egress_bytes: 123_456,
             },
         )]);
         let quota = Quota {
@@ -116,6 +122,7 @@ mod tests {
             "node-1/ab12",
             7,
             1_680_000_000_000,
+            4,
             |tier| (tier == "basic").then_some(quota),
         );
         assert!(collected.is_empty());
@@ -124,6 +131,7 @@ mod tests {
         assert_eq!(request.instance_id, "node-1/ab12");
         assert_eq!(request.sequence, 7);
         assert_eq!(request.created_unix_ms, 1_680_000_000_000);
+        assert_eq!(request.tier_overrides_version, 4);
         assert_eq!(
             request.usage,
             [UsageRecord {
@@ -134,7 +142,7 @@ mod tests {
                 refused_requests: 2,
                 quota_requests: 60,
                 quota_window_ms: 60_000,
-                egress_bytes: 0,
+                egress_bytes: 123_456,
             }]
         );
     }
@@ -144,7 +152,7 @@ mod tests {
         let mut collected: BTreeMap<UsageKey, UsageTotals> = (0..MAX_RECORDS_PER_BATCH as u32 + 3)
             .map(|minute| (key("acme", minute), UsageTotals::default()))
             .collect();
-        let first = Batch::take(&mut collected, "i", 1, 0, |_| None);
+        let first = Batch::take(&mut collected, "i", 1, 0, 0, |_| None);
         assert_eq!(first.records, MAX_RECORDS_PER_BATCH);
         assert_eq!(collected.len(), 3);
     }

@@ -22,6 +22,7 @@ pub(super) struct FileConfig {
     pub(super) near_quota_fraction: Option<f64>,
     pub(super) counters: Option<FileCounters>,
     pub(super) tiers: Option<std::collections::BTreeMap<String, FileTier>>,
+    pub(super) billing: Option<super::billing::FileBilling>,
 }
 
 /// One `[tiers.<name>]` table.

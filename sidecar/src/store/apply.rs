@@ -15,11 +15,16 @@ const SELECT_LAST_SEQUENCE: &str =
 // forever. Only a client that sends about 2^31 records of the largest count
 // for one key reaches the limit.
 const UPSERT_USAGE: &str = "
-INSERT INTO usage_minute (customer, minute_unix_s, tier, admitted, refused)
-VALUES (?1, ?2, ?3, ?4, ?5)
+INSERT INTO usage_minute (customer, minute_unix_s, tier, admitted, refused, egress_bytes)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)
 ON CONFLICT (customer, minute_unix_s, tier) DO UPDATE SET
     admitted = admitted + MIN(excluded.admitted, 9223372036854775807 - admitted),
-    refused = refused + MIN(excluded.refused, 9223372036854775807 - refused)";
+    refused = refused + MIN(excluded.refused, 9223372036854775807 - refused),
+    egress_bytes = egress_bytes
+        + MIN(excluded.egress_bytes, 9223372036854775807 - egress_bytes)";
+
+const MARK_BILLING_DIRTY: &str = "
+INSERT OR IGNORE INTO billing_dirty (customer, minute_unix_s) VALUES (?1, ?2)";
 
 const INSERT_OUTBOX: &str = "
 INSERT INTO counter_outbox (customer, bucket_unix_s, admitted, requests)
@@ -32,7 +37,8 @@ ON CONFLICT (instance_id) DO UPDATE SET
     last_sequence = excluded.last_sequence,
     updated_unix_s = excluded.updated_unix_s";
 
-/// Adds the batch's records and records its sequence in one transaction,
+/// Adds the batch's records, marks their minutes for billing and records
+/// its sequence in one transaction,
 /// unless the instance already applied this sequence or a later one.
 ///
 /// Returns only after the commit, so a caller that replies after this
@@ -66,8 +72,9 @@ pub(super) fn apply_batch(
 
     {
         let mut upsert = tx.prepare_cached(UPSERT_USAGE)?;
+        let mut mark_dirty = tx.prepare_cached(MARK_BILLING_DIRTY)?;
         for record in &batch.records {
-            if record.admitted == 0 && record.refused == 0 {
+            if record.admitted == 0 && record.refused == 0 && record.egress_bytes == 0 {
                 continue;
             }
             upsert.execute(params![
@@ -76,7 +83,13 @@ pub(super) fn apply_batch(
                 record.tier,
                 record.admitted,
                 record.refused,
+                record.egress_bytes,
             ])?;
+            // Billing turns admitted requests and egress bytes into meter
+            // events; refusals are not billed.
+            if record.admitted > 0 || record.egress_bytes > 0 {
+                mark_dirty.execute(params![record.customer, record.minute_unix_s])?;
+            }
         }
     }
     if let Some(window_s) = outbox_window_s {
@@ -129,6 +142,7 @@ mod tests {
             minute_unix_s,
             admitted,
             refused,
+            egress_bytes: 0,
             quota: None,
         }
     }
@@ -282,7 +296,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
         conn.execute(
-            "INSERT INTO usage_minute VALUES ('c1', 60, 'basic', ?1, ?1)",
+            "INSERT INTO usage_minute VALUES ('c1', 60, 'basic', ?1, ?1, 0)",
             [i64::MAX - 5],
         )
         .unwrap();

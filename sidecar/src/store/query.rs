@@ -92,6 +92,7 @@ mod tests {
                 minute_unix_s,
                 admitted,
                 refused,
+                egress_bytes: 0,
                 quota: None,
             })
             .collect();

@@ -8,7 +8,14 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// Schema version stored in `PRAGMA user_version`.
-pub(super) const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 2;
+
+/// Changes from schema version 1: response body bytes per ledger row. The
+/// billing tables are created by [`SCHEMA`] like every other table.
+const MIGRATE_FROM_1: &str = "
+ALTER TABLE usage_minute
+    ADD COLUMN egress_bytes INTEGER NOT NULL DEFAULT 0 CHECK (egress_bytes >= 0);
+";
 
 /// How long a statement waits for another connection's lock, for example
 /// while the reader and the writer both touch the WAL during a checkpoint.
@@ -21,6 +28,7 @@ CREATE TABLE IF NOT EXISTS usage_minute (
     tier TEXT NOT NULL,
     admitted INTEGER NOT NULL CHECK (admitted >= 0),
     refused INTEGER NOT NULL CHECK (refused >= 0),
+    egress_bytes INTEGER NOT NULL DEFAULT 0 CHECK (egress_bytes >= 0),
     PRIMARY KEY (customer, minute_unix_s, tier)
 ) WITHOUT ROWID, STRICT;
 
@@ -42,6 +50,53 @@ CREATE TABLE IF NOT EXISTS counter_outbox (
     admitted INTEGER NOT NULL CHECK (admitted >= 0),
     requests INTEGER NOT NULL CHECK (requests >= 0)
 ) STRICT;
+
+-- Minute buckets whose usage changed since billing last looked at them;
+-- written in the batch's transaction.
+CREATE TABLE IF NOT EXISTS billing_dirty (
+    customer TEXT NOT NULL,
+    minute_unix_s INTEGER NOT NULL,
+    PRIMARY KEY (customer, minute_unix_s)
+) WITHOUT ROWID, STRICT;
+
+-- Usage already turned into meter events, per customer, meter and minute.
+-- Usage that arrives after a bucket was billed becomes one more part.
+CREATE TABLE IF NOT EXISTS meter_bucket (
+    customer TEXT NOT NULL,
+    meter TEXT NOT NULL,
+    minute_unix_s INTEGER NOT NULL,
+    billed INTEGER NOT NULL CHECK (billed >= 0),
+    parts INTEGER NOT NULL CHECK (parts >= 0),
+    PRIMARY KEY (customer, meter, minute_unix_s)
+) WITHOUT ROWID, STRICT;
+
+-- Meter events in the order they were created. `pending` events wait to be
+-- sent, `sent` ones were accepted (or already recorded), `parked` ones can
+-- never be accepted as they are and keep Stripe's reason.
+CREATE TABLE IF NOT EXISTS meter_event (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    identifier TEXT NOT NULL UNIQUE,
+    customer TEXT NOT NULL,
+    meter TEXT NOT NULL,
+    minute_unix_s INTEGER NOT NULL,
+    value INTEGER NOT NULL CHECK (value > 0),
+    correction INTEGER NOT NULL DEFAULT 0 CHECK (correction IN (0, 1)),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'parked')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    created_unix_s INTEGER NOT NULL,
+    sent_unix_s INTEGER
+) STRICT;
+
+CREATE INDEX IF NOT EXISTS meter_event_by_state ON meter_event (state, id);
+CREATE INDEX IF NOT EXISTS meter_event_by_minute ON meter_event (minute_unix_s);
+
+-- The Stripe customer that each customer's usage is billed to.
+CREATE TABLE IF NOT EXISTS stripe_customer (
+    customer TEXT PRIMARY KEY NOT NULL,
+    stripe_customer_id TEXT NOT NULL UNIQUE,
+    updated_unix_s INTEGER NOT NULL
+) WITHOUT ROWID, STRICT;
 
 CREATE TABLE IF NOT EXISTS sidecar_meta (
     key TEXT PRIMARY KEY NOT NULL,
@@ -84,7 +139,12 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     }
 
     let tx = conn.transaction().map_err(open_error)?;
+    if found == 1 {
+        tx.execute_batch(MIGRATE_FROM_1).map_err(open_error)?;
+    }
     tx.execute_batch(SCHEMA).map_err(open_error)?;
+    tx.execute_batch(crate::billing::webhook::SCHEMA)
+        .map_err(open_error)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(open_error)?;
     tx.commit().map_err(open_error)?;
@@ -148,6 +208,43 @@ mod tests {
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
 
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn version_1_store_gains_egress_and_billing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE usage_minute (
+                 customer TEXT NOT NULL, minute_unix_s INTEGER NOT NULL, tier TEXT NOT NULL,
+                 admitted INTEGER NOT NULL CHECK (admitted >= 0),
+                 refused INTEGER NOT NULL CHECK (refused >= 0),
+                 PRIMARY KEY (customer, minute_unix_s, tier)) WITHOUT ROWID, STRICT;
+             INSERT INTO usage_minute VALUES ('c1', 60, 'basic', 7, 2);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(conn);
+
+        let conn = open_writer(&path).unwrap();
+
+        let row: (i64, i64, i64) = conn
+            .query_row(
+                "SELECT admitted, refused, egress_bytes FROM usage_minute WHERE customer = 'c1'",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(row, (7, 2, 0));
+        let events: i64 = conn
+            .query_row("SELECT COUNT(*) FROM meter_event", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(events, 0);
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
     }
 

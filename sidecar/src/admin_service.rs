@@ -1,0 +1,277 @@
+//! The `veo.admin.v1.Admin` service: the Stripe customer of each customer,
+//! reconciliation on demand, and the parked meter events.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use veo_proto::admin::admin_server::Admin as AdminRpc;
+use veo_proto::admin::{
+    GetStripeCustomerRequest, ListParkedMeterEventsRequest, ListParkedMeterEventsResponse,
+    ParkedMeterEvent, ReconcileReport, ReconcileRequest, ReconcileRow, SetStripeCustomerRequest,
+    StripeCustomer,
+};
+
+use crate::billing::biller::Biller;
+use crate::billing::customers::{self, SetOutcome};
+use crate::billing::{queue, reconcile};
+use crate::ledger::{MINUTE_SECONDS, TimeRange, unix_now_s};
+use crate::metrics::Metrics;
+use crate::status::ServiceError;
+use crate::validate::{self, MAX_ID_BYTES};
+
+/// Parked events listed when a request leaves `limit` at 0.
+const DEFAULT_PARKED_LIMIT: u32 = 100;
+/// Largest `limit` served.
+const MAX_PARKED_LIMIT: u32 = 1_000;
+/// Longest range one reconciliation covers, in seconds: 35 days, the age
+/// of the oldest event Stripe accepts.
+const MAX_RECONCILE_SECONDS: i64 = 35 * 86_400;
+
+/// Handler of `veo.admin.v1.Admin`.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    biller: Biller,
+    metrics: Metrics,
+    /// Woken when a mapping changes, so the sync service reloads the tier
+    /// overrides that depend on it.
+    mapping_changed: Arc<Notify>,
+    tier_of: fn(&rusqlite::Connection, &str) -> rusqlite::Result<Option<String>>,
+}
+
+impl AdminService {
+    /// Creates the service. `tier_of` returns the tier billing assigned to
+    /// a customer.
+    pub fn new(
+        biller: Biller,
+        metrics: Metrics,
+        mapping_changed: Arc<Notify>,
+        tier_of: fn(&rusqlite::Connection, &str) -> rusqlite::Result<Option<String>>,
+    ) -> Self {
+        AdminService {
+            biller,
+            metrics,
+            mapping_changed,
+            tier_of,
+        }
+    }
+
+    /// Stores a customer's Stripe customer.
+    pub async fn set_stripe_customer(
+        &self,
+        request: SetStripeCustomerRequest,
+    ) -> Result<StripeCustomer, ServiceError> {
+        validate::identifier("customer", &request.customer, MAX_ID_BYTES)?;
+        customers::check_stripe_customer_id(&request.stripe_customer_id)
+            .map_err(|reason| ServiceError::invalid("stripe_customer_id", reason))?;
+        let customer = request.customer.clone();
+        let stripe_id = request.stripe_customer_id.clone();
+        let now = unix_now_s();
+        let outcome = self
+            .biller
+            .store()
+            .write("set a Stripe customer", move |conn| {
+                customers::set(conn, &customer, &stripe_id, now)
+            })
+            .await?;
+        match outcome {
+            SetOutcome::Taken { by } => Err(ServiceError::invalid(
+                "stripe_customer_id",
+                format!(
+                    "{} already bills customer {by:?}; one Stripe customer bills one customer",
+                    request.stripe_customer_id
+                ),
+            )),
+            SetOutcome::Stored { unparked } => {
+                info!(
+                    customer = request.customer,
+                    stripe_customer_id = request.stripe_customer_id,
+                    unparked,
+                    "Stripe customer set"
+                );
+                self.biller.waker().notify_one();
+                self.mapping_changed.notify_one();
+                self.get_stripe_customer(GetStripeCustomerRequest {
+                    customer: request.customer,
+                })
+                .await
+            }
+        }
+    }
+
+    /// Returns a customer's Stripe customer and billed tier.
+    pub async fn get_stripe_customer(
+        &self,
+        request: GetStripeCustomerRequest,
+    ) -> Result<StripeCustomer, ServiceError> {
+        validate::identifier("customer", &request.customer, MAX_ID_BYTES)?;
+        let customer = request.customer.clone();
+        let tier_of = self.tier_of;
+        let (stripe_id, tier) = self
+            .biller
+            .store()
+            .read("read a Stripe customer", move |conn| {
+                Ok((customers::get(conn, &customer)?, tier_of(conn, &customer)?))
+            })
+            .await?;
+        Ok(StripeCustomer {
+            customer: request.customer,
+            stripe_customer_id: stripe_id.unwrap_or_default(),
+            tier: tier.unwrap_or_default(),
+        })
+    }
+
+    /// Reconciles a range.
+    pub async fn reconcile(&self, request: ReconcileRequest) -> Result<ReconcileReport, Status> {
+        let range = reconcile_range(request.start_unix_s, request.end_unix_s)?;
+        let report = reconcile::reconcile(&self.biller, &self.metrics, range, request.correct)
+            .await
+            .map_err(|err| match err {
+                reconcile::ReconcileError::Store(source) => {
+                    Status::from(ServiceError::Store(source))
+                }
+                other => {
+                    warn!(error = %other, "reconciliation failed");
+                    Status::unavailable(other.to_string())
+                }
+            })?;
+        Ok(ReconcileReport {
+            rows: report
+                .rows
+                .into_iter()
+                .map(|row| ReconcileRow {
+                    customer: row.customer,
+                    meter: row.meter.name().to_owned(),
+                    ledger_value: u64::try_from(row.ledger).unwrap_or(0),
+                    sent_value: u64::try_from(row.sent).unwrap_or(0),
+                    stripe_value: row.stripe.map(|value| u64::try_from(value).unwrap_or(0)),
+                    metrics_value: None,
+                    drift_ratio: row.drift_ratio,
+                })
+                .collect(),
+            max_drift_ratio: report.max_drift_ratio,
+            corrective_events: report.corrective_events,
+        })
+    }
+
+    /// Lists parked events.
+    pub async fn parked(
+        &self,
+        request: ListParkedMeterEventsRequest,
+    ) -> Result<ListParkedMeterEventsResponse, ServiceError> {
+        let limit = match request.limit {
+            0 => DEFAULT_PARKED_LIMIT,
+            limit => limit.min(MAX_PARKED_LIMIT),
+        };
+        let events = self
+            .biller
+            .store()
+            .read("list parked meter events", move |conn| {
+                queue::parked(conn, limit as usize)
+            })
+            .await?;
+        Ok(ListParkedMeterEventsResponse {
+            events: events
+                .into_iter()
+                .map(|event| ParkedMeterEvent {
+                    identifier: event.identifier,
+                    customer: event.customer,
+                    meter: event.meter,
+                    minute_unix_s: event.minute_unix_s,
+                    value: u64::try_from(event.value).unwrap_or(0),
+                    reason: event.reason,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Checks a reconciliation range: whole minutes, start before end, at most
+/// 35 days, and not in the future.
+pub fn reconcile_range(start_unix_s: i64, end_unix_s: i64) -> Result<TimeRange, ServiceError> {
+    for (field, value) in [("start_unix_s", start_unix_s), ("end_unix_s", end_unix_s)] {
+        if value < 0 || value % MINUTE_SECONDS != 0 {
+            return Err(ServiceError::invalid(
+                field,
+                format!("{value} is not a non-negative multiple of {MINUTE_SECONDS} seconds"),
+            ));
+        }
+    }
+    if start_unix_s >= end_unix_s {
+        return Err(ServiceError::invalid(
+            "end_unix_s",
+            format!("{end_unix_s} is not after start_unix_s {start_unix_s}"),
+        ));
+    }
+    if end_unix_s - start_unix_s > MAX_RECONCILE_SECONDS {
+        return Err(ServiceError::invalid(
+            "end_unix_s",
+            format!("the range is longer than {MAX_RECONCILE_SECONDS} seconds (35 days)"),
+        ));
+    }
+    let now = unix_now_s();
+    if end_unix_s > now + MINUTE_SECONDS {
+        return Err(ServiceError::invalid(
+            "end_unix_s",
+            format!("{end_unix_s} is in the future (now is {now})"),
+        ));
+    }
+    Ok(TimeRange {
+        start_unix_s,
+        end_unix_s,
+    })
+}
+
+#[tonic::async_trait]
+impl AdminRpc for AdminService {
+    async fn set_stripe_customer(
+        &self,
+        request: Request<SetStripeCustomerRequest>,
+    ) -> Result<Response<StripeCustomer>, Status> {
+        Ok(Response::new(
+            AdminService::set_stripe_customer(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_stripe_customer(
+        &self,
+        request: Request<GetStripeCustomerRequest>,
+    ) -> Result<Response<StripeCustomer>, Status> {
+        Ok(Response::new(
+            AdminService::get_stripe_customer(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn reconcile(
+        &self,
+        request: Request<ReconcileRequest>,
+    ) -> Result<Response<ReconcileReport>, Status> {
+        Ok(Response::new(
+            AdminService::reconcile(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_parked_meter_events(
+        &self,
+        request: Request<ListParkedMeterEventsRequest>,
+    ) -> Result<Response<ListParkedMeterEventsResponse>, Status> {
+        Ok(Response::new(self.parked(request.into_inner()).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_range_checks_bounds() {
+        assert!(reconcile_range(60, 120).is_ok());
+        assert!(reconcile_range(61, 120).is_err());
+        assert!(reconcile_range(120, 120).is_err());
+        assert!(reconcile_range(-60, 120).is_err());
+        assert!(reconcile_range(0, MAX_RECONCILE_SECONDS + 60).is_err());
+        let future = (unix_now_s() / 60 + 10) * 60;
+        assert!(reconcile_range(future - 60, future).is_err());
+    }
+}

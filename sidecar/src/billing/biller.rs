@@ -1,0 +1,473 @@
+//! The billing loop: every interval it closes the finished minute buckets
+//! into meter events and sends the queue to Stripe or the outbox file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use super::queue::{self, LedgerKey, QueuedEvent};
+use super::sink::{FileSink, MeterNames, SendOutcome, StripeSink, backoff};
+use crate::ledger::unix_now_s;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+/// Oldest event timestamp Stripe accepts, in seconds: 35 days.
+pub const MAX_EVENT_AGE_S: i64 = 35 * 86_400;
+/// Buckets closed per store transaction.
+const CLOSE_LIMIT: usize = 2_000;
+/// Events read from the queue at a time.
+const READ_LIMIT: usize = 500;
+
+/// Settings of the billing loop.
+#[derive(Debug, Clone)]
+pub struct BillingSettings {
+    /// Region of this sidecar, part of every event identifier.
+    pub region: String,
+    /// Interval between rounds.
+    pub interval: Duration,
+    /// Time after a minute ends before its bucket is billed, so that the
+    /// filters' batches for it have arrived.
+    pub close_delay: Duration,
+    /// Maximum events sent to Stripe per second.
+    pub max_events_per_second: u32,
+    /// Maximum requests to Stripe in flight at once.
+    pub max_concurrent_requests: usize,
+    /// First retry delay after a failure.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_cap: Duration,
+    /// Stripe event names of the meters.
+    pub names: MeterNames,
+    /// Outbox file written when no Stripe key is set.
+    pub outbox_path: PathBuf,
+}
+
+/// Where the events go.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// Stripe's API.
+    Stripe(Box<StripeSink>),
+    /// The local outbox file.
+    File(FileSink),
+}
+
+/// Result of one round.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    /// Events created from closed buckets.
+    pub created: usize,
+    /// Events accepted, or found already recorded.
+    pub sent: usize,
+    /// Events parked.
+    pub parked: usize,
+    /// Events waiting for a Stripe customer.
+    pub waiting: usize,
+    /// Consecutive failed attempts when the round stopped early; 0 when it
+    /// sent everything it could.
+    pub failures: u32,
+}
+
+/// The billing loop's state.
+#[derive(Debug, Clone)]
+pub struct Biller {
+    store: Store,
+    ledger: LedgerKey,
+    settings: BillingSettings,
+    destination: Destination,
+    metrics: Metrics,
+    wake: Arc<Notify>,
+}
+
+impl Biller {
+    /// Creates the loop; [`Biller::run`] starts it.
+    pub fn new(
+        store: Store,
+        ledger: LedgerKey,
+        settings: BillingSettings,
+        destination: Destination,
+        metrics: Metrics,
+    ) -> Self {
+        Biller {
+            store,
+            ledger,
+            settings,
+            destination,
+            metrics,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Handle that starts a round early, for example after a customer's
+    /// Stripe customer was set.
+    pub fn waker(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
+    }
+
+    /// The store the loop works on.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The ledger's identity, for corrective events.
+    pub fn ledger(&self) -> &LedgerKey {
+        &self.ledger
+    }
+
+    /// Whether events go to Stripe.
+    pub fn stripe(&self) -> Option<&StripeSink> {
+        match &self.destination {
+            Destination::Stripe(sink) => Some(sink),
+            Destination::File(_) => None,
+        }
+    }
+
+    /// Runs rounds every interval until `stop` turns true, then runs one
+    /// last round that bills every bucket, open ones included, so no usage
+    /// waits for the next start. Usage of those minutes that arrives later
+    /// is billed as one more event per bucket.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        if let Destination::File(sink) = &self.destination
+            && let Err(err) = self.recover_outbox_file(sink).await
+        {
+            error!(path = %sink.path().display(), error = %err, "failed to read the outbox file; events already in it may be written again");
+        }
+        let mut failures = 0u32;
+        loop {
+            let report = self.round(failures, false).await;
+            failures = report.failures;
+            let delay = if failures > 0 {
+                backoff(failures, self.settings.retry_base, self.settings.retry_cap)
+            } else {
+                self.settings.interval
+            };
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.wake.notified() => {}
+                _ = stop.changed() => {
+                    let _ = self.round(0, true).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Closes buckets (every one with `close_all`) and sends the queue
+    /// once; `failures` is the number of failed attempts in a row before
+    /// this round.
+    pub async fn round(&self, failures: u32, close_all: bool) -> RoundReport {
+        let mut report = RoundReport {
+            failures,
+            ..RoundReport::default()
+        };
+        match self.close(close_all).await {
+            Ok(created) => report.created = created,
+            Err(err) => {
+                error!(error = %err, "failed to turn closed minutes into meter events; retrying next round")
+            }
+        }
+        if let Err(err) = self.send_queue(&mut report).await {
+            error!(error = %err, "failed to read or update the meter event queue; retrying next round");
+        }
+        if let Ok(counts) = self
+            .store
+            .read("count meter events", |conn| queue::counts(conn))
+            .await
+        {
+            self.metrics.meter_events_pending.set(counts.pending);
+            self.metrics.meter_events_parked_now.set(counts.parked);
+        }
+        if report.created > 0 || report.sent > 0 || report.parked > 0 {
+            info!(
+                created = report.created,
+                sent = report.sent,
+                parked = report.parked,
+                waiting = report.waiting,
+                "billing round"
+            );
+        }
+        report
+    }
+
+    async fn close(&self, close_all: bool) -> Result<usize, StoreError> {
+        let mut created = 0;
+        loop {
+            let ledger = self.ledger.clone();
+            let delay = i64::try_from(self.settings.close_delay.as_secs()).unwrap_or(i64::MAX);
+            let delay = (!close_all).then_some(delay);
+            let now = unix_now_s();
+            let batch = self
+                .store
+                .write("close minute buckets", move |conn| {
+                    queue::close_buckets(conn, &ledger, now, delay, CLOSE_LIMIT)
+                })
+                .await?;
+            created += batch;
+            if batch < CLOSE_LIMIT {
+                return Ok(created);
+            }
+        }
+    }
+
+    async fn send_queue(&self, report: &mut RoundReport) -> Result<(), StoreError> {
+        let mut after = 0;
+        let mut pacer = Pacer::new(self.settings.max_events_per_second);
+        loop {
+            let events = self
+                .store
+                .read("read meter events", move |conn| {
+                    queue::pending(conn, after, READ_LIMIT)
+                })
+                .await?;
+            let Some(last) = events.last() else {
+                return Ok(());
+            };
+            after = last.id;
+            let stop = match &self.destination {
+                Destination::File(sink) => self.write_file(sink, events, report).await?,
+                Destination::Stripe(sink) => {
+                    self.send_stripe(sink, events, report, &mut pacer).await?
+                }
+            };
+            if stop {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn write_file(
+        &self,
+        sink: &FileSink,
+        events: Vec<QueuedEvent>,
+        report: &mut RoundReport,
+    ) -> Result<bool, StoreError> {
+        let writer = sink.clone();
+        let written = {
+            let events = events.clone();
+            tokio::task::spawn_blocking(move || writer.write(&events)).await
+        };
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                report.failures = report.failures.saturating_add(1);
+                error!(path = %sink.path().display(), error = %err, "failed to write the outbox file; retrying");
+                return Ok(true);
+            }
+            Err(err) => {
+                report.failures = report.failures.saturating_add(1);
+                error!(error = %err, "outbox file write did not finish; retrying");
+                return Ok(true);
+            }
+        }
+        let ids: Vec<i64> = events.iter().map(|event| event.id).collect();
+        let now = unix_now_s();
+        self.store
+            .write("mark meter events sent", move |conn| {
+                queue::mark_sent(conn, &ids, now)
+            })
+            .await?;
+        for event in &events {
+            self.count_sent(event, "written");
+        }
+        report.sent += events.len();
+        report.failures = 0;
+        Ok(false)
+    }
+
+    /// Sends events in queue order, `max_concurrent_requests` at a time.
+    /// Returns true when a transient failure stopped the round.
+    async fn send_stripe(
+        &self,
+        sink: &StripeSink,
+        events: Vec<QueuedEvent>,
+        report: &mut RoundReport,
+        pacer: &mut Pacer,
+    ) -> Result<bool, StoreError> {
+        let now = unix_now_s();
+        let mut ready = Vec::new();
+        for event in events {
+            if event.minute_unix_s < now - MAX_EVENT_AGE_S {
+                let reason = format!(
+                    "timestamp {} is older than the 35 days Stripe accepts; bill it by hand",
+                    event.minute_unix_s
+                );
+                self.park(&event, reason).await?;
+                report.parked += 1;
+                continue;
+            }
+            if event.stripe_customer_id.is_none() {
+                report.waiting += 1;
+                continue;
+            }
+            ready.push(event);
+        }
+        if report.waiting > 0 {
+            debug!(
+                events = report.waiting,
+                "meter events wait for their customers' Stripe customer; set it with SetStripeCustomer"
+            );
+        }
+
+        let concurrency = self.settings.max_concurrent_requests.max(1);
+        for chunk in ready.chunks(concurrency) {
+            let mut tasks = JoinSet::new();
+            for (index, event) in chunk.iter().enumerate() {
+                pacer.wait().await;
+                let sink = sink.clone();
+                let event = event.clone();
+                tasks.spawn(async move {
+                    let customer = event.stripe_customer_id.clone().unwrap_or_default();
+                    (index, sink.send(&event, &customer).await)
+                });
+            }
+            let mut outcomes =
+                vec![SendOutcome::Retry("the send task did not finish".into()); chunk.len()];
+            while let Some(joined) = tasks.join_next().await {
+                if let Ok((index, outcome)) = joined
+                    && let Some(slot) = outcomes.get_mut(index)
+                {
+                    *slot = outcome;
+                }
+            }
+            let mut sent_ids = Vec::new();
+            let mut retry = false;
+            for (event, outcome) in chunk.iter().zip(outcomes) {
+                match outcome {
+                    SendOutcome::Accepted => {
+                        sent_ids.push(event.id);
+                        self.count_sent(event, "accepted");
+                    }
+                    SendOutcome::AlreadyRecorded => {
+                        sent_ids.push(event.id);
+                        self.count_sent(event, "already_recorded");
+                        info!(
+                            identifier = event.identifier,
+                            "Stripe already has this meter event; marked sent"
+                        );
+                    }
+                    SendOutcome::Reject(reason) => {
+                        warn!(
+                            identifier = event.identifier,
+                            customer = event.customer,
+                            meter = event.meter.name(),
+                            reason,
+                            "Stripe rejected a meter event for good; parked, see ListParkedMeterEvents"
+                        );
+                        self.park(event, reason).await?;
+                        report.parked += 1;
+                    }
+                    SendOutcome::Retry(reason) => {
+                        retry = true;
+                        self.metrics.meter_event_retries.inc();
+                        let id = event.id;
+                        let logged = reason.clone();
+                        self.store
+                            .write("count a meter event attempt", move |conn| {
+                                queue::record_attempt(conn, id, &logged)
+                            })
+                            .await?;
+                        warn!(
+                            identifier = event.identifier,
+                            attempts = event.attempts + 1,
+                            reason,
+                            "failed to send a meter event; retrying after a backoff"
+                        );
+                    }
+                }
+            }
+            report.sent += sent_ids.len();
+            let now = unix_now_s();
+            self.store
+                .write("mark meter events sent", move |conn| {
+                    queue::mark_sent(conn, &sent_ids, now)
+                })
+                .await?;
+            if retry {
+                report.failures = report.failures.saturating_add(1);
+                return Ok(true);
+            }
+            report.failures = 0;
+        }
+        Ok(false)
+    }
+
+    async fn park(&self, event: &QueuedEvent, reason: String) -> Result<(), StoreError> {
+        self.metrics
+            .meter_events_parked
+            .with_label_values(&[event.meter.name()])
+            .inc();
+        let id = event.id;
+        self.store
+            .write("park a meter event", move |conn| {
+                queue::park(conn, id, &reason)
+            })
+            .await
+    }
+
+    fn count_sent(&self, event: &QueuedEvent, outcome: &str) {
+        self.metrics
+            .meter_events_sent
+            .with_label_values(&[event.meter.name(), outcome])
+            .inc();
+        self.metrics
+            .billed_usage
+            .with_label_values(&[event.meter.name()])
+            .inc_by(u64::try_from(event.value).unwrap_or(0));
+    }
+
+    /// Marks events already in the outbox file as sent, so a crash between
+    /// the file write and the store's commit writes no event twice.
+    async fn recover_outbox_file(
+        &self,
+        sink: &FileSink,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let reader = sink.clone();
+        let written = tokio::task::spawn_blocking(move || reader.written_identifiers()).await??;
+        if written.is_empty() {
+            return Ok(());
+        }
+        let identifiers: Vec<String> = written.into_iter().collect();
+        let now = unix_now_s();
+        let recovered = self
+            .store
+            .write("recover the outbox file", move |conn| {
+                queue::mark_sent_by_identifier(conn, &identifiers, now)
+            })
+            .await?;
+        if recovered > 0 {
+            info!(
+                events = recovered,
+                "meter events found in the outbox file after a crash; marked sent"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Spaces sends so that at most `per_second` start in any second.
+#[derive(Debug)]
+struct Pacer {
+    period: Duration,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(per_second: u32) -> Self {
+        Pacer {
+            period: Duration::from_secs(1) / per_second.max(1),
+            next: Instant::now(),
+        }
+    }
+
+    async fn wait(&mut self) {
+        let now = Instant::now();
+        if self.next > now {
+            tokio::time::sleep_until(self.next).await;
+        }
+        self.next = self.next.max(now) + self.period;
+    }
+}

@@ -1,0 +1,114 @@
+//! The Stripe customer of each customer, in the usage store.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Longest accepted Stripe customer id, in bytes.
+pub const MAX_STRIPE_ID_BYTES: usize = 255;
+
+/// Checks that `id` looks like a Stripe customer id (`cus_` and letters,
+/// digits or underscores); returns the reason when it does not.
+pub fn check_stripe_customer_id(id: &str) -> Result<(), String> {
+    if !id.starts_with("cus_") || id.len() <= 4 {
+        return Err(format!(
+            "{id:?} is not a Stripe customer id; they start with cus_"
+        ));
+    }
+    if id.len() > MAX_STRIPE_ID_BYTES {
+        return Err(format!(
+            "is {} bytes long, more than {MAX_STRIPE_ID_BYTES}",
+            id.len()
+        ));
+    }
+    if let Some(bad) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
+    {
+        return Err(format!(
+            "{id:?} contains {bad:?}; Stripe ids hold only letters, digits and underscores"
+        ));
+    }
+    Ok(())
+}
+
+/// Result of setting a customer's Stripe customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// The mapping is stored; `unparked` parked events of the customer were
+    /// queued again.
+    Stored {
+        /// Parked events queued again.
+        unparked: usize,
+    },
+    /// Another customer is billed to that Stripe customer already.
+    Taken {
+        /// The customer that has it.
+        by: String,
+    },
+}
+
+/// Stores `stripe_customer_id` as the Stripe customer of `customer` and
+/// queues the customer's parked events again, in one transaction.
+pub fn set(
+    conn: &mut Connection,
+    customer: &str,
+    stripe_customer_id: &str,
+    now_unix_s: i64,
+) -> rusqlite::Result<SetOutcome> {
+    let tx = conn.transaction()?;
+    let holder: Option<String> = tx
+        .query_row(
+            "SELECT customer FROM stripe_customer WHERE stripe_customer_id = ?1",
+            [stripe_customer_id],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(holder) = holder
+        && holder != customer
+    {
+        return Ok(SetOutcome::Taken { by: holder });
+    }
+    tx.execute(
+        "INSERT INTO stripe_customer (customer, stripe_customer_id, updated_unix_s)
+         VALUES (?1, ?2, ?3)
+         ON CONFLICT (customer) DO UPDATE SET
+             stripe_customer_id = excluded.stripe_customer_id,
+             updated_unix_s = excluded.updated_unix_s",
+        params![customer, stripe_customer_id, now_unix_s],
+    )?;
+    let unparked = super::queue::unpark_customer(&tx, customer)?;
+    tx.commit()?;
+    Ok(SetOutcome::Stored { unparked })
+}
+
+/// Returns the Stripe customer of `customer`, if one is set.
+pub fn get(conn: &Connection, customer: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT stripe_customer_id FROM stripe_customer WHERE customer = ?1",
+        [customer],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
+/// Returns every customer with a Stripe customer, in customer order.
+pub fn all(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT customer, stripe_customer_id FROM stripe_customer ORDER BY customer",
+    )?;
+    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stripe_ids_are_checked() {
+        assert!(check_stripe_customer_id("cus_NciAYcXfLnqBoz").is_ok());
+        assert!(check_stripe_customer_id("cus_").is_err());
+        assert!(check_stripe_customer_id("acct_1").is_err());
+        assert!(check_stripe_customer_id("cus_a b").is_err());
+        assert!(check_stripe_customer_id(&format!("cus_{}", "a".repeat(300))).is_err());
+    }
+}

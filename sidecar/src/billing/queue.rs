@@ -1,0 +1,663 @@
+//! The meter event queue in the usage store: closing minute buckets into
+//! events, and the state of each event on its way to Stripe.
+//!
+//! Every function runs on one SQLite connection; those that change more
+//! than one row do so in one transaction, so a crash leaves either all of
+//! a bucket's change or none of it.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tracing::error;
+
+use super::meter::{EventKey, Meter};
+use crate::ledger::{MINUTE_SECONDS, TimeRange};
+
+/// Identity of the ledger that events are created from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerKey {
+    /// Region of the sidecar.
+    pub region: String,
+    /// Identifier of the sidecar's ledger within the region.
+    pub ledger_id: String,
+}
+
+/// A meter event waiting to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedEvent {
+    /// Position in the queue.
+    pub id: i64,
+    /// Stripe identifier of the event.
+    pub identifier: String,
+    /// Customer the usage belongs to.
+    pub customer: String,
+    /// Meter of the usage.
+    pub meter: Meter,
+    /// Start of the minute bucket, the event's timestamp.
+    pub minute_unix_s: i64,
+    /// Usage in the meter's unit.
+    pub value: i64,
+    /// Earlier failed attempts.
+    pub attempts: i64,
+    /// Stripe customer the usage is billed to, when one is set.
+    pub stripe_customer_id: Option<String>,
+}
+
+/// A meter event that Stripe rejected for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedEvent {
+    /// Stripe identifier of the event.
+    pub identifier: String,
+    /// Customer the usage belongs to.
+    pub customer: String,
+    /// Meter name.
+    pub meter: String,
+    /// Start of the minute bucket.
+    pub minute_unix_s: i64,
+    /// Usage in the meter's unit.
+    pub value: i64,
+    /// Why Stripe rejected it.
+    pub reason: String,
+}
+
+/// Counts of events by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Events waiting to be sent.
+    pub pending: i64,
+    /// Events rejected for good.
+    pub parked: i64,
+}
+
+const INSERT_EVENT: &str = "
+INSERT INTO meter_event
+    (identifier, customer, meter, minute_unix_s, value, correction, state, created_unix_s)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7)
+ON CONFLICT (identifier) DO NOTHING";
+
+/// Turns the closed minute buckets whose usage changed into meter events,
+/// at most `limit` buckets per call, and returns the number of events
+/// created.
+///
+/// A bucket is closed once `close_delay_s` seconds have passed since its
+/// minute ended; `None` closes every bucket. Its first event carries all of its usage. Usage that
+/// reaches the ledger later (a filter's backlog after an outage) becomes
+/// one more event with the difference, so each unit is billed once.
+pub fn close_buckets(
+    conn: &mut Connection,
+    ledger: &LedgerKey,
+    now_unix_s: i64,
+    close_delay_s: Option<i64>,
+    limit: usize,
+) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let closed_before = match close_delay_s {
+        Some(delay) => now_unix_s.saturating_sub(MINUTE_SECONDS.saturating_add(delay)),
+        None => i64::MAX,
+    };
+    let dirty: Vec<(String, i64)> = {
+        let mut statement = tx.prepare_cached(
+            "SELECT customer, minute_unix_s FROM billing_dirty
+             WHERE minute_unix_s <= ?1 ORDER BY minute_unix_s, customer LIMIT ?2",
+        )?;
+        let rows = statement.query_map(
+            params![closed_before, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+
+    let mut created = 0;
+    for (customer, minute_unix_s) in &dirty {
+        for meter in Meter::ALL {
+            if close_meter(&tx, ledger, customer, meter, *minute_unix_s, now_unix_s)? {
+                created += 1;
+            }
+        }
+        tx.execute(
+            "DELETE FROM billing_dirty WHERE customer = ?1 AND minute_unix_s = ?2",
+            params![customer, minute_unix_s],
+        )?;
+    }
+    tx.commit()?;
+    Ok(created)
+}
+
+/// Queues the difference between the ledger and what is billed for one
+/// bucket and meter; returns whether an event was created.
+fn close_meter(
+    tx: &Transaction<'_>,
+    ledger: &LedgerKey,
+    customer: &str,
+    meter: Meter,
+    minute_unix_s: i64,
+    now_unix_s: i64,
+) -> rusqlite::Result<bool> {
+    let total: i64 = tx.query_row(
+        &format!(
+            "SELECT COALESCE(SUM({}), 0) FROM usage_minute
+             WHERE customer = ?1 AND minute_unix_s = ?2",
+            meter.ledger_column()
+        ),
+        params![customer, minute_unix_s],
+        |row| row.get(0),
+    )?;
+    let (billed, parts): (i64, i64) = tx
+        .query_row(
+            "SELECT billed, parts FROM meter_bucket
+             WHERE customer = ?1 AND meter = ?2 AND minute_unix_s = ?3",
+            params![customer, meter.name(), minute_unix_s],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?
+        .unwrap_or((0, 0));
+    if total <= billed {
+        if total < billed {
+            // The ledger only grows, so this means someone edited the
+            // store by hand. Billing never sends negative usage.
+            error!(
+                customer,
+                meter = meter.name(),
+                minute_unix_s,
+                ledger = total,
+                billed,
+                "ledger total below the billed usage; check the usage store for manual changes"
+            );
+        }
+        return Ok(false);
+    }
+
+    let part = parts + 1;
+    let identifier = EventKey {
+        region: &ledger.region,
+        ledger_id: &ledger.ledger_id,
+        customer,
+        meter,
+        minute_unix_s,
+        part,
+        correction: "",
+    }
+    .identifier();
+    tx.execute(
+        INSERT_EVENT,
+        params![
+            identifier,
+            customer,
+            meter.name(),
+            minute_unix_s,
+            total - billed,
+            0,
+            now_unix_s
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO meter_bucket (customer, meter, minute_unix_s, billed, parts)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (customer, meter, minute_unix_s) DO UPDATE SET
+             billed = excluded.billed, parts = excluded.parts",
+        params![customer, meter.name(), minute_unix_s, total, part],
+    )?;
+    Ok(true)
+}
+
+/// Queues a corrective event unless one with the same identifier exists;
+/// returns whether it was queued.
+pub fn queue_correction(
+    conn: &Connection,
+    key: &EventKey<'_>,
+    value: i64,
+    now_unix_s: i64,
+) -> rusqlite::Result<bool> {
+    let inserted = conn.execute(
+        INSERT_EVENT,
+        params![
+            key.identifier(),
+            key.customer,
+            key.meter.name(),
+            key.minute_unix_s,
+            value,
+            1,
+            now_unix_s
+        ],
+    )?;
+    Ok(inserted == 1)
+}
+
+/// Returns up to `limit` pending events after queue position `after_id`,
+/// oldest first, with their Stripe customer.
+pub fn pending(
+    conn: &Connection,
+    after_id: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<QueuedEvent>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT e.id, e.identifier, e.customer, e.meter, e.minute_unix_s, e.value, e.attempts,
+                c.stripe_customer_id
+         FROM meter_event e LEFT JOIN stripe_customer c ON c.customer = e.customer
+         WHERE e.state = 'pending' AND e.id > ?1
+         ORDER BY e.id LIMIT ?2",
+    )?;
+    let rows = statement.query_map(
+        params![after_id, i64::try_from(limit).unwrap_or(i64::MAX)],
+        |row| {
+            let meter: String = row.get(3)?;
+            Ok((
+                meter,
+                QueuedEvent {
+                    id: row.get(0)?,
+                    identifier: row.get(1)?,
+                    customer: row.get(2)?,
+                    meter: Meter::ApiRequests,
+                    minute_unix_s: row.get(4)?,
+                    value: row.get(5)?,
+                    attempts: row.get(6)?,
+                    stripe_customer_id: row.get(7)?,
+                },
+            ))
+        },
+    )?;
+    let mut events = Vec::new();
+    for row in rows {
+        let (meter, mut event) = row?;
+        match Meter::from_name(&meter) {
+            Some(known) => {
+                event.meter = known;
+                events.push(event);
+            }
+            None => error!(
+                identifier = event.identifier,
+                meter, "meter event names an unknown meter; it stays queued"
+            ),
+        }
+    }
+    Ok(events)
+}
+
+/// Marks events as accepted by Stripe (or already recorded there).
+pub fn mark_sent(conn: &mut Connection, ids: &[i64], now_unix_s: i64) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut statement = tx.prepare_cached(
+            "UPDATE meter_event SET state = 'sent', sent_unix_s = ?2, reason = NULL
+             WHERE id = ?1",
+        )?;
+        for id in ids {
+            statement.execute(params![id, now_unix_s])?;
+        }
+    }
+    tx.commit()
+}
+
+/// Counts a failed attempt of an event that will be retried.
+pub fn record_attempt(conn: &Connection, id: i64, reason: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE meter_event SET attempts = attempts + 1, reason = ?2 WHERE id = ?1",
+        params![id, reason],
+    )?;
+    Ok(())
+}
+
+/// Parks an event that can never be accepted as it is, with the reason.
+pub fn park(conn: &Connection, id: i64, reason: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE meter_event SET state = 'parked', attempts = attempts + 1, reason = ?2
+         WHERE id = ?1",
+        params![id, reason],
+    )?;
+    Ok(())
+}
+
+/// Queues a customer's parked events again, for example after its Stripe
+/// customer changed; returns how many.
+pub fn unpark_customer(conn: &Connection, customer: &str) -> rusqlite::Result<usize> {
+    conn.execute(
+        "UPDATE meter_event SET state = 'pending' WHERE customer = ?1 AND state = 'parked'",
+        [customer],
+    )
+}
+
+/// Returns up to `limit` parked events, oldest first.
+pub fn parked(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<ParkedEvent>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT identifier, customer, meter, minute_unix_s, value, COALESCE(reason, '')
+         FROM meter_event WHERE state = 'parked' ORDER BY id LIMIT ?1",
+    )?;
+    let rows = statement.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+        Ok(ParkedEvent {
+            identifier: row.get(0)?,
+            customer: row.get(1)?,
+            meter: row.get(2)?,
+            minute_unix_s: row.get(3)?,
+            value: row.get(4)?,
+            reason: row.get(5)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Counts events by state.
+pub fn counts(conn: &Connection) -> rusqlite::Result<QueueCounts> {
+    conn.query_row(
+        "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(state = 'parked'), 0)
+         FROM meter_event",
+        [],
+        |row| {
+            Ok(QueueCounts {
+                pending: row.get(0)?,
+                parked: row.get(1)?,
+            })
+        },
+    )
+}
+
+/// Marks the pending events whose identifiers are in `identifiers` as sent;
+/// returns how many. Used at start with the identifiers already written to
+/// the outbox file, so a crash between the write and the commit does not
+/// write an event twice.
+pub fn mark_sent_by_identifier(
+    conn: &mut Connection,
+    identifiers: &[String],
+    now_unix_s: i64,
+) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let mut changed = 0;
+    {
+        let mut statement = tx.prepare_cached(
+            "UPDATE meter_event SET state = 'sent', sent_unix_s = ?2
+             WHERE identifier = ?1 AND state = 'pending'",
+        )?;
+        for identifier in identifiers {
+            changed += statement.execute(params![identifier, now_unix_s])?;
+        }
+    }
+    tx.commit()?;
+    Ok(changed)
+}
+
+/// Usage per customer and meter, keyed by customer then meter.
+pub type Totals = BTreeMap<(String, Meter), i64>;
+
+/// Sums the ledger per customer and meter over the minutes in `range`.
+pub fn ledger_totals(conn: &Connection, range: TimeRange) -> rusqlite::Result<Totals> {
+    let mut statement = conn.prepare_cached(
+        "SELECT customer, COALESCE(SUM(admitted), 0), COALESCE(SUM(egress_bytes), 0)
+         FROM usage_minute WHERE minute_unix_s >= ?1 AND minute_unix_s < ?2
+         GROUP BY customer",
+    )?;
+    let rows = statement.query_map(params![range.start_unix_s, range.end_unix_s], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, i64>(1)?,
+            row.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut totals = Totals::new();
+    for row in rows {
+        let (customer, requests, bytes) = row?;
+        if requests > 0 {
+            totals.insert((customer.clone(), Meter::ApiRequests), requests);
+        }
+        if bytes > 0 {
+            totals.insert((customer, Meter::EgressBytes), bytes);
+        }
+    }
+    Ok(totals)
+}
+
+/// Sums the events sent (or written to the outbox file) per customer and
+/// meter whose minute is in `range`, corrections included.
+pub fn sent_totals(conn: &Connection, range: TimeRange) -> rusqlite::Result<Totals> {
+    let mut statement = conn.prepare_cached(
+        "SELECT customer, meter, SUM(value) FROM meter_event
+         WHERE state = 'sent' AND minute_unix_s >= ?1 AND minute_unix_s < ?2
+         GROUP BY customer, meter",
+    )?;
+    let rows = statement.query_map(params![range.start_unix_s, range.end_unix_s], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut totals = Totals::new();
+    for row in rows {
+        let (customer, meter, value) = row?;
+        if let Some(meter) = Meter::from_name(&meter) {
+            totals.insert((customer, meter), value);
+        }
+    }
+    Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Batch, UsageEntry};
+    use crate::store::Store;
+
+    const MINUTE: i64 = 1_700_000_040;
+
+    fn ledger_key() -> LedgerKey {
+        LedgerKey {
+            region: "eu-west".into(),
+            ledger_id: "sc-1".into(),
+        }
+    }
+
+    fn entry(customer: &str, minute_unix_s: i64, admitted: i64, egress_bytes: i64) -> UsageEntry {
+        UsageEntry {
+            customer: customer.into(),
+            tier: "basic".into(),
+            minute_unix_s,
+            admitted,
+            refused: 1,
+            egress_bytes,
+            quota: None,
+        }
+    }
+
+    async fn apply(store: &Store, sequence: i64, records: Vec<UsageEntry>) {
+        let batch = Batch {
+            instance_id: "i1".into(),
+            sequence,
+            records,
+        };
+        store.apply(batch, MINUTE + 120).await.unwrap();
+    }
+
+    async fn close(store: &Store, now: i64) -> usize {
+        store
+            .write("close", move |conn| {
+                close_buckets(conn, &ledger_key(), now, Some(5), 100)
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn all_pending(store: &Store) -> Vec<QueuedEvent> {
+        store
+            .read("pending", |conn| pending(conn, 0, 1000))
+            .await
+            .unwrap()
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn open_minute_is_not_billed() {
+        let (_dir, store) = open();
+        apply(&store, 1, vec![entry("acme", MINUTE, 5, 100)]).await;
+
+        assert_eq!(close(&store, MINUTE + 60 + 4).await, 0);
+        assert_eq!(close(&store, MINUTE + 60 + 5).await, 2);
+    }
+
+    #[tokio::test]
+    async fn closed_minute_becomes_one_event_per_meter() {
+        let (_dir, store) = open();
+        apply(&store, 1, vec![entry("acme", MINUTE, 5, 100)]).await;
+        apply(&store, 2, vec![entry("acme", MINUTE, 2, 50)]).await;
+
+        close(&store, MINUTE + 120).await;
+        let events = all_pending(&store).await;
+
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].meter, Meter::ApiRequests);
+        assert_eq!(events[0].value, 7);
+        assert_eq!(events[1].meter, Meter::EgressBytes);
+        assert_eq!(events[1].value, 150);
+        assert_eq!(events[0].minute_unix_s, MINUTE);
+        assert_eq!(events[0].stripe_customer_id, None);
+    }
+
+    #[tokio::test]
+    async fn closing_again_creates_nothing() {
+        let (_dir, store) = open();
+        apply(&store, 1, vec![entry("acme", MINUTE, 5, 0)]).await;
+
+        assert_eq!(close(&store, MINUTE + 120).await, 1);
+        assert_eq!(close(&store, MINUTE + 180).await, 0);
+        assert_eq!(all_pending(&store).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn late_usage_becomes_a_second_part() {
+        let (_dir, store) = open();
+        apply(&store, 1, vec![entry("acme", MINUTE, 5, 0)]).await;
+        close(&store, MINUTE + 120).await;
+        apply(&store, 2, vec![entry("acme", MINUTE, 3, 0)]).await;
+
+        assert_eq!(close(&store, MINUTE + 180).await, 1);
+        let events = all_pending(&store).await;
+
+        assert_eq!(
+            events.iter().map(|event| event.value).collect::<Vec<_>>(),
+            [5, 3]
+        );
+        assert_ne!(events[0].identifier, events[1].identifier);
+    }
+
+    #[tokio::test]
+    async fn refusals_alone_are_not_billed() {
+        let (_dir, store) = open();
+        apply(&store, 1, vec![entry("acme", MINUTE, 0, 0)]).await;
+
+        assert_eq!(close(&store, MINUTE + 120).await, 0);
+    }
+
+    #[tokio::test]
+    async fn duplicate_batch_is_not_billed_twice() {
+        let (_dir, store) = open();
+        apply(&store, 1, vec![entry("acme", MINUTE, 5, 0)]).await;
+        apply(&store, 1, vec![entry("acme", MINUTE, 5, 0)]).await;
+
+        close(&store, MINUTE + 120).await;
+
+        let events = all_pending(&store).await;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].value, 5);
+    }
+
+    #[tokio::test]
+    async fn sent_and_parked_leave_the_queue() {
+        let (_dir, store) = open();
+        apply(&store, 1, vec![entry("acme", MINUTE, 5, 9)]).await;
+        close(&store, MINUTE + 120).await;
+        let events = all_pending(&store).await;
+        let (first, second) = (events[0].id, events[1].id);
+
+        store
+            .write("sent", move |conn| mark_sent(conn, &[first], MINUTE + 130))
+            .await
+            .unwrap();
+        store
+            .write("park", move |conn| park(conn, second, "no such customer"))
+            .await
+            .unwrap();
+
+        assert!(all_pending(&store).await.is_empty());
+        let parked_events = store.read("parked", |conn| parked(conn, 10)).await.unwrap();
+        assert_eq!(parked_events.len(), 1);
+        assert_eq!(parked_events[0].reason, "no such customer");
+        let counts = store.read("counts", |conn| counts(conn)).await.unwrap();
+        assert_eq!(
+            counts,
+            QueueCounts {
+                pending: 0,
+                parked: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn setting_stripe_customer_unparks_events() {
+        let (_dir, store) = open();
+        apply(&store, 1, vec![entry("acme", MINUTE, 5, 0)]).await;
+        close(&store, MINUTE + 120).await;
+        let id = all_pending(&store).await[0].id;
+        store
+            .write("park", move |conn| park(conn, id, "no such customer"))
+            .await
+            .unwrap();
+
+        let outcome = store
+            .write("set", |conn| {
+                super::super::customers::set(conn, "acme", "cus_A1", 1)
+            })
+            .await
+            .unwrap();
+
+        assert_eq!(
+            outcome,
+            super::super::customers::SetOutcome::Stored { unparked: 1 }
+        );
+        let events = all_pending(&store).await;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].stripe_customer_id.as_deref(), Some("cus_A1"));
+    }
+
+    #[tokio::test]
+    async fn totals_compare_ledger_with_sent() {
+        let (_dir, store) = open();
+        apply(
+            &store,
+            1,
+            vec![entry("acme", MINUTE, 5, 10), entry("beta", MINUTE, 2, 0)],
+        )
+        .await;
+        close(&store, MINUTE + 120).await;
+        let ids: Vec<i64> = all_pending(&store)
+            .await
+            .iter()
+            .map(|event| event.id)
+            .collect();
+        let first = ids[0];
+        store
+            .write("sent", move |conn| mark_sent(conn, &[first], MINUTE + 130))
+            .await
+            .unwrap();
+        let range = TimeRange {
+            start_unix_s: MINUTE,
+            end_unix_s: MINUTE + 60,
+        };
+
+        let ledger = store
+            .read("ledger", move |conn| ledger_totals(conn, range))
+            .await
+            .unwrap();
+        let sent = store
+            .read("sent", move |conn| sent_totals(conn, range))
+            .await
+            .unwrap();
+
+        assert_eq!(ledger.get(&("acme".into(), Meter::ApiRequests)), Some(&5));
+        assert_eq!(ledger.get(&("acme".into(), Meter::EgressBytes)), Some(&10));
+        assert_eq!(ledger.get(&("beta".into(), Meter::ApiRequests)), Some(&2));
+        assert_eq!(sent.get(&("acme".into(), Meter::ApiRequests)), Some(&5));
+        assert_eq!(sent.len(), 1);
+    }
+}

@@ -1,0 +1,318 @@
+//! Where meter events go: Stripe's Billing Meter Events API, or without a
+//! Stripe key a local outbox file that shows what would be billed.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use stripe::StripeError;
+use stripe::{IdempotencyKey, RequestStrategy, StripeRequest};
+use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
+
+use super::meter::Meter;
+use super::queue::QueuedEvent;
+
+/// Stripe event names of the meters, as configured on Stripe's meters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterNames {
+    /// Event name of admitted requests.
+    pub api_requests: String,
+    /// Event name of response body bytes.
+    pub egress_bytes: String,
+}
+
+impl Default for MeterNames {
+    fn default() -> Self {
+        MeterNames {
+            api_requests: Meter::ApiRequests.name().into(),
+            egress_bytes: Meter::EgressBytes.name().into(),
+        }
+    }
+}
+
+impl MeterNames {
+    /// Returns the Stripe event name of `meter`.
+    pub fn event_name(&self, meter: Meter) -> &str {
+        match meter {
+            Meter::ApiRequests => &self.api_requests,
+            Meter::EgressBytes => &self.egress_bytes,
+        }
+    }
+}
+
+/// How Stripe took one meter event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Stripe recorded the event.
+    Accepted,
+    /// Stripe already has an event with this identifier, from an earlier
+    /// attempt whose reply was lost.
+    AlreadyRecorded,
+    /// A transient failure (rate limit, server error, network): send again
+    /// later, the same event with the same identifier.
+    Retry(String),
+    /// Stripe rejected the event for a reason a retry cannot fix, such as
+    /// an unknown customer or meter.
+    Reject(String),
+}
+
+/// Sends meter events to Stripe.
+#[derive(Clone)]
+pub struct StripeSink {
+    client: stripe::Client,
+    names: MeterNames,
+}
+
+impl std::fmt::Debug for StripeSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeSink")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StripeSink {
+    /// Wraps a Stripe client.
+    pub fn new(client: stripe::Client, names: MeterNames) -> Self {
+        StripeSink { client, names }
+    }
+
+    /// The Stripe client.
+    pub fn client(&self) -> &stripe::Client {
+        &self.client
+    }
+
+    /// Stripe event names of the meters.
+    pub fn names(&self) -> &MeterNames {
+        &self.names
+    }
+
+    /// Sends one event billed to `stripe_customer_id`.
+    ///
+    /// The identifier doubles as the idempotency key, so Stripe replays its
+    /// first answer to a retry within 24 hours, and the identifier's own
+    /// uniqueness check covers retries after that.
+    pub async fn send(&self, event: &QueuedEvent, stripe_customer_id: &str) -> SendOutcome {
+        let payload = HashMap::from([
+            (
+                "stripe_customer_id".to_owned(),
+                stripe_customer_id.to_owned(),
+            ),
+            ("value".to_owned(), event.value.to_string()),
+        ]);
+        let request = CreateBillingMeterEvent::new(self.names.event_name(event.meter), payload)
+            .identifier(event.identifier.clone())
+            .timestamp(event.minute_unix_s);
+        let strategy = match IdempotencyKey::new(&event.identifier) {
+            Ok(key) => RequestStrategy::Idempotent(key),
+            Err(_) => RequestStrategy::Once,
+        };
+        match request
+            .customize()
+            .request_strategy(strategy)
+            .send(&self.client)
+            .await
+        {
+            Ok(_) => SendOutcome::Accepted,
+            Err(err) => classify(&err),
+        }
+    }
+}
+
+/// Sorts a Stripe error into retry, reject or already recorded.
+pub fn classify(err: &StripeError) -> SendOutcome {
+    match err {
+        StripeError::Stripe(errors, status) => {
+            let code = errors.code.as_ref().map(|code| code.as_str()).unwrap_or("");
+            let param = errors.param.as_deref().unwrap_or("");
+            let message = errors.message.as_deref().unwrap_or("no message");
+            let reason = format!("Stripe answered {status} {code}: {message}");
+            match status {
+                // NOTE: Stripe documents identifier uniqueness but not the
+                // exact error; this takes code `resource_already_exists` or a
+                // 400 about the `identifier` parameter as "already recorded".
+                400 if code == "resource_already_exists" || param == "identifier" => {
+                    SendOutcome::AlreadyRecorded
+                }
+                409 | 429 => SendOutcome::Retry(reason),
+                status if *status >= 500 => SendOutcome::Retry(reason),
+                // 401 and 403 are a wrong or restricted key: waiting for an
+                // operator to fix the key loses nothing, parking would.
+                401 | 403 => SendOutcome::Retry(reason),
+                _ => SendOutcome::Reject(reason),
+            }
+        }
+        StripeError::Timeout => SendOutcome::Retry("Stripe did not answer in time".into()),
+        StripeError::ClientError(message) => {
+            SendOutcome::Retry(format!("failed to reach Stripe: {message}"))
+        }
+        StripeError::JSONDeserialize(message) => {
+            SendOutcome::Retry(format!("unreadable answer from Stripe: {message}"))
+        }
+        StripeError::ConfigError(message) => {
+            SendOutcome::Retry(format!("invalid Stripe client configuration: {message}"))
+        }
+    }
+}
+
+/// One line of the outbox file: the Stripe request that would be sent,
+/// plus the customer and meter it bills.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OutboxLine {
+    /// Stripe identifier of the event.
+    pub identifier: String,
+    /// Stripe event name.
+    pub event_name: String,
+    /// Start of the minute bucket, in seconds since the Unix epoch.
+    pub timestamp: i64,
+    /// Customer the usage belongs to.
+    pub customer: String,
+    /// Meter name.
+    pub meter: String,
+    /// Usage in the meter's unit.
+    pub value: i64,
+    /// Stripe customer, when one is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stripe_customer_id: Option<String>,
+}
+
+/// Appends meter events to a JSON Lines file, one event per line.
+#[derive(Debug, Clone)]
+pub struct FileSink {
+    path: PathBuf,
+    names: MeterNames,
+}
+
+impl FileSink {
+    /// Uses the outbox file at `path`, created on the first write.
+    pub fn new(path: PathBuf, names: MeterNames) -> Self {
+        FileSink { path, names }
+    }
+
+    /// Path of the outbox file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `events` and syncs the file; returns only once they are on
+    /// disk, so the caller may mark them sent.
+    pub fn write(&self, events: &[QueuedEvent]) -> std::io::Result<()> {
+        let mut text = String::new();
+        for event in events {
+            let line = OutboxLine {
+                identifier: event.identifier.clone(),
+                event_name: self.names.event_name(event.meter).to_owned(),
+                timestamp: event.minute_unix_s,
+                customer: event.customer.clone(),
+                meter: event.meter.name().to_owned(),
+                value: event.value,
+                stripe_customer_id: event.stripe_customer_id.clone(),
+            };
+            text.push_str(&serde_json::to_string(&line).map_err(std::io::Error::other)?);
+            text.push('\n');
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_data()
+    }
+
+    /// Returns the identifiers already in the file. A line that does not
+    /// parse (a write cut short by a crash) is skipped; its event is still
+    /// pending and is written again whole.
+    pub fn written_identifiers(&self) -> std::io::Result<HashSet<String>> {
+        let file = match std::fs::File::open(&self.path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+            Err(err) => return Err(err),
+        };
+        let mut identifiers = HashSet::new();
+        for line in BufReader::new(file).lines() {
+            if let Ok(parsed) = serde_json::from_str::<OutboxLine>(&line?) {
+                identifiers.insert(parsed.identifier);
+            }
+        }
+        Ok(identifiers)
+    }
+}
+
+/// Delay before the next attempt after `failures` failures in a row:
+/// exponential from `base` up to `cap`, with full jitter so that many
+/// sidecars retrying at once spread out.
+pub fn backoff(failures: u32, base: Duration, cap: Duration) -> Duration {
+    let exponent = failures.saturating_sub(1).min(20);
+    let ceiling = base.saturating_mul(1 << exponent).min(cap);
+    let mut bytes = [0u8; 8];
+    let fraction = match getrandom::fill(&mut bytes) {
+        Ok(()) => (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64,
+        Err(_) => 1.0,
+    };
+    // At least half the ceiling, so a retry never comes right away.
+    ceiling.mul_f64(0.5 + fraction / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(identifier: &str, value: i64) -> QueuedEvent {
+        QueuedEvent {
+            id: 1,
+            identifier: identifier.into(),
+            customer: "acme".into(),
+            meter: Meter::ApiRequests,
+            minute_unix_s: 1_700_000_040,
+            value,
+            attempts: 0,
+            stripe_customer_id: None,
+        }
+    }
+
+    #[test]
+    fn file_sink_appends_and_reads_identifiers() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::new(dir.path().join("events.jsonl"), MeterNames::default());
+
+        sink.write(&[event("a", 3)]).unwrap();
+        sink.write(&[event("b", 4)]).unwrap();
+
+        let identifiers = sink.written_identifiers().unwrap();
+        assert_eq!(identifiers.len(), 2);
+        assert!(identifiers.contains("a"));
+        assert!(identifiers.contains("b"));
+        let text = std::fs::read_to_string(sink.path()).unwrap();
+        assert!(text.contains("\"value\":4"), "{text}");
+        assert!(text.contains("\"event_name\":\"api_requests\""), "{text}");
+    }
+
+    #[test]
+    fn file_sink_skips_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::new(dir.path().join("events.jsonl"), MeterNames::default());
+        sink.write(&[event("a", 3)]).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(sink.path())
+            .unwrap();
+        file.write_all(b"{\"identifier\":\"b\",\"ev").unwrap();
+
+        let identifiers = sink.written_identifiers().unwrap();
+
+        assert_eq!(identifiers.len(), 1);
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_under_cap() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(5);
+        for failures in 1..40 {
+            let delay = backoff(failures, base, cap);
+            assert!(delay <= cap, "{failures}: {delay:?}");
+            assert!(delay >= base / 2, "{failures}: {delay:?}");
+        }
+        assert!(backoff(10, base, cap) >= cap / 2);
+    }
+}

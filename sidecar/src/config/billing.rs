@@ -1,0 +1,330 @@
+//! The `[billing]` table, the HTTP listener and the Stripe settings from
+//! flags and the environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, Origin};
+use crate::billing::biller::BillingSettings;
+use crate::billing::sink::MeterNames;
+use crate::cli::Flags;
+
+/// HTTP address served when neither the file nor `--http-listen` sets one.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:50052";
+/// Default interval between billing rounds, in seconds.
+pub const DEFAULT_SYNC_INTERVAL_SECONDS: i64 = 60;
+/// Default delay after a minute ends before it is billed, in seconds.
+pub const DEFAULT_CLOSE_DELAY_SECONDS: i64 = 5;
+/// Default cap on meter events per second: Stripe's live-mode limit for
+/// the Billing Meter Events API.
+pub const DEFAULT_MAX_EVENTS_PER_SECOND: i64 = 1_000;
+/// Default number of requests to Stripe in flight at once.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: i64 = 8;
+/// Default tolerance of a webhook signature's timestamp, in seconds.
+pub const DEFAULT_WEBHOOK_TOLERANCE_SECONDS: i64 = 300;
+/// Default interval of the reconciliation job, in seconds (one day).
+pub const DEFAULT_RECONCILE_INTERVAL_SECONDS: i64 = 86_400;
+/// File name of the outbox file in the data directory.
+pub const OUTBOX_FILE: &str = "meter_events.jsonl";
+
+/// The `[billing]` table as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileBilling {
+    region: Option<String>,
+    http_listen: Option<String>,
+    http_ready_file: Option<PathBuf>,
+    sync_interval_seconds: Option<i64>,
+    close_delay_seconds: Option<i64>,
+    max_events_per_second: Option<i64>,
+    max_concurrent_requests: Option<i64>,
+    outbox_file: Option<PathBuf>,
+    reconcile_interval_seconds: Option<i64>,
+    meter_event_names: Option<FileMeterNames>,
+    webhook_secrets: Option<Vec<String>>,
+    webhook_tolerance_seconds: Option<i64>,
+    canceled_tier: Option<String>,
+    prices: Option<BTreeMap<String, String>>,
+}
+
+/// The `[billing.meter_event_names]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMeterNames {
+    api_requests: Option<String>,
+    egress_bytes: Option<String>,
+}
+
+/// Stripe API access.
+#[derive(Clone)]
+pub struct StripeAccess {
+    /// Secret key; never logged.
+    pub api_key: String,
+    /// Base URL, `None` for Stripe's own.
+    pub api_base: Option<String>,
+}
+
+impl std::fmt::Debug for StripeAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeAccess")
+            .field("api_key", &"<redacted>")
+            .field("api_base", &self.api_base)
+            .finish()
+    }
+}
+
+/// Webhook settings.
+#[derive(Clone, Default)]
+pub struct WebhookConfig {
+    /// Signing secrets; empty turns the endpoint off (it answers 503).
+    pub secrets: Vec<String>,
+    /// Accepted distance of a signature's timestamp from now.
+    pub tolerance: Duration,
+    /// Stripe price or product id to tier.
+    pub price_tiers: BTreeMap<String, String>,
+    /// Tier of a customer whose subscription ended.
+    pub canceled_tier: String,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field(
+                "secrets",
+                &format_args!("<{} redacted>", self.secrets.len()),
+            )
+            .field("tolerance", &self.tolerance)
+            .field("price_tiers", &self.price_tiers)
+            .field("canceled_tier", &self.canceled_tier)
+            .finish()
+    }
+}
+
+/// Validated billing configuration.
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    /// Billing loop settings.
+    pub settings: BillingSettings,
+    /// HTTP address for webhooks and metrics.
+    pub http_listen: SocketAddr,
+    /// File that receives the bound HTTP address.
+    pub http_ready_file: Option<PathBuf>,
+    /// Stripe access; `None` writes the outbox file instead.
+    pub stripe: Option<StripeAccess>,
+    /// Webhook settings.
+    pub webhook: WebhookConfig,
+    /// Interval of the reconciliation job; `None` turns it off.
+    pub reconcile_interval: Option<Duration>,
+}
+
+pub(super) fn billing_config(
+    file: Option<FileBilling>,
+    origin: &Origin,
+    flags: &Flags,
+    data_dir: &Path,
+) -> Result<BillingConfig, ConfigError> {
+    let file = file.unwrap_or_default();
+    let invalid = |key: &'static str, value: String, reason: &str| ConfigError::Invalid {
+        origin: origin.clone(),
+        key,
+        value,
+        reason: reason.to_owned(),
+    };
+    let int =
+        |key: &'static str, value: Option<i64>, default: i64, min: i64, max: i64, unit: &str| {
+            let value = value.unwrap_or(default);
+            if (min..=max).contains(&value) {
+                Ok(value)
+            } else {
+                Err(ConfigError::Invalid {
+                    origin: origin.clone(),
+                    key,
+                    value: value.to_string(),
+                    reason: format!("must be between {min} and {max} {unit}"),
+                })
+            }
+        };
+
+    let region = file.region.unwrap_or_else(|| "local".into());
+    let region_ok = !region.is_empty()
+        && region.len() <= 32
+        && region
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-');
+    if !region_ok {
+        return Err(invalid(
+            "billing.region",
+            format!("{region:?}"),
+            "must be 1 to 32 characters of a-z, 0-9 and `-`, such as eu-west",
+        ));
+    }
+
+    let (http_text, http_origin) = match (&flags.http_listen, file.http_listen) {
+        (Some(text), _) => (text.clone(), Origin::Flag("--http-listen")),
+        (None, Some(text)) => (text, origin.clone()),
+        (None, None) => (DEFAULT_HTTP_LISTEN.to_owned(), Origin::Default),
+    };
+    let http_listen: SocketAddr = http_text.parse().map_err(|_| ConfigError::Invalid {
+        origin: http_origin,
+        key: "billing.http_listen",
+        value: format!("{http_text:?}"),
+        reason: "expected IP:PORT such as 127.0.0.1:50052 (port 0 picks a free port)".into(),
+    })?;
+    let http_ready_file = flags.http_ready_file.clone().or(file.http_ready_file);
+
+    let names = match file.meter_event_names {
+        Some(names) => MeterNames {
+            api_requests: names
+                .api_requests
+                .unwrap_or_else(|| MeterNames::default().api_requests),
+            egress_bytes: names
+                .egress_bytes
+                .unwrap_or_else(|| MeterNames::default().egress_bytes),
+        },
+        None => MeterNames::default(),
+    };
+    for name in [&names.api_requests, &names.egress_bytes] {
+        if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
+            return Err(invalid(
+                "billing.meter_event_names",
+                format!("{name:?}"),
+                "Stripe event names are 1 to 100 printable characters",
+            ));
+        }
+    }
+
+    let interval = int(
+        "billing.sync_interval_seconds",
+        file.sync_interval_seconds,
+        DEFAULT_SYNC_INTERVAL_SECONDS,
+        1,
+        86_400,
+        "seconds",
+    )?;
+    let close_delay = int(
+        "billing.close_delay_seconds",
+        file.close_delay_seconds,
+        DEFAULT_CLOSE_DELAY_SECONDS,
+        0,
+        3_600,
+        "seconds",
+    )?;
+    let rate = int(
+        "billing.max_events_per_second",
+        file.max_events_per_second,
+        DEFAULT_MAX_EVENTS_PER_SECOND,
+        1,
+        10_000,
+        "events per second",
+    )?;
+    let concurrency = int(
+        "billing.max_concurrent_requests",
+        file.max_concurrent_requests,
+        DEFAULT_MAX_CONCURRENT_REQUESTS,
+        1,
+        256,
+        "requests",
+    )?;
+    let tolerance = int(
+        "billing.webhook_tolerance_seconds",
+        file.webhook_tolerance_seconds,
+        DEFAULT_WEBHOOK_TOLERANCE_SECONDS,
+        1,
+        3_600,
+        "seconds",
+    )?;
+    let reconcile = int(
+        "billing.reconcile_interval_seconds",
+        file.reconcile_interval_seconds,
+        DEFAULT_RECONCILE_INTERVAL_SECONDS,
+        0,
+        30 * 86_400,
+        "seconds; 0 turns the job off",
+    )?;
+
+    let stripe = match flags.stripe_api_key.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(key) => {
+            if !(key.starts_with("sk_") || key.starts_with("rk_")) {
+                return Err(ConfigError::Invalid {
+                    origin: Origin::Flag("--stripe-api-key"),
+                    key: "STRIPE_API_KEY",
+                    value: "<redacted>".into(),
+                    reason: "Stripe secret keys start with sk_ (or rk_ for restricted keys)".into(),
+                });
+            }
+            Some(StripeAccess {
+                api_key: key.to_owned(),
+                api_base: flags
+                    .stripe_api_base
+                    .clone()
+                    .filter(|base| !base.is_empty()),
+            })
+        }
+    };
+
+    let secrets: Vec<String> = match &flags.stripe_webhook_secret {
+        Some(text) => text
+            .split(',')
+            .map(|secret| secret.trim().to_owned())
+            .filter(|secret| !secret.is_empty())
+            .collect(),
+        None => file.webhook_secrets.unwrap_or_default(),
+    };
+    if secrets.len() > 2 {
+        return Err(invalid(
+            "billing.webhook_secrets",
+            format!("{} secrets", secrets.len()),
+            "give one signing secret, or two while rotating",
+        ));
+    }
+    if secrets.iter().any(|secret| !secret.starts_with("whsec_")) {
+        return Err(invalid(
+            "billing.webhook_secrets",
+            "<redacted>".into(),
+            "Stripe webhook signing secrets start with whsec_",
+        ));
+    }
+
+    let canceled_tier = file.canceled_tier.unwrap_or_else(|| "basic".into());
+    let price_tiers = file.prices.unwrap_or_default();
+    for (price, tier) in &price_tiers {
+        if price.is_empty() || tier.is_empty() {
+            return Err(invalid(
+                "billing.prices",
+                format!("{price:?} = {tier:?}"),
+                "map a Stripe price id (price_...) or product id (prod_...) to a tier name",
+            ));
+        }
+    }
+
+    Ok(BillingConfig {
+        settings: BillingSettings {
+            region,
+            interval: Duration::from_secs(interval.unsigned_abs()),
+            close_delay: Duration::from_secs(close_delay.unsigned_abs()),
+            max_events_per_second: u32::try_from(rate).unwrap_or(1),
+            max_concurrent_requests: usize::try_from(concurrency).unwrap_or(1),
+            retry_base: Duration::from_millis(500),
+            retry_cap: Duration::from_secs(60),
+            names,
+            outbox_path: file
+                .outbox_file
+                .unwrap_or_else(|| data_dir.join(OUTBOX_FILE)),
+        },
+        http_listen,
+        http_ready_file,
+        stripe,
+        webhook: WebhookConfig {
+            secrets,
+            tolerance: Duration::from_secs(tolerance.unsigned_abs()),
+            price_tiers,
+            canceled_tier,
+        },
+        reconcile_interval: (reconcile > 0).then(|| Duration::from_secs(reconcile.unsigned_abs())),
+    })
+}

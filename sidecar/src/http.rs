@@ -1,0 +1,98 @@
+//! The sidecar's HTTP port: Stripe webhooks at `POST /stripe/webhook` and
+//! Prometheus metrics at `GET /metrics`.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::error;
+
+use crate::billing::webhook::WebhookHandler;
+use crate::metrics::Metrics;
+
+/// Path of the webhook endpoint, to register in Stripe's dashboard.
+pub const WEBHOOK_PATH: &str = "/stripe/webhook";
+/// Largest webhook body accepted, in bytes. Stripe's event payloads are
+/// far smaller; a larger body is not from Stripe.
+const MAX_WEBHOOK_BYTES: usize = 1 << 20;
+
+#[derive(Clone)]
+struct AppState {
+    webhooks: WebhookHandler,
+    metrics: Metrics,
+}
+
+/// Serves the HTTP routes on `listener` until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    webhooks: WebhookHandler,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let app = Router::new()
+        .route(WEBHOOK_PATH, post(webhook))
+        .route("/metrics", get(render_metrics))
+        .layer(DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))
+        .with_state(AppState { webhooks, metrics });
+    let shutdown = async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+    if let Err(err) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        error!(error = %err, "HTTP server failed; webhooks and metrics are unavailable");
+    }
+}
+
+/// Binds the HTTP address.
+pub async fn bind(address: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(address).await?;
+    let bound = listener.local_addr()?;
+    Ok((listener, bound))
+}
+
+async fn webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let (status, body) = state.webhooks.handle(&headers, &body).await;
+    let outcome = match status {
+        StatusCode::OK => body_status(&body),
+        status if status.is_client_error() => "rejected",
+        _ => "failed",
+    };
+    state
+        .metrics
+        .webhook_deliveries
+        .with_label_values(&[outcome])
+        .inc();
+    (status, [(header::CONTENT_TYPE, "application/json")], body)
+}
+
+/// Returns the `status` of a 200 reply, such as `applied` or `duplicate`.
+fn body_status(body: &str) -> &'static str {
+    const KNOWN: [&str; 5] = ["applied", "unchanged", "stale", "duplicate", "ignored"];
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|value| {
+            let status = value.get("status")?.as_str()?.to_owned();
+            KNOWN.into_iter().find(|known| *known == status)
+        })
+        .unwrap_or("applied")
+}
+
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
