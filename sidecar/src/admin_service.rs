@@ -207,7 +207,10 @@ pub fn reconcile_range(start_unix_s: i64, end_unix_s: i64) -> Result<TimeRange, 
     if end_unix_s - start_unix_s > MAX_RECONCILE_SECONDS {
         return Err(ServiceError::invalid(
             "end_unix_s",
-            format!("the range is longer than {MAX_RECONCILE_SECONDS} seconds (35 days)"),
+            format!(
+                "[{start_unix_s}, {end_unix_s}) is longer than {MAX_RECONCILE_SECONDS} seconds \
+                 (35 days); reconcile it in parts"
+            ),
         ));
     }
     let now = unix_now_s();

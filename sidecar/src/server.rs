@@ -85,7 +85,7 @@ pub enum ServerError {
     #[error("failed to register the metrics")]
     Metrics(#[from] prometheus::Error),
     /// The Stripe client could not be built.
-    #[error("failed to build the Stripe client; check STRIPE_API_BASE")]
+    #[error("failed to build the Stripe client; check STRIPE_API_KEY and STRIPE_API_BASE")]
     Stripe(#[source] stripe::StripeError),
     /// The HTTP address could not be bound.
     #[error("failed to bind the HTTP address {address}; choose another with --http-listen")]

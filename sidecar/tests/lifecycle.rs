@@ -45,7 +45,13 @@ impl Sidecar {
         let ready_file = work.join(format!("{name}.ready"));
         let log = work.join(format!("{name}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_veo-sidecar"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .arg("--ready-file")
             .arg(&ready_file)

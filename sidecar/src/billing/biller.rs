@@ -18,6 +18,10 @@ use crate::store::{Store, StoreError};
 
 /// Oldest event timestamp Stripe accepts, in seconds: 35 days.
 pub const MAX_EVENT_AGE_S: i64 = 35 * 86_400;
+/// How far ahead of now an event's timestamp may be when it is sent, in
+/// seconds: Stripe accepts up to 5 minutes, and this leaves a minute for
+/// clock differences.
+const MAX_EVENT_LEAD_S: i64 = 4 * 60;
 /// Buckets closed per store transaction.
 const CLOSE_LIMIT: usize = 2_000;
 /// Events read from the queue at a time.
@@ -263,7 +267,10 @@ impl Biller {
                 return Ok(true);
             }
         }
-        let ids: Vec<i64> = events.iter().map(|event| event.id).collect();
+        let ids: Vec<(i64, Option<String>)> = events
+            .iter()
+            .map(|event| (event.id, event.stripe_customer_id.clone()))
+            .collect();
         let now = unix_now_s();
         self.store
             .write("mark meter events sent", move |conn| {
@@ -303,6 +310,13 @@ impl Biller {
                 report.waiting += 1;
                 continue;
             }
+            if event.minute_unix_s > now + MAX_EVENT_LEAD_S {
+                // Usage from a filter whose clock runs ahead: Stripe takes
+                // no timestamp more than 5 minutes ahead, so the event
+                // waits until its time.
+                report.waiting += 1;
+                continue;
+            }
             ready.push(event);
         }
         if report.waiting > 0 {
@@ -312,86 +326,104 @@ impl Biller {
             );
         }
 
+        // A sliding window: a new send starts as soon as one finishes,
+        // until a transient failure stops new sends. The outcomes are
+        // written once for the whole read, which costs one commit (and one
+        // fsync) per read instead of one per event. A crash before that
+        // commit only makes the next start send those events again, which
+        // Stripe answers as already recorded.
         let concurrency = self.settings.max_concurrent_requests.max(1);
-        for chunk in ready.chunks(concurrency) {
-            let mut tasks = JoinSet::new();
-            for (index, event) in chunk.iter().enumerate() {
+        let mut in_flight = JoinSet::new();
+        let mut outcomes: Vec<Option<SendOutcome>> = vec![None; ready.len()];
+        let mut next = 0;
+        let mut stopped = false;
+        loop {
+            while !stopped && next < ready.len() && in_flight.len() < concurrency {
                 pacer.wait().await;
                 let sink = sink.clone();
-                let event = event.clone();
-                tasks.spawn(async move {
+                let event = ready[next].clone();
+                let index = next;
+                in_flight.spawn(async move {
                     let customer = event.stripe_customer_id.clone().unwrap_or_default();
                     (index, sink.send(&event, &customer).await)
                 });
+                next += 1;
             }
-            let mut outcomes =
-                vec![SendOutcome::Retry("the send task did not finish".into()); chunk.len()];
-            while let Some(joined) = tasks.join_next().await {
-                if let Ok((index, outcome)) = joined
-                    && let Some(slot) = outcomes.get_mut(index)
-                {
-                    *slot = outcome;
-                }
-            }
-            let mut sent_ids = Vec::new();
-            let mut retry = false;
-            for (event, outcome) in chunk.iter().zip(outcomes) {
-                match outcome {
-                    SendOutcome::Accepted => {
-                        sent_ids.push(event.id);
-                        self.count_sent(event, "accepted");
-                    }
-                    SendOutcome::AlreadyRecorded => {
-                        sent_ids.push(event.id);
-                        self.count_sent(event, "already_recorded");
-                        info!(
-                            identifier = event.identifier,
-                            "Stripe already has this meter event; marked sent"
-                        );
-                    }
-                    SendOutcome::Reject(reason) => {
-                        warn!(
-                            identifier = event.identifier,
-                            customer = event.customer,
-                            meter = event.meter.name(),
-                            reason,
-                            "Stripe rejected a meter event for good; parked, see ListParkedMeterEvents"
-                        );
-                        self.park(event, reason).await?;
-                        report.parked += 1;
-                    }
-                    SendOutcome::Retry(reason) => {
-                        retry = true;
-                        self.metrics.meter_event_retries.inc();
-                        let id = event.id;
-                        let logged = reason.clone();
-                        self.store
-                            .write("count a meter event attempt", move |conn| {
-                                queue::record_attempt(conn, id, &logged)
-                            })
-                            .await?;
-                        warn!(
-                            identifier = event.identifier,
-                            attempts = event.attempts + 1,
-                            reason,
-                            "failed to send a meter event; retrying after a backoff"
-                        );
+            match in_flight.join_next().await {
+                None => break,
+                Some(Ok((index, outcome))) => {
+                    stopped |= matches!(outcome, SendOutcome::Retry(_));
+                    if let Some(slot) = outcomes.get_mut(index) {
+                        *slot = Some(outcome);
                     }
                 }
+                Some(Err(err)) => {
+                    stopped = true;
+                    error!(error = %err, "a meter event send task failed; the event stays queued");
+                }
             }
-            report.sent += sent_ids.len();
-            let now = unix_now_s();
-            self.store
-                .write("mark meter events sent", move |conn| {
-                    queue::mark_sent(conn, &sent_ids, now)
-                })
-                .await?;
-            if retry {
-                report.failures = report.failures.saturating_add(1);
-                return Ok(true);
-            }
-            report.failures = 0;
         }
+
+        let mut sent_ids = Vec::new();
+        let mut retry = false;
+        for (event, outcome) in ready.iter().zip(outcomes) {
+            match outcome {
+                None => {}
+                Some(SendOutcome::Accepted) => {
+                    sent_ids.push((event.id, event.stripe_customer_id.clone()));
+                    self.count_sent(event, "accepted");
+                }
+                Some(SendOutcome::AlreadyRecorded) => {
+                    sent_ids.push((event.id, event.stripe_customer_id.clone()));
+                    self.count_sent(event, "already_recorded");
+                    info!(
+                        identifier = event.identifier,
+                        "Stripe already has this meter event; marked sent"
+                    );
+                }
+                Some(SendOutcome::Reject(reason)) => {
+                    warn!(
+                        identifier = event.identifier,
+                        customer = event.customer,
+                        meter = event.meter.name(),
+                        reason,
+                        "Stripe rejected a meter event for good; parked, see ListParkedMeterEvents"
+                    );
+                    self.park(event, reason).await?;
+                    report.parked += 1;
+                }
+                Some(SendOutcome::Retry(reason)) => {
+                    retry = true;
+                    self.metrics.meter_event_retries.inc();
+                    let id = event.id;
+                    let logged = reason.clone();
+                    let stripe_customer = event.stripe_customer_id.clone().unwrap_or_default();
+                    self.store
+                        .write("count a meter event attempt", move |conn| {
+                            queue::record_attempt(conn, id, &stripe_customer, &logged)
+                        })
+                        .await?;
+                    warn!(
+                        identifier = event.identifier,
+                        attempts = event.attempts + 1,
+                        reason,
+                        "failed to send a meter event; retrying after a backoff"
+                    );
+                }
+            }
+        }
+        report.sent += sent_ids.len();
+        let now = unix_now_s();
+        self.store
+            .write("mark meter events sent", move |conn| {
+                queue::mark_sent(conn, &sent_ids, now)
+            })
+            .await?;
+        if retry || stopped {
+            report.failures = report.failures.saturating_add(1);
+            return Ok(true);
+        }
+        report.failures = 0;
         Ok(false)
     }
 
@@ -448,26 +480,60 @@ impl Biller {
     }
 }
 
-/// Spaces sends so that at most `per_second` start in any second.
+/// A token bucket that lets at most `per_second` sends start per second,
+/// with bursts of up to 20 ms worth. Sleeping once per burst rather than
+/// once per send matters because tokio's timers have millisecond
+/// resolution.
 #[derive(Debug)]
 struct Pacer {
-    period: Duration,
-    next: Instant,
+    per_second: f64,
+    capacity: f64,
+    tokens: f64,
+    refilled: Instant,
 }
 
 impl Pacer {
     fn new(per_second: u32) -> Self {
+        let per_second = f64::from(per_second.max(1));
+        let capacity = (per_second / 50.0).max(1.0);
         Pacer {
-            period: Duration::from_secs(1) / per_second.max(1),
-            next: Instant::now(),
+            per_second,
+            capacity,
+            tokens: capacity,
+            refilled: Instant::now(),
         }
     }
 
     async fn wait(&mut self) {
-        let now = Instant::now();
-        if self.next > now {
-            tokio::time::sleep_until(self.next).await;
+        loop {
+            let now = Instant::now();
+            let elapsed = now.duration_since(self.refilled).as_secs_f64();
+            self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+            self.refilled = now;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                return;
+            }
+            let wait = (1.0 - self.tokens) / self.per_second;
+            tokio::time::sleep(Duration::from_secs_f64(wait.max(0.001))).await;
         }
-        self.next = self.next.max(now) + self.period;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pacer_holds_the_rate() {
+        let mut pacer = Pacer::new(1_000);
+        let started = Instant::now();
+        for _ in 0..300 {
+            pacer.wait().await;
+        }
+        let elapsed = started.elapsed();
+        // 300 sends at 1,000 per second take at least 280 ms after the
+        // first burst of 20.
+        assert!(elapsed >= Duration::from_millis(270), "{elapsed:?}");
     }
 }

@@ -8,15 +8,16 @@ pub const MAX_STRIPE_ID_BYTES: usize = 255;
 /// Checks that `id` looks like a Stripe customer id (`cus_` and letters,
 /// digits or underscores); returns the reason when it does not.
 pub fn check_stripe_customer_id(id: &str) -> Result<(), String> {
-    if !id.starts_with("cus_") || id.len() <= 4 {
-        return Err(format!(
-            "{id:?} is not a Stripe customer id; they start with cus_"
-        ));
-    }
+    // The length comes first, so an error never echoes a huge value.
     if id.len() > MAX_STRIPE_ID_BYTES {
         return Err(format!(
             "is {} bytes long, more than {MAX_STRIPE_ID_BYTES}",
             id.len()
+        ));
+    }
+    if !id.starts_with("cus_") || id.len() <= 4 {
+        return Err(format!(
+            "{id:?} is not a Stripe customer id; they start with cus_"
         ));
     }
     if let Some(bad) = id

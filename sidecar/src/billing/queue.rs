@@ -71,8 +71,9 @@ pub struct QueueCounts {
 
 const INSERT_EVENT: &str = "
 INSERT INTO meter_event
-    (identifier, customer, meter, minute_unix_s, value, correction, state, created_unix_s)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7)
+    (identifier, customer, meter, minute_unix_s, value, correction, state, created_unix_s,
+     stripe_customer_id)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8)
 ON CONFLICT (identifier) DO NOTHING";
 
 /// Turns the closed minute buckets whose usage changed into meter events,
@@ -187,7 +188,8 @@ fn close_meter(
             minute_unix_s,
             total - billed,
             0,
-            now_unix_s
+            now_unix_s,
+            Option::<String>::None
         ],
     )?;
     tx.execute(
@@ -200,11 +202,12 @@ fn close_meter(
     Ok(true)
 }
 
-/// Queues a corrective event unless one with the same identifier exists;
-/// returns whether it was queued.
+/// Queues a corrective event for `stripe_customer_id` unless one with the
+/// same identifier exists; returns whether it was queued.
 pub fn queue_correction(
     conn: &Connection,
     key: &EventKey<'_>,
+    stripe_customer_id: &str,
     value: i64,
     now_unix_s: i64,
 ) -> rusqlite::Result<bool> {
@@ -217,14 +220,16 @@ pub fn queue_correction(
             key.minute_unix_s,
             value,
             1,
-            now_unix_s
+            now_unix_s,
+            stripe_customer_id
         ],
     )?;
     Ok(inserted == 1)
 }
 
 /// Returns up to `limit` pending events after queue position `after_id`,
-/// oldest first, with their Stripe customer.
+/// oldest first, with their Stripe customer: the one the event was first
+/// tried with, or else the customer's current one.
 pub fn pending(
     conn: &Connection,
     after_id: i64,
@@ -232,7 +237,7 @@ pub fn pending(
 ) -> rusqlite::Result<Vec<QueuedEvent>> {
     let mut statement = conn.prepare_cached(
         "SELECT e.id, e.identifier, e.customer, e.meter, e.minute_unix_s, e.value, e.attempts,
-                c.stripe_customer_id
+                COALESCE(e.stripe_customer_id, c.stripe_customer_id)
          FROM meter_event e LEFT JOIN stripe_customer c ON c.customer = e.customer
          WHERE e.state = 'pending' AND e.id > ?1
          ORDER BY e.id LIMIT ?2",
@@ -273,26 +278,41 @@ pub fn pending(
     Ok(events)
 }
 
-/// Marks events as accepted by Stripe (or already recorded there).
-pub fn mark_sent(conn: &mut Connection, ids: &[i64], now_unix_s: i64) -> rusqlite::Result<()> {
+/// Marks events as accepted by Stripe (or already recorded there), each
+/// with the Stripe customer it was sent to.
+pub fn mark_sent(
+    conn: &mut Connection,
+    sent: &[(i64, Option<String>)],
+    now_unix_s: i64,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut statement = tx.prepare_cached(
-            "UPDATE meter_event SET state = 'sent', sent_unix_s = ?2, reason = NULL
+            "UPDATE meter_event SET state = 'sent', sent_unix_s = ?2, reason = NULL,
+                 stripe_customer_id = COALESCE(?3, stripe_customer_id)
              WHERE id = ?1",
         )?;
-        for id in ids {
-            statement.execute(params![id, now_unix_s])?;
+        for (id, stripe_customer_id) in sent {
+            statement.execute(params![id, now_unix_s, stripe_customer_id])?;
         }
     }
     tx.commit()
 }
 
-/// Counts a failed attempt of an event that will be retried.
-pub fn record_attempt(conn: &Connection, id: i64, reason: &str) -> rusqlite::Result<()> {
+/// Counts a failed attempt of an event that will be retried, and pins the
+/// Stripe customer it was tried with: a retry must repeat the request
+/// exactly, because Stripe rejects an idempotency key reused with other
+/// parameters.
+pub fn record_attempt(
+    conn: &Connection,
+    id: i64,
+    stripe_customer_id: &str,
+    reason: &str,
+) -> rusqlite::Result<()> {
     conn.execute(
-        "UPDATE meter_event SET attempts = attempts + 1, reason = ?2 WHERE id = ?1",
-        params![id, reason],
+        "UPDATE meter_event SET attempts = attempts + 1, reason = ?2, stripe_customer_id = ?3
+         WHERE id = ?1",
+        params![id, reason, stripe_customer_id],
     )?;
     Ok(())
 }
@@ -311,7 +331,8 @@ pub fn park(conn: &Connection, id: i64, reason: &str) -> rusqlite::Result<()> {
 /// customer changed; returns how many.
 pub fn unpark_customer(conn: &Connection, customer: &str) -> rusqlite::Result<usize> {
     conn.execute(
-        "UPDATE meter_event SET state = 'pending' WHERE customer = ?1 AND state = 'parked'",
+        "UPDATE meter_event SET state = 'pending', stripe_customer_id = NULL
+         WHERE customer = ?1 AND state = 'parked' AND correction = 0",
         [customer],
     )
 }
@@ -571,7 +592,9 @@ mod tests {
         let (first, second) = (events[0].id, events[1].id);
 
         store
-            .write("sent", move |conn| mark_sent(conn, &[first], MINUTE + 130))
+            .write("sent", move |conn| {
+                mark_sent(conn, &[(first, None)], MINUTE + 130)
+            })
             .await
             .unwrap();
         store
@@ -637,7 +660,9 @@ mod tests {
             .collect();
         let first = ids[0];
         store
-            .write("sent", move |conn| mark_sent(conn, &[first], MINUTE + 130))
+            .write("sent", move |conn| {
+                mark_sent(conn, &[(first, None)], MINUTE + 130)
+            })
             .await
             .unwrap();
         let range = TimeRange {

@@ -5,11 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use stripe_billing::billing_meter::ListBillingMeter;
-use stripe_billing::billing_meter_event_summary::ListIdBillingMeterEventSummary;
+use stripe_billing::billing_meter_event_summary::{
+    ListIdBillingMeterEventSummary, ListIdBillingMeterEventSummaryValueGroupingWindow,
+};
 use tracing::{error, info, warn};
 
 use super::biller::{Biller, MAX_EVENT_AGE_S};
-use super::customers;
 use super::meter::{EventKey, Meter};
 use super::queue::{self, Totals};
 use crate::ledger::{MINUTE_SECONDS, TimeRange, unix_now_s};
@@ -73,15 +74,26 @@ pub enum ReconcileError {
     },
 }
 
+/// Time a corrective event is given to show in Stripe's summaries before
+/// the hour it corrects may be corrected again: 10 minutes.
+pub const CORRECTION_SETTLE_S: i64 = 600;
+/// Seconds in one hour, the unit corrections are computed in.
+const HOUR_SECONDS: i64 = 3_600;
+
 /// Reconciles `range` and, with `correct`, queues corrective events for
 /// usage that was sent but that Stripe's summaries lack.
 ///
-/// Stripe aggregates meter events asynchronously, so reconcile ranges that
-/// closed some minutes ago. Usage still in the queue shows as drift but is
-/// never corrected: the correction covers only events already sent. A
-/// corrective event's identifier is tied to the range and the value Stripe
-/// reported, so running again before Stripe counts the correction queues
-/// nothing new.
+/// The report covers `range`. Corrections are computed per UTC hour, over
+/// the whole hours that cover the range, and per Stripe customer the usage
+/// was sent to, so overlapping ranges and a customer moved to another
+/// Stripe customer agree on what is missing. For each hour, the corrective
+/// event carries `sent - stripe` and falls within that hour. Its
+/// identifier is tied to the hour and the value Stripe reported, and an
+/// hour with a correction that is queued, or was sent within the last
+/// [`CORRECTION_SETTLE_S`] seconds, is left alone while Stripe catches up:
+/// Stripe aggregates meter events asynchronously. Usage still waiting in
+/// the queue shows as drift but is never corrected, because it is on its
+/// way.
 pub async fn reconcile(
     biller: &Biller,
     metrics: &Metrics,
@@ -99,20 +111,15 @@ pub async fn reconcile(
             queue::sent_totals(conn, range)
         })
         .await?;
-    let billed = store
-        .read("sum billed meter events", move |conn| {
-            billed_totals(conn, range)
+    let destinations = store
+        .read("list the Stripe customers billed", move |conn| {
+            billed_stripe_customers(conn, range)
         })
         .await?;
-    let stripe_customers: BTreeMap<String, String> = store
-        .read("list Stripe customers", |conn| customers::all(conn))
-        .await?
-        .into_iter()
-        .collect();
 
     let keys: BTreeSet<(String, Meter)> = ledger.keys().chain(sent.keys()).cloned().collect();
     let stripe = match biller.stripe() {
-        Some(sink) => Some(stripe_values(sink, &keys, &stripe_customers, range).await?),
+        Some(sink) => Some(stripe_values(sink, &keys, &destinations, range).await?),
         None => None,
     };
 
@@ -133,16 +140,6 @@ pub async fn reconcile(
             (ledger_value - compared) as f64 / ledger_value as f64
         };
         report.max_drift_ratio = report.max_drift_ratio.max(drift_ratio.abs());
-
-        if correct && let Some(stripe_value) = stripe_value {
-            let expected = billed.get(&key).copied().unwrap_or(0);
-            let missing = expected - stripe_value;
-            if missing > 0
-                && queue_correction(biller, &customer, meter, range, stripe_value, missing).await?
-            {
-                report.corrective_events += 1;
-            }
-        }
         report.rows.push(Row {
             customer,
             meter,
@@ -151,6 +148,10 @@ pub async fn reconcile(
             stripe: stripe_value,
             drift_ratio,
         });
+    }
+
+    if correct && let Some(sink) = biller.stripe() {
+        report.corrective_events = correct_hours(biller, sink, range).await?;
     }
 
     metrics.billing_drift_ratio.set(report.max_drift_ratio);
@@ -178,55 +179,234 @@ pub async fn reconcile(
     Ok(report)
 }
 
-/// Sums the events sent for closed buckets, without corrections: what
-/// Stripe should have from the normal flow.
-fn billed_totals(conn: &rusqlite::Connection, range: TimeRange) -> rusqlite::Result<Totals> {
+/// Usage sent per customer, Stripe customer, meter and hour.
+type HourlyTotals = BTreeMap<(String, String, Meter, i64), i64>;
+
+/// Returns the Stripe customers each customer's usage in `range` was sent
+/// to.
+fn billed_stripe_customers(
+    conn: &rusqlite::Connection,
+    range: TimeRange,
+) -> rusqlite::Result<BTreeMap<String, BTreeSet<String>>> {
     let mut statement = conn.prepare_cached(
-        "SELECT customer, meter, SUM(value) FROM meter_event
-         WHERE state = 'sent' AND correction = 0 AND minute_unix_s >= ?1 AND minute_unix_s < ?2
-         GROUP BY customer, meter",
+        "SELECT DISTINCT customer, stripe_customer_id FROM meter_event
+         WHERE state = 'sent' AND stripe_customer_id IS NOT NULL
+             AND minute_unix_s >= ?1 AND minute_unix_s < ?2",
     )?;
     let rows = statement.query_map([range.start_unix_s, range.end_unix_s], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+    })?;
+    let mut destinations: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for row in rows {
+        let (customer, stripe_customer) = row?;
+        destinations
+            .entry(customer)
+            .or_default()
+            .insert(stripe_customer);
+    }
+    Ok(destinations)
+}
+
+/// Sums the events of the normal flow sent within `hours`, per customer,
+/// Stripe customer, meter and hour: what Stripe should hold.
+fn billed_by_hour(conn: &rusqlite::Connection, hours: TimeRange) -> rusqlite::Result<HourlyTotals> {
+    let mut statement = conn.prepare_cached(
+        "SELECT customer, stripe_customer_id, meter, minute_unix_s / 3600 * 3600, SUM(value)
+         FROM meter_event
+         WHERE state = 'sent' AND correction = 0 AND stripe_customer_id IS NOT NULL
+             AND minute_unix_s >= ?1 AND minute_unix_s < ?2
+         GROUP BY 1, 2, 3, 4",
+    )?;
+    let rows = statement.query_map([hours.start_unix_s, hours.end_unix_s], |row| {
         Ok((
             row.get::<_, String>(0)?,
             row.get::<_, String>(1)?,
-            row.get::<_, i64>(2)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, i64>(3)?,
+            row.get::<_, i64>(4)?,
         ))
     })?;
-    let mut totals = Totals::new();
+    let mut totals = HourlyTotals::new();
     for row in rows {
-        let (customer, meter, value) = row?;
+        let (customer, stripe_customer, meter, hour, value) = row?;
         if let Some(meter) = Meter::from_name(&meter) {
-            totals.insert((customer, meter), value);
+            totals.insert((customer, stripe_customer, meter, hour), value);
         }
     }
     Ok(totals)
 }
 
-async fn queue_correction(
+/// Returns the (customer, Stripe customer, meter, hour) keys with a
+/// correction that is queued or was sent within the settle time.
+fn unsettled_corrections(
+    conn: &rusqlite::Connection,
+    hours: TimeRange,
+    now_unix_s: i64,
+) -> rusqlite::Result<BTreeSet<(String, String, Meter, i64)>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT DISTINCT customer, COALESCE(stripe_customer_id, ''), meter,
+                minute_unix_s / 3600 * 3600
+         FROM meter_event
+         WHERE correction = 1 AND minute_unix_s >= ?1 AND minute_unix_s < ?2
+             AND (state = 'pending' OR (state = 'sent' AND sent_unix_s > ?3))",
+    )?;
+    let rows = statement.query_map(
+        [
+            hours.start_unix_s,
+            hours.end_unix_s,
+            now_unix_s - CORRECTION_SETTLE_S,
+        ],
+        |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, i64>(3)?,
+            ))
+        },
+    )?;
+    let mut keys = BTreeSet::new();
+    for row in rows {
+        let (customer, stripe_customer, meter, hour) = row?;
+        if let Some(meter) = Meter::from_name(&meter) {
+            keys.insert((customer, stripe_customer, meter, hour));
+        }
+    }
+    Ok(keys)
+}
+
+/// Queues one corrective event per hour, Stripe customer and meter whose
+/// Stripe summary is below what was sent; returns how many.
+async fn correct_hours(
     biller: &Biller,
-    customer: &str,
-    meter: Meter,
+    sink: &super::sink::StripeSink,
     range: TimeRange,
+) -> Result<u64, ReconcileError> {
+    let hours = TimeRange {
+        start_unix_s: range.start_unix_s.div_euclid(HOUR_SECONDS) * HOUR_SECONDS,
+        end_unix_s: (range.end_unix_s + HOUR_SECONDS - 1).div_euclid(HOUR_SECONDS) * HOUR_SECONDS,
+    };
+    let now = unix_now_s();
+    let store = biller.store();
+    let billed = store
+        .read("sum billed meter events per hour", move |conn| {
+            billed_by_hour(conn, hours)
+        })
+        .await?;
+    let unsettled = store
+        .read("list unsettled corrections", move |conn| {
+            unsettled_corrections(conn, hours, now)
+        })
+        .await?;
+    let meter_ids = meter_ids(sink).await?;
+
+    let targets: BTreeSet<(String, String, Meter)> = billed
+        .keys()
+        .map(|(customer, stripe_customer, meter, _)| {
+            (customer.clone(), stripe_customer.clone(), *meter)
+        })
+        .collect();
+    let mut queued = 0;
+    for (customer, stripe_customer, meter) in targets {
+        let event_name = sink.names().event_name(meter);
+        let Some(meter_id) = meter_ids.get(event_name) else {
+            return Err(ReconcileError::UnknownMeter {
+                event_name: event_name.to_owned(),
+            });
+        };
+        let summaries = ListIdBillingMeterEventSummary::new(
+            meter_id.as_str(),
+            stripe_customer.as_str(),
+            hours.end_unix_s,
+            hours.start_unix_s,
+        )
+        .value_grouping_window(ListIdBillingMeterEventSummaryValueGroupingWindow::Hour)
+        .limit(100)
+        .send(sink.client())
+        .await
+        .map_err(|source| ReconcileError::Stripe {
+            what: format!("the hourly {event_name} summaries of {stripe_customer}"),
+            source,
+        })?;
+        let mut in_stripe: BTreeMap<i64, i64> = BTreeMap::new();
+        for summary in &summaries.data {
+            *in_stripe.entry(summary.start_time).or_default() +=
+                summary.aggregated_value.round() as i64;
+        }
+        if summaries.has_more {
+            // NOTE: more than 100 hours per request would need pagination;
+            // ranges of up to four days fit in one page.
+            warn!(
+                stripe_customer,
+                "more hourly summaries than one page; later hours are not corrected"
+            );
+        }
+
+        let mut hour = hours.start_unix_s;
+        while hour < hours.end_unix_s {
+            let key = (customer.clone(), stripe_customer.clone(), meter, hour);
+            let expected = billed.get(&key).copied().unwrap_or(0);
+            let found = in_stripe.get(&hour).copied().unwrap_or(0);
+            let missing = expected - found;
+            if missing > 0 && !unsettled.contains(&key) {
+                let correction = Correction {
+                    customer: &customer,
+                    stripe_customer: &stripe_customer,
+                    meter,
+                    hour,
+                    stripe_value: found,
+                    missing,
+                };
+                if queue_correction(biller, correction, now).await? {
+                    queued += 1;
+                }
+            }
+            hour += HOUR_SECONDS;
+        }
+    }
+    Ok(queued)
+}
+
+/// A corrective event to queue.
+#[derive(Debug, Clone, Copy)]
+struct Correction<'a> {
+    customer: &'a str,
+    stripe_customer: &'a str,
+    meter: Meter,
+    hour: i64,
     stripe_value: i64,
     missing: i64,
+}
+
+async fn queue_correction(
+    biller: &Biller,
+    correction: Correction<'_>,
+    now: i64,
 ) -> Result<bool, ReconcileError> {
-    // The event falls in the range's last minute, so Stripe counts it in
-    // the same period; Stripe takes no timestamp older than 35 days.
-    let minute = range.end_unix_s - MINUTE_SECONDS;
-    let now = unix_now_s();
+    // The event falls within the hour it corrects, at its last minute or,
+    // for the current hour, a minute ago: Stripe takes no timestamp more
+    // than 5 minutes ahead and none older than 35 days.
+    let latest = now.div_euclid(MINUTE_SECONDS) * MINUTE_SECONDS - MINUTE_SECONDS;
+    let minute = (correction.hour + HOUR_SECONDS - MINUTE_SECONDS)
+        .min(latest)
+        .max(correction.hour);
     if minute < now - MAX_EVENT_AGE_S {
         warn!(
-            customer,
-            meter = meter.name(),
-            missing,
+            customer = correction.customer,
+            meter = correction.meter.name(),
+            missing = correction.missing,
             "usage missing in Stripe is older than 35 days; bill it by hand"
         );
         return Ok(false);
     }
-    let tie = format!("{}-{}-{stripe_value}", range.start_unix_s, range.end_unix_s);
+    let tie = format!(
+        "{}-{}-{}",
+        correction.hour, correction.stripe_customer, correction.stripe_value
+    );
     let ledger = biller.ledger().clone();
-    let customer = customer.to_owned();
+    let customer = correction.customer.to_owned();
+    let stripe_customer = correction.stripe_customer.to_owned();
+    let (meter, missing) = (correction.meter, correction.missing);
     let queued = biller
         .store()
         .write("queue a corrective meter event", move |conn| {
@@ -239,24 +419,34 @@ async fn queue_correction(
                 part: 0,
                 correction: &tie,
             };
-            queue::queue_correction(conn, &key, missing, now)
+            queue::queue_correction(conn, &key, &stripe_customer, missing, now)
         })
         .await?;
+    if queued {
+        info!(
+            customer = correction.customer,
+            stripe_customer = correction.stripe_customer,
+            meter = correction.meter.name(),
+            hour_unix_s = correction.hour,
+            missing = correction.missing,
+            "queued a corrective meter event for usage Stripe is missing"
+        );
+    }
     Ok(queued)
 }
 
-/// Reads Stripe's summary for every key whose customer has a Stripe
-/// customer.
+/// Reads Stripe's summaries over `range` for every key, summed over the
+/// Stripe customers the customer's usage was sent to.
 async fn stripe_values(
     sink: &super::sink::StripeSink,
     keys: &BTreeSet<(String, Meter)>,
-    stripe_customers: &BTreeMap<String, String>,
+    destinations: &BTreeMap<String, BTreeSet<String>>,
     range: TimeRange,
 ) -> Result<Totals, ReconcileError> {
     let meter_ids = meter_ids(sink).await?;
     let mut values = Totals::new();
     for (customer, meter) in keys {
-        let Some(stripe_customer) = stripe_customers.get(customer) else {
+        let Some(stripe_customers) = destinations.get(customer) else {
             continue;
         };
         let event_name = sink.names().event_name(*meter);
@@ -265,23 +455,26 @@ async fn stripe_values(
                 event_name: event_name.to_owned(),
             });
         };
-        let list = ListIdBillingMeterEventSummary::new(
-            meter_id.as_str(),
-            stripe_customer.as_str(),
-            range.end_unix_s,
-            range.start_unix_s,
-        )
-        .send(sink.client())
-        .await
-        .map_err(|source| ReconcileError::Stripe {
-            what: format!("the {event_name} summary of {stripe_customer}"),
-            source,
-        })?;
-        let total: f64 = list
-            .data
-            .iter()
-            .map(|summary| summary.aggregated_value)
-            .sum();
+        let mut total = 0.0;
+        for stripe_customer in stripe_customers {
+            let list = ListIdBillingMeterEventSummary::new(
+                meter_id.as_str(),
+                stripe_customer.as_str(),
+                range.end_unix_s,
+                range.start_unix_s,
+            )
+            .send(sink.client())
+            .await
+            .map_err(|source| ReconcileError::Stripe {
+                what: format!("the {event_name} summary of {stripe_customer}"),
+                source,
+            })?;
+            total += list
+                .data
+                .iter()
+                .map(|summary| summary.aggregated_value)
+                .sum::<f64>();
+        }
         values.insert((customer.clone(), *meter), total.round() as i64);
     }
     Ok(values)

@@ -136,6 +136,9 @@ pub fn classify(err: &StripeError) -> SendOutcome {
                     SendOutcome::AlreadyRecorded
                 }
                 409 | 429 => SendOutcome::Retry(reason),
+                // A 404 on the meter events endpoint means the URL is wrong
+                // (STRIPE_API_BASE), not the event: fix and retry.
+                404 => SendOutcome::Retry(reason),
                 status if *status >= 500 => SendOutcome::Retry(reason),
                 // 401 and 403 are a wrong or restricted key: waiting for an
                 // operator to fix the key loses nothing, parking would.
@@ -214,8 +217,15 @@ impl FileSink {
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.path)?;
+        // A crash or a full disk can leave the last line cut short. Its
+        // event is still pending and is written again whole, but the next
+        // line must start on a line of its own.
+        if ends_mid_line(&mut file)? {
+            text.insert(0, '\n');
+        }
         file.write_all(text.as_bytes())?;
         file.sync_data()
     }
@@ -237,6 +247,20 @@ impl FileSink {
         }
         Ok(identifiers)
     }
+}
+
+/// Returns whether the file is non-empty and its last byte is not a
+/// newline.
+fn ends_mid_line(file: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let length = file.metadata()?.len();
+    if length == 0 {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::Start(length - 1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }
 
 /// Delay before the next attempt after `failures` failures in a row:
@@ -300,8 +324,13 @@ mod tests {
         file.write_all(b"{\"identifier\":\"b\",\"ev").unwrap();
 
         let identifiers = sink.written_identifiers().unwrap();
-
         assert_eq!(identifiers.len(), 1);
+
+        sink.write(&[event("c", 5)]).unwrap();
+
+        let identifiers = sink.written_identifiers().unwrap();
+        assert_eq!(identifiers.len(), 2);
+        assert!(identifiers.contains("c"), "{identifiers:?}");
     }
 
     #[test]

@@ -187,6 +187,13 @@ pub(super) fn billing_config(
         },
         None => MeterNames::default(),
     };
+    if names.api_requests == names.egress_bytes {
+        return Err(invalid(
+            "billing.meter_event_names",
+            format!("{:?}", names.api_requests),
+            "the two meters need different Stripe event names, or their usage is summed",
+        ));
+    }
     for name in [&names.api_requests, &names.egress_bytes] {
         if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
             return Err(invalid(
@@ -246,49 +253,33 @@ pub(super) fn billing_config(
         "seconds; 0 turns the job off",
     )?;
 
-    let stripe = match flags.stripe_api_key.as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some(key) => {
-            if !(key.starts_with("sk_") || key.starts_with("rk_")) {
-                return Err(ConfigError::Invalid {
-                    origin: Origin::Flag("--stripe-api-key"),
-                    key: "STRIPE_API_KEY",
-                    value: "<redacted>".into(),
-                    reason: "Stripe secret keys start with sk_ (or rk_ for restricted keys)".into(),
-                });
-            }
-            Some(StripeAccess {
-                api_key: key.to_owned(),
-                api_base: flags
-                    .stripe_api_base
-                    .clone()
-                    .filter(|base| !base.is_empty()),
-            })
-        }
-    };
+    let stripe = stripe_access(flags)?;
 
     let secrets: Vec<String> = match &flags.stripe_webhook_secret {
-        Some(text) => text
-            .split(',')
-            .map(|secret| secret.trim().to_owned())
-            .filter(|secret| !secret.is_empty())
-            .collect(),
-        None => file.webhook_secrets.unwrap_or_default(),
+        Some(text) => {
+            let secrets: Vec<String> = text
+                .split(',')
+                .map(|secret| secret.trim().to_owned())
+                .filter(|secret| !secret.is_empty())
+                .collect();
+            if secrets.is_empty() {
+                return Err(ConfigError::Invalid {
+                    origin: Origin::Flag("--stripe-webhook-secret"),
+                    key: "STRIPE_WEBHOOK_SECRET",
+                    value: "<redacted>".into(),
+                    reason: "contains no secret; give the endpoint's whsec_ secret or unset it"
+                        .into(),
+                });
+            }
+            check_secrets(&secrets, Origin::Flag("--stripe-webhook-secret"))?;
+            secrets
+        }
+        None => {
+            let secrets = file.webhook_secrets.unwrap_or_default();
+            check_secrets(&secrets, origin.clone())?;
+            secrets
+        }
     };
-    if secrets.len() > 2 {
-        return Err(invalid(
-            "billing.webhook_secrets",
-            format!("{} secrets", secrets.len()),
-            "give one signing secret, or two while rotating",
-        ));
-    }
-    if secrets.iter().any(|secret| !secret.starts_with("whsec_")) {
-        return Err(invalid(
-            "billing.webhook_secrets",
-            "<redacted>".into(),
-            "Stripe webhook signing secrets start with whsec_",
-        ));
-    }
 
     let canceled_tier = file.canceled_tier.unwrap_or_else(|| "basic".into());
     let price_tiers = file.prices.unwrap_or_default();
@@ -327,4 +318,159 @@ pub(super) fn billing_config(
         },
         reconcile_interval: (reconcile > 0).then(|| Duration::from_secs(reconcile.unsigned_abs())),
     })
+}
+
+/// Reads the Stripe key and base URL from the flags or the environment.
+fn stripe_access(flags: &Flags) -> Result<Option<StripeAccess>, ConfigError> {
+    let key_error = |reason: &str| ConfigError::Invalid {
+        origin: Origin::Flag("--stripe-api-key"),
+        key: "STRIPE_API_KEY",
+        value: "<redacted>".into(),
+        reason: reason.to_owned(),
+    };
+    let base = match flags.stripe_api_base.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(base) => Some(check_api_base(base)?),
+    };
+    let key = match flags.stripe_api_key.as_deref().map(str::trim) {
+        None | Some("") => {
+            if base.is_some() {
+                return Err(ConfigError::Invalid {
+                    origin: Origin::Flag("--stripe-api-base"),
+                    key: "STRIPE_API_BASE",
+                    value: format!("{base:?}"),
+                    reason: "is set without STRIPE_API_KEY; set the key too, or unset the base \
+                             to write meter events to the outbox file"
+                        .into(),
+                });
+            }
+            return Ok(None);
+        }
+        Some(key) => key,
+    };
+    if !(key.starts_with("sk_") || key.starts_with("rk_")) {
+        return Err(key_error(
+            "Stripe secret keys start with sk_ (or rk_ for restricted keys)",
+        ));
+    }
+    if !key.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err(key_error(
+            "contains a space, control or non-ASCII character; copy the key again",
+        ));
+    }
+    Ok(Some(StripeAccess {
+        api_key: key.to_owned(),
+        api_base: base,
+    }))
+}
+
+/// Checks a Stripe API base URL and returns it ending in `/`, the form the
+/// client appends `v1/...` to.
+fn check_api_base(base: &str) -> Result<String, ConfigError> {
+    let invalid = |reason: &str| ConfigError::Invalid {
+        origin: Origin::Flag("--stripe-api-base"),
+        key: "STRIPE_API_BASE",
+        value: format!("{base:?}"),
+        reason: reason.to_owned(),
+    };
+    let rest = base
+        .strip_prefix("https://")
+        .or_else(|| base.strip_prefix("http://"))
+        .ok_or_else(|| invalid("must start with https:// or http://"))?;
+    if rest.is_empty() || rest.starts_with('/') || rest.chars().any(char::is_whitespace) {
+        return Err(invalid("must name a host, such as https://api.stripe.com/"));
+    }
+    let trimmed = base.trim_end_matches('/');
+    if trimmed.ends_with("/v1") || trimmed.contains("/v1/") {
+        return Err(invalid(
+            "must not contain /v1, which the client adds; use the server root such as \
+             http://127.0.0.1:12111/",
+        ));
+    }
+    Ok(format!("{trimmed}/"))
+}
+
+fn check_secrets(secrets: &[String], origin: Origin) -> Result<(), ConfigError> {
+    if secrets.len() > 2 {
+        return Err(ConfigError::Invalid {
+            origin,
+            key: "billing.webhook_secrets",
+            value: format!("{} secrets", secrets.len()),
+            reason: "give one signing secret, or two while rotating".into(),
+        });
+    }
+    if secrets.iter().any(|secret| {
+        !secret.starts_with("whsec_") || !secret.bytes().all(|byte| byte.is_ascii_graphic())
+    }) {
+        return Err(ConfigError::Invalid {
+            origin,
+            key: "billing.webhook_secrets",
+            value: "<redacted>".into(),
+            reason: "Stripe webhook signing secrets start with whsec_ and hold no spaces".into(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(key: Option<&str>, base: Option<&str>) -> Flags {
+        Flags {
+            stripe_api_key: key.map(str::to_owned),
+            stripe_api_base: base.map(str::to_owned),
+            ..Flags::default()
+        }
+    }
+
+    #[test]
+    fn api_base_is_normalised() {
+        assert_eq!(
+            check_api_base("http://127.0.0.1:1").unwrap(),
+            "http://127.0.0.1:1/"
+        );
+        assert_eq!(
+            check_api_base("https://api.stripe.com/").unwrap(),
+            "https://api.stripe.com/"
+        );
+    }
+
+    #[test]
+    fn api_base_mistakes_are_named() {
+        for base in [
+            "ftp://x/",
+            "not a url",
+            "http://",
+            "http://h/v1",
+            "http://h/v1/",
+        ] {
+            let err = check_api_base(base).unwrap_err().to_string();
+            assert!(err.contains("STRIPE_API_BASE"), "{base}: {err}");
+        }
+    }
+
+    #[test]
+    fn key_must_be_a_secret_key() {
+        assert!(
+            stripe_access(&flags(Some("sk_test_1"), None))
+                .unwrap()
+                .is_some()
+        );
+        assert!(stripe_access(&flags(Some("pk_test_1"), None)).is_err());
+        assert!(stripe_access(&flags(Some("sk_test_\u{7}x"), None)).is_err());
+        assert!(stripe_access(&flags(None, None)).unwrap().is_none());
+    }
+
+    #[test]
+    fn base_without_key_is_rejected() {
+        let err = stripe_access(&flags(None, Some("http://127.0.0.1:1/"))).unwrap_err();
+        assert!(err.to_string().contains("without STRIPE_API_KEY"), "{err}");
+    }
+
+    #[test]
+    fn key_error_never_shows_the_key() {
+        let err = stripe_access(&flags(Some("pk_live_zq7x"), None)).unwrap_err();
+        assert!(!err.to_string().contains("zq7x"), "{err}");
+    }
 }

@@ -82,6 +82,9 @@ CREATE TABLE IF NOT EXISTS meter_event (
     value INTEGER NOT NULL CHECK (value > 0),
     correction INTEGER NOT NULL DEFAULT 0 CHECK (correction IN (0, 1)),
     state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'parked')),
+    -- The Stripe customer the event was sent to, set when it is sent or
+    -- first retried, and for corrections when they are queued.
+    stripe_customer_id TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
     created_unix_s INTEGER NOT NULL,

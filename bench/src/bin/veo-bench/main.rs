@@ -5,8 +5,10 @@
 //! baseline, and the Veo Edge filter's ratio to the empty wasm filter.
 //!
 //! `veo-bench memory` instead measures Envoy's heap per customer that the filter tracks in
-//! shared data.
+//! shared data, and `veo-bench billing` the Stripe meter events the sidecar sends per admitted
+//! request and how fast it sends them.
 
+mod billing;
 mod envoy;
 mod memory;
 mod mint;
@@ -84,6 +86,9 @@ enum Command {
     /// Envoy heap per customer tracked in shared data: the limiter record and the
     /// verified-token cache entry, read from Envoy's admin `/memory`.
     Memory(memory::MemoryArgs),
+    /// Stripe meter events per admitted request and per (customer, meter, minute) bucket, and
+    /// the sidecar's sync throughput to a fake Stripe next to the async-stripe client alone.
+    Billing(billing::BillingArgs),
 }
 
 /// Upstream of the proxy under test.
@@ -115,6 +120,7 @@ async fn main() -> ExitCode {
 async fn run(args: &Args) -> anyhow::Result<bool> {
     match &args.command {
         Some(Command::Memory(memory_args)) => memory::run(memory_args).await,
+        Some(Command::Billing(billing_args)) => billing::run(billing_args).await,
         None => setup::run(args).await,
     }
 }
