@@ -25,7 +25,7 @@ use crate::validate::{self, MAX_ID_BYTES};
 const DEFAULT_PARKED_LIMIT: u32 = 100;
 /// Largest `limit` served.
 const MAX_PARKED_LIMIT: u32 = 1_000;
-/// Longest range one reconciliation covers, in seconds: 35 days, the age
+/// Maximum range one reconciliation covers, in seconds: 35 days, the age
 /// of the oldest event Stripe accepts.
 const MAX_RECONCILE_SECONDS: i64 = 35 * 86_400;
 

@@ -43,7 +43,7 @@ pub struct BillingSettings {
     pub max_concurrent_requests: usize,
     /// First retry delay after a failure.
     pub retry_base: Duration,
-    /// Longest retry delay.
+    /// Maximum retry delay.
     pub retry_cap: Duration,
     /// Stripe event names of the meters.
     pub names: MeterNames,
@@ -51,7 +51,7 @@ pub struct BillingSettings {
     pub outbox_path: PathBuf,
 }
 
-/// Where the events go.
+/// Destination of the meter events.
 #[derive(Debug, Clone)]
 pub enum Destination {
     /// Stripe's API.
@@ -112,17 +112,17 @@ impl Biller {
         Arc::clone(&self.wake)
     }
 
-    /// The store the loop works on.
+    /// Returns the store the loop works on.
     pub fn store(&self) -> &Store {
         &self.store
     }
 
-    /// The ledger's identity, for corrective events.
+    /// Returns the ledger's identity, for corrective events.
     pub fn ledger(&self) -> &LedgerKey {
         &self.ledger
     }
 
-    /// Whether events go to Stripe.
+    /// Returns the Stripe sink when events go to Stripe.
     pub fn stripe(&self) -> Option<&StripeSink> {
         match &self.destination {
             Destination::Stripe(sink) => Some(sink),
@@ -331,7 +331,7 @@ impl Biller {
         // written once for the whole read, which costs one commit (and one
         // fsync) per read instead of one per event. A crash before that
         // commit only makes the next start send those events again, which
-        // Stripe answers as already recorded.
+        // Stripe reports as already recorded.
         let concurrency = self.settings.max_concurrent_requests.max(1);
         let mut in_flight = JoinSet::new();
         let mut outcomes: Vec<Option<SendOutcome>> = vec![None; ready.len()];

@@ -56,7 +56,7 @@ pub struct ParkedEvent {
     pub minute_unix_s: i64,
     /// Usage in the meter's unit.
     pub value: i64,
-    /// Why Stripe rejected it.
+    /// Stripe's reason for the rejection.
     pub reason: String,
 }
 

@@ -1,5 +1,5 @@
-//! Where meter events go: Stripe's Billing Meter Events API, or without a
-//! Stripe key a local outbox file that shows what would be billed.
+//! Destinations of meter events: Stripe's Billing Meter Events API, or
+//! without a Stripe key a local outbox file that shows what would be billed.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -41,7 +41,7 @@ impl MeterNames {
     }
 }
 
-/// How Stripe took one meter event.
+/// Outcome of sending one meter event to Stripe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
     /// Stripe recorded the event.
@@ -78,7 +78,7 @@ impl StripeSink {
         StripeSink { client, names }
     }
 
-    /// The Stripe client.
+    /// Returns the Stripe client.
     pub fn client(&self) -> &stripe::Client {
         &self.client
     }
@@ -91,8 +91,12 @@ impl StripeSink {
     /// Sends one event billed to `stripe_customer_id`.
     ///
     /// The identifier doubles as the idempotency key, so Stripe replays its
-    /// first answer to a retry within 24 hours, and the identifier's own
-    /// uniqueness check covers retries after that.
+    /// first response to a retry, and Stripe rejects a second event with
+    /// the same identifier.
+    // NOTE: Stripe keeps idempotency keys and enforces identifier
+    // uniqueness for at least 24 hours, per its API reference. An event
+    // whose reply was lost and that is retried only after a longer outage
+    // could be recorded twice; reconciliation shows that as negative drift.
     pub async fn send(&self, event: &QueuedEvent, stripe_customer_id: &str) -> SendOutcome {
         let payload = HashMap::from([
             (
@@ -146,7 +150,7 @@ pub fn classify(err: &StripeError) -> SendOutcome {
                 _ => SendOutcome::Reject(reason),
             }
         }
-        StripeError::Timeout => SendOutcome::Retry("Stripe did not answer in time".into()),
+        StripeError::Timeout => SendOutcome::Retry("Stripe did not respond in time".into()),
         StripeError::ClientError(message) => {
             SendOutcome::Retry(format!("failed to reach Stripe: {message}"))
         }

@@ -80,7 +80,8 @@ impl std::fmt::Debug for StripeAccess {
 /// Webhook settings.
 #[derive(Clone, Default)]
 pub struct WebhookConfig {
-    /// Signing secrets; empty turns the endpoint off (it answers 503).
+    /// Signing secrets. With none, the endpoint rejects every delivery
+    /// with 500, so Stripe keeps retrying until a secret is set.
     pub secrets: Vec<String>,
     /// Accepted distance of a signature's timestamp from now.
     pub tolerance: Duration,
