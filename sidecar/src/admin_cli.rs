@@ -98,6 +98,13 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
 }
 
 async fn connect(url: &str) -> Result<AdminClient<tonic::transport::Channel>, CommandError> {
+    // The ready file holds a bare IP:PORT; accept it as it is.
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    };
+    let url = url.as_str();
     AdminClient::connect(url.to_owned())
         .await
         .map_err(|source| CommandError::Connect {

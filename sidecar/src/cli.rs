@@ -62,7 +62,12 @@ pub struct Flags {
 
     /// Base URL of the Stripe API, such as http://127.0.0.1:12111/ for a
     /// local Stripe mock; Stripe's own by default.
-    #[arg(long, env = "STRIPE_API_BASE", value_name = "URL")]
+    #[arg(
+        long,
+        env = "STRIPE_API_BASE",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub stripe_api_base: Option<String>,
 
     /// Stripe webhook signing secrets (whsec_...), comma-separated; give

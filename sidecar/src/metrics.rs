@@ -91,6 +91,27 @@ impl Metrics {
         registry.register(Box::new(meter_events_parked_now.clone()))?;
         registry.register(Box::new(billing_drift_ratio.clone()))?;
         registry.register(Box::new(billing_drift_alerts.clone()))?;
+        // Every series starts at 0, so dashboards and alerts see it before
+        // the first event.
+        for meter in ["api_requests", "egress_bytes"] {
+            billed_usage.with_label_values(&[meter]);
+            meter_events_parked.with_label_values(&[meter]);
+            ledger_usage.with_label_values(&[meter]);
+            for outcome in ["accepted", "already_recorded", "written"] {
+                meter_events_sent.with_label_values(&[meter, outcome]);
+            }
+        }
+        for outcome in [
+            "applied",
+            "unchanged",
+            "stale",
+            "duplicate",
+            "ignored",
+            "rejected",
+            "failed",
+        ] {
+            webhook_deliveries.with_label_values(&[outcome]);
+        }
         Ok(Metrics {
             registry,
             meter_events_sent,

@@ -96,6 +96,25 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// Another sidecar uses the data directory.
+    #[error(
+        "data directory {} is in use by another veo-sidecar; give each sidecar its own \
+         --data-dir",
+        path.display()
+    )]
+    DataDirInUse {
+        /// The data directory.
+        path: PathBuf,
+    },
+    /// The lock file of the data directory could not be opened.
+    #[error("failed to open the lock file {}; check the data directory's permissions", path.display())]
+    LockFile {
+        /// The lock file.
+        path: PathBuf,
+        /// Cause reported by the file system.
+        #[source]
+        source: std::io::Error,
+    },
     /// A blocking start-up task was cancelled or panicked.
     #[error("start-up task did not finish")]
     Task(#[from] tokio::task::JoinError),
@@ -113,6 +132,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         "config loaded"
     );
 
+    // Two sidecars on one store would bill the same ledger twice under one
+    // ledger id; the lock lasts until the process exits.
+    let _lock = lock_data_dir(config.data_dir())?;
     let data_dir = config.data_dir().to_path_buf();
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir)).await??;
     info!(path = %store.path().display(), "usage store open");
@@ -339,6 +361,30 @@ async fn reload_tiers_on_hangup(config: Config, sync: SyncService) {
     }
 }
 
+/// Creates the data directory when missing and takes an exclusive lock on
+/// `DATA_DIR/sidecar.lock`.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
+    let path = data_dir.join("sidecar.lock");
+    let lock_error = |source| ServerError::LockFile {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(data_dir).map_err(lock_error)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(lock_error)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServerError::DataDirInUse {
+            path: data_dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(lock_error(source)),
+    }
+}
+
 /// Returns a new sidecar id: `sidecar-` and 16 hex digits of a randomly
 /// seeded hash of the clock and process id. The caller stores it in the
 /// data directory so that it survives restarts.
@@ -407,6 +453,20 @@ mod tests {
     use veo_proto::sync::{SyncRequest, UsageRecord};
 
     use super::*;
+
+    #[test]
+    fn second_lock_of_data_dir_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let first = lock_data_dir(&data_dir).unwrap();
+
+        let err = lock_data_dir(&data_dir).unwrap_err();
+        assert!(matches!(err, ServerError::DataDirInUse { .. }), "{err}");
+        assert!(err.to_string().contains("--data-dir"), "{err}");
+
+        drop(first);
+        assert!(lock_data_dir(&data_dir).is_ok());
+    }
     use crate::cli::Flags;
     use crate::validate::{
         MAX_ID_BYTES, MAX_MINUTE_UNIX_S, MAX_QUOTA_REQUESTS, MAX_QUOTA_WINDOW_MS,

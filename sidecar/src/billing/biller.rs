@@ -387,7 +387,7 @@ impl Biller {
                         customer = event.customer,
                         meter = event.meter.name(),
                         reason,
-                        "Stripe rejected a meter event for good; parked, see ListParkedMeterEvents"
+                        "Stripe rejected a meter event for good; parked, list them with `veo-sidecar parked-events`"
                     );
                     self.park(event, reason).await?;
                     report.parked += 1;

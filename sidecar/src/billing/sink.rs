@@ -131,7 +131,11 @@ pub fn classify(err: &StripeError) -> SendOutcome {
             let code = errors.code.as_ref().map(|code| code.as_str()).unwrap_or("");
             let param = errors.param.as_deref().unwrap_or("");
             let message = errors.message.as_deref().unwrap_or("no message");
-            let reason = format!("Stripe answered {status} {code}: {message}");
+            let reason = if code.is_empty() {
+                format!("Stripe returned {status}: {message}")
+            } else {
+                format!("Stripe returned {status} {code}: {message}")
+            };
             match status {
                 // NOTE: Stripe documents identifier uniqueness but not the
                 // exact error; this takes code `resource_already_exists` or a

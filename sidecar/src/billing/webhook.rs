@@ -170,7 +170,10 @@ impl WebhookHandler {
     pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> (StatusCode, String) {
         let settings = &self.inner.settings;
         if settings.secrets.is_empty() {
-            error!("no Stripe webhook signing secret configured; set one so deliveries verify");
+            warn!(
+                "Stripe webhook delivery rejected with 500: no signing secret; set \
+                 STRIPE_WEBHOOK_SECRET or billing.webhook_secrets"
+            );
             return reply_error(StatusCode::INTERNAL_SERVER_ERROR, "webhook not configured");
         }
 
@@ -497,7 +500,10 @@ impl WebhookHandler {
 /// Warns about settings that make the endpoint reject or ignore events.
 fn warn_about_settings(settings: &WebhookSettings) {
     if settings.secrets.is_empty() {
-        error!("no Stripe webhook signing secret configured; every delivery gets 500");
+        warn!(
+            "no Stripe webhook signing secret; webhook deliveries get 500 until \
+             STRIPE_WEBHOOK_SECRET or billing.webhook_secrets is set"
+        );
     }
     if settings.known_tiers.is_empty() {
         return;

@@ -265,14 +265,17 @@ pub(super) fn billing_config(
                 .collect();
             if secrets.is_empty() {
                 return Err(ConfigError::Invalid {
-                    origin: Origin::Flag("--stripe-webhook-secret"),
+                    origin: Origin::Flag("--stripe-webhook-secret or STRIPE_WEBHOOK_SECRET"),
                     key: "STRIPE_WEBHOOK_SECRET",
                     value: "<redacted>".into(),
                     reason: "contains no secret; give the endpoint's whsec_ secret or unset it"
                         .into(),
                 });
             }
-            check_secrets(&secrets, Origin::Flag("--stripe-webhook-secret"))?;
+            check_secrets(
+                &secrets,
+                Origin::Flag("--stripe-webhook-secret or STRIPE_WEBHOOK_SECRET"),
+            )?;
             secrets
         }
         None => {
@@ -324,7 +327,7 @@ pub(super) fn billing_config(
 /// Reads the Stripe key and base URL from the flags or the environment.
 fn stripe_access(flags: &Flags) -> Result<Option<StripeAccess>, ConfigError> {
     let key_error = |reason: &str| ConfigError::Invalid {
-        origin: Origin::Flag("--stripe-api-key"),
+        origin: Origin::Flag("--stripe-api-key or STRIPE_API_KEY"),
         key: "STRIPE_API_KEY",
         value: "<redacted>".into(),
         reason: reason.to_owned(),
@@ -337,9 +340,9 @@ fn stripe_access(flags: &Flags) -> Result<Option<StripeAccess>, ConfigError> {
         None | Some("") => {
             if base.is_some() {
                 return Err(ConfigError::Invalid {
-                    origin: Origin::Flag("--stripe-api-base"),
+                    origin: Origin::Flag("--stripe-api-base or STRIPE_API_BASE"),
                     key: "STRIPE_API_BASE",
-                    value: format!("{base:?}"),
+                    value: base.unwrap_or_default(),
                     reason: "is set without STRIPE_API_KEY; set the key too, or unset the base \
                              to write meter events to the outbox file"
                         .into(),
@@ -369,7 +372,7 @@ fn stripe_access(flags: &Flags) -> Result<Option<StripeAccess>, ConfigError> {
 /// client appends `v1/...` to.
 fn check_api_base(base: &str) -> Result<String, ConfigError> {
     let invalid = |reason: &str| ConfigError::Invalid {
-        origin: Origin::Flag("--stripe-api-base"),
+        origin: Origin::Flag("--stripe-api-base or STRIPE_API_BASE"),
         key: "STRIPE_API_BASE",
         value: format!("{base:?}"),
         reason: reason.to_owned(),
