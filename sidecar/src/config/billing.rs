@@ -286,13 +286,25 @@ pub(super) fn billing_config(
     };
 
     let canceled_tier = file.canceled_tier.unwrap_or_else(|| "basic".into());
+    if !is_tier_name(&canceled_tier) {
+        return Err(invalid(
+            "billing.canceled_tier",
+            format!("{canceled_tier:?}"),
+            "tier names are 1 to 32 characters of A-Z, a-z, 0-9, `_` and `-`",
+        ));
+    }
     let price_tiers = file.prices.unwrap_or_default();
     for (price, tier) in &price_tiers {
-        if price.is_empty() || tier.is_empty() {
+        let id_ok = (price.starts_with("price_") || price.starts_with("prod_"))
+            && price
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_');
+        if !id_ok || !is_tier_name(tier) {
             return Err(invalid(
                 "billing.prices",
                 format!("{price:?} = {tier:?}"),
-                "map a Stripe price id (price_...) or product id (prod_...) to a tier name",
+                "map a Stripe price id (price_...) or product id (prod_...) to a tier name of \
+                 1 to 32 characters of A-Z, a-z, 0-9, `_` and `-`",
             ));
         }
     }
@@ -322,6 +334,15 @@ pub(super) fn billing_config(
         },
         reconcile_interval: (reconcile > 0).then(|| Duration::from_secs(reconcile.unsigned_abs())),
     })
+}
+
+/// Returns whether `name` is a valid tier name, as in `[tiers.<name>]`.
+fn is_tier_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
 }
 
 /// Reads the Stripe key and base URL from the flags or the environment.
@@ -464,6 +485,23 @@ mod tests {
         assert!(stripe_access(&flags(Some("pk_test_1"), None)).is_err());
         assert!(stripe_access(&flags(Some("sk_test_\u{7}x"), None)).is_err());
         assert!(stripe_access(&flags(None, None)).unwrap().is_none());
+    }
+
+    #[test]
+    fn prices_need_stripe_ids_and_tier_names() {
+        let origin = Origin::Default;
+        let data_dir = Path::new("/tmp");
+        for prices in ["sub_123 = 'basic'", "price_1 = ''", "price_1 = 'pro '"] {
+            let text = format!("[prices]\n{prices}\n");
+            let file: FileBilling = toml::from_str(&text).unwrap();
+            let err = billing_config(Some(file), &origin, &Flags::default(), data_dir).unwrap_err();
+            assert!(
+                err.to_string().contains("billing.prices"),
+                "{prices}: {err}"
+            );
+        }
+        let file: FileBilling = toml::from_str("[prices]\nprice_1 = 'pro'\n").unwrap();
+        assert!(billing_config(Some(file), &origin, &Flags::default(), data_dir).is_ok());
     }
 
     #[test]
