@@ -1,8 +1,8 @@
 //! Billing end to end: real Envoy with the filter, the real sidecar and a
 //! fake Stripe API that speaks Stripe's wire format. Every admitted request
 //! and every response byte reaches Stripe exactly once, through lost
-//! replies, outages, rate limits and `kill -9`; webhooks change tiers at the
-//! edge; reconciliation finds and corrects usage Stripe lost.
+//! replies, outages, rate limits and `kill -9`. Webhooks change tiers at the
+//! edge, and reconciliation finds and corrects usage Stripe lost.
 //!
 //! The tests run on a multi-threaded runtime: stopping the sidecar blocks
 //! one thread while its last billing round talks to the fake Stripe server,
@@ -120,7 +120,7 @@ async fn traffic(client: &HttpClient, token: &str, count: usize) -> anyhow::Resu
     Ok(seen)
 }
 
-/// Waits until the ledger holds exactly what the clients saw.
+/// Waits until the ledger contains exactly what the clients saw.
 async fn await_ledger(sidecar: &Sidecar, seen: &BTreeMap<String, Seen>) -> anyhow::Result<()> {
     let expected: BTreeMap<String, CustomerUsage> = seen
         .iter()
@@ -162,7 +162,7 @@ async fn await_egress(billing: &Billing, bytes: u64) -> anyhow::Result<()> {
     }
 }
 
-/// Polls `check` every 100 ms until it holds or `timeout` passes.
+/// Polls `check` every 100 ms until it returns true or `timeout` passes.
 async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
