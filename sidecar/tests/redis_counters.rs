@@ -56,6 +56,15 @@ fn unix_now() -> anyhow::Result<i64> {
     Ok(i64::try_from(elapsed.as_secs())?)
 }
 
+/// Sleeps until just after the next whole second, so a test that waits
+/// about one second stays within the second after it.
+async fn align_to_second() -> anyhow::Result<()> {
+    let elapsed = SystemTime::now().duration_since(UNIX_EPOCH)?;
+    let into_second = Duration::from_nanos(u64::from(elapsed.subsec_nanos()));
+    tokio::time::sleep(Duration::from_secs(1) - into_second + Duration::from_millis(20)).await;
+    Ok(())
+}
+
 /// Exchanges at `now` with the default window.
 async fn exchange_at(
     counters: &RedisCounters,
@@ -282,6 +291,9 @@ async fn window_totals_drop_after_window() -> anyhow::Result<()> {
     let side_a = counters(&server, "side-a")?;
     let names = customers(&["cus_a", "cus_b"]);
 
+    // Starting at the top of a second keeps `second` below `start + 2`
+    // after the 1.1 s sleep, even on a loaded machine.
+    align_to_second().await?;
     let start = unix_now()?;
     let early = [contribution(1, "cus_a", start, 3)];
     let inside = exchange_in_window(&side_a, &early, &names, start, 2).await?;
