@@ -24,7 +24,7 @@ pub enum CommandError {
         #[source]
         source: tonic::transport::Error,
     },
-    /// The sidecar answered with an error.
+    /// The sidecar returned an error.
     #[error("the sidecar rejected the command: {0}")]
     Call(String),
 }
@@ -98,7 +98,7 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
 }
 
 async fn connect(url: &str) -> Result<AdminClient<tonic::transport::Channel>, CommandError> {
-    // The ready file holds a bare IP:PORT; accept it as it is.
+    // The ready file contains a bare IP:PORT, so accept that form too.
     let url = if url.contains("://") {
         url.to_owned()
     } else {

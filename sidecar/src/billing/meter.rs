@@ -31,7 +31,7 @@ impl Meter {
         Meter::ALL.into_iter().find(|meter| meter.name() == name)
     }
 
-    /// Ledger column that holds the meter's usage.
+    /// Returns the ledger column that contains the meter's usage.
     pub(crate) fn ledger_column(self) -> &'static str {
         match self {
             Meter::ApiRequests => "admitted",
@@ -46,7 +46,7 @@ impl fmt::Display for Meter {
     }
 }
 
-/// What an event identifier is derived from. Two events have the same
+/// Fields an event identifier is derived from. Two events have the same
 /// identifier only when every field is equal, so a retried or re-created
 /// event can never be billed twice, and two ledgers (regions, or sidecars
 /// within a region) never share one.

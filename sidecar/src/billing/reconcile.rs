@@ -58,7 +58,7 @@ pub enum ReconcileError {
     /// Stripe failed to list meters or summaries.
     #[error("failed to read {what} from Stripe; check the key and retry")]
     Stripe {
-        /// What was being read.
+        /// The data that was being read.
         what: String,
         /// Stripe's error.
         #[source]
@@ -88,10 +88,10 @@ const HOUR_SECONDS: i64 = 3_600;
 /// was sent to, so overlapping ranges and a customer moved to another
 /// Stripe customer agree on what is missing. For each hour, the corrective
 /// event carries `sent - stripe` and falls within that hour. Its
-/// identifier is tied to the hour and the value Stripe reported, and an
-/// hour with a correction that is queued, or was sent within the last
-/// [`CORRECTION_SETTLE_S`] seconds, is left alone while Stripe catches up:
-/// Stripe aggregates meter events asynchronously. Usage still waiting in
+/// identifier is tied to the hour and the value Stripe reported. Stripe
+/// aggregates meter events asynchronously, so an hour with a correction
+/// that is queued, or was sent within the last [`CORRECTION_SETTLE_S`]
+/// seconds, is left alone while Stripe catches up. Usage still waiting in
 /// the queue shows as drift but is never corrected, because it is on its
 /// way.
 pub async fn reconcile(
