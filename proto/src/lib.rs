@@ -2,7 +2,7 @@
 //! tonic clients and servers.
 //!
 //! `sync` is the filter-to-sidecar usage sync; `usage` is the public usage
-//! query API; `admin` holds operator actions such as billing
+//! query API; `admin` contains operator actions such as billing
 //! reconciliation.
 
 #![allow(missing_docs)]

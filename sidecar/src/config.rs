@@ -364,12 +364,7 @@ fn tiers_config(
     };
     let mut tiers = Vec::with_capacity(file.len());
     for (name, tier) in file {
-        let name_ok = !name.is_empty()
-            && name.len() <= 32
-            && name
-                .bytes()
-                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
-        if !name_ok {
+        if !billing::is_tier_name(&name) {
             return Err(invalid(
                 "tiers",
                 format!("{name:?}"),

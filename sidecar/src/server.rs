@@ -207,10 +207,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 
     set_status(&health, ServingStatus::NotServing).await;
     let _ = stop.send(());
-    // The billing loop's last round runs while the gRPC server drains: a
-    // connected Envoy can keep the drain waiting for the whole grace
-    // period, and usage of a batch applied meanwhile is billed as one more
-    // event at the next start.
+    // The billing loop's last round runs while the gRPC server drains,
+    // because a connected Envoy can keep the drain waiting for the whole
+    // grace period. Usage of a batch applied meanwhile is billed as one
+    // more event at the next start.
     let _ = stop_billing.send(true);
     finish(server, config.shutdown_grace()).await;
     if let Some(task) = counters_task {

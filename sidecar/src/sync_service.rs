@@ -142,7 +142,7 @@ impl SyncService {
             .collect();
     }
 
-    /// Returns the overrides when the instance holds another version.
+    /// Returns the overrides when the instance has another version.
     fn overrides_for(&self, known_version: u64) -> Option<TierOverrides> {
         let current = self
             .overrides

@@ -554,7 +554,7 @@ async fn tier_of(sidecar: &Sidecar, customer: &str) -> anyhow::Result<String> {
 }
 
 /// Malformed, forged, oversized and replayed deliveries: the sidecar stays
-/// up, answers each, and keeps the newest tier.
+/// up, responds to each, and keeps the newest tier.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_webhooks_keep_newest_tier() -> anyhow::Result<()> {
     let dir = temp_dir()?;

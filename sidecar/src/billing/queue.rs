@@ -1,7 +1,7 @@
 //! The meter event queue in the usage store: closing minute buckets into
 //! events, and the state of each event on its way to Stripe.
 //!
-//! Every function runs on one SQLite connection; those that change more
+//! Every function runs on one SQLite connection. Those that change more
 //! than one row do so in one transaction, so a crash leaves either all of
 //! a bucket's change or none of it.
 
