@@ -1,6 +1,7 @@
 //! Plugin configuration: parsed from the JSON in Envoy's `configuration`
 //! field, validated once, and kept as an immutable [`Config`].
 
+pub mod geo;
 pub mod raw;
 pub mod tier;
 
@@ -11,6 +12,7 @@ use raw::{RawConfig, RawJwt, RawSidecar};
 pub use tier::{Burst, Quota, Tier, Tiers};
 
 use crate::filter::{CUSTOMER_HEADER, TIER_HEADER};
+use crate::geo::Geo;
 use crate::jwt::Verifier;
 use crate::jwt::keys::VerifyingKey;
 
@@ -103,6 +105,8 @@ pub struct Config {
     pub forged_headers: Vec<String>,
     /// Sidecar connection.
     pub sidecar: SidecarSettings,
+    /// Geo-fencing; `None` turns it off.
+    pub geo: Option<Geo>,
 }
 
 impl Config {
@@ -153,6 +157,7 @@ impl Config {
         )?;
         let forged_headers = build_forged_headers(raw.forged_headers.unwrap_or_default())?;
         let sidecar = build_sidecar(raw.sidecar)?;
+        let geo = raw.geo.map(|raw| geo::build_geo(raw, &tiers)).transpose()?;
         Ok(Self {
             verifier,
             tiers,
@@ -161,6 +166,7 @@ impl Config {
             token_cache_entries,
             forged_headers,
             sidecar,
+            geo,
         })
     }
 }
@@ -270,11 +276,7 @@ fn table_slots(field: &str, value: Option<u32>, default: u32) -> Result<u32, Con
 fn build_forged_headers(names: Vec<String>) -> Result<Vec<String>, ConfigError> {
     let mut headers = Vec::with_capacity(names.len());
     for (index, name) in names.into_iter().enumerate() {
-        let valid = !name.is_empty()
-            && name
-                .bytes()
-                .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte));
-        if !valid {
+        if !is_header_name(&name) {
             return Err(ConfigError::invalid(
                 format!("forged_headers[{index}]"),
                 &name,
@@ -290,6 +292,15 @@ fn build_forged_headers(names: Vec<String>) -> Result<Vec<String>, ConfigError> 
         }
     }
     Ok(headers)
+}
+
+/// Returns whether `name` is an HTTP header name (an RFC 9110 token),
+/// which excludes pseudo-headers such as `:authority`.
+pub(crate) fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte))
 }
 
 fn build_sidecar(raw: Option<RawSidecar>) -> Result<SidecarSettings, ConfigError> {

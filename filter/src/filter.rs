@@ -1,10 +1,12 @@
 //! The HTTP filter role. Per request it reads the bearer token, finds it
-//! in the verified-token cache or verifies it, applies the customer's tier
-//! override, and rate-limits the customer in shared data. Then it replies
-//! 401 or 429, or passes the request upstream with the customer and tier
-//! headers set from the verified claims, and counts the response body
-//! bytes.
+//! in the verified-token cache or verifies it, rejects erased customers,
+//! applies the customer's tier override, geo-fences region-locked assets,
+//! and rate-limits the customer in shared data. Then it replies 401, 451 or
+//! 429, or passes the request upstream with the customer and tier headers
+//! set from the verified claims, and counts the response body bytes.
 
+pub mod erasure;
+pub mod geo;
 pub mod stream;
 
 use std::cell::{Cell, RefCell};
@@ -12,17 +14,20 @@ use std::rc::Rc;
 
 use crate::config::tier::FailurePolicy;
 use crate::config::{Config, Tiers};
+use crate::geo::AssetTable;
 use crate::host::{Host, LogLevel};
 use crate::jwt::{AuthError, bearer_token};
 use crate::limiter::{Admission, Limiter};
 use crate::metrics::{Counter, Metrics};
 use crate::response::{self, LocalReply};
 use crate::sync::{
-    OVERRIDES_KEY, OverrideTable, STATE_KEY, TIERS_KEY, decode_overrides, decode_pushed_tiers,
+    ErasureTable, OVERRIDES_KEY, OverrideTable, STATE_KEY, TIERS_KEY, decode_overrides,
+    decode_pushed_tiers,
 };
 use crate::token_cache::{CacheLevel, CachedToken, TokenCache};
 use crate::usage::queue::Delivery;
 use crate::usage::{self, EgressMeter, UsageMessage, UsageQueue};
+use geo::Fence;
 pub use stream::{RequestEgress, Stream};
 
 /// Header the upstream reads the customer id from.
@@ -79,6 +84,14 @@ pub struct Filter {
     overrides: RefCell<OverrideTable>,
     /// Compare-and-swap token of the overrides last applied.
     overrides_cas: Cell<Option<u32>>,
+    /// Asset rules the sidecar pushed, read on the timer.
+    assets: RefCell<AssetTable>,
+    /// Compare-and-swap token of the asset rules last applied.
+    assets_cas: Cell<Option<u32>>,
+    /// Erased customers the sync role published, read on the timer.
+    erasures: RefCell<ErasureTable>,
+    /// Compare-and-swap token of the erased customers last applied.
+    erasures_cas: Cell<Option<u32>>,
     /// Response body bytes not yet on the usage queue.
     egress: EgressMeter,
     /// Whether a newer configuration replaced this filter or the plugin
@@ -90,12 +103,16 @@ impl Filter {
     /// Creates the filter; `vm_id` names the VM whose usage queue the sync
     /// role registered.
     pub fn new(host: &impl Host, config: Config, vm_id: &str) -> Self {
+        let mut metrics = Metrics::define(host, &config.tiers);
+        if let Some(geo) = &config.geo {
+            metrics.define_geo_blocked(host, geo.regions());
+        }
         Self {
             tokens: TokenCache::new(config.token_cache_entries),
             limiter: Limiter::new(config.max_customers)
                 .with_share_before_sync(config.quota_share_before_sync),
             usage: UsageQueue::new(vm_id),
-            metrics: Metrics::define(host, &config.tiers),
+            metrics,
             tiers: RefCell::new(Rc::new(config.tiers.clone())),
             config,
             debug: Cell::new(false),
@@ -104,6 +121,10 @@ impl Filter {
             tiers_cas: Cell::new(None),
             overrides: RefCell::new(OverrideTable::default()),
             overrides_cas: Cell::new(None),
+            assets: RefCell::new(AssetTable::default()),
+            assets_cas: Cell::new(None),
+            erasures: RefCell::new(ErasureTable::default()),
+            erasures_cas: Cell::new(None),
             egress: EgressMeter::new(),
             retired: Cell::new(false),
         }
@@ -127,6 +148,11 @@ impl Filter {
         let tier_index = self.tier_of(&cached);
         let tiers = Rc::clone(&self.tiers.borrow());
         let tier = tiers.get(tier_index);
+        // Before the limiter, so a 451 consumes no quota and is not usage.
+        let storage_region = match self.fence(host, &cached.customer, tier, tier_index) {
+            Fence::Pass { storage_region } => storage_region,
+            Fence::Refused => return RequestOutcome::Replied,
+        };
         let degraded = self.degraded.get();
         if degraded && let FailurePolicy::Refuse { status } = tier.failure_policy {
             self.metrics.add(Counter::FailClosed, 1);
@@ -155,7 +181,8 @@ impl Filter {
                     pending,
                 };
                 self.deliver_usage(host, now_ms, &[detached]);
-                self.forward(host, &cached.customer, &tier.name);
+                let customer = &cached.customer;
+                self.forward(host, customer, &tier.name, storage_region.as_deref());
                 return RequestOutcome::Forward {
                     fields: None,
                     egress: RequestEgress::new(cached, tier_index, now_ms),
@@ -189,7 +216,12 @@ impl Filter {
             self.send(host, &response::too_many_requests(tier, &decision));
             return RequestOutcome::Replied;
         }
-        self.forward(host, &cached.customer, &tier.name);
+        self.forward(
+            host,
+            &cached.customer,
+            &tier.name,
+            storage_region.as_deref(),
+        );
         let fields = ResponseFields {
             tier: tier_index,
             ratelimit: response::ratelimit_value(tier, &decision),
@@ -224,10 +256,17 @@ impl Filter {
         let tiers = &self.config.tiers;
         if let Some((cached, level)) = self.tokens.get(host, tiers, token, now_s) {
             self.metrics.add(Counter::TokenCacheHits, 1);
+            if self.is_erased(&cached.customer, now_s) {
+                self.tokens.remove(host, token);
+                return Err(AuthError::Revoked);
+            }
             return Ok((cached, Some(level)));
         }
         self.metrics.add(Counter::TokenCacheMisses, 1);
         let verified = verifier.verify(token, now_s)?;
+        if self.is_erased(&verified.customer, now_s) {
+            return Err(AuthError::Revoked);
+        }
         Ok((
             self.tokens.insert(host, tiers, token, verified, now_s),
             None,
@@ -252,6 +291,8 @@ impl Filter {
         }
         self.refresh_tiers(host);
         self.refresh_overrides(host);
+        self.refresh_assets(host);
+        self.refresh_erasures(host);
         if self.usage.backlog_len() > 0 {
             self.usage.retry_backlog(host);
         }
@@ -371,9 +412,10 @@ impl Filter {
         RequestOutcome::Replied
     }
 
-    /// Replaces client-sent identity headers with the verified ones and
-    /// removes the other headers a client could forge.
-    fn forward(&self, host: &impl Host, customer: &str, tier: &str) {
+    /// Replaces client-sent identity headers with the verified ones,
+    /// removes the other headers a client could forge, and sets the
+    /// storage region of a locked asset.
+    fn forward(&self, host: &impl Host, customer: &str, tier: &str, storage_region: Option<&str>) {
         // Removing first means a forged header that names an identity
         // header can never delete the verified value.
         for name in &self.config.forged_headers {
@@ -381,6 +423,9 @@ impl Filter {
         }
         let _ = host.set_request_header(CUSTOMER_HEADER, customer);
         let _ = host.set_request_header(TIER_HEADER, tier);
+        if let (Some(geo), Some(region)) = (&self.config.geo, storage_region) {
+            let _ = host.set_request_header(&geo.storage_region_header, region);
+        }
     }
 
     fn send(&self, host: &impl Host, reply: &LocalReply) {

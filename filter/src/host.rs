@@ -88,6 +88,11 @@ pub trait Host {
     /// Removes every value of a request header.
     fn remove_request_header(&self, name: &str) -> Result<(), HostError>;
 
+    /// Reads an Envoy attribute such as `source.address` (path
+    /// `["source", "address"]`) as raw bytes; `None` when Envoy has no
+    /// value for it.
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
+
     /// Appends a header to the response on its way to the client.
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError>;
 

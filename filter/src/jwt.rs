@@ -56,6 +56,10 @@ pub enum AuthError {
     /// printable ASCII.
     #[error("invalid customer claim")]
     InvalidCustomer,
+    /// The customer was erased; its tokens are refused until the time the
+    /// sidecar set, even though they verify.
+    #[error("token revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -74,6 +78,7 @@ impl AuthError {
             Self::WrongAudience => "wrong audience",
             Self::MissingExpiry => "missing exp claim",
             Self::InvalidCustomer => "invalid customer claim",
+            Self::Revoked => "token revoked",
         }
     }
 }

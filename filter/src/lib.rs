@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod filter;
+pub mod geo;
 pub mod host;
 pub mod jwt;
 pub mod limiter;

@@ -4,9 +4,9 @@
 //! its compare-and-swap token, retried when another worker wrote first.
 //!
 //! A customer's record lives in one of [`PROBES`] consecutive slots from
-//! the hash of its id. When none contains it, the first free slot is taken,
-//! else the idle record seen longest ago, else the record seen longest
-//! ago. An evicted record's pending usage is handed to the sync role, not
+//! the hash of its id. When none contains it, a cleared or unreadable slot
+//! is taken, else the first free slot, else the idle record seen longest
+//! ago, else the record seen longest ago. An evicted record's pending usage is handed to the sync role, not
 //! dropped.
 
 pub mod bucket;
@@ -43,6 +43,12 @@ const REMOTE_REFRESH_MS: u64 = 1_000;
 // current token is exactly u32::MAX would accept this write. That takes
 // the counter wrapping and landing on this key during the race.
 const CREATE_ONLY_CAS: u32 = u32::MAX;
+
+/// Value that clears a slot. Keys cannot be deleted, and probing stops at
+/// a missing key, so a cleared slot must still exist. It contains one byte
+/// that no record version starts with, so it reads as an unreadable slot,
+/// which the next new customer takes first.
+const CLEARED_SLOT: &[u8] = &[0];
 
 /// Failure to decide from shared data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -211,6 +217,35 @@ impl Limiter {
         Ok(false)
     }
 
+    /// Clears the record of `customer`, its counters and its pending usage,
+    /// and returns it; `None` when this instance has no record of the
+    /// customer.
+    pub fn remove(&self, host: &impl Host, customer: &str) -> Result<Option<Record>, LimiterError> {
+        let start = self.home_slot(customer);
+        'probes: for probe in 0..PROBES.min(self.slots) {
+            let key = slot_key((start + probe) % self.slots);
+            for _ in 0..MAX_ATTEMPTS {
+                let value = host.get_shared_data(&key)?;
+                let (Some(bytes), Some(cas)) = (value.bytes, value.cas) else {
+                    return Ok(None);
+                };
+                let Some(record) = Record::decode(&bytes) else {
+                    continue 'probes;
+                };
+                if record.customer != customer {
+                    continue 'probes;
+                }
+                match host.set_shared_data(&key, CLEARED_SLOT, Some(cas)) {
+                    Ok(()) => return Ok(Some(record)),
+                    Err(SetError::CasMismatch) => {}
+                    Err(SetError::Host(error)) => return Err(error.into()),
+                }
+            }
+            return Err(LimiterError::Contention(MAX_ATTEMPTS));
+        }
+        Ok(None)
+    }
+
     /// Returns the number of slots.
     pub fn slots(&self) -> u32 {
         self.slots
@@ -240,7 +275,11 @@ impl Limiter {
             let value = host.get_shared_data(&slot_key(slot))?;
             let (Some(bytes), Some(cas)) = (value.bytes, value.cas) else {
                 // Slots are never deleted, so the record cannot be in a
-                // later slot: it would have taken this one.
+                // later slot: it would have taken this one. A cleared or
+                // unreadable slot before this one is reused first.
+                if let Some((Rank::Unreadable, placement)) = best {
+                    return Ok(placement);
+                }
                 return Ok(Placement {
                     slot,
                     cas: CREATE_ONLY_CAS,
@@ -630,6 +669,38 @@ mod tests {
             updated_ms: NOW,
         };
         assert_eq!(limiter.set_remote(&host, "other", remote), Ok(false));
+    }
+
+    #[test]
+    fn removed_record_frees_its_slot() {
+        let host = MemoryHost::new(NOW);
+        let limiter = Limiter::new(PROBES);
+        let home = 0;
+        let first = customer_at(&limiter, home, 0);
+        let second = customer_at(&limiter, home, 1);
+        assert!(admitted(&limiter, &host, &first));
+        assert!(admitted(&limiter, &host, &second));
+        assert!(admitted(&limiter, &host, &second));
+
+        let removed = limiter.remove(&host, &first).unwrap().unwrap();
+        assert_eq!(removed.customer, first);
+        assert_eq!(limiter.remove(&host, &first), Ok(None));
+        assert_eq!(host.shared_data_keys(KEY_PREFIX).len(), 2);
+
+        // The customer behind the cleared slot is still found, and the
+        // cleared slot goes to the next new customer without an eviction.
+        assert!(admitted(&limiter, &host, &second));
+        assert!(!admitted(&limiter, &host, &second));
+        let newcomer = customer_at(&limiter, home, 2);
+        let admission = limiter
+            .admit(&host, &newcomer, &basic(), NOW, None)
+            .unwrap();
+        assert_eq!(admission.slot, home);
+        assert_eq!(admission.evicted_active, None);
+        // A removed customer starts afresh.
+        for _ in 0..3 {
+            assert!(admitted(&limiter, &host, &first));
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::cell::Cell;
 
 use crate::config::Tiers;
+use crate::geo::{ClientRegion, UNKNOWN_REGION};
 use crate::host::{Host, LogLevel};
 
 /// A counter that exists once per filter.
@@ -45,11 +46,15 @@ pub enum Counter {
     /// tier the plugin configuration does not define, counted once per
     /// received set.
     TierOverridesIgnored,
+    /// Client-sent region headers removed before the geo-fence read them:
+    /// a CDN country header from an untrusted address, or a storage region
+    /// header.
+    GeoHeadersRemoved,
 }
 
 impl Counter {
     /// Every counter, in id order.
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Requests,
         Counter::AuthFailures,
         Counter::TokenCacheHits,
@@ -63,6 +68,7 @@ impl Counter {
         Counter::FailOpen,
         Counter::FailClosed,
         Counter::TierOverridesIgnored,
+        Counter::GeoHeadersRemoved,
     ];
 
     /// Returns the metric name passed to Envoy.
@@ -81,6 +87,7 @@ impl Counter {
             Self::FailOpen => "veo.fail_open_total",
             Self::FailClosed => "veo.fail_closed_total",
             Self::TierOverridesIgnored => "veo.tier_overrides_ignored_total",
+            Self::GeoHeadersRemoved => "veo.geo_headers_removed_total",
         }
     }
 }
@@ -90,6 +97,11 @@ pub fn rate_limited_name(tier: &str) -> String {
     format!("veo.rate_limited_total.tier.{tier}")
 }
 
+/// Returns the metric name of the per-region 451 counter.
+pub fn geo_blocked_name(region: &str) -> String {
+    format!("veo.geo_blocked_total.region.{region}")
+}
+
 /// Unflushed counts and the host's metric ids.
 #[derive(Debug)]
 pub struct Metrics {
@@ -97,6 +109,9 @@ pub struct Metrics {
     rate_limited: Vec<Cell<u64>>,
     ids: Vec<Option<u32>>,
     rate_limited_ids: Vec<Option<u32>>,
+    /// 451 counts per region id, then one for the unknown region.
+    geo_blocked: Vec<Cell<u64>>,
+    geo_blocked_ids: Vec<Option<u32>>,
 }
 
 impl Metrics {
@@ -130,6 +145,43 @@ impl Metrics {
             rate_limited: tiers.all().iter().map(|_| Cell::new(0)).collect(),
             ids,
             rate_limited_ids,
+            geo_blocked: Vec::new(),
+            geo_blocked_ids: Vec::new(),
+        }
+    }
+
+    /// Defines one 451 counter per region in `regions`, whose indexes are
+    /// the region ids, and one for the unknown region.
+    pub fn define_geo_blocked(&mut self, host: &impl Host, regions: &[String]) {
+        let names = regions.iter().map(String::as_str).chain([UNKNOWN_REGION]);
+        let mut failed = Vec::new();
+        self.geo_blocked_ids = names
+            .map(|region| {
+                let name = geo_blocked_name(region);
+                let id = host.define_counter(&name).ok();
+                if id.is_none() {
+                    failed.push(name);
+                }
+                id
+            })
+            .collect();
+        self.geo_blocked = self.geo_blocked_ids.iter().map(|_| Cell::new(0)).collect();
+        if !failed.is_empty() {
+            host.log(
+                LogLevel::Warn,
+                &format!("could not define metrics names={}", failed.join(",")),
+            );
+        }
+    }
+
+    /// Counts one 451 of a client in `region`.
+    pub fn add_geo_blocked(&self, region: ClientRegion) {
+        let index = match region {
+            ClientRegion::Known(id) => usize::from(id),
+            ClientRegion::Unknown => self.geo_blocked.len().saturating_sub(1),
+        };
+        if let Some(cell) = self.geo_blocked.get(index) {
+            cell.set(cell.get() + 1);
         }
     }
 
@@ -153,7 +205,8 @@ impl Metrics {
     pub fn flush(&self, host: &impl Host) {
         let cells = self.counts.iter().zip(&self.ids);
         let tier_cells = self.rate_limited.iter().zip(&self.rate_limited_ids);
-        for (cell, id) in cells.chain(tier_cells) {
+        let region_cells = self.geo_blocked.iter().zip(&self.geo_blocked_ids);
+        for (cell, id) in cells.chain(tier_cells).chain(region_cells) {
             let count = cell.replace(0);
             if let (Some(id), true) = (id, count > 0)
                 && host.increment_metric(*id, count).is_err()
@@ -186,6 +239,23 @@ mod tests {
 
         metrics.flush(&host);
         assert_eq!(host.counter("veo.requests_total"), 2);
+    }
+
+    #[test]
+    fn geo_blocked_counts_per_region() {
+        let host = MemoryHost::new(0);
+        let tiers = build_tiers(&default_raw_tiers(), "basic").unwrap();
+        let mut metrics = Metrics::define(&host, &tiers);
+        metrics.define_geo_blocked(&host, &["eu-west".to_owned(), "us-east".to_owned()]);
+        metrics.add_geo_blocked(ClientRegion::Known(1));
+        metrics.add_geo_blocked(ClientRegion::Unknown);
+        metrics.add_geo_blocked(ClientRegion::Unknown);
+        metrics.add_geo_blocked(ClientRegion::Known(7));
+        metrics.flush(&host);
+
+        assert_eq!(host.counter("veo.geo_blocked_total.region.us-east"), 1);
+        assert_eq!(host.counter("veo.geo_blocked_total.region.eu-west"), 0);
+        assert_eq!(host.counter("veo.geo_blocked_total.region.unknown"), 2);
     }
 
     #[test]

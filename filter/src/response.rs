@@ -1,11 +1,13 @@
 //! Header values and bodies of the filter's responses: 401 for a missing
-//! or invalid token, 429 over the limit, and the IETF `RateLimit` and
+//! or invalid token, 451 for a region-locked asset, 429 over the limit,
+//! and the IETF `RateLimit` and
 //! `RateLimit-Policy` fields (draft-ietf-httpapi-ratelimit-headers) on
 //! every decided request.
 
 use serde_json::json;
 
 use crate::config::Tier;
+use crate::geo::Rejection;
 use crate::jwt::AuthError;
 use crate::limiter::Decision;
 
@@ -36,6 +38,21 @@ pub fn unauthorized(error: AuthError) -> LocalReply {
             ("content-type", "application/json".to_owned()),
             ("www-authenticate", challenge),
         ],
+        body: body.to_string(),
+    }
+}
+
+/// Builds the 451 reply for a request of the locked `asset`. The body
+/// names the asset and the reason, never the client's address or country.
+pub fn unavailable_for_legal_reasons(asset: &str, rejection: Rejection) -> LocalReply {
+    let body = json!({
+        "error": "unavailable_for_legal_reasons",
+        "asset": asset,
+        "reason": rejection.reason(),
+    });
+    LocalReply {
+        status: 451,
+        headers: vec![("content-type", "application/json".to_owned())],
         body: body.to_string(),
     }
 }
@@ -163,6 +180,22 @@ mod tests {
         let challenge = header(&reply, "www-authenticate").unwrap();
         assert!(challenge.starts_with("Bearer "), "{challenge}");
         assert!(challenge.contains("invalid_token"), "{challenge}");
+    }
+
+    #[test]
+    fn geo_reply_names_asset_and_reason() {
+        let reply = unavailable_for_legal_reasons("a\"1", Rejection::RegionUnknown);
+        assert_eq!(reply.status, 451);
+        assert_eq!(header(&reply, "content-type"), Some("application/json"));
+        let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "error": "unavailable_for_legal_reasons",
+                "asset": "a\"1",
+                "reason": "region_unknown"
+            })
+        );
     }
 
     #[test]

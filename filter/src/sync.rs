@@ -7,18 +7,23 @@
 //! same sequence number, until the sidecar acknowledges it, while new
 //! usage collects for the next batch. The sequence advances only on
 //! success, so the sidecar applies every batch once. When there is no usage
-//! to send but the last reply named any customer, the tick sends a poll (a
-//! batch without usage) for the reply alone.
+//! to send, the tick sends a poll (a batch without usage) for the reply
+//! alone: on the first tick, while the last reply named any customer, after
+//! applying erased customers (to acknowledge them), and at least once per
+//! [`HEARTBEAT`] otherwise, so an idle instance still receives the pushed
+//! sets.
 //!
 //! Each reply's view of other instances is written into the customers'
 //! limiter records, where the request path reads it at no extra cost. The
 //! reply also sets the next interval, shorter near a quota, and reports
 //! whether the counters shared with other sidecars are reachable. It may
-//! carry tier limits and customer tier overrides. The workers read the
-//! state, the limits and the overrides from shared data on their own
-//! timer.
+//! carry tier limits, customer tier overrides, the asset region registry
+//! and erased customers. The workers read the state and these sets from
+//! shared data on their own timer.
 
+pub mod assets;
 pub mod batch;
+pub mod erasures;
 pub mod instance;
 pub mod overrides;
 
@@ -29,12 +34,16 @@ use prost::Message;
 use veo_proto::sync::{SyncRequest, SyncResponse, TierLimits};
 
 use crate::config::{SidecarSettings, Tier, Tiers};
+use crate::geo::Geo;
 use crate::host::{Host, LogLevel, SetError};
 use crate::limiter::record::{Record, RemoteState};
 use crate::limiter::{Limiter, slot_key};
 use crate::metrics::{Counter, Metrics};
 use crate::usage::{EgressUsage, PendingUsage, UsageMessage};
-use batch::{Batch, UsageKey, UsageTotals};
+pub use assets::{ASSETS_KEY, decode_asset_regions};
+use batch::{Batch, UsageKey, UsageTotals, Versions};
+use erasures::ErasureState;
+pub use erasures::{ERASURES_KEY, ErasureTable, decode_erasures};
 pub use overrides::{OVERRIDES_KEY, OverrideTable, decode_overrides};
 
 /// gRPC service of the sync call.
@@ -85,6 +94,14 @@ pub struct Sync {
     /// Version of the tier overrides last published under
     /// [`OVERRIDES_KEY`]; 0 before the first.
     overrides_version: u64,
+    /// Geo-fencing settings of the plugin configuration, to check pushed
+    /// asset regions against.
+    geo: Option<Geo>,
+    /// Version of the asset regions last published under [`ASSETS_KEY`];
+    /// 0 before the first.
+    asset_regions_version: u64,
+    /// Erased customers received and the purge of their data.
+    erasures: ErasureState,
     limiter: Limiter,
     collected: BTreeMap<UsageKey, UsageTotals>,
     retry_slots: Vec<u32>,
@@ -97,13 +114,19 @@ pub struct Sync {
     /// Whether `degraded` was written to [`STATE_KEY`] at least once.
     state_published: bool,
     poll_due: bool,
+    /// Time of the last reply, in milliseconds since the Unix epoch; `None`
+    /// before the first.
+    last_reply_ms: Option<u64>,
     interval: Duration,
 }
+
+/// Maximum time an idle instance goes without a call to the sidecar.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 impl Sync {
     /// Creates the sync role. `instance_id` identifies this Envoy
     /// instance and VM to the sidecar; `queue_id` is the registered usage
-    /// queue; `tiers` and `limiter` are the filter's.
+    /// queue; `tiers`, `limiter` and `geo` are the filter's.
     pub fn new(
         settings: SidecarSettings,
         instance_id: String,
@@ -111,6 +134,7 @@ impl Sync {
         metrics: Metrics,
         tiers: Tiers,
         limiter: Limiter,
+        geo: Option<Geo>,
     ) -> Self {
         Self {
             interval: settings.sync_interval,
@@ -122,6 +146,9 @@ impl Sync {
             tiers,
             pushed_tiers: None,
             overrides_version: 0,
+            geo,
+            asset_regions_version: 0,
+            erasures: ErasureState::default(),
             limiter,
             collected: BTreeMap::new(),
             retry_slots: Vec::new(),
@@ -133,12 +160,19 @@ impl Sync {
             degraded: false,
             state_published: false,
             poll_due: false,
+            last_reply_ms: None,
         }
     }
 
-    /// Applies new settings, tiers and limiter table from a configuration
-    /// update.
-    pub fn reconfigure(&mut self, settings: SidecarSettings, tiers: Tiers, limiter: Limiter) {
+    /// Applies new settings, tiers, limiter table and geo-fencing settings
+    /// from a configuration update.
+    pub fn reconfigure(
+        &mut self,
+        settings: SidecarSettings,
+        tiers: Tiers,
+        limiter: Limiter,
+        geo: Option<Geo>,
+    ) {
         self.interval = settings.sync_interval;
         self.settings = settings;
         self.base_tiers = tiers.clone();
@@ -146,6 +180,7 @@ impl Sync {
         // Unknown, so the next reply publishes its limits, none included.
         self.pushed_tiers = None;
         self.limiter = limiter;
+        self.geo = geo;
     }
 
     /// Returns the instance id sent with every batch.
@@ -162,6 +197,7 @@ impl Sync {
     /// flight.
     pub fn on_tick(&mut self, host: &impl Host) {
         self.collect(host);
+        self.finish_erasures(host);
         self.metrics.flush(host);
         if self.in_flight.is_some() {
             return;
@@ -169,8 +205,9 @@ impl Sync {
 
         if self.unacknowledged.is_none() && !self.collected.is_empty() {
             let created_unix_ms = i64::try_from(host.now_ms()).unwrap_or(i64::MAX);
+            let versions = self.versions();
             let tiers = &self.tiers;
-            // The batch is resent with this version until it is
+            // The batch is resent with these versions until it is
             // acknowledged. A version that is stale by then only makes the
             // sidecar send the set in force again, which changes nothing.
             let batch = Batch::take(
@@ -178,7 +215,7 @@ impl Sync {
                 &self.instance_id,
                 self.next_sequence,
                 created_unix_ms,
-                self.overrides_version,
+                versions,
                 |name| {
                     let index = tiers.resolve(Some(name));
                     let tier = tiers.get(index);
@@ -187,9 +224,13 @@ impl Sync {
             );
             self.unacknowledged = Some(batch);
         }
+        let heartbeat_ms = u64::try_from(HEARTBEAT.as_millis()).unwrap_or(u64::MAX);
+        let heartbeat_due = self
+            .last_reply_ms
+            .is_none_or(|at| host.now_ms().saturating_sub(at) >= heartbeat_ms);
         let (message, poll) = match &self.unacknowledged {
             Some(batch) => (batch.encoded.clone(), false),
-            None if self.poll_due => (self.poll_message(host), true),
+            None if self.poll_due || heartbeat_due => (self.poll_message(host), true),
             None => return,
         };
 
@@ -231,6 +272,7 @@ impl Sync {
             }
         };
         self.consecutive_failures = 0;
+        self.last_reply_ms = Some(host.now_ms());
         if self.failing {
             self.failing = false;
             host.log(
@@ -280,14 +322,26 @@ impl Sync {
     }
 
     fn poll_message(&self, host: &impl Host) -> Vec<u8> {
+        let versions = self.versions();
         SyncRequest {
             instance_id: self.instance_id.clone(),
             sequence: self.next_sequence.saturating_sub(1),
             created_unix_ms: i64::try_from(host.now_ms()).unwrap_or(i64::MAX),
             usage: Vec::new(),
-            tier_overrides_version: self.overrides_version,
+            tier_overrides_version: versions.tier_overrides,
+            asset_regions_version: versions.asset_regions,
+            erasures_version: versions.erasures,
         }
         .encode_to_vec()
+    }
+
+    /// Returns the versions of the pushed sets this instance applies.
+    fn versions(&self) -> Versions {
+        Versions {
+            tier_overrides: self.overrides_version,
+            asset_regions: self.asset_regions_version,
+            erasures: self.erasures_version(),
+        }
     }
 
     /// Writes the reply's view of other instances into the limiter
@@ -328,6 +382,8 @@ impl Sync {
         self.set_degraded(host, reply.counters_degraded);
         self.apply_tiers(host, &reply.tiers);
         self.apply_overrides(host, reply.tier_overrides.as_ref());
+        self.apply_asset_regions(host, reply.asset_regions.as_ref());
+        self.apply_erasures(host, reply.erasures.as_ref());
 
         let interval = match reply.next_sync_ms {
             0 => self.settings.sync_interval,
@@ -474,15 +530,16 @@ impl Sync {
     /// Drains the usage queue and takes pending usage out of the records
     /// it names.
     fn collect(&mut self, host: &impl Host) {
+        let now_s = host.now_ms() / 1000;
         let mut slots = std::mem::take(&mut self.retry_slots);
         loop {
             match host.dequeue_shared_queue(self.queue_id) {
                 Ok(Some(bytes)) => match UsageMessage::decode(&bytes) {
                     Some(UsageMessage::Slot(slot)) => slots.push(slot),
                     Some(UsageMessage::Detached { customer, pending }) => {
-                        self.add(&customer, pending);
+                        self.add(&customer, pending, now_s);
                     }
-                    Some(UsageMessage::Egress(entries)) => self.add_egress(entries),
+                    Some(UsageMessage::Egress(entries)) => self.add_egress(entries, now_s),
                     None => host.log(LogLevel::Warn, "skipped an unreadable usage queue message"),
                 },
                 Ok(None) => break,
@@ -498,7 +555,7 @@ impl Sync {
         slots.sort_unstable();
         slots.dedup();
         for slot in slots {
-            if !self.take_pending(host, slot) {
+            if !self.take_pending(host, slot, now_s) {
                 self.retry_slots.push(slot);
             }
         }
@@ -506,7 +563,7 @@ impl Sync {
 
     /// Moves one record's pending usage into the next batch; returns
     /// false when the record kept changing and should be tried again.
-    fn take_pending(&mut self, host: &impl Host, slot: u32) -> bool {
+    fn take_pending(&mut self, host: &impl Host, slot: u32, now_s: u64) -> bool {
         let key = slot_key(slot);
         for _ in 0..TAKE_ATTEMPTS {
             let Ok(value) = host.get_shared_data(&key) else {
@@ -522,7 +579,7 @@ impl Sync {
             let pending = std::mem::take(&mut record.pending);
             match host.set_shared_data(&key, &record.encode(), Some(cas)) {
                 Ok(()) => {
-                    self.add(&record.customer, pending);
+                    self.add(&record.customer, pending, now_s);
                     return true;
                 }
                 Err(SetError::CasMismatch) => continue,
@@ -535,7 +592,11 @@ impl Sync {
     // NOTE: `collected` has one entry per customer, tier and minute and no
     // bound, so it grows during a long sidecar outage. It lives only in this
     // VM's memory, so an Envoy restart loses usage not yet acknowledged.
-    fn add(&mut self, customer: &str, pending: Vec<PendingUsage>) {
+    /// Adds usage to the next batch, unless the customer is erased.
+    fn add(&mut self, customer: &str, pending: Vec<PendingUsage>, now_s: u64) {
+        if self.is_erased(customer, now_s) {
+            return;
+        }
         for bucket in pending {
             let key = UsageKey {
                 customer: customer.to_owned(),
@@ -550,8 +611,12 @@ impl Sync {
 
     /// Adds response body bytes to the usage records of their customer,
     /// tier and minute, the same records that carry the request counts.
-    fn add_egress(&mut self, entries: Vec<EgressUsage>) {
+    /// Bytes of erased customers are dropped.
+    fn add_egress(&mut self, entries: Vec<EgressUsage>, now_s: u64) {
         for entry in entries {
+            if self.is_erased(&entry.customer, now_s) {
+                continue;
+            }
             let key = UsageKey {
                 customer: entry.customer,
                 tier: entry.tier,
@@ -595,109 +660,12 @@ mod tests {
 
     use veo_proto::sync::{RemoteUsage, SyncRequest, TierLimits, TierOverride, TierOverrides};
 
-    use crate::limiter::Limiter;
-
     use super::*;
-    use crate::filter::{Filter, RequestOutcome, Stream};
+    use crate::filter::Stream;
     use crate::host::MemoryHost;
-    use crate::testing::{NOW_S, claims, config, es256_token};
+    use crate::testing::{Instance, NOW_S, claims, es256_token};
 
     const UNAVAILABLE: u32 = 14;
-
-    struct Instance {
-        sync_host: MemoryHost,
-        sync: Sync,
-        worker_host: MemoryHost,
-        filter: Rc<Filter>,
-    }
-
-    impl Instance {
-        fn new() -> Self {
-            let sync_host = MemoryHost::new(NOW_S * 1000);
-            let queue_id = sync_host
-                .register_shared_queue(crate::usage::QUEUE_NAME)
-                .unwrap();
-            let worker_host = sync_host.worker();
-            let filter = Rc::new(Filter::new(
-                &worker_host,
-                config(serde_json::json!({})),
-                "veo_edge",
-            ));
-            let tiers = filter.config().tiers.clone();
-            let settings = SidecarSettings {
-                cluster: "veo_sidecar".to_owned(),
-                sync_interval: Duration::from_millis(100),
-                timeout: Duration::from_millis(50),
-            };
-            let metrics = Metrics::define(&sync_host, &tiers);
-            let sync = Sync::new(
-                settings,
-                "node-1/abcd".to_owned(),
-                queue_id,
-                metrics,
-                tiers,
-                Limiter::new(filter.config().max_customers),
-            );
-            Self {
-                sync_host,
-                sync,
-                worker_host,
-                filter,
-            }
-        }
-
-        fn requests(&self, customer: &str, count: usize) -> usize {
-            let header = format!("Bearer {}", es256_token(claims(customer, None)));
-            (0..count)
-                .filter(|_| {
-                    self.worker_host
-                        .start_request(&[("authorization", header.as_bytes())]);
-                    matches!(
-                        self.filter.on_request_headers(&self.worker_host),
-                        RequestOutcome::Forward { .. }
-                    )
-                })
-                .count()
-        }
-
-        /// Sends one request of `customer` with the tier claim `tier`
-        /// whose response body comes in chunks of `chunk_sizes` bytes;
-        /// returns whether it was forwarded.
-        fn exchange(&self, customer: &str, tier: Option<&str>, chunk_sizes: &[usize]) -> bool {
-            let header = format!("Bearer {}", es256_token(claims(customer, tier)));
-            self.worker_host
-                .start_request(&[("authorization", header.as_bytes())]);
-            let mut stream = Stream::new(Rc::clone(&self.filter));
-            let forwarded = stream.on_request_headers(&self.worker_host);
-            stream.on_response_headers(&self.worker_host);
-            if forwarded {
-                for &size in chunk_sizes {
-                    stream.on_response_body(size);
-                }
-            }
-            stream.on_log(&self.worker_host);
-            forwarded
-        }
-
-        /// Returns the tier the upstream saw on the last forwarded request.
-        fn forwarded_tier(&self) -> Option<String> {
-            self.worker_host.request_header_text("x-veo-tier")
-        }
-
-        fn last_call(&self) -> (u32, SyncRequest) {
-            let call = self.sync_host.grpc_calls().pop().unwrap();
-            (
-                call.token,
-                SyncRequest::decode(call.message.as_slice()).unwrap(),
-            )
-        }
-
-        fn reply(&mut self, token: u32, reply: &SyncResponse) {
-            let body = reply.encode_to_vec();
-            self.sync
-                .on_response(&self.sync_host, token, GRPC_OK, Some(&body));
-        }
-    }
 
     fn totals(request: &SyncRequest, customer: &str) -> (u64, u64) {
         request
@@ -1113,10 +1081,66 @@ mod tests {
     }
 
     #[test]
-    fn no_usage_sends_nothing() {
+    fn idle_instance_polls_first_then_once_per_heartbeat() {
         let mut instance = Instance::new();
         instance.sync.on_tick(&instance.sync_host);
-        assert!(instance.sync_host.grpc_calls().is_empty());
+        let (token, poll) = instance.last_call();
+        assert!(
+            poll.usage.is_empty(),
+            "the first tick fetches the pushed sets"
+        );
+        instance.reply(token, &SyncResponse::default());
+
+        instance.sync_host.advance_ms(500);
+        instance.sync.on_tick(&instance.sync_host);
+        assert_eq!(
+            instance.sync_host.grpc_calls().len(),
+            1,
+            "no usage sends nothing"
+        );
+
+        instance.sync_host.advance_ms(500);
+        instance.sync.on_tick(&instance.sync_host);
+        assert_eq!(instance.sync_host.grpc_calls().len(), 2, "heartbeat poll");
+    }
+
+    #[test]
+    fn applied_erasures_are_acknowledged_by_an_idle_instance() {
+        let mut instance = Instance::new();
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        let erasures = veo_proto::sync::Erasures {
+            version: 7,
+            customers: vec![veo_proto::sync::ErasedCustomer {
+                customer: "gone".into(),
+                refuse_until_unix_s: i64::MAX,
+            }],
+        };
+        instance.reply(
+            token,
+            &SyncResponse {
+                erasures: Some(erasures),
+                ..SyncResponse::default()
+            },
+        );
+
+        // The last purge runs a second later; the tick that runs it also
+        // reports the version, without waiting for the heartbeat.
+        for _ in 0..12 {
+            instance.sync_host.advance_ms(100);
+            instance.sync.on_tick(&instance.sync_host);
+            if instance.sync.is_in_flight() {
+                let (token, _) = instance.last_call();
+                instance.reply(token, &SyncResponse::default());
+            }
+        }
+        let acknowledged = instance
+            .sync_host
+            .grpc_calls()
+            .iter()
+            .filter_map(|call| SyncRequest::decode(call.message.as_slice()).ok())
+            .any(|request| request.erasures_version == 7);
+        assert!(acknowledged, "the erasure was never acknowledged");
     }
 
     fn record<'a>(request: &'a SyncRequest, customer: &str) -> &'a veo_proto::sync::UsageRecord {

@@ -1,14 +1,20 @@
-//! Test keys, JWKS documents, tokens, configurations, and a worker that
-//! sends requests through the filter.
+//! Test keys, JWKS documents, tokens, configurations, a worker that sends
+//! requests through the filter, and an instance with a sync role.
 
 use std::rc::Rc;
+use std::time::Duration;
 
 use jwt_simple::prelude::*;
+use prost::Message;
 use serde_json::{Map, Value, json};
+use veo_proto::sync::{SyncRequest, SyncResponse};
 
-use crate::config::Config;
-use crate::filter::{Filter, Stream};
-use crate::host::MemoryHost;
+use crate::config::{Config, SidecarSettings};
+use crate::filter::{Filter, RequestOutcome, Stream};
+use crate::host::{Host, MemoryHost};
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+use crate::sync::Sync;
 
 /// Test clock, in seconds since the Unix epoch.
 pub const NOW_S: u64 = 1_750_000_000;
@@ -110,6 +116,26 @@ pub fn config_json(extra: Value) -> Value {
         target.extend(extra);
     }
     config
+}
+
+/// Returns a `geo` section with four countries in three regions, a CDN
+/// trusted from one IPv4 and one IPv6 range, and two path patterns. Asset
+/// `a1` is locked to eu-west (and us-east for enterprise) and stored in
+/// eu-west. Asset `a2` is locked to us-east and ap-southeast, without a
+/// storage region.
+pub fn geo_json() -> Value {
+    json!({
+        "geoip_header": "x-geoip-country",
+        "cdn_country_header": "cf-ipcountry",
+        "cdn_trusted_ranges": ["173.245.48.0/20", "2400:cb00::/32"],
+        "countries": {"DE": "eu-west", "FR": "eu-west", "US": "us-east", "SG": "ap-southeast"},
+        "asset_patterns": ["/videos/{asset}/", "/live/{asset}"],
+        "assets": [
+            {"asset": "a1", "allowed_regions": ["eu-west"],
+             "tier_regions": {"enterprise": ["us-east"]}, "storage_region": "eu-west"},
+            {"asset": "a2", "allowed_regions": ["us-east", "ap-southeast"]}
+        ]
+    })
 }
 
 /// Parses [`config_json`].
@@ -220,5 +246,118 @@ impl Worker {
     pub fn counter(&self, name: &str) -> u64 {
         self.filter.on_tick(&self.host);
         self.host.counter(name)
+    }
+}
+
+/// One Envoy instance: the sync role on the main thread and one worker's
+/// filter, sharing shared data and the usage queue.
+pub struct Instance {
+    /// The sync role's host.
+    pub sync_host: MemoryHost,
+    /// The sync role.
+    pub sync: Sync,
+    /// The worker's host.
+    pub worker_host: MemoryHost,
+    /// The worker's filter.
+    pub filter: Rc<Filter>,
+}
+
+impl Instance {
+    /// Creates an instance with [`config`] of no extra keys.
+    pub fn new() -> Self {
+        Self::with_config(json!({}))
+    }
+
+    /// Creates an instance with the `geo` section of [`geo_json`].
+    pub fn with_geo() -> Self {
+        Self::with_config(json!({"geo": geo_json()}))
+    }
+
+    /// Creates an instance with [`config`] of `extra`.
+    pub fn with_config(extra: Value) -> Self {
+        let sync_host = MemoryHost::new(NOW_S * 1000);
+        let queue_id = sync_host
+            .register_shared_queue(crate::usage::QUEUE_NAME)
+            .unwrap();
+        let worker_host = sync_host.worker();
+        let filter = Rc::new(Filter::new(&worker_host, config(extra.clone()), "veo_edge"));
+        let tiers = filter.config().tiers.clone();
+        let settings = SidecarSettings {
+            cluster: "veo_sidecar".to_owned(),
+            sync_interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(50),
+        };
+        let metrics = Metrics::define(&sync_host, &tiers);
+        let sync = Sync::new(
+            settings,
+            "node-1/abcd".to_owned(),
+            queue_id,
+            metrics,
+            tiers,
+            Limiter::new(filter.config().max_customers),
+            config(extra).geo,
+        );
+        Self {
+            sync_host,
+            sync,
+            worker_host,
+            filter,
+        }
+    }
+
+    /// Sends `count` requests of `customer` and returns how many were
+    /// forwarded.
+    pub fn requests(&self, customer: &str, count: usize) -> usize {
+        let header = format!("Bearer {}", es256_token(claims(customer, None)));
+        (0..count)
+            .filter(|_| {
+                self.worker_host
+                    .start_request(&[("authorization", header.as_bytes())]);
+                matches!(
+                    self.filter.on_request_headers(&self.worker_host),
+                    RequestOutcome::Forward { .. }
+                )
+            })
+            .count()
+    }
+
+    /// Sends one request of `customer` with the tier claim `tier`
+    /// whose response body comes in chunks of `chunk_sizes` bytes;
+    /// returns whether it was forwarded.
+    pub fn exchange(&self, customer: &str, tier: Option<&str>, chunk_sizes: &[usize]) -> bool {
+        let header = format!("Bearer {}", es256_token(claims(customer, tier)));
+        self.worker_host
+            .start_request(&[("authorization", header.as_bytes())]);
+        let mut stream = Stream::new(Rc::clone(&self.filter));
+        let forwarded = stream.on_request_headers(&self.worker_host);
+        stream.on_response_headers(&self.worker_host);
+        if forwarded {
+            for &size in chunk_sizes {
+                stream.on_response_body(size);
+            }
+        }
+        stream.on_log(&self.worker_host);
+        forwarded
+    }
+
+    /// Returns the tier the upstream saw on the last forwarded request.
+    pub fn forwarded_tier(&self) -> Option<String> {
+        self.worker_host.request_header_text("x-veo-tier")
+    }
+
+    /// Returns the token and request of the last gRPC call.
+    pub fn last_call(&self) -> (u32, SyncRequest) {
+        let call = self.sync_host.grpc_calls().pop().unwrap();
+        (
+            call.token,
+            SyncRequest::decode(call.message.as_slice()).unwrap(),
+        )
+    }
+
+    /// Hands the sync role a successful reply to the call `token`.
+    pub fn reply(&mut self, token: u32, reply: &SyncResponse) {
+        let body = reply.encode_to_vec();
+        self.sync
+            .on_response(&self.sync_host, token, 0, Some(&body));
     }
 }

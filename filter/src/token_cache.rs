@@ -21,6 +21,11 @@ use entry::SharedEntry;
 /// follows.
 pub const KEY_PREFIX: &str = "veo.tok.";
 
+/// Value that clears a shared slot. Keys cannot be deleted, and an empty
+/// value may read back as a missing one, so a cleared slot contains one
+/// byte that no entry format starts with.
+const CLEARED_SLOT: &[u8] = &[0];
+
 /// A verified token as the request path uses it.
 #[derive(Debug)]
 pub struct CachedToken {
@@ -141,6 +146,25 @@ impl TokenCache {
         cached
     }
 
+    /// Removes `token` from both levels. The shared slot is cleared only
+    /// while it still contains this token, so a newer token that took the
+    /// slot stays.
+    pub fn remove(&self, host: &impl Host, token: &str) {
+        self.local.borrow_mut().remove(token);
+
+        let hash = token_hash(token);
+        let key = self.shared_key(&hash);
+        let Ok(value) = host.get_shared_data(&key) else {
+            return;
+        };
+        let entry = value.bytes.as_deref().and_then(SharedEntry::decode);
+        if entry.is_some_and(|entry| entry.hash == hash) {
+            // A lost race means another token took the slot, which is the
+            // same outcome for this token.
+            let _ = host.set_shared_data(&key, CLEARED_SLOT, value.cas);
+        }
+    }
+
     fn insert_local(&self, token: &str, cached: Rc<CachedToken>, now_s: u64) {
         let mut local = self.local.borrow_mut();
         if local.len() >= self.capacity {
@@ -237,6 +261,37 @@ mod tests {
 
         let other = TokenCache::new(16);
         assert!(other.get(&host, &tiers(), "tok-a", 2000).is_none());
+    }
+
+    #[test]
+    fn removed_token_is_gone_from_both_levels() {
+        let host = MemoryHost::new(1_000_000);
+        let cache = TokenCache::new(16);
+        cache.insert(&host, &tiers(), "tok-a", verified("acme", None, 2000), 1000);
+        cache.remove(&host, "tok-a");
+
+        assert_eq!(cache.local_len(), 0);
+        assert!(cache.get(&host, &tiers(), "tok-a", 1001).is_none());
+        assert!(
+            TokenCache::new(16)
+                .get(&host, &tiers(), "tok-a", 1001)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn removal_keeps_other_token_in_slot() {
+        let host = MemoryHost::new(1_000_000);
+        let cache = TokenCache::new(1);
+        cache.insert(&host, &tiers(), "tok-a", verified("acme", None, 2000), 1000);
+        cache.insert(&host, &tiers(), "tok-b", verified("zeta", None, 2000), 1000);
+        cache.remove(&host, "tok-a");
+
+        let (hit, level) = TokenCache::new(1)
+            .get(&host, &tiers(), "tok-b", 1001)
+            .unwrap();
+        assert_eq!(level, CacheLevel::Shared);
+        assert_eq!(hit.customer, "zeta");
     }
 
     #[test]

@@ -3,10 +3,16 @@
 
 use std::fmt::Write as _;
 
+use tonic::Request;
 use veo_proto::admin::admin_client::AdminClient;
 use veo_proto::admin::{
-    ListParkedMeterEventsRequest, ReconcileReport, ReconcileRequest, SetStripeCustomerRequest,
+    AssetRegions, DeleteAssetRegionsRequest, EraseCustomerRequest, Erasure, ErasureState,
+    GetAssetRegionsRequest, GetErasureRequest, ListAssetRegionsRequest,
+    ListParkedMeterEventsRequest, ReconcileReport, ReconcileRequest, SetAssetRegionsRequest,
+    SetStripeCustomerRequest, TierRegions, VerifyAuditLogRequest, VerifyAuditLogResponse,
 };
+
+use crate::admin_service::ACTOR_METADATA;
 
 use crate::billing::reconcile::ALERT_DRIFT_RATIO;
 use crate::cli::Command;
@@ -27,6 +33,191 @@ pub enum CommandError {
     /// The sidecar returned an error.
     #[error("the sidecar rejected the command: {0}")]
     Call(String),
+    /// An argument is malformed.
+    #[error("invalid {argument} {value:?}: {reason}")]
+    Argument {
+        /// The argument, such as `--tier`.
+        argument: &'static str,
+        /// The value given.
+        value: String,
+        /// Problem with the value and the value to give instead.
+        reason: String,
+    },
+    /// The keys could not be rotated.
+    #[error("failed to rotate the keys: {0}")]
+    Rotate(String),
+    /// The audit log fails its check.
+    #[error("{0}")]
+    Broken(String),
+    /// The audit log of a data directory could not be read.
+    #[error("failed to check the audit log in {}", path.display())]
+    Audit {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: crate::audit::AuditError,
+    },
+}
+
+fn call_error(status: tonic::Status) -> CommandError {
+    CommandError::Call(status.message().to_owned())
+}
+
+/// Returns the actor recorded for a command: the one given, or `cli:$USER`.
+fn actor_or_user(actor: Option<String>) -> String {
+    actor.unwrap_or_else(|| {
+        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+        format!("cli:{user}")
+    })
+}
+
+/// Wraps `message` in a request that names `actor`.
+fn with_actor<T>(message: T, actor: &str) -> Result<Request<T>, CommandError> {
+    let mut request = Request::new(message);
+    let value = actor.parse().map_err(|_| CommandError::Argument {
+        argument: "--actor",
+        value: actor.to_owned(),
+        reason: "must be printable ASCII".into(),
+    })?;
+    request.metadata_mut().insert(ACTOR_METADATA, value);
+    Ok(request)
+}
+
+/// Parses `--tier TIER=REGION,REGION` values.
+fn tier_rules(values: &[String]) -> Result<Vec<TierRegions>, CommandError> {
+    values
+        .iter()
+        .map(|value| {
+            let Some((tier, regions)) = value.split_once('=') else {
+                return Err(CommandError::Argument {
+                    argument: "--tier",
+                    value: value.clone(),
+                    reason: "give TIER=REGION,REGION, such as enterprise=us-east,ap-southeast"
+                        .into(),
+                });
+            };
+            Ok(TierRegions {
+                tier: tier.to_owned(),
+                regions: regions
+                    .split(',')
+                    .filter(|region| !region.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+fn asset_line(entry: &AssetRegions) -> String {
+    let tiers: Vec<String> = entry
+        .tier_regions
+        .iter()
+        .map(|rule| format!("{}={}", rule.tier, rule.regions.join(",")))
+        .collect();
+    format!(
+        "{} allowed={} tiers=[{}] storage={}\n",
+        entry.asset,
+        entry.allowed_regions.join(","),
+        tiers.join(" "),
+        if entry.storage_region.is_empty() {
+            "-"
+        } else {
+            &entry.storage_region
+        }
+    )
+}
+
+/// Formats an erasure and its receipt.
+pub fn erasure_text(erasure: &Erasure) -> String {
+    let mut text = String::new();
+    let state = match erasure.state() {
+        ErasureState::Complete => "complete",
+        ErasureState::PendingInstances => "pending: waiting for filter instances",
+        ErasureState::PendingSharedCounters => {
+            "pending: Redis was unreachable; its counts are removed on a retry every 10 s"
+        }
+        ErasureState::Unspecified => "unknown",
+    };
+    let _ = writeln!(text, "erasure {} {state}", erasure.erasure_id);
+    for records in &erasure.records {
+        let _ = writeln!(text, "  {:<30} {}", records.kind, records.count);
+    }
+    for instance in &erasure.pending_instances {
+        let _ = writeln!(text, "  waiting for instance {instance}");
+    }
+    if let Some(receipt) = &erasure.receipt {
+        let _ = writeln!(
+            text,
+            "receipt: audit entry {} hash {} subject {}",
+            receipt.position, receipt.entry_hash, receipt.subject_hash
+        );
+    }
+    text
+}
+
+/// Rotates the key-encryption key of the store in `data_dir`: a new key
+/// becomes current, every data key is wrapped with it, and unless
+/// `keep_old` the old keys leave the file once nothing is wrapped under
+/// them.
+fn rotate_keys(
+    data_dir: &std::path::Path,
+    key_file: Option<std::path::PathBuf>,
+    keep_old: bool,
+) -> Result<String, CommandError> {
+    use crate::keys;
+    let fail = |err: &dyn std::fmt::Display| CommandError::Rotate(err.to_string());
+    let store = crate::store::store_path(data_dir);
+    if !store.is_file() {
+        return Err(CommandError::Rotate(format!(
+            "no store at {}; give the --data-dir of a sidecar that has run",
+            store.display()
+        )));
+    }
+    let key_file = key_file.unwrap_or_else(|| data_dir.join("keys.json"));
+    if !key_file.is_file() {
+        return Err(CommandError::Rotate(format!(
+            "no key file at {}; give the sidecar's privacy.key_file with --key-file",
+            key_file.display()
+        )));
+    }
+    // The lock keeps a running sidecar from using the keys meanwhile.
+    let _lock = crate::server::lock_data_dir(data_dir).map_err(|err| fail(&err))?;
+    let mut provider = keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;
+    let old = provider.kek_ids();
+    let current = provider.rotate().map_err(|err| fail(&err))?;
+    let conn = rusqlite::Connection::open(&store).map_err(|err| fail(&err))?;
+    let rewrapped = keys::rewrap_all(&conn, &provider).map_err(|err| fail(&err))?;
+    let mut text = format!(
+        "key-encryption key {current} is current; {rewrapped} data keys re-wrapped with it\n"
+    );
+    if !keep_old {
+        for kek in old {
+            let left = keys::count_wrapped_under(&conn, &kek).map_err(|err| fail(&err))?;
+            if left == 0 {
+                provider.retire(&kek).map_err(|err| fail(&err))?;
+                let _ = writeln!(text, "retired {kek}");
+            } else {
+                let _ = writeln!(text, "kept {kek}: {left} data keys still wrapped under it");
+            }
+        }
+    }
+    Ok(text)
+}
+
+/// Formats the result of an audit log check.
+pub fn verification_text(result: &VerifyAuditLogResponse) -> String {
+    if result.intact {
+        format!(
+            "audit log intact: {} entries, head {}\n",
+            result.entries, result.head_hash
+        )
+    } else {
+        format!(
+            "audit log BROKEN at entry {}: {} ({} entries checked)\n",
+            result.first_bad_position, result.problem, result.entries
+        )
+    }
 }
 
 /// Runs `command` and returns what to print.
@@ -41,12 +232,16 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
             let end = end.unwrap_or_else(|| unix_now_s() / 60 * 60);
             let start = start.unwrap_or(end - 86_400);
             let mut client = connect(&sidecar).await?;
-            let report = client
-                .reconcile(ReconcileRequest {
+            let request = with_actor(
+                ReconcileRequest {
                     start_unix_s: start,
                     end_unix_s: end,
                     correct,
-                })
+                },
+                &actor_or_user(None),
+            )?;
+            let report = client
+                .reconcile(request)
                 .await
                 .map_err(|status| CommandError::Call(status.message().to_owned()))?
                 .into_inner();
@@ -58,11 +253,15 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
             stripe_customer_id,
         } => {
             let mut client = connect(&sidecar).await?;
-            let stored = client
-                .set_stripe_customer(SetStripeCustomerRequest {
+            let request = with_actor(
+                SetStripeCustomerRequest {
                     customer,
                     stripe_customer_id,
-                })
+                },
+                &actor_or_user(None),
+            )?;
+            let stored = client
+                .set_stripe_customer(request)
                 .await
                 .map_err(|status| CommandError::Call(status.message().to_owned()))?
                 .into_inner();
@@ -93,6 +292,147 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
             }
             let _ = writeln!(text, "{} parked meter events", parked.events.len());
             Ok(text)
+        }
+        Command::SetAssetRegions {
+            sidecar,
+            actor,
+            asset,
+            allow,
+            tiers,
+            storage,
+        } => {
+            let entry = AssetRegions {
+                asset,
+                allowed_regions: allow,
+                tier_regions: tier_rules(&tiers)?,
+                storage_region: storage,
+            };
+            let request = with_actor(
+                SetAssetRegionsRequest { asset: Some(entry) },
+                &actor_or_user(actor),
+            )?;
+            let stored = connect(&sidecar)
+                .await?
+                .set_asset_regions(request)
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            Ok(asset_line(&stored))
+        }
+        Command::AssetRegions { sidecar, asset } => {
+            let mut client = connect(&sidecar).await?;
+            let entries = match asset {
+                Some(asset) => vec![
+                    client
+                        .get_asset_regions(GetAssetRegionsRequest { asset })
+                        .await
+                        .map_err(call_error)?
+                        .into_inner(),
+                ],
+                None => {
+                    client
+                        .list_asset_regions(ListAssetRegionsRequest {})
+                        .await
+                        .map_err(call_error)?
+                        .into_inner()
+                        .assets
+                }
+            };
+            Ok(entries.iter().map(asset_line).collect())
+        }
+        Command::DeleteAssetRegions {
+            sidecar,
+            actor,
+            asset,
+        } => {
+            let request = with_actor(
+                DeleteAssetRegionsRequest {
+                    asset: asset.clone(),
+                },
+                &actor_or_user(actor),
+            )?;
+            let deleted = connect(&sidecar)
+                .await?
+                .delete_asset_regions(request)
+                .await
+                .map_err(call_error)?
+                .into_inner()
+                .deleted;
+            Ok(if deleted {
+                format!("asset {asset} removed from the registry\n")
+            } else {
+                format!("asset {asset} was not in the registry\n")
+            })
+        }
+        Command::EraseCustomer {
+            sidecar,
+            actor,
+            customer,
+        } => {
+            let request = with_actor(EraseCustomerRequest { customer }, &actor_or_user(actor))?;
+            let erasure = connect(&sidecar)
+                .await?
+                .erase_customer(request)
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            Ok(erasure_text(&erasure))
+        }
+        Command::Erasure {
+            sidecar,
+            erasure_id,
+        } => {
+            let erasure = connect(&sidecar)
+                .await?
+                .get_erasure(GetErasureRequest { erasure_id })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            Ok(erasure_text(&erasure))
+        }
+        Command::RotateKeys {
+            data_dir,
+            key_file,
+            keep_old,
+        } => tokio::task::spawn_blocking(move || rotate_keys(&data_dir, key_file, keep_old))
+            .await
+            .map_err(|err| CommandError::Rotate(err.to_string()))?,
+        Command::VerifyAuditLog { sidecar, data_dir } => {
+            let result = match data_dir {
+                Some(dir) => {
+                    let path = crate::store::store_path(&dir);
+                    let mut verification =
+                        crate::audit::verify_file(&path).map_err(|source| CommandError::Audit {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+                    rusqlite::Connection::open_with_flags(&path, flags)
+                        .and_then(|conn| crate::erasure::check_receipts(&conn, &mut verification))
+                        .map_err(|source| CommandError::Audit {
+                            path,
+                            source: source.into(),
+                        })?;
+                    VerifyAuditLogResponse {
+                        intact: verification.intact,
+                        entries: verification.entries,
+                        first_bad_position: verification.first_bad_position,
+                        problem: verification.problem,
+                        head_hash: verification.head_hash,
+                    }
+                }
+                None => connect(&sidecar)
+                    .await?
+                    .verify_audit_log(VerifyAuditLogRequest {})
+                    .await
+                    .map_err(call_error)?
+                    .into_inner(),
+            };
+            if result.intact {
+                Ok(verification_text(&result))
+            } else {
+                Err(CommandError::Broken(verification_text(&result)))
+            }
         }
     }
 }

@@ -1,5 +1,13 @@
 //! The `veo.admin.v1.Admin` service: the Stripe customer of each customer,
-//! reconciliation on demand, and the parked meter events.
+//! reconciliation on demand, the parked meter events, the asset region
+//! registry, customer erasure and the audit log.
+
+mod privacy;
+
+pub use privacy::{ACTOR_METADATA, actor};
+
+use crate::audit::NewEntry;
+use crate::privacy::Privacy;
 
 use std::sync::Arc;
 
@@ -8,9 +16,12 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use veo_proto::admin::admin_server::Admin as AdminRpc;
 use veo_proto::admin::{
-    GetStripeCustomerRequest, ListParkedMeterEventsRequest, ListParkedMeterEventsResponse,
-    ParkedMeterEvent, ReconcileReport, ReconcileRequest, ReconcileRow, SetStripeCustomerRequest,
-    StripeCustomer,
+    AssetRegions, DeleteAssetRegionsRequest, DeleteAssetRegionsResponse, EraseCustomerRequest,
+    Erasure, GetAssetRegionsRequest, GetErasureRequest, GetStripeCustomerRequest,
+    ListAssetRegionsRequest, ListAssetRegionsResponse, ListParkedMeterEventsRequest,
+    ListParkedMeterEventsResponse, ParkedMeterEvent, ReconcileReport, ReconcileRequest,
+    ReconcileRow, SetAssetRegionsRequest, SetStripeCustomerRequest, StripeCustomer,
+    VerifyAuditLogRequest, VerifyAuditLogResponse,
 };
 
 use crate::billing::biller::Biller;
@@ -38,6 +49,11 @@ pub struct AdminService {
     /// overrides that depend on it.
     mapping_changed: Arc<Notify>,
     tier_of: fn(&rusqlite::Connection, &str) -> rusqlite::Result<Option<String>>,
+    privacy: Option<Privacy>,
+    /// Usage of other instances held for the sync replies.
+    recent: Option<Arc<std::sync::Mutex<crate::remote::RecentUsage>>>,
+    /// Counters shared through Redis, when configured.
+    shared: Option<crate::counters::shared::SharedCounters>,
 }
 
 impl AdminService {
@@ -54,13 +70,35 @@ impl AdminService {
             metrics,
             mapping_changed,
             tier_of,
+            privacy: None,
+            recent: None,
+            shared: None,
         }
+    }
+
+    /// Adds the counters an erasure clears: the recent usage of the sync
+    /// replies and, with Redis, the shared counters.
+    pub fn with_counters(
+        mut self,
+        recent: Arc<std::sync::Mutex<crate::remote::RecentUsage>>,
+        shared: Option<crate::counters::shared::SharedCounters>,
+    ) -> Self {
+        self.recent = Some(recent);
+        self.shared = shared;
+        self
+    }
+
+    /// Adds the asset region registry, customer erasure and the audit log.
+    pub fn with_privacy(mut self, privacy: Privacy) -> Self {
+        self.privacy = Some(privacy);
+        self
     }
 
     /// Stores a customer's Stripe customer.
     pub async fn set_stripe_customer(
         &self,
         request: SetStripeCustomerRequest,
+        actor: String,
     ) -> Result<StripeCustomer, ServiceError> {
         validate::identifier("customer", &request.customer, MAX_ID_BYTES)?;
         customers::check_stripe_customer_id(&request.stripe_customer_id)
@@ -68,11 +106,28 @@ impl AdminService {
         let customer = request.customer.clone();
         let stripe_id = request.stripe_customer_id.clone();
         let now = unix_now_s();
+        let privacy = self.privacy.clone();
         let outcome = self
             .biller
             .store()
             .write("set a Stripe customer", move |conn| {
-                customers::set(conn, &customer, &stripe_id, now)
+                customers::set_audited(conn, &customer, &stripe_id, now, |tx| {
+                    let Some(privacy) = &privacy else {
+                        return Ok(());
+                    };
+                    privacy.append(
+                        tx,
+                        &NewEntry {
+                            at_unix_ms: now.saturating_mul(1_000),
+                            actor,
+                            action: "set_stripe_customer".into(),
+                            subject_hash: Some(privacy.subject(&customer)),
+                            records: 1,
+                            details: serde_json::json!({}),
+                        },
+                    )?;
+                    Ok(())
+                })
             })
             .await?;
         match outcome {
@@ -123,7 +178,11 @@ impl AdminService {
     }
 
     /// Reconciles a range.
-    pub async fn reconcile(&self, request: ReconcileRequest) -> Result<ReconcileReport, Status> {
+    pub async fn reconcile(
+        &self,
+        request: ReconcileRequest,
+        actor: String,
+    ) -> Result<ReconcileReport, Status> {
         let range = reconcile_range(request.start_unix_s, request.end_unix_s)?;
         let report = reconcile::reconcile(&self.biller, &self.metrics, range, request.correct)
             .await
@@ -136,6 +195,36 @@ impl AdminService {
                     Status::unavailable(other.to_string())
                 }
             })?;
+        if request.correct
+            && report.corrective_events > 0
+            && let Some(privacy) = self.privacy.clone()
+        {
+            // The corrections are queued already; a failed entry is logged
+            // and does not undo them.
+            let corrections = report.corrective_events;
+            let entry = NewEntry {
+                at_unix_ms: unix_now_s().saturating_mul(1_000),
+                actor,
+                action: "reconcile_correct".into(),
+                subject_hash: None,
+                records: corrections,
+                details: serde_json::json!({
+                    "start_unix_s": range.start_unix_s,
+                    "end_unix_s": range.end_unix_s,
+                    "corrective_events": corrections,
+                }),
+            };
+            let appended = self
+                .biller
+                .store()
+                .write("audit a reconciliation", move |conn| {
+                    privacy.append(conn, &entry)
+                })
+                .await;
+            if let Err(err) = appended {
+                warn!(error = %err, corrections, "failed to append a reconciliation's corrections to the audit log");
+            }
+        }
         Ok(ReconcileReport {
             rows: report
                 .rows
@@ -232,8 +321,9 @@ impl AdminRpc for AdminService {
         &self,
         request: Request<SetStripeCustomerRequest>,
     ) -> Result<Response<StripeCustomer>, Status> {
+        let actor = actor(request.metadata())?;
         Ok(Response::new(
-            AdminService::set_stripe_customer(self, request.into_inner()).await?,
+            AdminService::set_stripe_customer(self, request.into_inner(), actor).await?,
         ))
     }
 
@@ -250,8 +340,9 @@ impl AdminRpc for AdminService {
         &self,
         request: Request<ReconcileRequest>,
     ) -> Result<Response<ReconcileReport>, Status> {
+        let actor = actor(request.metadata())?;
         Ok(Response::new(
-            AdminService::reconcile(self, request.into_inner()).await?,
+            AdminService::reconcile(self, request.into_inner(), actor).await?,
         ))
     }
 
@@ -260,6 +351,68 @@ impl AdminRpc for AdminService {
         request: Request<ListParkedMeterEventsRequest>,
     ) -> Result<Response<ListParkedMeterEventsResponse>, Status> {
         Ok(Response::new(self.parked(request.into_inner()).await?))
+    }
+
+    async fn set_asset_regions(
+        &self,
+        request: Request<SetAssetRegionsRequest>,
+    ) -> Result<Response<AssetRegions>, Status> {
+        let actor = actor(request.metadata())?;
+        Ok(Response::new(
+            AdminService::set_asset_regions(self, request.into_inner(), actor).await?,
+        ))
+    }
+
+    async fn get_asset_regions(
+        &self,
+        request: Request<GetAssetRegionsRequest>,
+    ) -> Result<Response<AssetRegions>, Status> {
+        Ok(Response::new(
+            AdminService::get_asset_regions(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_asset_regions(
+        &self,
+        _request: Request<ListAssetRegionsRequest>,
+    ) -> Result<Response<ListAssetRegionsResponse>, Status> {
+        Ok(Response::new(AdminService::list_asset_regions(self).await?))
+    }
+
+    async fn delete_asset_regions(
+        &self,
+        request: Request<DeleteAssetRegionsRequest>,
+    ) -> Result<Response<DeleteAssetRegionsResponse>, Status> {
+        let actor = actor(request.metadata())?;
+        Ok(Response::new(
+            AdminService::delete_asset_regions(self, request.into_inner(), actor).await?,
+        ))
+    }
+
+    async fn erase_customer(
+        &self,
+        request: Request<EraseCustomerRequest>,
+    ) -> Result<Response<Erasure>, Status> {
+        let actor = actor(request.metadata())?;
+        Ok(Response::new(
+            AdminService::erase_customer(self, request.into_inner(), actor).await?,
+        ))
+    }
+
+    async fn get_erasure(
+        &self,
+        request: Request<GetErasureRequest>,
+    ) -> Result<Response<Erasure>, Status> {
+        Ok(Response::new(
+            AdminService::get_erasure(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn verify_audit_log(
+        &self,
+        _request: Request<VerifyAuditLogRequest>,
+    ) -> Result<Response<VerifyAuditLogResponse>, Status> {
+        Ok(Response::new(AdminService::verify_audit_log(self).await?))
     }
 }
 

@@ -129,4 +129,92 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Sets the regions an asset may be requested from and the region that
+    /// stores it; every Envoy applies it within one sync interval.
+    SetAssetRegions {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Author of the change, recorded in the audit log; `cli:$USER` by
+        /// default.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Asset id, as taken from the request path.
+        asset: String,
+        /// Regions every tier may request the asset from, comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "REGION,...")]
+        allow: Vec<String>,
+        /// Regions open to one tier only, as TIER=REGION,REGION; repeat
+        /// for several tiers.
+        #[arg(long = "tier", value_name = "TIER=REGION,...")]
+        tiers: Vec<String>,
+        /// Region whose storage contains the asset.
+        #[arg(long, value_name = "REGION", default_value = "")]
+        storage: String,
+    },
+    /// Prints the registered regions of one asset, or of every asset.
+    AssetRegions {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Asset id; every asset when absent.
+        asset: Option<String>,
+    },
+    /// Removes an asset from the registry; its configured rule applies
+    /// again.
+    DeleteAssetRegions {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Author of the change, recorded in the audit log.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Asset id.
+        asset: String,
+    },
+    /// Erases a customer's personal data and prints the receipt. Running it
+    /// again prints the same erasure.
+    EraseCustomer {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Author of the erasure request, recorded in the audit log.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Customer id, as in the token's customer claim.
+        customer: String,
+    },
+    /// Prints the progress of an erasure.
+    Erasure {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Erasure id, as printed by erase-customer.
+        erasure_id: String,
+    },
+    /// Adds a key-encryption key, re-wraps every data key with it and
+    /// retires the old keys. Runs on a stopped sidecar's data directory;
+    /// no data is re-encrypted.
+    RotateKeys {
+        /// Data directory of the stopped sidecar.
+        #[arg(long, value_name = "DIR")]
+        data_dir: std::path::PathBuf,
+        /// Key file; `DATA_DIR/keys.json` by default, as `privacy.key_file`.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<std::path::PathBuf>,
+        /// Keep the old keys in the file instead of retiring them.
+        #[arg(long)]
+        keep_old: bool,
+    },
+    /// Checks the audit log's hash chain, of a running sidecar or of the
+    /// store in a data directory.
+    VerifyAuditLog {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Check the store file in this data directory instead, without a
+        /// running sidecar.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<std::path::PathBuf>,
+    },
 }

@@ -91,7 +91,24 @@ pub struct Config {
     counters: CountersConfig,
     tiers: Vec<TierLimits>,
     billing: billing::BillingConfig,
+    privacy: PrivacyConfig,
 }
+
+/// Settings of erasure and of the encryption of personal data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivacyConfig {
+    /// File of the local key-encryption keys; `DATA_DIR/keys.json` by
+    /// default.
+    pub key_file: PathBuf,
+    /// Maximum lifetime of a token the issuer signs, in seconds. An erased
+    /// customer's tokens are rejected this long after the erasure.
+    pub token_lifetime_seconds: i64,
+}
+
+/// Default longest token lifetime: one day.
+const DEFAULT_TOKEN_LIFETIME_S: i64 = 86_400;
+/// Largest accepted token lifetime: 90 days.
+const MAX_TOKEN_LIFETIME_S: i64 = 90 * 86_400;
 
 /// Source of a configuration value, named in error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,11 +270,34 @@ impl Config {
             }
         }
 
+        let file_privacy = file.privacy.unwrap_or_default();
+        let token_lifetime_seconds = file_privacy
+            .token_lifetime_seconds
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME_S);
+        if !(60..=MAX_TOKEN_LIFETIME_S).contains(&token_lifetime_seconds) {
+            return Err(ConfigError::Invalid {
+                origin: file_origin.clone(),
+                key: "privacy.token_lifetime_seconds",
+                value: token_lifetime_seconds.to_string(),
+                reason: format!(
+                    "must be between 60 and {MAX_TOKEN_LIFETIME_S} seconds: the longest \
+                     lifetime (exp minus iat) of the tokens your issuer signs"
+                ),
+            });
+        }
+        let privacy = PrivacyConfig {
+            key_file: file_privacy
+                .key_file
+                .unwrap_or_else(|| data_dir.join("keys.json")),
+            token_lifetime_seconds,
+        };
+
         Ok(Config {
             allowance,
             counters,
             tiers,
             billing,
+            privacy,
             origin: file_origin,
             listen,
             data_dir,
@@ -323,6 +363,11 @@ impl Config {
     /// own.
     pub fn tiers(&self) -> &[TierLimits] {
         &self.tiers
+    }
+
+    /// Erasure and encryption settings.
+    pub fn privacy(&self) -> &PrivacyConfig {
+        &self.privacy
     }
 
     /// Billing, webhook and HTTP settings.

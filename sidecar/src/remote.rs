@@ -88,6 +88,22 @@ impl RecentUsage {
         self.series
     }
 
+    /// Drops everything known of `customer`, for its erasure.
+    pub fn forget(&mut self, customer: &str) {
+        if let Some(instances) = self.customers.remove(customer) {
+            self.series = self.series.saturating_sub(instances.len());
+            for instance in instances.keys() {
+                if let Some(customers) = self.by_instance.get_mut(instance) {
+                    customers.remove(customer);
+                    if customers.is_empty() {
+                        self.by_instance.remove(instance);
+                    }
+                }
+            }
+        }
+        self.quotas.remove(customer);
+    }
+
     /// Adds `admitted` requests of `customer` that `instance` reported at
     /// `now_s` (seconds since the Unix epoch), out of `requests` received.
     pub fn record(&mut self, instance: &str, customer: &str, counts: Counts, now_s: u64) {

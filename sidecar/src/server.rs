@@ -2,11 +2,13 @@
 //! port, announce readiness, and stop cleanly on SIGTERM or SIGINT.
 
 mod billing;
+mod privacy;
 mod ready_file;
 mod shutdown;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -28,6 +30,7 @@ use crate::config::{Config, CountersConfig};
 use crate::counters::redis::RedisCounters;
 use crate::counters::shared::SharedCounters;
 use crate::metrics::Metrics;
+use crate::pushes::Pushes;
 use crate::remote::DEFAULT_MAX_SERIES;
 use crate::store::{Store, StoreError};
 use crate::sync_service::SyncService;
@@ -115,6 +118,12 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The encryption keys could not be opened.
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
+    /// The keys, the erasures or the asset regions failed to load at start.
+    #[error("failed to load the keys, erasures or asset regions: {0}")]
+    Privacy(String),
     /// A blocking start-up task was cancelled or panicked.
     #[error("start-up task did not finish")]
     Task(#[from] tokio::task::JoinError),
@@ -150,9 +159,24 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             })?;
     let mut signals = StopSignals::install().map_err(ServerError::Signals)?;
     let metrics = Metrics::new()?;
-    let billing = billing_parts(&config, &store, &metrics).await?;
-    let (health, router, shared, sync) =
-        build_router(&config, &store, billing.admin.clone(), metrics.clone()).await?;
+    let pushes = Arc::new(Pushes::new(crate::sync_service::first_overrides_version()));
+    let privacy = privacy::open(&config, &store, Arc::clone(&pushes)).await?;
+    let billing = billing_parts(&config, &store, &metrics, Some(privacy)).await?;
+    privacy::load(&billing.admin).await?;
+    let (health, router, shared, sync) = build_router(
+        &config,
+        &store,
+        billing.admin.clone(),
+        metrics.clone(),
+        pushes,
+    )
+    .await?;
+    let erased_reload = tokio::spawn(privacy::reload_erased(
+        billing
+            .admin
+            .clone()
+            .with_counters(sync.recent(), shared.clone()),
+    ));
     let (stop_billing, billing_stopped) = tokio::sync::watch::channel(false);
     let billing_tasks = billing.spawn(
         &config,
@@ -248,9 +272,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         }
     }
     reload.abort();
-    // The reload task keeps a handle to the store; wait until it is gone so
-    // that the store closes cleanly.
+    erased_reload.abort();
+    // The reload tasks keep a handle to the store; wait until they are gone
+    // so that the store closes cleanly.
     let _ = reload.await;
+    let _ = erased_reload.await;
     store.close().await;
     info!("stopped");
     Ok(())
@@ -270,6 +296,7 @@ async fn build_router(
     store: &Store,
     admin: AdminService,
     metrics: Metrics,
+    pushes: Arc<Pushes>,
 ) -> Result<(HealthReporter, Router, Option<SharedCounters>, SyncService), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut sync = SyncService::new(
@@ -279,7 +306,8 @@ async fn build_router(
         DEFAULT_MAX_SERIES,
     )
     .with_allowance(config.allowance())
-    .with_metrics(metrics);
+    .with_metrics(metrics)
+    .with_pushes(pushes);
     sync.set_tiers(config.tiers().to_vec());
     let mut shared = None;
     if let CountersConfig::Redis(redis) = config.counters() {
@@ -321,7 +349,9 @@ async fn build_router(
                 .max_decoding_message_size(max_sync_message_bytes(config.max_records_per_batch())),
         )
         .add_service(UsageServer::new(usage))
-        .add_service(AdminServer::new(admin));
+        .add_service(AdminServer::new(
+            admin.with_counters(sync.recent(), shared.clone()),
+        ));
     set_status(&health, ServingStatus::Serving).await;
     Ok((health, router, shared, sync))
 }
@@ -363,7 +393,7 @@ async fn reload_tiers_on_hangup(config: Config, sync: SyncService) {
 
 /// Creates the data directory when missing and takes an exclusive lock on
 /// `DATA_DIR/sidecar.lock`.
-fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
+pub fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
     let path = data_dir.join("sidecar.lock");
     let lock_error = |source| ServerError::LockFile {
         path: path.clone(),
@@ -492,6 +522,8 @@ mod tests {
         let one = SyncRequest {
             usage: vec![longest_record(0)],
             tier_overrides_version: 0,
+            asset_regions_version: 0,
+            erasures_version: 0,
             ..SyncRequest::default()
         };
 
@@ -510,8 +542,11 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (listener, address) = bind(config.listen()).await.unwrap();
         let metrics = Metrics::new().unwrap();
-        let billing = billing_parts(&config, &store, &metrics).await.unwrap();
-        let (_health, router, _, _) = build_router(&config, &store, billing.admin, metrics)
+        let billing = billing_parts(&config, &store, &metrics, None)
+            .await
+            .unwrap();
+        let pushes = Arc::new(Pushes::new(1));
+        let (_health, router, _, _) = build_router(&config, &store, billing.admin, metrics, pushes)
             .await
             .unwrap();
         let server = tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
@@ -528,6 +563,8 @@ mod tests {
                 })
                 .collect(),
             tier_overrides_version: u64::MAX,
+            asset_regions_version: u64::MAX,
+            erasures_version: u64::MAX,
         };
         assert!(request.encoded_len() > 4 * 1024 * 1024);
 

@@ -324,6 +324,18 @@ fn lock(mutex: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Returns the path of the store file in `data_dir`.
+pub fn store_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DATABASE_FILE)
+}
+
+/// Opens a writing connection with the whole schema, for the unit tests of
+/// modules that keep tables in the store.
+#[cfg(test)]
+pub(crate) fn open_for_tests(path: &Path) -> Connection {
+    schema::open_writer(path).expect("open a test store")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

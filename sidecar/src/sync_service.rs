@@ -16,6 +16,7 @@ use crate::allowance::{AllowanceSettings, CustomerView, grant};
 use crate::counters::shared::SharedCounters;
 use crate::ledger::{ApplyOutcome, MINUTE_SECONDS, UsageEntry, unix_now_s};
 use crate::metrics::Metrics;
+use crate::pushes::Pushes;
 use crate::remote::{Counts, RecentUsage};
 use crate::status::ServiceError;
 use crate::store::Store;
@@ -30,6 +31,7 @@ pub struct SyncService {
     allowance: AllowanceSettings,
     tiers: Arc<RwLock<Vec<TierLimits>>>,
     overrides: Arc<RwLock<TierOverrides>>,
+    pushes: Arc<Pushes>,
     metrics: Option<Metrics>,
     warned_other_window: Arc<std::sync::atomic::AtomicBool>,
     window_seconds: u32,
@@ -39,7 +41,7 @@ pub struct SyncService {
 /// Returns the version of the first override set: the start time in
 /// milliseconds, so that after a restart every instance receives the set
 /// again even when it held an earlier sidecar's version.
-fn first_overrides_version() -> u64 {
+pub fn first_overrides_version() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |elapsed| {
@@ -84,6 +86,7 @@ impl SyncService {
                 version: first_overrides_version(),
                 overrides: Vec::new(),
             })),
+            pushes: Arc::new(Pushes::new(first_overrides_version())),
             metrics: None,
             warned_other_window: Arc::default(),
             window_seconds,
@@ -109,6 +112,13 @@ impl SyncService {
     /// instance's own. Takes effect with the next reply.
     pub fn set_tiers(&self, tiers: Vec<TierLimits>) {
         *self.tiers.write().unwrap_or_else(PoisonError::into_inner) = tiers;
+    }
+
+    /// Shares the asset regions, the erased customers and the
+    /// instances' acknowledgements with the admin service.
+    pub fn with_pushes(mut self, pushes: Arc<Pushes>) -> SyncService {
+        self.pushes = pushes;
+        self
     }
 
     /// Counts the stored usage in `metrics`.
@@ -177,9 +187,35 @@ impl SyncService {
     pub async fn apply(&self, request: SyncRequest) -> Result<SyncResponse, ServiceError> {
         let now_s = unix_now_s();
         let known_overrides = request.tier_overrides_version;
+        let known_assets = request.asset_regions_version;
+        let known_erasures = request.erasures_version;
+        let instance = request.instance_id.clone();
         let mut response = self.apply_batch(request, now_s).await?;
         response.tier_overrides = self.overrides_for(known_overrides);
+        response.asset_regions = self.pushes.assets_for(known_assets);
+        response.erasures = self.pushes.erasures_for(known_erasures);
+        self.record_ack(&instance, known_erasures, now_s).await;
         Ok(response)
+    }
+
+    /// Notes that `instance` applies the erased customers of `version`, and
+    /// keeps a change in the store so that erasure progress survives a
+    /// restart.
+    async fn record_ack(&self, instance: &str, version: u64, now_s: i64) {
+        let previous = self.pushes.record_ack(instance, version, now_s);
+        if previous.is_some_and(|ack| ack.erasures_version == version) {
+            return;
+        }
+        let instance = instance.to_owned();
+        let stored = self
+            .store
+            .write("store an erasure acknowledgement", move |conn| {
+                crate::erasure::store_ack(conn, &instance, version, now_s)
+            })
+            .await;
+        if let Err(err) = stored {
+            warn!(error = %err, "failed to store an instance's erasure acknowledgement; it is kept in memory");
+        }
     }
 
     async fn apply_batch(
@@ -203,6 +239,9 @@ impl SyncService {
             ));
         }
         let mut customers = batch_customers(&batch.records, now_s, self.window_seconds);
+        // The store drops an erased customer's usage; remote usage must not
+        // name it either.
+        customers.retain(|customer, _| !self.pushes.is_erased(customer));
         {
             // The sidecar's own tier limits, when configured, set the quota
             // that caps are computed from.
@@ -342,6 +381,8 @@ impl SyncService {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
             tier_overrides: None,
+            asset_regions: None,
+            erasures: None,
         }
     }
 }
@@ -426,6 +467,8 @@ mod tests {
                 })
                 .collect(),
             tier_overrides_version: 0,
+            asset_regions_version: 0,
+            erasures_version: 0,
         }
     }
 

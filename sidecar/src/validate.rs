@@ -234,6 +234,8 @@ mod tests {
             created_unix_ms: 0,
             usage: records,
             tier_overrides_version: 0,
+            asset_regions_version: 0,
+            erasures_version: 0,
         }
     }
 

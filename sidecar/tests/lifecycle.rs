@@ -162,6 +162,8 @@ fn batch(instance: &str, sequence: u64, usage: &[(&str, i64, u64, u64)]) -> Sync
             )
             .collect(),
         tier_overrides_version: 0,
+        asset_regions_version: 0,
+        erasures_version: 0,
     }
 }
 

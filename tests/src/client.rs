@@ -1,7 +1,7 @@
 //! HTTP/1.1 client for the tests: plain GET requests to one loopback address,
-//! on pooled or on fresh connections.
+//! on pooled or on fresh connections, optionally from a chosen source address.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -66,6 +66,19 @@ impl HttpClient {
             client: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(0)
                 .build_http(),
+        }
+    }
+
+    /// Returns a client that reuses idle connections and binds each
+    /// connection to `source`, such as 127.0.0.2, so that address is the
+    /// downstream address at the server. Linux routes all of 127.0.0.0/8 to the loopback
+    /// interface, so any such address works without setup.
+    pub fn from_source(address: SocketAddr, source: IpAddr) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_local_address(Some(source));
+        Self {
+            address,
+            client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
 

@@ -4,13 +4,14 @@
 pub mod admin;
 pub mod bootstrap;
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use self::admin::Admin;
-pub use self::bootstrap::BootstrapValues;
+pub use self::bootstrap::{BootstrapValues, GeoValues};
 use crate::HarnessError;
 use crate::artifacts;
 use crate::client::HttpClient;
@@ -49,6 +50,22 @@ impl EnvoyProcess {
         concurrency: u32,
     ) -> Result<Self, HarnessError> {
         let bootstrap = bootstrap::render(values, &artifacts::filter_wasm()?)?;
+        Self::spawn_rendered(dir, &bootstrap, concurrency)
+    }
+
+    /// Renders the geo-fencing bootstrap `envoy/geo.yaml` into `dir` and
+    /// starts Envoy on it like [`EnvoyProcess::spawn`].
+    pub fn spawn_geo(
+        dir: &Path,
+        values: &BootstrapValues,
+        geo: &GeoValues,
+        concurrency: u32,
+    ) -> Result<Self, HarnessError> {
+        let bootstrap = bootstrap::render_geo(values, geo, &artifacts::filter_wasm()?)?;
+        Self::spawn_rendered(dir, &bootstrap, concurrency)
+    }
+
+    fn spawn_rendered(dir: &Path, bootstrap: &str, concurrency: u32) -> Result<Self, HarnessError> {
         let bootstrap_path = dir.join("envoy.yaml");
         std::fs::write(&bootstrap_path, bootstrap).map_err(|source| HarnessError::Io {
             action: "write the Envoy bootstrap",
@@ -133,6 +150,12 @@ impl Envoy {
     /// Returns a client of the API listener that reuses connections.
     pub fn client(&self) -> HttpClient {
         HttpClient::new(([127, 0, 0, 1], self.listener_port).into())
+    }
+
+    /// Returns a client of the API listener whose connections come from
+    /// `source`, an address in 127.0.0.0/8.
+    pub fn client_from(&self, source: IpAddr) -> HttpClient {
+        HttpClient::from_source(([127, 0, 0, 1], self.listener_port).into(), source)
     }
 
     /// Returns a client of the API listener that opens a new connection per

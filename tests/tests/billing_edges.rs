@@ -70,6 +70,8 @@ async fn sync(
             created_unix_ms: unix_seconds() * 1000,
             usage,
             tier_overrides_version: 0,
+            asset_regions_version: 0,
+            erasures_version: 0,
         })
         .await
         .context("Sync")?;

@@ -26,6 +26,8 @@ pub struct RawConfig {
     pub forged_headers: Option<Vec<String>>,
     /// Sidecar connection settings.
     pub sidecar: Option<RawSidecar>,
+    /// Geo-fencing of region-locked assets; absent turns it off.
+    pub geo: Option<RawGeo>,
 }
 
 /// The `jwt` section.
@@ -151,4 +153,41 @@ pub struct RawSidecar {
     pub sync_interval_ms: Option<u64>,
     /// Deadline of one sync call, in milliseconds.
     pub timeout_ms: Option<u64>,
+}
+
+/// The `geo` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGeo {
+    /// Header that Envoy's geoip filter writes the client's country to.
+    pub geoip_header: Option<String>,
+    /// Country header of a CDN in front of Envoy, trusted only from
+    /// `cdn_trusted_ranges`.
+    pub cdn_country_header: Option<String>,
+    /// CIDR ranges of the CDN's addresses.
+    pub cdn_trusted_ranges: Option<Vec<String>>,
+    /// ISO 3166-1 alpha-2 country code to region name.
+    pub countries: Option<BTreeMap<String, String>>,
+    /// Policy for a client whose region is unknown: "refuse" or "allow".
+    pub unknown_country: Option<String>,
+    /// Path patterns with one `{asset}` segment.
+    pub asset_patterns: Vec<String>,
+    /// Configured rules of region-locked assets.
+    pub assets: Option<Vec<RawAssetRule>>,
+    /// Request header that carries the asset's storage region upstream.
+    pub storage_region_header: Option<String>,
+}
+
+/// One region-locked asset.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAssetRule {
+    /// Asset id as it appears in the `{asset}` path segment.
+    pub asset: String,
+    /// Regions every tier may request the asset from.
+    pub allowed_regions: Vec<String>,
+    /// Extra regions per tier name.
+    pub tier_regions: Option<BTreeMap<String, Vec<String>>>,
+    /// Region whose storage contains the asset.
+    pub storage_region: Option<String>,
 }

@@ -80,6 +80,9 @@ struct Local {
     logs: Vec<(LogLevel, String)>,
     hooks: Vec<(String, InterleaveHook)>,
     shared_calls: Cell<u64>,
+    properties: Vec<(Vec<String>, Vec<u8>)>,
+    header_reads: Cell<u64>,
+    property_reads: Cell<u64>,
 }
 
 /// In-memory host; see the module docs.
@@ -196,6 +199,30 @@ impl MemoryHost {
     /// Returns how many shared-data reads and writes this worker made.
     pub fn shared_data_calls(&self) -> u64 {
         self.local.borrow().shared_calls.get()
+    }
+
+    /// Returns how many request headers this worker read.
+    pub fn request_header_reads(&self) -> u64 {
+        self.local.borrow().header_reads.get()
+    }
+
+    /// Sets the value Envoy reports for the attribute at `path`, such as
+    /// `["source", "address"]`. It stays until set again or cleared with
+    /// `None`, across requests.
+    pub fn set_property(&self, path: &[&str], value: Option<&[u8]>) {
+        let mut local = self.local.borrow_mut();
+        local
+            .properties
+            .retain(|(known, _)| known.as_slice() != path);
+        if let Some(value) = value {
+            let path = path.iter().map(|part| (*part).to_owned()).collect();
+            local.properties.push((path, value.to_vec()));
+        }
+    }
+
+    /// Returns how many attributes this worker read.
+    pub fn property_reads(&self) -> u64 {
+        self.local.borrow().property_reads.get()
     }
 
     /// Returns a shared-data value without counting it as a host call.
@@ -332,6 +359,7 @@ impl Host for MemoryHost {
 
     fn request_header(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
         let local = self.local.borrow();
+        local.header_reads.set(local.header_reads.get() + 1);
         let value = local.request_headers.iter().find(|(key, _)| key == name);
         Ok(value.map(|(_, value)| value.clone()))
     }
@@ -349,6 +377,16 @@ impl Host for MemoryHost {
         let mut local = self.local.borrow_mut();
         local.request_headers.retain(|(key, _)| key != name);
         Ok(())
+    }
+
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+        let local = self.local.borrow();
+        local.property_reads.set(local.property_reads.get() + 1);
+        let value = local
+            .properties
+            .iter()
+            .find(|(known, _)| known.as_slice() == path);
+        Ok(value.map(|(_, value)| value.clone()))
     }
 
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {

@@ -67,6 +67,10 @@ impl Host for ProxyHost {
         hostcalls::remove_map_value(MapType::HttpRequestHeaders, name).map_err(error)
     }
 
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+        hostcalls::get_property(path.to_vec()).map_err(error)
+    }
+
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
         hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value).map_err(error)
     }

@@ -146,7 +146,7 @@ impl Root {
         Ok(format!("http_filter vm_id={vm_id}"))
     }
 
-    fn configure_sync(&mut self, host: &ProxyHost, config: Config) -> Result<String, String> {
+    fn configure_sync(&mut self, host: &ProxyHost, mut config: Config) -> Result<String, String> {
         let settings = config.sidecar.clone();
         let interval = settings.sync_interval;
         if let Some(Role::Sync(sync)) = &mut self.role {
@@ -156,6 +156,7 @@ impl Root {
                 settings,
                 config.tiers.clone(),
                 Limiter::new(config.max_customers),
+                config.geo.take(),
             );
         } else {
             let queue_id = host
@@ -178,6 +179,7 @@ impl Root {
                 metrics,
                 config.tiers.clone(),
                 Limiter::new(config.max_customers),
+                config.geo.take(),
             ))));
         }
         hostcalls::set_tick_period(interval)

@@ -35,6 +35,19 @@ pub struct UsageTotals {
     pub egress_bytes: u64,
 }
 
+/// Versions of the sets the sidecar pushes that this instance applies,
+/// each 0 before the first set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Versions {
+    /// Version of the customer tier overrides.
+    pub tier_overrides: u64,
+    /// Version of the asset region registry.
+    pub asset_regions: u64,
+    /// Version of the erased customers, reported only once they are
+    /// purged.
+    pub erasures: u64,
+}
+
 /// A built batch awaiting acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
@@ -48,15 +61,14 @@ pub struct Batch {
 
 impl Batch {
     /// Moves up to [`MAX_RECORDS_PER_BATCH`] entries out of `collected`
-    /// into a new batch. `tier_overrides_version` is the version of the
-    /// tier overrides the instance applies; `quota_of` returns the quota of
-    /// a tier by name.
+    /// into a new batch. `versions` are those of the pushed sets the
+    /// instance applies; `quota_of` returns the quota of a tier by name.
     pub fn take(
         collected: &mut BTreeMap<UsageKey, UsageTotals>,
         instance_id: &str,
         sequence: u64,
         created_unix_ms: i64,
-        tier_overrides_version: u64,
+        versions: Versions,
         quota_of: impl Fn(&str) -> Option<Quota>,
     ) -> Self {
         let mut usage = Vec::with_capacity(collected.len().min(MAX_RECORDS_PER_BATCH));
@@ -81,7 +93,9 @@ impl Batch {
             sequence,
             created_unix_ms,
             usage,
-            tier_overrides_version,
+            tier_overrides_version: versions.tier_overrides,
+            asset_regions_version: versions.asset_regions,
+            erasures_version: versions.erasures,
         };
         Self {
             sequence,
@@ -122,7 +136,11 @@ mod tests {
             "node-1/ab12",
             7,
             1_680_000_000_000,
-            4,
+            Versions {
+                tier_overrides: 4,
+                asset_regions: 5,
+                erasures: 6,
+            },
             |tier| (tier == "basic").then_some(quota),
         );
         assert!(collected.is_empty());
@@ -132,6 +150,8 @@ mod tests {
         assert_eq!(request.sequence, 7);
         assert_eq!(request.created_unix_ms, 1_680_000_000_000);
         assert_eq!(request.tier_overrides_version, 4);
+        assert_eq!(request.asset_regions_version, 5);
+        assert_eq!(request.erasures_version, 6);
         assert_eq!(
             request.usage,
             [UsageRecord {
@@ -152,7 +172,7 @@ mod tests {
         let mut collected: BTreeMap<UsageKey, UsageTotals> = (0..MAX_RECORDS_PER_BATCH as u32 + 3)
             .map(|minute| (key("acme", minute), UsageTotals::default()))
             .collect();
-        let first = Batch::take(&mut collected, "i", 1, 0, 0, |_| None);
+        let first = Batch::take(&mut collected, "i", 1, 0, Versions::default(), |_| None);
         assert_eq!(first.records, MAX_RECORDS_PER_BATCH);
         assert_eq!(collected.len(), 3);
     }

@@ -55,6 +55,18 @@ pub fn set(
     stripe_customer_id: &str,
     now_unix_s: i64,
 ) -> rusqlite::Result<SetOutcome> {
+    set_audited(conn, customer, stripe_customer_id, now_unix_s, |_| Ok(()))
+}
+
+/// Like [`set`], and runs `audit` in the same transaction once the mapping
+/// is stored, so the change and its audit entry commit together.
+pub fn set_audited(
+    conn: &mut Connection,
+    customer: &str,
+    stripe_customer_id: &str,
+    now_unix_s: i64,
+    audit: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+) -> rusqlite::Result<SetOutcome> {
     let tx = conn.transaction()?;
     let holder: Option<String> = tx
         .query_row(
@@ -77,6 +89,7 @@ pub fn set(
         params![customer, stripe_customer_id, now_unix_s],
     )?;
     let unparked = super::queue::unpark_customer(&tx, customer)?;
+    audit(&tx)?;
     tx.commit()?;
     Ok(SetOutcome::Stored { unparked })
 }

@@ -106,6 +106,8 @@ struct Inner {
     stripe: Option<stripe::Client>,
     /// Notified after each committed change of `tier_overrides`.
     changed: Arc<Notify>,
+    /// Audit log of tier changes; none in tests of the webhook alone.
+    privacy: Option<crate::privacy::Privacy>,
     /// Notified after each committed tier change, to wake the metadata
     /// writer.
     metadata_wake: Notify,
@@ -136,6 +138,7 @@ impl WebhookHandler {
         settings: WebhookSettings,
         stripe: Option<stripe::Client>,
         changed: Arc<Notify>,
+        privacy: Option<crate::privacy::Privacy>,
     ) -> Self {
         warn_about_settings(&settings);
         WebhookHandler {
@@ -144,6 +147,7 @@ impl WebhookHandler {
                 settings,
                 stripe,
                 changed,
+                privacy,
                 metadata_wake: Notify::new(),
                 rejected: std::array::from_fn(|_| AtomicU64::new(0)),
                 last_reject_warning_unix_s: std::array::from_fn(|_| AtomicI64::new(i64::MIN)),
@@ -211,11 +215,12 @@ impl WebhookHandler {
         let Some(delivery) = self.delivery(&parsed, now_unix_s) else {
             return reply_status("ignored");
         };
+        let privacy = self.inner.privacy.clone();
         let recorded = self
             .inner
             .store
             .write("apply a Stripe webhook event", move |conn| {
-                state::record(conn, &delivery)
+                state::record_audited(conn, &delivery, privacy.as_ref())
             })
             .await;
 
@@ -483,6 +488,10 @@ impl WebhookHandler {
                 event_id = %parsed.id,
                 "metadata.veo_customer_id is already mapped to another Stripe customer; \
                  mapping kept"
+            ),
+            MappingOutcome::Erased => warn!(
+                event_id = %parsed.id,
+                "metadata.veo_customer_id names an erased customer; mapping not stored"
             ),
             MappingOutcome::Exists | MappingOutcome::None => {}
         }

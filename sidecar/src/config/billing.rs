@@ -337,7 +337,7 @@ pub(super) fn billing_config(
 }
 
 /// Returns whether `name` is a valid tier name, as in `[tiers.<name>]`.
-pub(super) fn is_tier_name(name: &str) -> bool {
+pub fn is_tier_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 32
         && name

@@ -23,6 +23,15 @@ pub(super) struct FileConfig {
     pub(super) counters: Option<FileCounters>,
     pub(super) tiers: Option<std::collections::BTreeMap<String, FileTier>>,
     pub(super) billing: Option<super::billing::FileBilling>,
+    pub(super) privacy: Option<FilePrivacy>,
+}
+
+/// The `[privacy]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FilePrivacy {
+    pub(super) key_file: Option<PathBuf>,
+    pub(super) token_lifetime_seconds: Option<i64>,
 }
 
 /// One `[tiers.<name>]` table.

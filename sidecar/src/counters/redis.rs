@@ -63,12 +63,16 @@ use redis::{Cmd, ErrorKind, Script, ServerErrorKind, Value};
 use tokio::sync::Mutex;
 
 use self::connection::{Connection, FailureKind, Link, classify};
-use self::keys::{MINUTE_SECONDS, minute_start};
+use self::keys::{MINUTE_SECONDS, ShardKeys, minute_start, shard_of};
 use self::plan::ScriptCall;
 use super::{CounterError, Exchange, ExchangeResult, WindowTotals};
 
 const EXCHANGE_LUA: &str = include_str!("redis/exchange.lua");
 const MINUTE_TOTALS_LUA: &str = include_str!("redis/minute_totals.lua");
+const ERASE_LUA: &str = include_str!("redis/erase.lua");
+/// Minute totals keys one erasure script call clears: one day, so that one
+/// call blocks Redis for a few milliseconds at most.
+const ERASE_MINUTES_PER_CALL: i64 = 24 * 60;
 
 /// Seconds the window state outlives the window, so that sidecars whose
 /// clocks differ by less than this still subtract every bucket.
@@ -117,6 +121,7 @@ pub struct RedisCounters {
     timeout: Duration,
     exchange_script: Script,
     minute_totals_script: Script,
+    erase_script: Script,
     exchange_lock: Mutex<()>,
     commands_sent: AtomicU64,
 }
@@ -167,6 +172,7 @@ impl RedisCounters {
             timeout: settings.timeout,
             exchange_script: Script::new(EXCHANGE_LUA),
             minute_totals_script: Script::new(MINUTE_TOTALS_LUA),
+            erase_script: Script::new(ERASE_LUA),
             exchange_lock: Mutex::new(()),
             commands_sent: AtomicU64::new(0),
         })
@@ -271,6 +277,58 @@ impl RedisCounters {
             }
         }
         Ok(totals)
+    }
+
+    /// Removes every count of `customer`: its window sums, its buckets and
+    /// its minute totals of the last `totals_ttl_seconds` before
+    /// `now_unix_s`. Returns the fields and entries removed.
+    ///
+    /// Other sidecars may still hold usage of the customer in their
+    /// outboxes; erase the customer on each of them too.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisCounters::exchange`].
+    pub async fn erase_customer(
+        &self,
+        customer: &str,
+        now_unix_s: i64,
+    ) -> Result<u64, CounterError> {
+        let keys = ShardKeys::new(&self.key_prefix, shard_of(customer, self.shards));
+        let ttl_minutes = i64::try_from(self.totals_ttl_seconds / 60).unwrap_or(i64::MAX);
+        // One minute ahead covers a clock of another sidecar running ahead.
+        let newest = minute_start(now_unix_s).saturating_add(MINUTE_SECONDS);
+        let minutes: Vec<i64> = (0..=ttl_minutes.saturating_add(1))
+            .map(|offset| newest.saturating_sub(offset.saturating_mul(MINUTE_SECONDS)))
+            .collect();
+        let mut removed = 0;
+        for chunk in minutes.chunks(usize::try_from(ERASE_MINUTES_PER_CALL).unwrap_or(1)) {
+            // Every call names the three window keys, which the first call
+            // already emptied of the customer.
+            let mut call_keys = vec![keys.window(), keys.buckets(), keys.expiry()];
+            call_keys.extend(chunk.iter().map(|minute| keys.minute(*minute)));
+            let call = ScriptCall {
+                keys: call_keys,
+                args: vec![customer.to_owned()],
+                customers: vec![customer.to_owned()],
+            };
+            let replies = self
+                .bounded(self.run_script(
+                    &self.erase_script,
+                    ERASE_LUA,
+                    std::slice::from_ref(&call),
+                ))
+                .await?;
+            for reply in replies {
+                let count: i64 =
+                    redis::from_redis_value(reply).map_err(|err| CounterError::Rejected {
+                        target: self.link.target().to_owned(),
+                        detail: format!("unexpected erase script reply: {err}"),
+                    })?;
+                removed += u64::try_from(count).unwrap_or(0);
+            }
+        }
+        Ok(removed)
     }
 
     /// Sends one `PING` to check that Redis responds. The exchange loop calls

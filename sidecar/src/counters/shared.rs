@@ -108,6 +108,34 @@ impl SharedCounters {
             .unwrap_or_default()
     }
 
+    /// Drops every count of `customer` held here and in Redis, for its
+    /// erasure. Returns the Redis fields and entries removed.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisCounters::erase_customer`]; the counts held here are
+    /// dropped all the same.
+    pub async fn erase_customer(
+        &self,
+        customer: &str,
+        now_unix_s: i64,
+    ) -> Result<u64, crate::counters::CounterError> {
+        {
+            let mut state = self.lock();
+            state.own.remove(customer);
+            state.elsewhere.remove(customer);
+        }
+        self.inner
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .forget(customer);
+        self.inner
+            .backend
+            .erase_customer(customer, now_unix_s)
+            .await
+    }
+
     /// Returns whether the last exchange failed.
     pub fn degraded(&self) -> bool {
         self.lock().degraded

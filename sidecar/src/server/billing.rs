@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::config::billing::StripeAccess;
 use crate::ledger::{TimeRange, unix_now_s};
 use crate::metrics::Metrics;
+use crate::privacy::Privacy;
 use crate::store::Store;
 use crate::sync_service::SyncService;
 
@@ -42,6 +43,7 @@ pub(super) async fn billing_parts(
     config: &Config,
     store: &Store,
     metrics: &Metrics,
+    privacy: Option<Privacy>,
 ) -> Result<BillingParts, ServerError> {
     let billing = config.billing();
     let ledger_id = store
@@ -97,13 +99,17 @@ pub(super) async fn billing_parts(
         },
         stripe,
         Arc::clone(&overrides_changed),
+        privacy.clone(),
     );
-    let admin = AdminService::new(
+    let mut admin = AdminService::new(
         biller.clone(),
         metrics.clone(),
         Arc::clone(&overrides_changed),
         tier_of,
     );
+    if let Some(privacy) = privacy {
+        admin = admin.with_privacy(privacy);
+    }
     Ok(BillingParts {
         admin,
         biller,

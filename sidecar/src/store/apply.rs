@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::ledger::{ApplyOutcome, Batch, MINUTE_SECONDS};
 
@@ -70,11 +70,17 @@ pub(super) fn apply_batch(
         return Ok(ApplyOutcome::Duplicate { last });
     }
 
+    // Usage of an erased customer leaves no trace, whether its batch was
+    // built before or after the erasure.
+    let erased = erased_in(&tx, batch, now_unix_s)?;
+    let kept = |customer: &str| erased.is_empty() || !erased.contains(customer);
     {
         let mut upsert = tx.prepare_cached(UPSERT_USAGE)?;
         let mut mark_dirty = tx.prepare_cached(MARK_BILLING_DIRTY)?;
         for record in &batch.records {
-            if record.admitted == 0 && record.refused == 0 && record.egress_bytes == 0 {
+            if record.admitted == 0 && record.refused == 0 && record.egress_bytes == 0
+                || !kept(&record.customer)
+            {
                 continue;
             }
             upsert.execute(params![
@@ -95,6 +101,9 @@ pub(super) fn apply_batch(
     if let Some(window_s) = outbox_window_s {
         let mut insert = tx.prepare_cached(INSERT_OUTBOX)?;
         for ((customer, bucket), (admitted, requests)) in outbox_rows(batch, now_unix_s, window_s) {
+            if !kept(customer) {
+                continue;
+            }
             insert.execute(params![customer, bucket, admitted, requests])?;
         }
     }
@@ -105,6 +114,35 @@ pub(super) fn apply_batch(
 
     tx.commit()?;
     Ok(ApplyOutcome::Applied { previous: last })
+}
+
+/// Returns the customers of `batch` that are erased.
+/// A customer stays erased until its refusal period ends at
+/// `refuse_until_unix_s`; from then on its tokens are admitted again, so its
+/// usage is kept.
+fn erased_in(
+    conn: &Connection,
+    batch: &Batch,
+    now_unix_s: i64,
+) -> rusqlite::Result<HashSet<String>> {
+    let any: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM erased_customer)", [], |row| {
+        row.get(0)
+    })?;
+    let mut erased = HashSet::new();
+    if !any {
+        return Ok(erased);
+    }
+    let mut lookup = conn.prepare_cached(
+        "SELECT 1 FROM erased_customer WHERE customer = ?1 AND refuse_until_unix_s > ?2",
+    )?;
+    for record in &batch.records {
+        if !erased.contains(&record.customer)
+            && lookup.exists(rusqlite::params![&record.customer, now_unix_s])?
+        {
+            erased.insert(record.customer.clone());
+        }
+    }
+    Ok(erased)
 }
 
 /// Sums a batch per customer and outbox bucket.

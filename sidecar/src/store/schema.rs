@@ -148,6 +148,12 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     tx.execute_batch(SCHEMA).map_err(open_error)?;
     tx.execute_batch(crate::billing::webhook::SCHEMA)
         .map_err(open_error)?;
+    tx.execute_batch(crate::keys::SCHEMA).map_err(open_error)?;
+    tx.execute_batch(crate::audit::SCHEMA).map_err(open_error)?;
+    tx.execute_batch(crate::assets::SCHEMA)
+        .map_err(open_error)?;
+    tx.execute_batch(crate::erasure::SCHEMA)
+        .map_err(open_error)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(open_error)?;
     tx.commit().map_err(open_error)?;

@@ -1,7 +1,8 @@
-//! Renders `envoy/bootstrap.yaml`, whose placeholders are names in double
-//! braces, into a bootstrap for one test.
+//! Renders `envoy/bootstrap.yaml`, or `envoy/geo.yaml` for the geo-fencing
+//! tests, whose placeholders are names in double braces, into a bootstrap
+//! for one test.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::HarnessError;
 use crate::artifacts;
@@ -19,18 +20,47 @@ pub struct BootstrapValues {
     pub plugin_config: serde_json::Value,
 }
 
+/// Values of the placeholders that only `envoy/geo.yaml` has.
+#[derive(Debug, Clone)]
+pub struct GeoValues {
+    /// Country database (MaxMind DB format) of Envoy's geoip filter.
+    pub geoip_db_path: PathBuf,
+    /// The connection manager's `xff_num_trusted_hops`: how many proxies in
+    /// front of Envoy append trusted `x-forwarded-for` entries. It is 0 when
+    /// clients connect directly.
+    pub xff_trusted_hops: u32,
+}
+
 /// Renders the shipped template with `values`, the built filter module and
 /// free ports for the listener and the admin interface.
 pub fn render(values: &BootstrapValues, wasm: &Path) -> Result<String, HarnessError> {
-    let path = artifacts::bootstrap_template();
-    let template = std::fs::read_to_string(&path).map_err(|source| HarnessError::Io {
-        action: "read the bootstrap template",
-        path: path.clone(),
-        source,
-    })?;
+    fill(
+        &artifacts::bootstrap_template(),
+        &replacements(values, wasm),
+    )
+}
 
+/// Returns the path of the geo-fencing template that ships in `envoy/`.
+pub fn geo_template() -> PathBuf {
+    artifacts::workspace_root().join("envoy").join("geo.yaml")
+}
+
+/// Renders `envoy/geo.yaml` like [`render`], with the geoip database and
+/// the trusted hops of `geo`.
+pub fn render_geo(
+    values: &BootstrapValues,
+    geo: &GeoValues,
+    wasm: &Path,
+) -> Result<String, HarnessError> {
+    let mut replacements = replacements(values, wasm);
+    replacements.push(("GEOIP_DB_PATH", quote(&geo.geoip_db_path.to_string_lossy())));
+    replacements.push(("XFF_TRUSTED_HOPS", geo.xff_trusted_hops.to_string()));
+    fill(&geo_template(), &replacements)
+}
+
+fn replacements(values: &BootstrapValues, wasm: &Path) -> Vec<(&'static str, String)> {
     // A JSON string is also a valid YAML double-quoted scalar.
-    let replacements = [
+    vec![
         ("NODE_ID", quote(&values.node_id)),
         ("ADMIN_PORT", "0".to_owned()),
         ("LISTENER_PORT", "0".to_owned()),
@@ -38,13 +68,24 @@ pub fn render(values: &BootstrapValues, wasm: &Path) -> Result<String, HarnessEr
         ("SIDECAR_PORT", values.sidecar_port.to_string()),
         ("WASM_PATH", quote(&wasm.to_string_lossy())),
         ("PLUGIN_CONFIG", quote(&values.plugin_config.to_string())),
-    ];
+    ]
+}
+
+/// Reads the template at `path` and replaces every placeholder. Fails when
+/// one of `replacements` is missing or an unknown one is left.
+fn fill(path: &Path, replacements: &[(&str, String)]) -> Result<String, HarnessError> {
+    let template = std::fs::read_to_string(path).map_err(|source| HarnessError::Io {
+        action: "read the bootstrap template",
+        path: path.to_path_buf(),
+        source,
+    })?;
+
     let mut text = template;
-    for (name, value) in &replacements {
+    for (name, value) in replacements {
         let placeholder = format!("{{{{{name}}}}}");
         if !text.contains(&placeholder) {
             return Err(HarnessError::Template {
-                path,
+                path: path.to_path_buf(),
                 reason: format!("placeholder {placeholder} is missing"),
             });
         }
@@ -53,7 +94,7 @@ pub fn render(values: &BootstrapValues, wasm: &Path) -> Result<String, HarnessEr
     if let Some(start) = text.find("{{") {
         let rest: String = text[start..].chars().take(40).collect();
         return Err(HarnessError::Template {
-            path,
+            path: path.to_path_buf(),
             reason: format!("unknown placeholder at `{rest}`"),
         });
     }
@@ -91,5 +132,18 @@ mod tests {
         let text = render(&values(), Path::new("/f.wasm")).unwrap();
         let expected = quote(&values().plugin_config.to_string());
         assert!(text.contains(&format!("value: {expected}")));
+    }
+
+    #[test]
+    fn fills_geo_placeholders() {
+        let geo = GeoValues {
+            geoip_db_path: PathBuf::from("/tmp/countries.mmdb"),
+            xff_trusted_hops: 1,
+        };
+        let text = render_geo(&values(), &geo, Path::new("/f.wasm")).unwrap();
+        assert!(!text.contains("{{"));
+        assert!(text.contains("country_db_path: \"/tmp/countries.mmdb\""));
+        assert!(text.contains("xff_num_trusted_hops: 1"));
+        assert!(text.contains("port_value: 8081"));
     }
 }

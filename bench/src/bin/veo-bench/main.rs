@@ -5,11 +5,13 @@
 //! baseline, and the Veo Edge filter's ratio to the empty wasm filter.
 //!
 //! `veo-bench memory` instead measures Envoy's heap per customer that the filter tracks in
-//! shared data, and `veo-bench billing` the Stripe meter events the sidecar sends per admitted
-//! request and how fast it sends them.
+//! shared data, `veo-bench billing` the Stripe meter events the sidecar sends per admitted
+//! request and how fast it sends them, and `veo-bench failover` how fast residency routing
+//! moves a storage region to its secondary site.
 
 mod billing;
 mod envoy;
+mod failover;
 mod memory;
 mod mint;
 mod report;
@@ -89,6 +91,9 @@ enum Command {
     /// Stripe meter events per admitted request and per (customer, meter, minute) bucket, and
     /// the sidecar's sync throughput to a fake Stripe next to the async-stripe client alone.
     Billing(billing::BillingArgs),
+    /// Time from a failed storage site to the first response from its secondary, and the
+    /// requests that fail meanwhile, with and without retries and outlier ejection.
+    Failover(failover::FailoverArgs),
 }
 
 /// Upstream of the proxy under test.
@@ -121,6 +126,7 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
     match &args.command {
         Some(Command::Memory(memory_args)) => memory::run(memory_args).await,
         Some(Command::Billing(billing_args)) => billing::run(billing_args).await,
+        Some(Command::Failover(failover_args)) => failover::run(failover_args).await,
         None => setup::run(args).await,
     }
 }

@@ -6,6 +6,9 @@
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
+use crate::audit::NewEntry;
+use crate::privacy::Privacy;
+
 use super::event::Rank;
 
 /// Tables of the webhook endpoint, created when missing. The
@@ -136,6 +139,9 @@ pub(super) enum MappingOutcome {
     Exists,
     /// Our customer id is already mapped to another Stripe customer.
     CustomerTaken,
+    /// Our customer id was erased; its tokens are still refused, and no
+    /// new data about it is kept.
+    Erased,
 }
 
 /// Stored tier state of one Stripe customer.
@@ -152,7 +158,18 @@ struct TierState {
 /// id's primary key makes a second delivery of the same event a duplicate,
 /// even when both arrive at once, because the writer connection runs one
 /// transaction at a time.
+#[cfg(test)]
 pub(super) fn record(conn: &mut Connection, delivery: &Delivery) -> rusqlite::Result<Recorded> {
+    record_audited(conn, delivery, None)
+}
+
+/// Like [`record`], and appends each change of tier to the audit log of
+/// `privacy` in the same transaction.
+pub(super) fn record_audited(
+    conn: &mut Connection,
+    delivery: &Delivery,
+    privacy: Option<&Privacy>,
+) -> rusqlite::Result<Recorded> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
 
     let inserted = tx.execute(
@@ -178,6 +195,24 @@ pub(super) fn record(conn: &mut Connection, delivery: &Delivery) -> rusqlite::Re
         }
         None => MappingOutcome::None,
     };
+    if let (Some(privacy), TierOutcome::Changed { tier, version }) = (privacy, &tier) {
+        audit_tier_change(&tx, privacy, delivery, tier, *version)?;
+    }
+    if let (Some(privacy), MappingOutcome::Inserted, Some((customer, _))) =
+        (privacy, &mapping, &delivery.mapping)
+    {
+        privacy.append(
+            &tx,
+            &NewEntry {
+                at_unix_ms: delivery.received_unix_s.saturating_mul(1_000),
+                actor: "stripe-webhook".into(),
+                action: "set_stripe_customer".into(),
+                subject_hash: Some(privacy.subject(customer)),
+                records: 1,
+                details: serde_json::json!({ "event_id": delivery.event_id }),
+            },
+        )?;
+    }
     if let Some(before) = delivery.prune_before_unix_s {
         tx.execute(
             "DELETE FROM stripe_webhook_event WHERE received_unix_s < ?1",
@@ -187,6 +222,44 @@ pub(super) fn record(conn: &mut Connection, delivery: &Delivery) -> rusqlite::Re
 
     tx.commit()?;
     Ok(Recorded::Applied { tier, mapping })
+}
+
+/// Appends a change of tier to the audit log, with the customer's hash when
+/// the Stripe customer is mapped to one.
+fn audit_tier_change(
+    tx: &Transaction<'_>,
+    privacy: &Privacy,
+    delivery: &Delivery,
+    tier: &str,
+    version: i64,
+) -> rusqlite::Result<()> {
+    let Some(update) = &delivery.tier else {
+        return Ok(());
+    };
+    let customer: Option<String> = tx
+        .query_row(
+            "SELECT customer FROM stripe_customer WHERE stripe_customer_id = ?1",
+            [&update.stripe_customer_id],
+            |row| row.get(0),
+        )
+        .optional()?;
+    privacy.append(
+        tx,
+        &NewEntry {
+            at_unix_ms: delivery.received_unix_s.saturating_mul(1_000),
+            actor: "stripe-webhook".into(),
+            action: "tier_change".into(),
+            subject_hash: customer.map(|customer| privacy.subject(&customer)),
+            records: 1,
+            details: serde_json::json!({
+                "event_id": delivery.event_id,
+                "event_type": delivery.event_type,
+                "tier": tier,
+                "version": version,
+            }),
+        },
+    )?;
+    Ok(())
 }
 
 fn apply_tier(
@@ -326,6 +399,14 @@ fn insert_mapping(
     if existing.is_some() {
         return Ok(MappingOutcome::Exists);
     }
+    let erased: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM erased_customer WHERE customer = ?1)",
+        [customer],
+        |row| row.get(0),
+    )?;
+    if erased {
+        return Ok(MappingOutcome::Erased);
+    }
 
     let inserted = tx.execute(
         "INSERT INTO stripe_customer (customer, stripe_customer_id, updated_unix_s) \
@@ -430,6 +511,7 @@ pub(super) mod tests {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(SCHEMA).unwrap();
         conn.execute_batch(MAPPING_SCHEMA).unwrap();
+        conn.execute_batch(crate::erasure::SCHEMA).unwrap();
         conn
     }
 
@@ -645,6 +727,77 @@ pub(super) mod tests {
         assert_eq!(due_metadata(&conn, 4_999, 10).unwrap(), vec![]);
         assert_eq!(due_metadata(&conn, 5_000, 10).unwrap()[0].attempts, 1);
         assert_eq!(next_metadata_due(&conn).unwrap(), Some(5_000));
+    }
+
+    #[test]
+    fn erased_customer_is_not_mapped_again() {
+        let mut conn = open();
+        conn.execute(
+            "INSERT INTO erased_customer VALUES ('gone', 9999999999)",
+            [],
+        )
+        .unwrap();
+        let mut delivery = delivery("evt_1", "pro", 100, Rank::Live);
+        delivery.mapping = Some(("gone".into(), "cus_1".into()));
+
+        let recorded = record(&mut conn, &delivery).unwrap();
+
+        assert!(matches!(
+            recorded,
+            Recorded::Applied {
+                mapping: MappingOutcome::Erased,
+                ..
+            }
+        ));
+        let mapped: i64 = conn
+            .query_row("SELECT COUNT(*) FROM stripe_customer", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(mapped, 0);
+    }
+
+    #[test]
+    fn tier_changes_are_audited_with_the_customer_hash() {
+        let mut conn = open();
+        conn.execute_batch(crate::keys::SCHEMA).unwrap();
+        conn.execute_batch(crate::audit::SCHEMA).unwrap();
+        conn.execute_batch("CREATE TABLE sidecar_meta (key TEXT PRIMARY KEY, value TEXT)")
+            .unwrap();
+        let key_file = crate::keys::test_support::TestKeyFile::new();
+        let keys: std::sync::Arc<dyn crate::keys::KeyProvider> = std::sync::Arc::new(key_file.keys);
+        let privacy = Privacy {
+            pushes: std::sync::Arc::new(crate::pushes::Pushes::new(1)),
+            index_key: crate::keys::IndexKey::load_or_create(&conn, keys.as_ref()).unwrap(),
+            keys,
+            token_lifetime_s: 60,
+        };
+        let mut first = delivery("evt_1", "pro", 100, Rank::Live);
+        first.mapping = Some(("acme".into(), "cus_1".into()));
+
+        record_audited(&mut conn, &first, Some(&privacy)).unwrap();
+        record_audited(
+            &mut conn,
+            &delivery("evt_2", "pro", 200, Rank::Live),
+            Some(&privacy),
+        )
+        .unwrap();
+        record_audited(
+            &mut conn,
+            &delivery("evt_3", "basic", 300, Rank::Live),
+            Some(&privacy),
+        )
+        .unwrap();
+
+        let entries = crate::audit::entries(&conn, Some(privacy.keys.as_ref()), 0, 10).unwrap();
+        let actions: Vec<&str> = entries.iter().map(|entry| entry.action.as_str()).collect();
+        assert_eq!(
+            actions,
+            ["tier_change", "set_stripe_customer", "tier_change"],
+            "the unchanged tier is not a change"
+        );
+        assert_eq!(entries[0].actor, "stripe-webhook");
+        assert_eq!(entries[1].subject_hash, Some(privacy.subject("acme")));
+        assert_eq!(entries[2].subject_hash, Some(privacy.subject("acme")));
+        assert!(crate::audit::verify(&conn).unwrap().intact);
     }
 
     #[test]

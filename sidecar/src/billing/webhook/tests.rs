@@ -47,7 +47,7 @@ async fn fixture_with(settings: WebhookSettings, stripe: Option<stripe::Client>)
         .await
         .unwrap();
     let changed = Arc::new(Notify::new());
-    let handler = WebhookHandler::new(store.clone(), settings, stripe, Arc::clone(&changed));
+    let handler = WebhookHandler::new(store.clone(), settings, stripe, Arc::clone(&changed), None);
     Fixture {
         _dir: dir,
         store,

@@ -162,6 +162,8 @@ pub async fn send(address: SocketAddr, batches: Vec<Vec<UsageRecord>>) -> anyhow
             created_unix_ms: unix_now().saturating_mul(1_000),
             usage,
             tier_overrides_version: 0,
+            asset_regions_version: 0,
+            erasures_version: 0,
         };
         let response = client
             .sync(request)

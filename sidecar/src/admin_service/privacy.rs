@@ -1,0 +1,521 @@
+//! Admin calls on the asset region registry, customer erasure and the
+//! audit log. Every change is appended to the audit log in the
+//! transaction that makes it.
+
+use std::collections::BTreeMap;
+
+use tonic::Status;
+use tracing::{info, warn};
+use veo_proto::admin::{
+    AssetRegions, AuditReceipt, DeleteAssetRegionsRequest, DeleteAssetRegionsResponse,
+    EraseCustomerRequest, ErasedRecords, Erasure, ErasureState, GetAssetRegionsRequest,
+    GetErasureRequest, ListAssetRegionsResponse, SetAssetRegionsRequest, VerifyAuditLogResponse,
+};
+use veo_proto::sync::ErasedCustomer;
+
+use super::AdminService;
+use crate::assets::{self, PutOutcome};
+use crate::audit::{self, NewEntry};
+use crate::erasure::{self, EraseRequest};
+use crate::keys;
+use crate::ledger::unix_now_s;
+use crate::privacy::{Privacy, key_owner, to_sql};
+use crate::status::ServiceError;
+use crate::store::Store;
+use crate::validate::{self, MAX_ID_BYTES};
+
+/// Request metadata naming the author of a change, recorded in the audit
+/// log.
+pub const ACTOR_METADATA: &str = "x-veo-actor";
+/// Actor recorded when a request names none.
+const UNKNOWN_ACTOR: &str = "unknown";
+/// Maximum length of an actor name, in bytes.
+const MAX_ACTOR_BYTES: usize = 128;
+
+/// Maximum length of a customer id in a token's customer claim, in bytes,
+/// as the filter accepts it.
+const MAX_TOKEN_CUSTOMER_BYTES: usize = 128;
+
+/// Checks that `customer` is an id a token can carry (1 to 128 printable
+/// ASCII characters without spaces), so a mistyped id is rejected instead
+/// of reported as erased.
+fn check_token_customer(customer: &str) -> Result<(), ServiceError> {
+    let valid = !customer.is_empty()
+        && customer.len() <= MAX_TOKEN_CUSTOMER_BYTES
+        && customer.bytes().all(|byte| byte.is_ascii_graphic());
+    if valid {
+        Ok(())
+    } else {
+        Err(ServiceError::invalid(
+            "customer",
+            format!(
+                "{customer:?} is not a customer id a token can carry: use 1 to \
+                 {MAX_TOKEN_CUSTOMER_BYTES} printable ASCII characters without spaces"
+            ),
+        ))
+    }
+}
+
+/// Returns the actor named in a request's metadata, or "unknown" when it
+/// names none. A value that is not 1 to 128 printable ASCII characters is
+/// rejected, so the audit log never records a changed or lost actor.
+pub fn actor(metadata: &tonic::metadata::MetadataMap) -> Result<String, Status> {
+    let Some(value) = metadata.get(ACTOR_METADATA) else {
+        return Ok(UNKNOWN_ACTOR.to_owned());
+    };
+    let text = value.to_str().unwrap_or_default();
+    let valid = !text.is_empty()
+        && text.len() <= MAX_ACTOR_BYTES
+        && text
+            .bytes()
+            .all(|byte| byte == b' ' || byte.is_ascii_graphic());
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(ServiceError::invalid(
+            ACTOR_METADATA,
+            format!(
+                "{value:?} is not an actor name: use 1 to {MAX_ACTOR_BYTES} printable ASCII \
+                 characters"
+            ),
+        )
+        .into())
+    }
+}
+
+impl AdminService {
+    fn privacy(&self) -> Result<&Privacy, Status> {
+        self.privacy
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this sidecar runs without the privacy services"))
+    }
+
+    fn store(&self) -> &Store {
+        self.biller.store()
+    }
+
+    /// Appends an audit entry inside a store closure.
+    fn append(
+        conn: &rusqlite::Connection,
+        privacy: &Privacy,
+        entry: &NewEntry,
+    ) -> rusqlite::Result<audit::Receipt> {
+        privacy.append(conn, entry)
+    }
+
+    /// Stores a registry entry and pushes the registry to the instances.
+    pub async fn set_asset_regions(
+        &self,
+        request: SetAssetRegionsRequest,
+        actor: String,
+    ) -> Result<AssetRegions, Status> {
+        let privacy = self.privacy()?.clone();
+        let entry = request
+            .asset
+            .ok_or_else(|| ServiceError::invalid("asset", "is missing; set the asset entry"))?;
+        assets::check(&entry)?;
+        let stored = entry.clone();
+        let now_ms = unix_now_s().saturating_mul(1_000);
+        let outcome = self
+            .store()
+            .write("set asset regions", move |conn| {
+                let tx = conn.transaction()?;
+                let outcome = assets::put(&tx, &stored, now_ms)?;
+                if outcome == PutOutcome::Stored {
+                    let details = serde_json::json!({
+                        "asset": stored.asset,
+                        "allowed_regions": stored.allowed_regions,
+                        "tier_regions": stored.tier_regions.iter()
+                            .map(|rule| (rule.tier.clone(), rule.regions.clone()))
+                            .collect::<BTreeMap<_, _>>(),
+                        "storage_region": stored.storage_region,
+                    });
+                    Self::append(
+                        &tx,
+                        &privacy,
+                        &NewEntry {
+                            at_unix_ms: now_ms,
+                            actor,
+                            action: "set_asset_regions".into(),
+                            subject_hash: None,
+                            records: 1,
+                            details,
+                        },
+                    )?;
+                }
+                tx.commit()?;
+                Ok(outcome)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        if outcome == PutOutcome::Full {
+            return Err(ServiceError::invalid(
+                "asset.asset",
+                format!(
+                    "the registry holds {} assets, its maximum; delete unused entries first",
+                    assets::MAX_ASSETS
+                ),
+            )
+            .into());
+        }
+        info!(asset = entry.asset, "asset regions set");
+        self.reload_assets().await?;
+        Ok(entry)
+    }
+
+    /// Returns one registry entry.
+    pub async fn get_asset_regions(
+        &self,
+        request: GetAssetRegionsRequest,
+    ) -> Result<AssetRegions, Status> {
+        validate::identifier("asset", &request.asset, MAX_ID_BYTES)?;
+        let asset = request.asset.clone();
+        let entry = self
+            .store()
+            .read("read asset regions", move |conn| assets::get(conn, &asset))
+            .await
+            .map_err(ServiceError::from)?;
+        entry.ok_or_else(|| {
+            Status::not_found(format!(
+                "asset {:?} is not in the registry; set it with set-asset-regions or \
+                 SetAssetRegions",
+                request.asset
+            ))
+        })
+    }
+
+    /// Lists the registry.
+    pub async fn list_asset_regions(&self) -> Result<ListAssetRegionsResponse, Status> {
+        let assets = self
+            .store()
+            .read("list asset regions", |conn| assets::list(conn))
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(ListAssetRegionsResponse { assets })
+    }
+
+    /// Removes a registry entry.
+    pub async fn delete_asset_regions(
+        &self,
+        request: DeleteAssetRegionsRequest,
+        actor: String,
+    ) -> Result<DeleteAssetRegionsResponse, Status> {
+        let privacy = self.privacy()?.clone();
+        validate::identifier("asset", &request.asset, MAX_ID_BYTES)?;
+        let asset = request.asset.clone();
+        let now_ms = unix_now_s().saturating_mul(1_000);
+        let deleted = self
+            .store()
+            .write("delete asset regions", move |conn| {
+                let tx = conn.transaction()?;
+                let deleted = assets::delete(&tx, &asset)?;
+                if deleted {
+                    Self::append(
+                        &tx,
+                        &privacy,
+                        &NewEntry {
+                            at_unix_ms: now_ms,
+                            actor,
+                            action: "delete_asset_regions".into(),
+                            subject_hash: None,
+                            records: 1,
+                            details: serde_json::json!({ "asset": asset }),
+                        },
+                    )?;
+                }
+                tx.commit()?;
+                Ok(deleted)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        if deleted {
+            info!(asset = request.asset, "asset regions deleted");
+            self.reload_assets().await?;
+        }
+        Ok(DeleteAssetRegionsResponse { deleted })
+    }
+
+    /// Loads the registry into the set pushed to the instances.
+    pub async fn reload_assets(&self) -> Result<(), Status> {
+        let privacy = self.privacy()?;
+        let entries = self
+            .store()
+            .read("read asset regions", |conn| assets::list(conn))
+            .await
+            .map_err(ServiceError::from)?;
+        privacy.pushes.set_assets(assets::to_sync(entries));
+        Ok(())
+    }
+
+    /// Loads the erased customers into the set pushed to the instances,
+    /// dropping those whose tokens have expired, and returns its version.
+    pub async fn reload_erased(&self) -> Result<u64, Status> {
+        let privacy = self.privacy()?;
+        let now = unix_now_s();
+        let erased = self
+            .store()
+            .write("read erased customers", move |conn| {
+                erasure::erased_customers(conn, now)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(privacy.pushes.set_erased(
+            erased
+                .into_iter()
+                .map(|(customer, refuse_until_unix_s)| ErasedCustomer {
+                    customer,
+                    refuse_until_unix_s,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Loads the instances' acknowledgements kept in the store.
+    pub async fn load_acks(&self) -> Result<(), Status> {
+        let privacy = self.privacy()?;
+        let stored = self
+            .store()
+            .read("read erasure acknowledgements", |conn| {
+                erasure::stored_acks(conn)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        privacy.pushes.load_acks(
+            stored
+                .into_iter()
+                .map(|(instance, erasures_version, last_seen_unix_s)| {
+                    (
+                        instance,
+                        crate::pushes::InstanceAck {
+                            erasures_version,
+                            last_seen_unix_s,
+                        },
+                    )
+                })
+                .collect(),
+        );
+        Ok(())
+    }
+
+    /// Erases a customer, or returns its earlier erasure.
+    pub async fn erase_customer(
+        &self,
+        request: EraseCustomerRequest,
+        actor: String,
+    ) -> Result<Erasure, Status> {
+        let privacy = self.privacy()?.clone();
+        check_token_customer(&request.customer)?;
+        let subject_hash = privacy.index_key.hash(&request.customer);
+        let now_s = unix_now_s();
+        let request_customer = request.customer.clone();
+        let customer = request.customer;
+        let hash = subject_hash.clone();
+        let refuse_until_unix_s = now_s.saturating_add(privacy.token_lifetime_s);
+        let keys_for_tx = privacy.clone();
+        let shared_counters = self.shared.is_some();
+        let (erasure, performed) = self
+            .store()
+            .write("erase a customer", move |conn| {
+                erasure::erase(
+                    conn,
+                    EraseRequest {
+                        customer: &customer,
+                        subject_hash: &hash,
+                        now_unix_ms: now_s.saturating_mul(1_000),
+                        refuse_until_unix_s,
+                        shared_counters,
+                    },
+                    &mut |tx, erasure_id, records| {
+                        let destroyed = keys::destroy(tx, &key_owner(&hash)).map_err(to_sql)?;
+                        records.insert("data_key".into(), u64::from(destroyed));
+                        let total = records.values().sum();
+                        let receipt = Self::append(
+                            tx,
+                            &keys_for_tx,
+                            &NewEntry {
+                                at_unix_ms: now_s.saturating_mul(1_000),
+                                actor: actor.clone(),
+                                action: "erase_customer".into(),
+                                subject_hash: Some(hash.clone()),
+                                records: total,
+                                details: serde_json::json!({
+                                    "erasure_id": erasure_id,
+                                    "records": records,
+                                    "refuse_tokens_until_unix_s": refuse_until_unix_s,
+                                }),
+                            },
+                        )?;
+                        Ok(erasure::Receipt {
+                            position: receipt.position,
+                            entry_hash: receipt.entry_hash,
+                        })
+                    },
+                )
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        if performed {
+            self.clear_counters(&request_customer, now_s).await?;
+            let version = self.reload_erased().await?;
+            let id = erasure.erasure_id.clone();
+            self.store()
+                .write("record an erasure's version", move |conn| {
+                    erasure::set_version(conn, &id, version)
+                })
+                .await
+                .map_err(ServiceError::from)?;
+            self.biller.waker().notify_one();
+            self.mapping_changed.notify_one();
+            info!(erasure_id = erasure.erasure_id, "customer erased");
+        }
+        self.erasure_progress(&erasure.erasure_id).await
+    }
+
+    /// Drops the customer's counts kept in memory and in Redis. Counts that
+    /// Redis cannot remove now stay queued in the store, and
+    /// [`AdminService::retry_counter_cleanup`] tries again.
+    async fn clear_counters(&self, customer: &str, now_s: i64) -> Result<(), Status> {
+        if let Some(recent) = &self.recent {
+            recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .forget(customer);
+        }
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let result = shared.erase_customer(customer, now_s).await;
+        let owned = customer.to_owned();
+        let cleared = result.is_ok();
+        self.store()
+            .write("record an erased customer's counters", move |conn| {
+                if cleared {
+                    erasure::counters_cleared(conn, &owned)
+                } else {
+                    erasure::counters_failed(conn, &owned)
+                }
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        match result {
+            Ok(removed) => info!(removed, "erased customer's counts removed from Redis"),
+            Err(err) => warn!(
+                error = %err,
+                "failed to remove an erased customer's counts from Redis; retrying every 10 s"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Tries again to remove the Redis counts of erased customers that
+    /// Redis could not remove before.
+    pub async fn retry_counter_cleanup(&self) -> Result<(), Status> {
+        if self.shared.is_none() {
+            return Ok(());
+        }
+        let pending = self
+            .store()
+            .read("read pending counter removals", |conn| {
+                erasure::counters_pending(conn)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        for (customer, erasure_id) in pending {
+            info!(
+                erasure_id,
+                "retrying the removal of an erased customer's Redis counts"
+            );
+            self.clear_counters(&customer, unix_now_s()).await?;
+        }
+        Ok(())
+    }
+
+    /// Returns an erasure's progress.
+    pub async fn get_erasure(&self, request: GetErasureRequest) -> Result<Erasure, Status> {
+        self.privacy()?;
+        validate::identifier("erasure_id", &request.erasure_id, MAX_ID_BYTES)?;
+        self.erasure_progress(&request.erasure_id).await
+    }
+
+    async fn erasure_progress(&self, erasure_id: &str) -> Result<Erasure, Status> {
+        let privacy = self.privacy()?;
+        let id = erasure_id.to_owned();
+        let found = self
+            .store()
+            .read("read an erasure", move |conn| erasure::by_id(conn, &id))
+            .await
+            .map_err(ServiceError::from)?;
+        let Some(found) = found else {
+            return Err(Status::not_found(format!(
+                "no erasure {erasure_id:?}; check the id that erase-customer or EraseCustomer \
+                 returned"
+            )));
+        };
+        // Until its version is recorded, the erasure waits for every
+        // instance at or below the version in force.
+        let version = match found.erasures_version {
+            0 => privacy.pushes.erasures_version(),
+            version => version,
+        };
+        let pending = privacy.pushes.pending_instances(version, unix_now_s());
+        let id = found.erasure_id.clone();
+        let counters_pending = self
+            .store()
+            .read("read pending counter removals", move |conn| {
+                erasure::counters_pending_for(conn, &id)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        let state = if counters_pending {
+            ErasureState::PendingSharedCounters
+        } else if pending.is_empty() {
+            ErasureState::Complete
+        } else {
+            ErasureState::PendingInstances
+        };
+        Ok(Erasure {
+            erasure_id: found.erasure_id,
+            state: state.into(),
+            requested_unix_ms: found.requested_unix_ms,
+            records: found
+                .records
+                .into_iter()
+                .map(|(kind, count)| ErasedRecords { kind, count })
+                .collect(),
+            pending_instances: pending,
+            receipt: Some(AuditReceipt {
+                position: found.receipt.position,
+                entry_hash: found.receipt.entry_hash,
+                subject_hash: found.subject_hash,
+            }),
+        })
+    }
+
+    /// Checks the audit log's hash chain.
+    pub async fn verify_audit_log(&self) -> Result<VerifyAuditLogResponse, Status> {
+        self.privacy()?;
+        let verification = self
+            .store()
+            .read("verify the audit log", |conn| {
+                let mut verification = audit::verify(conn).map_err(to_sql)?;
+                erasure::check_receipts(conn, &mut verification)?;
+                Ok(verification)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        if !verification.intact {
+            warn!(
+                first_bad_position = verification.first_bad_position,
+                problem = verification.problem,
+                "the audit log fails verification"
+            );
+        }
+        Ok(VerifyAuditLogResponse {
+            intact: verification.intact,
+            entries: verification.entries,
+            first_bad_position: verification.first_bad_position,
+            problem: verification.problem,
+            head_hash: verification.head_hash,
+        })
+    }
+}

@@ -1,0 +1,67 @@
+//! State shared by erasure, the asset region registry and the audit log:
+//! the pushed sets, the encryption keys, the key of the customer id hashes
+//! and the maximum token lifetime.
+
+use std::sync::Arc;
+
+use rusqlite::Connection;
+
+use crate::audit::{self, NewEntry};
+use crate::keys::{IndexKey, KeyProvider};
+use crate::pushes::Pushes;
+
+/// The privacy services' shared state; cheap to clone.
+#[derive(Clone)]
+pub struct Privacy {
+    /// Sets pushed to the filter instances.
+    pub pushes: Arc<Pushes>,
+    /// Key-encryption keys of the data keys.
+    pub keys: Arc<dyn KeyProvider>,
+    /// Key of the customer id hashes.
+    pub index_key: IndexKey,
+    /// Maximum lifetime of a token, in seconds: an erased customer's tokens
+    /// are rejected this long.
+    pub token_lifetime_s: i64,
+}
+
+impl std::fmt::Debug for Privacy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Privacy")
+            .field("token_lifetime_s", &self.token_lifetime_s)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Privacy {
+    /// Returns the keyed hash of a customer id, as the audit log and the
+    /// erasures store it.
+    pub fn subject(&self, customer: &str) -> String {
+        self.index_key.hash(customer)
+    }
+
+    /// Appends `entry` to the audit log on `conn`, inside the caller's
+    /// transaction.
+    /// The entry's position and hash are also recorded as the last entry,
+    /// which verification checks, so entries cut from the end show.
+    pub fn append(&self, conn: &Connection, entry: &NewEntry) -> rusqlite::Result<audit::Receipt> {
+        let receipt = audit::append(conn, self.keys.as_ref(), entry).map_err(to_sql)?;
+        crate::erasure::record_head(
+            conn,
+            &crate::erasure::Receipt {
+                position: receipt.position,
+                entry_hash: receipt.entry_hash.clone(),
+            },
+        )?;
+        Ok(receipt)
+    }
+}
+
+/// Wraps an error of the key or audit modules for a store closure.
+pub fn to_sql<E: std::error::Error + Send + Sync + 'static>(err: E) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(err))
+}
+
+/// Owner of a customer's data key, named by the customer's hash.
+pub fn key_owner(subject_hash: &str) -> String {
+    format!("customer:{subject_hash}")
+}

@@ -1,0 +1,75 @@
+//! Start-up and background work of the privacy services: the keys, the
+//! asset region registry and the erased customers pushed to the filter
+//! instances.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::ServerError;
+use crate::admin_service::AdminService;
+use crate::config::Config;
+use crate::keys::{IndexKey, KeyProvider, LocalKeyFile};
+use crate::privacy::Privacy;
+use crate::pushes::Pushes;
+use crate::store::Store;
+
+/// Interval at which erased customers whose tokens have expired are
+/// dropped from the set pushed to the instances, and failed removals of
+/// Redis counts are retried.
+const ERASED_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Opens the key file (creating it with one key when missing) and the key
+/// of the customer id hashes.
+pub(super) async fn open(
+    config: &Config,
+    store: &Store,
+    pushes: Arc<Pushes>,
+) -> Result<Privacy, ServerError> {
+    let path = config.privacy().key_file.clone();
+    let keys: Arc<dyn KeyProvider> =
+        Arc::new(tokio::task::spawn_blocking(move || LocalKeyFile::open_or_create(&path)).await??);
+    info!(
+        key_file = %config.privacy().key_file.display(),
+        key_encryption_key = %keys.current_kek_id(),
+        "encryption keys loaded"
+    );
+    let provider = Arc::clone(&keys);
+    let index_key = store
+        .write("load the customer id hash key", move |conn| {
+            IndexKey::load_or_create(conn, provider.as_ref())
+                .map_err(|err| rusqlite::Error::ToSqlConversionFailure(Box::new(err)))
+        })
+        .await?;
+    Ok(Privacy {
+        pushes,
+        keys,
+        index_key,
+        token_lifetime_s: config.privacy().token_lifetime_seconds,
+    })
+}
+
+/// Loads the registry, the erased customers and the instances'
+/// acknowledgements into the pushed sets.
+pub(super) async fn load(admin: &AdminService) -> Result<(), ServerError> {
+    let status = |err: tonic::Status| ServerError::Privacy(err.message().to_owned());
+    admin.reload_assets().await.map_err(status)?;
+    admin.reload_erased().await.map_err(status)?;
+    admin.load_acks().await.map_err(status)?;
+    Ok(())
+}
+
+/// Drops, every 10 s, erased customers whose tokens have expired and
+/// retries removing erased customers' counts from Redis.
+pub(super) async fn reload_erased(admin: AdminService) {
+    loop {
+        tokio::time::sleep(ERASED_RELOAD_INTERVAL).await;
+        if let Err(err) = admin.reload_erased().await {
+            warn!(error = %err.message(), "failed to reload the erased customers; keeping the set in force");
+        }
+        if let Err(err) = admin.retry_counter_cleanup().await {
+            warn!(error = %err.message(), "failed to retry removing erased customers' Redis counts");
+        }
+    }
+}

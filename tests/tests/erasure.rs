@@ -1,0 +1,605 @@
+//! Customer erasure against real Envoy and the real sidecar: traffic of the
+//! erased customer racing the erasure leaves no trace, its still-valid
+//! tokens are refused, other customers are untouched, and the audit log
+//! proves the erasure and detects tampering.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use tonic::Request;
+use tonic::transport::Channel;
+use veo_proto::admin::admin_client::AdminClient;
+use veo_proto::admin::{
+    EraseCustomerRequest, ErasureState, GetErasureRequest, GetStripeCustomerRequest,
+    SetStripeCustomerRequest, VerifyAuditLogRequest,
+};
+use veo_tests::artifacts::sidecar_binary;
+use veo_tests::plugin::{PluginConfig, SYNC_INTERVAL_MS};
+use veo_tests::tokens::{SigningKey, TokenSpec};
+use veo_tests::{Stack, StackOptions};
+
+/// Tables with a `customer` column.
+const CUSTOMER_TABLES: [&str; 6] = [
+    "usage_minute",
+    "billing_dirty",
+    "meter_bucket",
+    "meter_event",
+    "counter_outbox",
+    "stripe_customer",
+];
+
+fn options() -> StackOptions {
+    StackOptions {
+        // A one-hour token lifetime bounds how long the id is kept to
+        // refuse its tokens.
+        sidecar_toml: Some("[privacy]\ntoken_lifetime_seconds = 3600\n".into()),
+        ..StackOptions::default()
+    }
+}
+
+/// Polls erasure `erasure_id` every 100 ms until it reaches `state`; fails
+/// with the last state and the instances still pending after `timeout`.
+async fn await_erasure(
+    admin: &mut AdminClient<Channel>,
+    erasure_id: &str,
+    timeout: Duration,
+    state: ErasureState,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let progress = admin
+            .get_erasure(GetErasureRequest {
+                erasure_id: erasure_id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        if progress.state() == state {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "erasure {erasure_id} is {:?} after {timeout:?}, expected {state:?}; pending \
+                 instances: {:?}",
+                progress.state(),
+                progress.pending_instances
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends requests with `token` until `stop`, and returns the statuses.
+fn traffic(
+    stack: &Stack,
+    token: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(Instant, u16)>> {
+    let client = stack.client();
+    tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(reply) = client.get_with_token("/videos/clip", &token, &[]).await {
+                statuses.push((Instant::now(), reply.status));
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        statuses
+    })
+}
+
+/// Counts the rows of `customer` in each table of the store in `dir`.
+fn rows_of(store: &std::path::Path, customer: &str) -> anyhow::Result<Vec<(String, i64)>> {
+    let conn = rusqlite::Connection::open(store)?;
+    let mut counts = Vec::new();
+    for table in CUSTOMER_TABLES {
+        let count: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM {table} WHERE customer = ?1"),
+            [customer],
+            |row| row.get(0),
+        )?;
+        counts.push((table.to_owned(), count));
+    }
+    Ok(counts)
+}
+
+/// Proves an erasure during traffic leaves no usage of the customer,
+/// refuses its tokens, spares the others and is in an intact audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let config = PluginConfig::for_key(&key)?.quota("basic", 1_000, 3);
+    let mut stack = Stack::start_with(&config, options()).await?;
+    let doomed_token = key.mint(&TokenSpec::new("doomed", "basic"))?;
+    let kept_token = key.mint(&TokenSpec::new("kept", "basic"))?;
+    let mut admin = stack.sidecar.admin().await?;
+    admin
+        .set_stripe_customer(SetStripeCustomerRequest {
+            customer: "doomed".into(),
+            stripe_customer_id: "cus_doomed".into(),
+        })
+        .await?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let doomed = traffic(&stack, doomed_token.clone(), Arc::clone(&stop));
+    let kept = traffic(&stack, kept_token.clone(), Arc::clone(&stop));
+    // Usage of the customer is in the ledger and in flight when it is
+    // erased.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    ensure!(
+        stack.sidecar.usage("doomed").await?.admitted > 0,
+        "no usage before the erasure"
+    );
+
+    let mut request = Request::new(EraseCustomerRequest {
+        customer: "doomed".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-veo-actor", "privacy-team".parse()?);
+    let erasure = admin.erase_customer(request).await?.into_inner();
+    let erased_at = Instant::now();
+    let receipt = erasure
+        .receipt
+        .clone()
+        .context("erasure without a receipt")?;
+    ensure!(
+        receipt.position >= 2,
+        "the mapping change and the erasure are both audited"
+    );
+
+    // Every instance acknowledges within a few sync intervals.
+    await_erasure(
+        &mut admin,
+        &erasure.erasure_id,
+        Duration::from_secs(10),
+        ErasureState::Complete,
+    )
+    .await?;
+    let completed_at = Instant::now();
+    // Traffic goes on after the erasure, so batches built before and after
+    // it reach the sidecar.
+    tokio::time::sleep(Duration::from_millis(SYNC_INTERVAL_MS * 5)).await;
+    stop.store(true, Ordering::Relaxed);
+    let doomed = doomed.await?;
+    let kept = kept.await?;
+
+    let refused_after: Vec<u16> = doomed
+        .iter()
+        .filter(|(at, _)| *at > completed_at)
+        .map(|(_, status)| *status)
+        .collect();
+    ensure!(
+        !refused_after.is_empty(),
+        "no request after the erasure completed"
+    );
+    ensure!(
+        refused_after.iter().all(|status| *status == 401),
+        "statuses after the erasure: {refused_after:?}"
+    );
+    let reply = stack
+        .client()
+        .get_with_token("/", &doomed_token, &[])
+        .await?;
+    assert_eq!(reply.status, 401);
+    ensure!(
+        !reply.body.contains("doomed"),
+        "the 401 names the customer: {}",
+        reply.body
+    );
+    ensure!(
+        kept.iter().all(|(_, status)| *status == 200),
+        "another customer was refused"
+    );
+    ensure!(
+        erased_at.elapsed() > Duration::from_millis(SYNC_INTERVAL_MS * 3),
+        "too little traffic after the erasure"
+    );
+
+    tokio::time::sleep(Duration::from_millis(SYNC_INTERVAL_MS * 3)).await;
+    assert_eq!(stack.sidecar.usage("doomed").await?.admitted, 0);
+    ensure!(
+        stack.sidecar.usage("kept").await?.admitted > 0,
+        "kept customer lost usage"
+    );
+    let mapping = admin
+        .get_stripe_customer(GetStripeCustomerRequest {
+            customer: "doomed".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(mapping.stripe_customer_id, "");
+
+    // Erasing again returns the same receipt.
+    let again = admin
+        .erase_customer(EraseCustomerRequest {
+            customer: "doomed".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(again.erasure_id, erasure.erasure_id);
+    assert_eq!(again.receipt, erasure.receipt);
+
+    let verified = admin
+        .verify_audit_log(VerifyAuditLogRequest {})
+        .await?
+        .into_inner();
+    ensure!(verified.intact, "audit log: {}", verified.problem);
+
+    stack.sidecar.stop();
+    let store = stack.sidecar.data_dir().join("usage.sqlite3");
+    for (table, count) in rows_of(&store, "doomed")? {
+        assert_eq!(count, 0, "{table} holds rows of the erased customer");
+    }
+    ensure!(
+        rows_of(&store, "kept")?.iter().any(|(_, count)| *count > 0),
+        "kept customer's rows are gone"
+    );
+    Ok(())
+}
+
+/// Proves a changed byte in the stored audit log is found by the offline
+/// check, which names the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_audit_log_is_detected() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let mut stack = Stack::start_with(&PluginConfig::for_key(&key)?, options()).await?;
+    let mut admin = stack.sidecar.admin().await?;
+    for customer in ["c1", "c2", "c3"] {
+        admin
+            .erase_customer(EraseCustomerRequest {
+                customer: customer.into(),
+            })
+            .await?;
+    }
+    stack.sidecar.stop();
+    let data_dir = stack.sidecar.data_dir().to_path_buf();
+    let verify = || -> anyhow::Result<(bool, String)> {
+        let output = Command::new(sidecar_binary()?)
+            .arg("verify-audit-log")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .output()?;
+        Ok((
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        ))
+    };
+    let (intact, text) = verify()?;
+    ensure!(intact, "untouched log fails: {text}");
+    ensure!(text.contains("3 entries"), "{text}");
+
+    let conn = rusqlite::Connection::open(data_dir.join("usage.sqlite3"))?;
+    // An attacker with write access to the file removes the guard first.
+    let triggers: Vec<String> = {
+        let mut statement = conn.prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_log'",
+        )?;
+        statement
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?
+    };
+    for trigger in triggers {
+        conn.execute_batch(&format!("DROP TRIGGER {trigger}"))?;
+    }
+    let details: Vec<u8> = conn.query_row(
+        "SELECT details FROM audit_log WHERE position = 2",
+        [],
+        |row| row.get(0),
+    )?;
+    let mut changed = details.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 0x01;
+    conn.execute(
+        "UPDATE audit_log SET details = ?1 WHERE position = 2",
+        [changed],
+    )?;
+    drop(conn);
+
+    let (intact, text) = verify()?;
+    ensure!(!intact, "tampered log passes: {text}");
+    ensure!(
+        text.contains("entry 2"),
+        "the check does not name entry 2: {text}"
+    );
+    Ok(())
+}
+
+/// Returns every key, hash field and sorted-set member in Redis that names
+/// `customer`.
+async fn redis_traces(url: &str, customer: &str) -> anyhow::Result<Vec<String>> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await?;
+    let mut traces = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await?;
+        let members: Vec<String> = match kind.as_str() {
+            "hash" => redis::cmd("HKEYS").arg(&key).query_async(&mut conn).await?,
+            "zset" => {
+                redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await?
+            }
+            _ => Vec::new(),
+        };
+        traces.extend(
+            members
+                .into_iter()
+                .chain(std::iter::once(key.clone()))
+                .filter(|member| member.contains(customer))
+                .map(|member| format!("{key}: {member}")),
+        );
+    }
+    Ok(traces)
+}
+
+/// Proves an erasure removes the customer's counts from the counters
+/// shared through Redis, and only the customer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_clears_the_shared_counters() -> anyhow::Result<()> {
+    let dir = veo_tests::stack::temp_dir()?;
+    let redis = veo_tests::redis::RedisServer::start(&dir.path().join("redis")).await?;
+    let key = SigningKey::generate("k1");
+    let options = StackOptions {
+        sidecar_toml: Some(format!(
+            "[counters]\nbackend = \"redis\"\nredis_url = \"{}\"\nflush_interval_ms = 100\n\
+             [privacy]\ntoken_lifetime_seconds = 3600\n",
+            redis.url()
+        )),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start_in(dir, &PluginConfig::for_key(&key)?, options).await?;
+    let client = stack.client();
+    for customer in ["doomed", "kept"] {
+        let token = key.mint(&TokenSpec::new(customer, "basic"))?;
+        for _ in 0..3 {
+            assert_eq!(client.get_with_token("/", &token, &[]).await?.status, 200);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_traces(&redis.url(), "doomed").await?.is_empty() {
+        ensure!(Instant::now() < deadline, "the usage never reached Redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    stack
+        .sidecar
+        .admin()
+        .await?
+        .erase_customer(EraseCustomerRequest {
+            customer: "doomed".into(),
+        })
+        .await?;
+
+    let traces = redis_traces(&redis.url(), "doomed").await?;
+    ensure!(traces.is_empty(), "left in Redis: {traces:?}");
+    ensure!(
+        !redis_traces(&redis.url(), "kept").await?.is_empty(),
+        "another customer's counts are gone"
+    );
+    Ok(())
+}
+
+/// Proves key rotation re-wraps the data keys of a stopped sidecar, retires
+/// the old key, and leaves the audit log readable and extendable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_keys_keep_the_store_readable() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let mut stack = Stack::start_with(&PluginConfig::for_key(&key)?, options()).await?;
+    stack
+        .sidecar
+        .admin()
+        .await?
+        .erase_customer(EraseCustomerRequest {
+            customer: "c1".into(),
+        })
+        .await?;
+    stack.sidecar.stop();
+    let data_dir = stack.sidecar.data_dir().to_path_buf();
+    let store = data_dir.join("usage.sqlite3");
+    let stored_details = |position: i64| -> anyhow::Result<Vec<u8>> {
+        let conn = rusqlite::Connection::open(&store)?;
+        Ok(conn.query_row(
+            "SELECT details FROM audit_log WHERE position = ?1",
+            [position],
+            |row| row.get(0),
+        )?)
+    };
+    let before = stored_details(1)?;
+
+    let output = Command::new(sidecar_binary()?)
+        .arg("rotate-keys")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(text.contains("kek-2 is current"), "{text}");
+    ensure!(text.contains("retired kek-1"), "{text}");
+    let keys = std::fs::read_to_string(data_dir.join("keys.json"))?;
+    ensure!(
+        !keys.contains("kek-1"),
+        "the old key is still in the key file"
+    );
+    assert_eq!(stored_details(1)?, before, "rotation re-encrypted data");
+
+    // The restarted sidecar unwraps the audit data key with the new key
+    // only; appending and verifying need it.
+    stack.sidecar.restart().await?;
+    let mut admin = stack.sidecar.admin().await?;
+    let second = admin
+        .erase_customer(EraseCustomerRequest {
+            customer: "c2".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(second.receipt.context("no receipt")?.position, 2);
+    let verified = admin
+        .verify_audit_log(VerifyAuditLogRequest {})
+        .await?
+        .into_inner();
+    ensure!(verified.intact, "{}", verified.problem);
+    Ok(())
+}
+
+/// Proves an erasure while Redis is down stays pending until the sidecar
+/// has removed the customer's counts from Redis once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_while_redis_is_down_finishes_when_it_returns() -> anyhow::Result<()> {
+    let dir = veo_tests::stack::temp_dir()?;
+    let mut redis = veo_tests::redis::RedisServer::start(&dir.path().join("redis")).await?;
+    let key = SigningKey::generate("k1");
+    let options = StackOptions {
+        sidecar_toml: Some(format!(
+            "[counters]\nbackend = \"redis\"\nredis_url = \"{}\"\nflush_interval_ms = 100\n\
+             timeout_ms = 200\n[privacy]\ntoken_lifetime_seconds = 3600\n",
+            redis.url()
+        )),
+        ..StackOptions::default()
+    };
+    let stack = Stack::start_in(dir, &PluginConfig::for_key(&key)?, options).await?;
+    let token = key.mint(&TokenSpec::new("doomed", "basic"))?;
+    for _ in 0..3 {
+        assert_eq!(
+            stack
+                .client()
+                .get_with_token("/", &token, &[])
+                .await?
+                .status,
+            200
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_traces(&redis.url(), "doomed").await?.is_empty() {
+        ensure!(Instant::now() < deadline, "the usage never reached Redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Redis writes its data to disk before it stops, so the counts come back
+    // with it.
+    let url = redis.url();
+    redis::cmd("SAVE")
+        .query_async::<()>(
+            &mut redis::Client::open(url.as_str())?
+                .get_multiplexed_async_connection()
+                .await?,
+        )
+        .await?;
+    redis.stop();
+
+    let mut admin = stack.sidecar.admin().await?;
+    let erasure = admin
+        .erase_customer(EraseCustomerRequest {
+            customer: "doomed".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(erasure.state(), ErasureState::PendingSharedCounters);
+
+    redis.start_again().await?;
+    // Complete needs both: the Redis counts gone and the idle Envoy's
+    // acknowledgement.
+    await_erasure(
+        &mut admin,
+        &erasure.erasure_id,
+        Duration::from_secs(30),
+        ErasureState::Complete,
+    )
+    .await?;
+    let traces = redis_traces(&redis.url(), "doomed").await?;
+    ensure!(traces.is_empty(), "left in Redis: {traces:?}");
+    Ok(())
+}
+
+/// Proves an Envoy without traffic still receives and acknowledges an
+/// erasure, so the customer's first request afterwards is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_envoy_applies_an_erasure() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let stack = Stack::start_with(&PluginConfig::for_key(&key)?, options()).await?;
+    let token = key.mint(&TokenSpec::new("solo", "basic"))?;
+    for _ in 0..3 {
+        assert_eq!(
+            stack
+                .client()
+                .get_with_token("/", &token, &[])
+                .await?
+                .status,
+            200
+        );
+    }
+    // Long enough for the usage to be sent and the replies to stop naming
+    // the customer, so only the heartbeat polls remain.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let mut admin = stack.sidecar.admin().await?;
+    let erasure = admin
+        .erase_customer(EraseCustomerRequest {
+            customer: "solo".into(),
+        })
+        .await?
+        .into_inner();
+    await_erasure(
+        &mut admin,
+        &erasure.erasure_id,
+        Duration::from_secs(5),
+        ErasureState::Complete,
+    )
+    .await?;
+    let reply = stack.client().get_with_token("/", &token, &[]).await?;
+    assert_eq!(reply.status, 401, "body: {}", reply.body);
+    Ok(())
+}
+
+/// Proves that removing the newest audit entries, which leaves an intact
+/// chain, is still found through the erasure receipts and the recorded
+/// last entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_newest_audit_entry_is_detected() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let mut stack = Stack::start_with(&PluginConfig::for_key(&key)?, options()).await?;
+    let mut admin = stack.sidecar.admin().await?;
+    for customer in ["c1", "c2"] {
+        admin
+            .erase_customer(EraseCustomerRequest {
+                customer: customer.into(),
+            })
+            .await?;
+    }
+    stack.sidecar.stop();
+    let data_dir = stack.sidecar.data_dir().to_path_buf();
+    let conn = rusqlite::Connection::open(data_dir.join("usage.sqlite3"))?;
+    conn.execute_batch("DROP TRIGGER audit_log_no_delete")?;
+    conn.execute("DELETE FROM audit_log WHERE position = 2", [])?;
+    drop(conn);
+
+    let output = Command::new(sidecar_binary()?)
+        .arg("verify-audit-log")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(!output.status.success(), "a shortened log passes: {text}");
+    ensure!(
+        text.contains("entry 2"),
+        "the check does not name entry 2: {text}"
+    );
+    Ok(())
+}
