@@ -3,6 +3,7 @@
 //! the benchmarks.
 
 mod compile;
+mod coverage;
 mod demo;
 mod error;
 mod paths;
@@ -46,12 +47,16 @@ enum Task {
         #[arg(long, value_name = "N", default_value_t = demo::DEFAULT_SPEED)]
         speed: f64,
     },
-    /// Installs the tools, builds everything, then runs `cargo test --workspace`.
+    /// Installs the tools, builds everything, runs `cargo test --workspace`,
+    /// then measures the line coverage of the erasure and audit modules.
     Test {
         /// Arguments passed on to `cargo test`, after `--`.
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Measures and prints the line coverage of the erasure and audit
+    /// modules with cargo-llvm-cov, failing below 99.9%.
+    Coverage,
     /// Installs the tools, builds everything, then runs `veo-bench`.
     Bench {
         /// Arguments passed on to `veo-bench`, after `--`.
@@ -84,6 +89,7 @@ fn run_task(task: Task) -> Result<(), XtaskError> {
         Task::Build => compile::build_all(),
         Task::Demo { log, speed } => demo::run(log.as_deref(), speed),
         Task::Test { cargo_args } => suite::run(&cargo_args),
+        Task::Coverage => coverage::run(),
         Task::Bench { bench_args } => suite::bench(&bench_args),
         Task::Accuracy { accuracy_args } => suite::accuracy(&accuracy_args),
     }

@@ -4,11 +4,13 @@
 use std::process::Command;
 
 use crate::error::XtaskError;
-use crate::{compile, paths, run, tools};
+use crate::{compile, coverage, paths, run, tools};
 
 /// Installs the tools with redis-server, builds the artifacts, then runs
 /// `cargo test --workspace --no-fail-fast` with `extra_args` passed to the
-/// test binaries, so one run lists every failing test.
+/// test binaries, so one run lists every failing test. A run without
+/// `extra_args` then measures and prints the line coverage of the erasure
+/// and audit modules.
 ///
 /// The end-to-end tests find Envoy, the filter and the binaries through the
 /// `ENVOY_BIN`, `VEO_FILTER_WASM`, `VEO_SIDECAR_BIN` and `VEO_REPLAY_BIN`
@@ -21,7 +23,12 @@ pub fn run(extra_args: &[String]) -> Result<(), XtaskError> {
     if !extra_args.is_empty() {
         command.arg("--").args(extra_args);
     }
-    run::status(&mut command, "the failing tests are listed above")
+    run::status(&mut command, "the failing tests are listed above")?;
+    // A filtered run is for one area; the coverage figure needs them all.
+    if extra_args.is_empty() {
+        coverage::run()?;
+    }
+    Ok(())
 }
 
 /// Installs the tools, builds the artifacts, then runs `veo-bench` with
