@@ -7,7 +7,7 @@ mod privacy;
 pub use privacy::{ACTOR_METADATA, actor};
 
 use crate::audit::NewEntry;
-use crate::privacy::Privacy;
+use crate::privacy::{Privacy, to_sql};
 
 use std::sync::Arc;
 
@@ -107,11 +107,13 @@ impl AdminService {
         let stripe_id = request.stripe_customer_id.clone();
         let now = unix_now_s();
         let privacy = self.privacy.clone();
+        let identities = self.biller.store().identities().clone();
         let outcome = self
             .biller
             .store()
             .write("set a Stripe customer", move |conn| {
-                customers::set_audited(conn, &customer, &stripe_id, now, |tx| {
+                let names = Some(&identities);
+                customers::set_audited(conn, names, &customer, &stripe_id, now, |tx| {
                     let Some(privacy) = &privacy else {
                         return Ok(());
                     };
@@ -161,7 +163,11 @@ impl AdminService {
         request: GetStripeCustomerRequest,
     ) -> Result<StripeCustomer, ServiceError> {
         validate::identifier("customer", &request.customer, MAX_ID_BYTES)?;
-        let customer = request.customer.clone();
+        let customer = self
+            .biller
+            .store()
+            .identities()
+            .pseudonym(&request.customer);
         let tier_of = self.tier_of;
         let (stripe_id, tier) = self
             .biller
@@ -225,9 +231,25 @@ impl AdminService {
                 warn!(error = %err, corrections, "failed to append a reconciliation's corrections to the audit log");
             }
         }
+        let identities = self.biller.store().identities().clone();
+        let mut rows = report.rows;
+        let rows = self
+            .biller
+            .store()
+            .read("name the reconciled customers", move |conn| {
+                let mut revealer = identities.revealer();
+                for row in &mut rows {
+                    if let Some(customer) = revealer.reveal(conn, &row.customer).map_err(to_sql)? {
+                        row.customer = customer;
+                    }
+                }
+                rows.sort_by(|a, b| (&a.customer, a.meter).cmp(&(&b.customer, b.meter)));
+                Ok(rows)
+            })
+            .await
+            .map_err(|err| Status::from(ServiceError::Store(err)))?;
         Ok(ReconcileReport {
-            rows: report
-                .rows
+            rows: rows
                 .into_iter()
                 .map(|row| ReconcileRow {
                     customer: row.customer,
@@ -253,11 +275,23 @@ impl AdminService {
             0 => DEFAULT_PARKED_LIMIT,
             limit => limit.min(MAX_PARKED_LIMIT),
         };
+        let identities = self.biller.store().identities().clone();
         let events = self
             .biller
             .store()
             .read("list parked meter events", move |conn| {
-                queue::parked(conn, limit as usize)
+                let mut events = queue::parked(conn, limit as usize)?;
+                let mut revealer = identities.revealer();
+                for event in &mut events {
+                    // An event whose customer was erased is deleted with it,
+                    // so every parked event has an identity.
+                    if let Some(customer) =
+                        revealer.reveal(conn, &event.customer).map_err(to_sql)?
+                    {
+                        event.customer = customer;
+                    }
+                }
+                Ok(events)
             })
             .await?;
         Ok(ListParkedMeterEventsResponse {

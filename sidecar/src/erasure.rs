@@ -8,16 +8,23 @@
 //! totals per minute and tier in `usage_anonymous`, with no link to the
 //! customer.
 //!
+//! The customer's encrypted id in `customer_identity` goes too, and the
+//! caller's `record` destroys the customer's data key, so copies of the
+//! store can no longer reveal it either.
+//!
 //! What stays: the customer id in `erased_customer` until its tokens have
 //! expired (so that they are refused and usage sent for it is dropped),
-//! and the erasure row, which contains the keyed hash of the id and never
-//! the id.
+//! encrypted under the data key of [`ERASURES_OWNER`], and the erasure row,
+//! which contains the keyed hash of the id and never the id.
 
 use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::audit::Verification;
+use crate::identity::Identities;
+use crate::keys::{self, KeyError, KeyProvider};
+use crate::privacy::to_sql;
 
 /// Tables of erasure, created when missing.
 pub const SCHEMA: &str = "
@@ -39,9 +46,11 @@ CREATE TABLE IF NOT EXISTS erasure (
 CREATE INDEX IF NOT EXISTS erasure_by_subject ON erasure (subject_hash, requested_unix_ms);
 
 -- Customers whose tokens are refused and whose usage is dropped, until
--- their tokens have expired.
+-- their tokens have expired: the pseudonym, and the customer id encrypted
+-- under the data key of owner 'system:erasures' for the filter instances.
 CREATE TABLE IF NOT EXISTS erased_customer (
-    customer TEXT PRIMARY KEY NOT NULL,
+    pseudonym TEXT PRIMARY KEY NOT NULL,
+    sealed BLOB NOT NULL,
     refuse_until_unix_s INTEGER NOT NULL
 ) WITHOUT ROWID, STRICT;
 
@@ -58,7 +67,10 @@ CREATE TABLE IF NOT EXISTS usage_anonymous (
 -- Customers whose counts in Redis are still to be removed, because Redis
 -- was unreachable when they were erased.
 CREATE TABLE IF NOT EXISTS erasure_counters_pending (
-    customer TEXT PRIMARY KEY NOT NULL,
+    pseudonym TEXT PRIMARY KEY NOT NULL,
+    -- The customer id, which the Redis keys contain, encrypted like
+    -- erased_customer.sealed.
+    sealed BLOB NOT NULL,
     erasure_id TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID, STRICT;
@@ -70,6 +82,16 @@ CREATE TABLE IF NOT EXISTS instance_erasure_ack (
     acked_unix_s INTEGER NOT NULL
 ) WITHOUT ROWID, STRICT;
 ";
+
+/// Owner of the data key that encrypts the ids of erased customers, which
+/// must outlive the customers' own data keys.
+pub const ERASURES_OWNER: &str = "system:erasures";
+
+/// Associated data of a sealed id in `erased_customer`.
+const ERASED_AAD: &[u8] = b"erased_customer.sealed";
+
+/// Associated data of a sealed id in `erasure_counters_pending`.
+const COUNTERS_AAD: &[u8] = b"erasure_counters_pending.sealed";
 
 /// Proof of an erasure in the audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +127,8 @@ pub struct Erasure {
 pub struct EraseRequest<'a> {
     /// Customer id, as in the token's customer claim.
     pub customer: &'a str,
-    /// Keyed hash of `customer`, lowercase hex.
+    /// Keyed hash of `customer`, lowercase hex: the pseudonym that the
+    /// ledger and billing tables name the customer by.
     pub subject_hash: &'a str,
     /// Time of the request, in milliseconds since the Unix epoch.
     pub now_unix_ms: i64,
@@ -139,18 +162,22 @@ pub fn erasure_id(subject_hash: &str, number: u64) -> String {
 /// erasure and whether this call performed it.
 pub fn erase(
     conn: &mut Connection,
+    keys: &dyn KeyProvider,
     request: EraseRequest<'_>,
     record: &mut RecordErasure<'_>,
 ) -> rusqlite::Result<(Erasure, bool)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let customer = request.customer;
+    // The ledger and billing tables name the customer by its pseudonym,
+    // which is the subject hash.
+    let pseudonym = request.subject_hash;
     // Within the refusal period a repeated request returns the erasure in
     // force. After it, the customer may have come back with new data, which
     // a new erasure removes.
-    let refusing = "SELECT 1 FROM erased_customer WHERE customer = ?1 AND refuse_until_unix_s > ?2";
+    let refusing =
+        "SELECT 1 FROM erased_customer WHERE pseudonym = ?1 AND refuse_until_unix_s > ?2";
     let now_unix_s = request.now_unix_ms.div_euclid(1_000);
     let mut refusal = tx.prepare(refusing)?;
-    let in_force = refusal.exists(params![customer, now_unix_s])?;
+    let in_force = refusal.exists(params![pseudonym, now_unix_s])?;
     drop(refusal);
     let counting = "SELECT COUNT(*) FROM erasure WHERE subject_hash = ?1";
     let previous: u64 = tx.query_row(counting, [request.subject_hash], |row| row.get(0))?;
@@ -162,7 +189,7 @@ pub fn erase(
         records.insert(kind.to_owned(), u64::try_from(affected).unwrap_or(u64::MAX));
     };
 
-    let stripe_ids = stripe_ids(&tx, customer)?;
+    let stripe_ids = stripe_ids(&tx, pseudonym)?;
     // Usage of minutes with a billed bucket was invoiced: it stays as
     // anonymous totals. The rest was never billed and goes entirely.
     let anonymized = tx.execute(
@@ -176,9 +203,9 @@ pub fn erase(
              admitted = admitted + excluded.admitted,
              refused = refused + excluded.refused,
              egress_bytes = egress_bytes + excluded.egress_bytes",
-        [customer],
+        [pseudonym],
     )?;
-    let ledger = tx.execute("DELETE FROM usage_minute WHERE customer = ?1", [customer])?;
+    let ledger = tx.execute("DELETE FROM usage_minute WHERE customer = ?1", [pseudonym])?;
     count("usage_minute_anonymized", anonymized);
     count("usage_minute_deleted", ledger.saturating_sub(anonymized));
     for table in [
@@ -190,10 +217,12 @@ pub fn erase(
     ] {
         let affected = tx.execute(
             &format!("DELETE FROM {table} WHERE customer = ?1"),
-            [customer],
+            [pseudonym],
         )?;
         count(table, affected);
     }
+    let identity = Identities::forget(&tx, pseudonym)?;
+    count("customer_identity", usize::from(identity));
     let mut tier_state = 0;
     let mut metadata = 0;
     for stripe_id in &stripe_ids {
@@ -208,17 +237,24 @@ pub fn erase(
     }
     count("stripe_tier_state", tier_state);
     count("stripe_tier_metadata_pending", metadata);
+    let customer = request.customer.as_bytes();
+    let sealed = keys::encrypt(&tx, keys, ERASURES_OWNER, customer, ERASED_AAD).map_err(to_sql)?;
     tx.execute(
-        "INSERT INTO erased_customer (customer, refuse_until_unix_s) VALUES (?1, ?2)
-         ON CONFLICT (customer) DO UPDATE SET
+        "INSERT INTO erased_customer (pseudonym, sealed, refuse_until_unix_s) VALUES (?1, ?2, ?3)
+         ON CONFLICT (pseudonym) DO UPDATE SET
+             sealed = excluded.sealed,
              refuse_until_unix_s = MAX(refuse_until_unix_s, excluded.refuse_until_unix_s)",
-        params![customer, request.refuse_until_unix_s],
+        params![pseudonym, sealed, request.refuse_until_unix_s],
     )?;
 
     let erasure_id = erasure_id(request.subject_hash, previous + 1);
     if request.shared_counters {
-        let queue = "INSERT OR REPLACE INTO erasure_counters_pending (customer, erasure_id) VALUES (?1, ?2)";
-        tx.execute(queue, params![customer, erasure_id])?;
+        let sealed =
+            keys::encrypt(&tx, keys, ERASURES_OWNER, customer, COUNTERS_AAD).map_err(to_sql)?;
+        let queue =
+            "INSERT OR REPLACE INTO erasure_counters_pending (pseudonym, sealed, erasure_id)
+                     VALUES (?1, ?2, ?3)";
+        tx.execute(queue, params![pseudonym, sealed, erasure_id])?;
     }
     let receipt = record(&tx, &erasure_id, &mut records)?;
     // A map of strings to integers always serializes.
@@ -265,7 +301,7 @@ SELECT stripe_customer_id FROM meter_event
 WHERE customer = ?1 AND stripe_customer_id IS NOT NULL";
 
 const SELECT_ERASED: &str =
-    "SELECT customer, refuse_until_unix_s FROM erased_customer ORDER BY customer";
+    "SELECT pseudonym, sealed, refuse_until_unix_s FROM erased_customer ORDER BY pseudonym";
 
 const UPSERT_ACK: &str = "
 INSERT INTO instance_erasure_ack (instance_id, erasures_version, acked_unix_s)
@@ -390,12 +426,40 @@ pub fn by_id(conn: &Connection, erasure_id: &str) -> rusqlite::Result<Option<Era
 }
 
 /// Returns the customers whose Redis counts are still to be removed, as
-/// (customer, erasure id).
-pub fn counters_pending(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
-    let select = "SELECT customer, erasure_id FROM erasure_counters_pending ORDER BY customer";
+/// (customer id, erasure id) in order of pseudonym.
+pub fn counters_pending(
+    conn: &Connection,
+    keys: &dyn KeyProvider,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let select =
+        "SELECT pseudonym, sealed, erasure_id FROM erasure_counters_pending ORDER BY pseudonym";
     let mut statement = conn.prepare(select)?;
-    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    rows.collect()
+    let rows = statement.query_map([], |row| Ok((row.get(1)?, row.get(2)?)))?;
+    let mut pending = Vec::new();
+    for row in rows {
+        let (sealed, erasure_id): (Vec<u8>, String) = row?;
+        pending.push((unseal(conn, keys, &sealed, COUNTERS_AAD)?, erasure_id));
+    }
+    Ok(pending)
+}
+
+/// Decrypts an erased customer's id sealed under [`ERASURES_OWNER`].
+fn unseal(
+    conn: &Connection,
+    keys: &dyn KeyProvider,
+    sealed: &[u8],
+    aad: &[u8],
+) -> rusqlite::Result<String> {
+    // The owner is a system owner, which is never destroyed, so a missing
+    // plaintext means the data key table was changed by hand.
+    let plaintext = keys::decrypt(conn, keys, ERASURES_OWNER, sealed, aad)
+        .map_err(to_sql)?
+        .ok_or_else(|| {
+            to_sql(KeyError::SystemKeyLost {
+                owner: ERASURES_OWNER.to_owned(),
+            })
+        })?;
+    String::from_utf8(plaintext).map_err(to_sql)
 }
 
 /// Returns whether the Redis counts of erasure `erasure_id` are still to be
@@ -405,16 +469,17 @@ pub fn counters_pending_for(conn: &Connection, erasure_id: &str) -> rusqlite::Re
     conn.prepare(select)?.exists([erasure_id])
 }
 
-/// Notes that the Redis counts of `customer` were removed.
-pub fn counters_cleared(conn: &Connection, customer: &str) -> rusqlite::Result<()> {
-    let delete = "DELETE FROM erasure_counters_pending WHERE customer = ?1";
-    conn.execute(delete, [customer]).map(drop)
+/// Notes that the Redis counts of the customer of `pseudonym` were removed.
+pub fn counters_cleared(conn: &Connection, pseudonym: &str) -> rusqlite::Result<()> {
+    let delete = "DELETE FROM erasure_counters_pending WHERE pseudonym = ?1";
+    conn.execute(delete, [pseudonym]).map(drop)
 }
 
-/// Counts a failed attempt to remove the Redis counts of `customer`.
-pub fn counters_failed(conn: &Connection, customer: &str) -> rusqlite::Result<()> {
-    let update = "UPDATE erasure_counters_pending SET attempts = attempts + 1 WHERE customer = ?1";
-    conn.execute(update, [customer]).map(drop)
+/// Counts a failed attempt to remove the Redis counts of the customer of
+/// `pseudonym`.
+pub fn counters_failed(conn: &Connection, pseudonym: &str) -> rusqlite::Result<()> {
+    let update = "UPDATE erasure_counters_pending SET attempts = attempts + 1 WHERE pseudonym = ?1";
+    conn.execute(update, [pseudonym]).map(drop)
 }
 
 /// Records the version of the erased-customer set that first carried the
@@ -426,16 +491,24 @@ pub fn set_version(conn: &Connection, erasure_id: &str, version: u64) -> rusqlit
 }
 
 /// Removes the customers whose tokens have expired by `now_unix_s`, then
-/// returns the rest as (customer, refuse until) in ascending order.
+/// returns the rest as (customer id, refuse until) in ascending order of
+/// customer id.
 pub fn erased_customers(
     conn: &Connection,
+    keys: &dyn KeyProvider,
     now_unix_s: i64,
 ) -> rusqlite::Result<Vec<(String, i64)>> {
     let expired = "DELETE FROM erased_customer WHERE refuse_until_unix_s <= ?1";
     conn.execute(expired, [now_unix_s])?;
     let mut statement = conn.prepare_cached(SELECT_ERASED)?;
-    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    rows.collect()
+    let rows = statement.query_map([], |row| Ok((row.get(1)?, row.get(2)?)))?;
+    let mut erased = Vec::new();
+    for row in rows {
+        let (sealed, refuse_until): (Vec<u8>, i64) = row?;
+        erased.push((unseal(conn, keys, &sealed, ERASED_AAD)?, refuse_until));
+    }
+    erased.sort();
+    Ok(erased)
 }
 
 /// Stores the version of the erased-customer set an instance applied.
@@ -461,11 +534,20 @@ pub fn stored_acks(conn: &Connection) -> rusqlite::Result<Vec<(String, u64, i64)
 mod tests {
     use super::*;
 
+    /// The key file of every test's erased ids, kept for the whole run.
+    fn keys() -> &'static dyn KeyProvider {
+        static KEYS: std::sync::OnceLock<crate::keys::test_support::TestKeyFile> =
+            std::sync::OnceLock::new();
+        &KEYS
+            .get_or_init(crate::keys::test_support::TestKeyFile::new)
+            .keys
+    }
+
     fn open() -> Connection {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         // The full schema, as the store creates it.
-        let conn = crate::store::open_for_tests(&path);
+        let conn = crate::store::test_support::open_writer(&path);
         std::mem::forget(dir);
         conn
     }
@@ -485,7 +567,8 @@ mod tests {
              INSERT INTO stripe_customer VALUES ('{customer}', '{stripe_id}', 1);
              INSERT INTO stripe_tier_state VALUES ('{stripe_id}', 'pro', 1, 'evt_1', 1, 1,
                                                    NULL, NULL, 1);
-             INSERT INTO stripe_tier_metadata_pending VALUES ('{stripe_id}', 'pro', 1, 0, 0);"
+             INSERT INTO stripe_tier_metadata_pending VALUES ('{stripe_id}', 'pro', 1, 0, 0);
+             INSERT INTO customer_identity VALUES ('{customer}', x'00');"
         ))
         .unwrap();
     }
@@ -514,21 +597,24 @@ mod tests {
     #[test]
     fn erasure_removes_every_trace_and_keeps_invoiced_totals() {
         let mut conn = open();
-        seed(&conn, "acme", "cus_A");
+        seed(&conn, "ab12", "cus_A");
         seed(&conn, "globex", "cus_G");
 
-        let (erasure, performed) = erase(&mut conn, request("acme"), &mut |_, id, records| {
-            assert_eq!(id, "er_ab12");
-            records.insert("data_key".into(), 1);
-            Ok(receipt(1))
-        })
-        .unwrap();
+        let (erasure, performed) =
+            erase(&mut conn, keys(), request("acme"), &mut |_, id, records| {
+                assert_eq!(id, "er_ab12");
+                records.insert("data_key".into(), 1);
+                Ok(receipt(1))
+            })
+            .unwrap();
 
         assert!(performed);
         assert_eq!(erasure.records["usage_minute_anonymized"], 1);
         assert_eq!(erasure.records["usage_minute_deleted"], 1);
         assert_eq!(erasure.records["stripe_tier_state"], 1);
         assert_eq!(erasure.records["data_key"], 1);
+        assert_eq!(erasure.records["customer_identity"], 1);
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM customer_identity"), 1);
         for table in [
             "usage_minute",
             "billing_dirty",
@@ -539,7 +625,7 @@ mod tests {
         ] {
             let left = count(
                 &conn,
-                &format!("SELECT COUNT(*) FROM {table} WHERE customer = 'acme'"),
+                &format!("SELECT COUNT(*) FROM {table} WHERE customer = 'ab12'"),
             );
             assert_eq!(left, 0, "{table}");
             let other = count(
@@ -563,7 +649,7 @@ mod tests {
             5
         );
         assert_eq!(
-            erased_customers(&conn, 1).unwrap(),
+            erased_customers(&conn, keys(), 1).unwrap(),
             [("acme".to_owned(), 90_000)]
         );
         assert_eq!(by_id(&conn, "er_ab12").unwrap().unwrap(), erasure);
@@ -572,15 +658,15 @@ mod tests {
     #[test]
     fn repeated_erasure_returns_the_first() {
         let mut conn = open();
-        seed(&conn, "acme", "cus_A");
+        seed(&conn, "ab12", "cus_A");
         let mut calls = 0;
         let mut record = |_: &Connection, _: &str, _: &mut BTreeMap<String, u64>| {
             calls += 1;
             Ok(receipt(calls))
         };
-        let (first, _) = erase(&mut conn, request("acme"), &mut record).unwrap();
+        let (first, _) = erase(&mut conn, keys(), request("acme"), &mut record).unwrap();
 
-        let (second, performed) = erase(&mut conn, request("acme"), &mut record).unwrap();
+        let (second, performed) = erase(&mut conn, keys(), request("acme"), &mut record).unwrap();
 
         assert!(!performed);
         assert_eq!(second, first);
@@ -590,15 +676,19 @@ mod tests {
     #[test]
     fn erasure_after_the_refusal_period_is_a_new_one() {
         let mut conn = open();
-        let (first, _) = erase(&mut conn, request("acme"), &mut |_, _, _| Ok(receipt(1))).unwrap();
-        seed(&conn, "acme", "cus_A");
+        let (first, _) = erase(&mut conn, keys(), request("acme"), &mut |_, _, _| {
+            Ok(receipt(1))
+        })
+        .unwrap();
+        seed(&conn, "ab12", "cus_A");
         let later = EraseRequest {
             now_unix_ms: 90_000_000,
             refuse_until_unix_s: 100_000,
             ..request("acme")
         };
 
-        let (second, performed) = erase(&mut conn, later, &mut |_, _, _| Ok(receipt(2))).unwrap();
+        let (second, performed) =
+            erase(&mut conn, keys(), later, &mut |_, _, _| Ok(receipt(2))).unwrap();
 
         assert!(performed);
         assert_eq!(first.erasure_id, "er_ab12");
@@ -607,7 +697,7 @@ mod tests {
         assert_eq!(
             count(
                 &conn,
-                "SELECT COUNT(*) FROM usage_minute WHERE customer = 'acme'"
+                "SELECT COUNT(*) FROM usage_minute WHERE customer = 'ab12'"
             ),
             0
         );
@@ -618,9 +708,9 @@ mod tests {
     #[test]
     fn failed_audit_entry_rolls_the_erasure_back() {
         let mut conn = open();
-        seed(&conn, "acme", "cus_A");
+        seed(&conn, "ab12", "cus_A");
 
-        let result = erase(&mut conn, request("acme"), &mut |_, _, _| {
+        let result = erase(&mut conn, keys(), request("acme"), &mut |_, _, _| {
             Err(rusqlite::Error::InvalidQuery)
         });
 
@@ -628,7 +718,7 @@ mod tests {
         assert_eq!(
             count(
                 &conn,
-                "SELECT COUNT(*) FROM usage_minute WHERE customer = 'acme'"
+                "SELECT COUNT(*) FROM usage_minute WHERE customer = 'ab12'"
             ),
             2
         );
@@ -638,7 +728,10 @@ mod tests {
     #[test]
     fn version_is_recorded_once() {
         let mut conn = open();
-        erase(&mut conn, request("acme"), &mut |_, _, _| Ok(receipt(1))).unwrap();
+        erase(&mut conn, keys(), request("acme"), &mut |_, _, _| {
+            Ok(receipt(1))
+        })
+        .unwrap();
 
         set_version(&conn, "er_ab12", 7).unwrap();
         set_version(&conn, "er_ab12", 9).unwrap();
@@ -652,10 +745,13 @@ mod tests {
     #[test]
     fn expired_customers_are_pruned() {
         let mut conn = open();
-        erase(&mut conn, request("acme"), &mut |_, _, _| Ok(receipt(1))).unwrap();
+        erase(&mut conn, keys(), request("acme"), &mut |_, _, _| {
+            Ok(receipt(1))
+        })
+        .unwrap();
 
-        assert_eq!(erased_customers(&conn, 89_999).unwrap().len(), 1);
-        assert!(erased_customers(&conn, 90_000).unwrap().is_empty());
+        assert_eq!(erased_customers(&conn, keys(), 89_999).unwrap().len(), 1);
+        assert!(erased_customers(&conn, keys(), 90_000).unwrap().is_empty());
     }
 
     #[test]
@@ -675,20 +771,36 @@ mod tests {
             shared_counters: true,
             ..request("acme")
         };
-        erase(&mut conn, shared, &mut |_, _, _| Ok(receipt(1))).unwrap();
+        erase(&mut conn, keys(), shared, &mut |_, _, _| Ok(receipt(1))).unwrap();
 
         assert_eq!(
-            counters_pending(&conn).unwrap(),
+            counters_pending(&conn, keys()).unwrap(),
             [("acme".to_owned(), "er_ab12".to_owned())]
         );
         assert!(counters_pending_for(&conn, "er_ab12").unwrap());
-        counters_failed(&conn, "acme").unwrap();
+        counters_failed(&conn, "ab12").unwrap();
         assert_eq!(
             count(&conn, "SELECT attempts FROM erasure_counters_pending"),
             1
         );
-        counters_cleared(&conn, "acme").unwrap();
+        counters_cleared(&conn, "ab12").unwrap();
         assert!(!counters_pending_for(&conn, "er_ab12").unwrap());
+    }
+
+    #[test]
+    fn lost_key_of_erased_ids_is_an_error() {
+        let mut conn = open();
+        let shared = EraseRequest {
+            shared_counters: true,
+            ..request("acme")
+        };
+        erase(&mut conn, keys(), shared, &mut |_, _, _| Ok(receipt(1))).unwrap();
+        conn.execute("DELETE FROM data_key WHERE owner = ?1", [ERASURES_OWNER])
+            .unwrap();
+
+        let err = erased_customers(&conn, keys(), 1).unwrap_err().to_string();
+        assert!(err.contains("system:erasures"), "{err}");
+        assert!(counters_pending(&conn, keys()).is_err());
     }
 
     #[test]
@@ -697,11 +809,11 @@ mod tests {
 
         assert!(stripe_ids(&conn, "acme").is_err());
         assert!(set_version(&conn, "er_1", 1).is_err());
-        assert!(erased_customers(&conn, 1).is_err());
+        assert!(erased_customers(&conn, keys(), 1).is_err());
         assert!(store_ack(&conn, "i1", 1, 1).is_err());
         assert!(stored_acks(&conn).is_err());
         assert!(by_id(&conn, "er_1").is_err());
-        assert!(counters_pending(&conn).is_err());
+        assert!(counters_pending(&conn, keys()).is_err());
         assert!(counters_pending_for(&conn, "er_1").is_err());
         assert!(counters_cleared(&conn, "acme").is_err());
         assert!(counters_failed(&conn, "acme").is_err());
@@ -739,7 +851,7 @@ mod tests {
         for position in 1..=3 {
             add_entry(&conn, position, &format!("h{position}"));
         }
-        erase(&mut conn, request("acme"), &mut |_, _, _| {
+        erase(&mut conn, keys(), request("acme"), &mut |_, _, _| {
             Ok(Receipt {
                 position: 2,
                 entry_hash: "h2".into(),
@@ -800,6 +912,16 @@ mod tests {
     }
 
     #[test]
+    fn empty_log_without_head_is_intact() {
+        let conn = open();
+        let mut verification = intact();
+
+        check_receipts(&conn, &mut verification).unwrap();
+
+        assert!(verification.intact, "{}", verification.problem);
+    }
+
+    #[test]
     fn unreadable_receipts_are_an_error() {
         let conn = Connection::open_in_memory().unwrap();
         assert!(check_receipts(&conn, &mut intact()).is_err());
@@ -809,7 +931,10 @@ mod tests {
     #[test]
     fn unreadable_records_are_an_error() {
         let mut conn = open();
-        erase(&mut conn, request("acme"), &mut |_, _, _| Ok(receipt(1))).unwrap();
+        erase(&mut conn, keys(), request("acme"), &mut |_, _, _| {
+            Ok(receipt(1))
+        })
+        .unwrap();
         conn.execute("UPDATE erasure SET records = 'not json'", [])
             .unwrap();
 

@@ -246,6 +246,16 @@ pub enum KeyError {
         /// The reserved owner.
         owner: String,
     },
+    /// A system owner's data key, which is never destroyed, is missing or
+    /// was replaced, so its ciphertexts cannot be decrypted.
+    #[error(
+        "the data key of {owner} does not decrypt its ciphertexts; it was deleted or \
+         replaced in the data_key table, restore that row from a backup"
+    )]
+    SystemKeyLost {
+        /// The system owner.
+        owner: String,
+    },
     /// The operating system's random number generator failed.
     #[error("the operating system's random number generator failed")]
     Random(#[source] getrandom::Error),

@@ -15,6 +15,7 @@ pub mod config;
 pub mod counters;
 pub mod erasure;
 pub mod http;
+pub mod identity;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;

@@ -61,7 +61,4 @@ pub fn to_sql<E: std::error::Error + Send + Sync + 'static>(err: E) -> rusqlite:
     rusqlite::Error::ToSqlConversionFailure(Box::new(err))
 }
 
-/// Owner of a customer's data key, named by the customer's hash.
-pub fn key_owner(subject_hash: &str) -> String {
-    format!("customer:{subject_hash}")
-}
+pub use crate::identity::key_owner;

@@ -144,8 +144,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     // Two sidecars on one store would bill the same ledger twice under one
     // ledger id; the lock lasts until the process exits.
     let _lock = lock_data_dir(config.data_dir())?;
+    let keys = privacy::open_keys(&config).await?;
     let data_dir = config.data_dir().to_path_buf();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir)).await??;
+    let store_keys = Arc::clone(&keys);
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, store_keys)).await??;
     info!(path = %store.path().display(), "usage store open");
 
     let (listener, address) = bind(config.listen()).await?;
@@ -160,7 +162,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let mut signals = StopSignals::install().map_err(ServerError::Signals)?;
     let metrics = Metrics::new()?;
     let pushes = Arc::new(Pushes::new(crate::sync_service::first_overrides_version()));
-    let privacy = privacy::open(&config, &store, Arc::clone(&pushes)).await?;
+    let privacy = privacy::open(&config, &store, keys, Arc::clone(&pushes));
     let billing = billing_parts(&config, &store, &metrics, Some(privacy)).await?;
     privacy::load(&billing.admin).await?;
     let (health, router, shared, sync) = build_router(
@@ -539,7 +541,7 @@ mod tests {
             ..Flags::default()
         };
         let config = Config::load(&flags).unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::test_support::open(dir.path());
         let (listener, address) = bind(config.listen()).await.unwrap();
         let metrics = Metrics::new().unwrap();
         let billing = billing_parts(&config, &store, &metrics, None)

@@ -16,7 +16,10 @@ use rusqlite::{Connection, OptionalExtension};
 use tracing::{info, warn};
 
 use crate::counters::Contribution;
+use crate::identity::Identities;
+use crate::keys::{KeyError, KeyProvider};
 use crate::ledger::{ApplyOutcome, Batch, BucketTotal, CustomerTotal, Granularity, TimeRange};
+use crate::privacy::to_sql;
 
 /// File name of the SQLite database inside the data directory.
 pub const DATABASE_FILE: &str = "usage.sqlite3";
@@ -72,6 +75,19 @@ pub enum StoreError {
         /// Latest version this build supports.
         supported: i64,
     },
+    /// The key of the customer pseudonyms could not be loaded, or stored
+    /// customer ids could not be replaced by pseudonyms.
+    #[error(
+        "failed to load the customer id keys of the usage store {}; check [privacy] key_file",
+        path.display()
+    )]
+    Keys {
+        /// Path of the database file.
+        path: PathBuf,
+        /// Cause reported by the key module.
+        #[source]
+        source: KeyError,
+    },
     /// A statement failed.
     #[error("usage store failed to {operation}")]
     Sqlite {
@@ -101,25 +117,33 @@ enum Role {
 #[derive(Debug)]
 struct Connections {
     path: PathBuf,
+    identities: Identities,
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
 }
 
 impl Store {
     /// Opens or creates the store in `data_dir`, creating the directory when
-    /// missing. Blocks, so call it from a blocking context.
-    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+    /// missing, with the customer ids encrypted under data keys wrapped by
+    /// `keys`. Blocks, so call it from a blocking context.
+    pub fn open(data_dir: &Path, keys: Arc<dyn KeyProvider>) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
             path: data_dir.to_path_buf(),
             source,
         })?;
         let path = data_dir.join(DATABASE_FILE);
 
-        let writer = schema::open_writer(&path)?;
+        let mut writer = schema::open_writer(&path)?;
+        let identities =
+            Identities::open(&mut writer, keys).map_err(|source| StoreError::Keys {
+                path: path.clone(),
+                source,
+            })?;
         let reader = schema::open_reader(&path)?;
         Ok(Store {
             inner: Arc::new(Connections {
                 path,
+                identities,
                 writer: Mutex::new(writer),
                 reader: Mutex::new(reader),
             }),
@@ -131,12 +155,18 @@ impl Store {
         &self.inner.path
     }
 
+    /// The pseudonyms under which the tables name customers.
+    pub fn identities(&self) -> &Identities {
+        &self.inner.identities
+    }
+
     /// Applies `batch` in one transaction and returns after it is committed,
     /// or reports a duplicate when its sequence is at or below the
     /// instance's last applied one, changing nothing.
     pub async fn apply(&self, batch: Batch, now_unix_s: i64) -> Result<ApplyOutcome, StoreError> {
+        let identities = self.identities().clone();
         self.run("apply a batch", Role::Writer, move |conn| {
-            apply::apply_batch(conn, &batch, now_unix_s, None)
+            apply::apply_batch(conn, &batch, now_unix_s, None, Some(&identities))
         })
         .await
     }
@@ -150,29 +180,50 @@ impl Store {
         now_unix_s: i64,
         window_seconds: u32,
     ) -> Result<ApplyOutcome, StoreError> {
+        let identities = self.identities().clone();
         self.run("apply a batch", Role::Writer, move |conn| {
-            apply::apply_batch(conn, &batch, now_unix_s, Some(i64::from(window_seconds)))
+            let window_s = Some(i64::from(window_seconds));
+            apply::apply_batch(conn, &batch, now_unix_s, window_s, Some(&identities))
         })
         .await
     }
 
-    /// Returns up to `limit` outbox rows, oldest first.
+    /// Returns up to `limit` outbox rows, oldest first, named by customer
+    /// id. A row whose customer has no readable identity is left out; the
+    /// next [`Store::remove_outbox`] past its id removes it.
     pub async fn outbox(&self, limit: u32) -> Result<Vec<Contribution>, StoreError> {
+        let identities = self.identities().clone();
         self.run("read the counter outbox", Role::Writer, move |conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT id, customer, bucket_unix_s, admitted, requests FROM counter_outbox \
                  ORDER BY id LIMIT ?1",
             )?;
-            let rows = statement.query_map([limit], |row| {
-                Ok(Contribution {
-                    id: row.get(0)?,
-                    customer: row.get(1)?,
-                    bucket_unix_s: row.get(2)?,
-                    admitted: row.get(3)?,
-                    requests: row.get(4)?,
-                })
-            })?;
-            rows.collect()
+            let rows = statement
+                .query_map([limit], |row| {
+                    Ok(Contribution {
+                        id: row.get(0)?,
+                        customer: row.get(1)?,
+                        bucket_unix_s: row.get(2)?,
+                        admitted: row.get(3)?,
+                        requests: row.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut revealer = identities.revealer();
+            let mut named = Vec::with_capacity(rows.len());
+            for mut row in rows {
+                match revealer.reveal(conn, &row.customer).map_err(to_sql)? {
+                    Some(customer) => {
+                        row.customer = customer;
+                        named.push(row);
+                    }
+                    None => warn!(
+                        outbox_id = row.id,
+                        "counter outbox row of a customer without a readable identity skipped"
+                    ),
+                }
+            }
+            Ok(named)
         })
         .await
     }
@@ -222,8 +273,9 @@ impl Store {
         range: TimeRange,
         granularity: Granularity,
     ) -> Result<Vec<BucketTotal>, StoreError> {
+        let pseudonym = self.identities().pseudonym(&customer);
         self.run("query usage", Role::Reader, move |conn| {
-            query::usage_buckets(conn, &customer, range, granularity)
+            query::usage_buckets(conn, &pseudonym, range, granularity)
         })
         .await
     }
@@ -235,8 +287,27 @@ impl Store {
         range: TimeRange,
         limit: u32,
     ) -> Result<Vec<CustomerTotal>, StoreError> {
+        let identities = self.identities().clone();
         self.run("list top customers", Role::Reader, move |conn| {
-            query::top_customers(conn, range, limit)
+            // Ties are ordered by customer id, which only the revealed ids
+            // give, so every customer of the range is read before the cut.
+            let totals = query::top_customers(conn, range, u32::MAX)?;
+            let mut revealer = identities.revealer();
+            let mut named = Vec::with_capacity(totals.len());
+            for mut total in totals {
+                if let Some(customer) = revealer.reveal(conn, &total.customer).map_err(to_sql)? {
+                    total.customer = customer;
+                    named.push(total);
+                }
+            }
+            let mut totals = named;
+            totals.sort_by(|a, b| {
+                b.admitted
+                    .cmp(&a.admitted)
+                    .then_with(|| a.customer.cmp(&b.customer))
+            });
+            totals.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            Ok(totals)
         })
         .await
     }
@@ -329,11 +400,28 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join(DATABASE_FILE)
 }
 
-/// Opens a writing connection with the whole schema, for the unit tests of
-/// modules that keep tables in the store.
+/// Stores and connections for the tests of other modules.
 #[cfg(test)]
-pub(crate) fn open_for_tests(path: &Path) -> Connection {
-    schema::open_writer(path).expect("open a test store")
+pub(crate) mod test_support {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rusqlite::Connection;
+
+    use super::Store;
+    use crate::keys::LocalKeyFile;
+
+    /// Opens a writing connection with the whole schema, for the unit tests
+    /// of modules that keep tables in the store.
+    pub fn open_writer(path: &Path) -> Connection {
+        super::schema::open_writer(path).unwrap()
+    }
+
+    /// Opens a store in `dir`, with its key file `keys.json` beside it.
+    pub fn open(dir: &Path) -> Store {
+        let keys = LocalKeyFile::open_or_create(&dir.join("keys.json")).unwrap();
+        Store::open(dir, Arc::new(keys)).unwrap()
+    }
 }
 
 #[cfg(test)]
@@ -365,13 +453,100 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tables_hold_pseudonyms_queries_take_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = test_support::open(dir.path());
+        let records = [("zeta", 5), ("alpha", 5), ("mid", 7)]
+            .into_iter()
+            .map(|(customer, admitted)| UsageEntry {
+                customer: customer.into(),
+                tier: "basic".into(),
+                minute_unix_s: 120,
+                admitted,
+                refused: 0,
+                egress_bytes: 0,
+                quota: None,
+            })
+            .collect();
+        let batch = Batch {
+            instance_id: "a".into(),
+            sequence: 1,
+            records,
+        };
+        store.apply_with_outbox(batch, 150, 60).await.unwrap();
+
+        let top = store.top_customers(whole_range(), 2).await.unwrap();
+        let names: Vec<(&str, u64)> = top
+            .iter()
+            .map(|total| (total.customer.as_str(), total.admitted))
+            .collect();
+        assert_eq!(names, [("mid", 7), ("alpha", 5)], "ties by customer id");
+        let alpha = store
+            .usage("alpha".into(), whole_range(), Granularity::Minute)
+            .await
+            .unwrap();
+        assert_eq!(alpha[0].admitted, 5);
+        let outbox: Vec<String> = store
+            .outbox(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.customer)
+            .collect();
+        assert_eq!(outbox, ["alpha", "mid", "zeta"]);
+        let identities = store.identities().clone();
+        let stored: Vec<String> = store
+            .read("list stored customers", |conn| {
+                let mut statement = conn.prepare(
+                    "SELECT customer FROM usage_minute UNION SELECT customer FROM counter_outbox
+                     UNION SELECT customer FROM billing_dirty ORDER BY 1",
+                )?;
+                let rows = statement.query_map([], |row| row.get(0))?;
+                rows.collect()
+            })
+            .await
+            .unwrap();
+        let mut expected: Vec<String> = ["alpha", "mid", "zeta"]
+            .iter()
+            .map(|customer| identities.pseudonym(customer))
+            .collect();
+        expected.sort();
+        assert_eq!(stored, expected);
+    }
+
+    #[tokio::test]
+    async fn usage_of_an_erased_customer_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = test_support::open(dir.path());
+        let pseudonym = store.identities().pseudonym("c1");
+        store
+            .write("erase c1", move |conn| {
+                conn.execute(
+                    "INSERT INTO erased_customer VALUES (?1, x'00', 10000)",
+                    [&pseudonym],
+                )
+            })
+            .await
+            .unwrap();
+
+        store.apply(batch(1, 4), 100).await.unwrap();
+        store.apply(batch(2, 3), 10_000).await.unwrap();
+
+        let usage = store
+            .usage("c1".into(), whole_range(), Granularity::Minute)
+            .await
+            .unwrap();
+        assert_eq!(usage[0].admitted, 3, "kept once the refusal period ended");
+    }
+
+    #[tokio::test]
     async fn reopened_store_keeps_usage_and_sequences() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::test_support::open(dir.path());
         store.apply(batch(1, 4), 0).await.unwrap();
         store.close().await;
 
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::test_support::open(dir.path());
         let resent = store.apply(batch(1, 4), 0).await.unwrap();
         let buckets = store
             .usage("c1".into(), whole_range(), Granularity::Hour)
@@ -386,7 +561,7 @@ mod tests {
     #[tokio::test]
     async fn reader_sees_commits_of_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::test_support::open(dir.path());
         store.apply(batch(1, 2), 0).await.unwrap();
         let before = store.top_customers(whole_range(), 10).await.unwrap();
 
@@ -403,7 +578,9 @@ mod tests {
         let file = dir.path().join("taken");
         std::fs::write(&file, "").unwrap();
 
-        let err = Store::open(&file).unwrap_err();
+        let keys =
+            crate::keys::LocalKeyFile::open_or_create(&dir.path().join("keys.json")).unwrap();
+        let err = Store::open(&file, Arc::new(keys)).unwrap_err();
 
         assert!(matches!(err, StoreError::CreateDir { .. }), "{err}");
         assert!(err.to_string().contains("taken"), "{err}");

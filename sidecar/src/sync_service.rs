@@ -435,7 +435,7 @@ mod tests {
     use super::*;
 
     fn service(dir: &tempfile::TempDir) -> SyncService {
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::test_support::open(dir.path());
         // Caps from half the quota on, so the tests see both modes.
         SyncService::new(store, 60, 100, 1_000).with_allowance(AllowanceSettings {
             near_quota_fraction: 0.5,
@@ -633,7 +633,7 @@ mod tests {
     #[tokio::test]
     async fn poll_stops_naming_customers_after_the_window() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::test_support::open(dir.path());
         let sync = SyncService::new(store, 1, 100, 1_000);
         let minute = current_minute();
         let mut batch = request("a", 1, &[("c1", minute, 2)]);

@@ -111,7 +111,7 @@ mod tests {
 
     async fn service_with(records: &[(&str, i64, i64, i64)]) -> (tempfile::TempDir, UsageService) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::test_support::open(dir.path());
         let batch = Batch {
             instance_id: "a".into(),
             sequence: 1,

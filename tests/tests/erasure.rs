@@ -90,7 +90,33 @@ fn traffic(
     })
 }
 
-/// Counts the rows of `customer` in each table of the store in `dir`.
+/// Customer erased in the traffic test; distinct enough that its bytes
+/// occur nowhere else in a store.
+const DOOMED: &str = "cust-doomed-5d1e";
+
+/// Customer kept in the traffic test.
+const KEPT: &str = "cust-kept-5d1e";
+
+/// Returns the bytes of the store's database and WAL files in `data_dir`.
+fn store_bytes(data_dir: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = std::fs::read(data_dir.join("usage.sqlite3"))?;
+    match std::fs::read(data_dir.join("usage.sqlite3-wal")) {
+        Ok(wal) => bytes.extend(wal),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err.into()),
+    }
+    Ok(bytes)
+}
+
+/// Returns whether `needle` occurs in `bytes`.
+fn contains(bytes: &[u8], needle: &str) -> bool {
+    bytes
+        .windows(needle.len())
+        .any(|window| window == needle.as_bytes())
+}
+
+/// Counts the rows of `customer`, as the tables name it, in each table of
+/// the store in `dir`.
 fn rows_of(store: &std::path::Path, customer: &str) -> anyhow::Result<Vec<(String, i64)>> {
     let conn = rusqlite::Connection::open(store)?;
     let mut counts = Vec::new();
@@ -112,12 +138,12 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
     let key = SigningKey::generate("k1");
     let config = PluginConfig::for_key(&key)?.quota("basic", 1_000, 3);
     let mut stack = Stack::start_with(&config, options()).await?;
-    let doomed_token = key.mint(&TokenSpec::new("doomed", "basic"))?;
-    let kept_token = key.mint(&TokenSpec::new("kept", "basic"))?;
+    let doomed_token = key.mint(&TokenSpec::new(DOOMED, "basic"))?;
+    let kept_token = key.mint(&TokenSpec::new(KEPT, "basic"))?;
     let mut admin = stack.sidecar.admin().await?;
     admin
         .set_stripe_customer(SetStripeCustomerRequest {
-            customer: "doomed".into(),
+            customer: DOOMED.into(),
             stripe_customer_id: "cus_doomed".into(),
         })
         .await?;
@@ -129,12 +155,12 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
     // erased.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     ensure!(
-        stack.sidecar.usage("doomed").await?.admitted > 0,
+        stack.sidecar.usage(DOOMED).await?.admitted > 0,
         "no usage before the erasure"
     );
 
     let mut request = Request::new(EraseCustomerRequest {
-        customer: "doomed".into(),
+        customer: DOOMED.into(),
     });
     request
         .metadata_mut()
@@ -185,7 +211,7 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
         .await?;
     assert_eq!(reply.status, 401);
     ensure!(
-        !reply.body.contains("doomed"),
+        !reply.body.contains(DOOMED),
         "the 401 names the customer: {}",
         reply.body
     );
@@ -199,14 +225,14 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
     );
 
     tokio::time::sleep(Duration::from_millis(SYNC_INTERVAL_MS * 3)).await;
-    assert_eq!(stack.sidecar.usage("doomed").await?.admitted, 0);
+    assert_eq!(stack.sidecar.usage(DOOMED).await?.admitted, 0);
     ensure!(
-        stack.sidecar.usage("kept").await?.admitted > 0,
+        stack.sidecar.usage(KEPT).await?.admitted > 0,
         "kept customer lost usage"
     );
     let mapping = admin
         .get_stripe_customer(GetStripeCustomerRequest {
-            customer: "doomed".into(),
+            customer: DOOMED.into(),
         })
         .await?
         .into_inner();
@@ -215,7 +241,7 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
     // Erasing again returns the same receipt.
     let again = admin
         .erase_customer(EraseCustomerRequest {
-            customer: "doomed".into(),
+            customer: DOOMED.into(),
         })
         .await?
         .into_inner();
@@ -229,14 +255,30 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
     ensure!(verified.intact, "audit log: {}", verified.problem);
 
     stack.sidecar.stop();
+    // The tables name customers by pseudonym: the subject hash of the
+    // receipt.
     let store = stack.sidecar.data_dir().join("usage.sqlite3");
-    for (table, count) in rows_of(&store, "doomed")? {
+    for (table, count) in rows_of(&store, &receipt.subject_hash)? {
         assert_eq!(count, 0, "{table} holds rows of the erased customer");
     }
-    ensure!(
-        rows_of(&store, "kept")?.iter().any(|(_, count)| *count > 0),
-        "kept customer's rows are gone"
-    );
+    let conn = rusqlite::Connection::open(&store)?;
+    let others: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM usage_minute WHERE customer <> ?1",
+        [&receipt.subject_hash],
+        |row| row.get(0),
+    )?;
+    ensure!(others > 0, "kept customer's rows are gone");
+    drop(conn);
+    // No customer id is stored in clear, neither the erased one nor the
+    // kept one; the actor, which is stored in clear, shows the scan works.
+    let bytes = store_bytes(stack.sidecar.data_dir())?;
+    for id in [DOOMED, KEPT] {
+        ensure!(
+            !contains(&bytes, id),
+            "the store files contain {id:?} in clear"
+        );
+    }
+    ensure!(contains(&bytes, "privacy-team"), "the scan found no actor");
     Ok(())
 }
 
@@ -453,6 +495,105 @@ async fn rotated_keys_keep_the_store_readable() -> anyhow::Result<()> {
         .await?
         .into_inner();
     ensure!(verified.intact, "{}", verified.problem);
+    Ok(())
+}
+
+/// Copies the store file of the stopped sidecar in `data_dir` into
+/// `backup/sidecar-data`, with the key file as it is now, as an operator's
+/// restore of a database backup would find them.
+fn restore_backup(
+    store: &[u8],
+    data_dir: &std::path::Path,
+    backup: &std::path::Path,
+) -> anyhow::Result<()> {
+    let restored = backup.join("sidecar-data");
+    std::fs::create_dir_all(&restored)?;
+    std::fs::write(restored.join("usage.sqlite3"), store)?;
+    std::fs::copy(data_dir.join("keys.json"), restored.join("keys.json"))?;
+    Ok(())
+}
+
+/// Proves a backup taken before an erasure still names the customer while
+/// the key-encryption key it was wrapped under exists, and is unreadable
+/// once rotation has retired that key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_backup_unreadable_after_rotation() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let mut stack = Stack::start_with(&PluginConfig::for_key(&key)?, options()).await?;
+    let mapping = SetStripeCustomerRequest {
+        customer: DOOMED.into(),
+        stripe_customer_id: "cus_backup".into(),
+    };
+    stack
+        .sidecar
+        .admin()
+        .await?
+        .set_stripe_customer(mapping)
+        .await?;
+    stack.sidecar.stop();
+    let data_dir = stack.sidecar.data_dir().to_path_buf();
+    // The sidecar checkpoints the WAL when it stops, so the file is whole.
+    let backup = std::fs::read(data_dir.join("usage.sqlite3"))?;
+    ensure!(
+        !contains(&backup, DOOMED),
+        "the backup contains the customer id in clear"
+    );
+    stack.sidecar.restart().await?;
+    stack
+        .sidecar
+        .admin()
+        .await?
+        .erase_customer(EraseCustomerRequest {
+            customer: DOOMED.into(),
+        })
+        .await?;
+    stack.sidecar.stop();
+
+    // Restored with the key file in use, the backup still names the
+    // customer's Stripe customer: the erased data key is in the backup.
+    let before_rotation = tempfile::tempdir()?;
+    restore_backup(&backup, &data_dir, before_rotation.path())?;
+    let mut restored = veo_tests::sidecar::Sidecar::start(before_rotation.path()).await?;
+    let lookup = GetStripeCustomerRequest {
+        customer: DOOMED.into(),
+    };
+    let found = restored
+        .admin()
+        .await?
+        .get_stripe_customer(lookup.clone())
+        .await?;
+    assert_eq!(found.into_inner().stripe_customer_id, "cus_backup");
+    restored.stop();
+
+    let output = Command::new(sidecar_binary()?)
+        .arg("rotate-keys")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // After rotation the key file no longer has the key that wrapped the
+    // backup's data keys.
+    let after_rotation = tempfile::tempdir()?;
+    restore_backup(&backup, &data_dir, after_rotation.path())?;
+    let Err(err) = veo_tests::sidecar::Sidecar::start(after_rotation.path()).await else {
+        bail!("a sidecar started on the backup after the key was retired");
+    };
+    ensure!(err.to_string().contains("kek-1"), "{err}");
+
+    // The live store is readable with the new key, and the customer is gone.
+    stack.sidecar.restart().await?;
+    let live = stack
+        .sidecar
+        .admin()
+        .await?
+        .get_stripe_customer(lookup)
+        .await?;
+    assert_eq!(live.into_inner().stripe_customer_id, "");
     Ok(())
 }
 

@@ -48,7 +48,7 @@ enum Task {
         speed: f64,
     },
     /// Installs the tools, builds everything, runs `cargo test --workspace`,
-    /// then measures the line coverage of the erasure and audit modules.
+    /// then measures the line coverage of the erasure, identity, audit and key modules.
     Test {
         /// Arguments passed on to `cargo test`, after `--`.
         #[arg(last = true)]

@@ -3,6 +3,7 @@
 //! transaction that makes it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tonic::Status;
 use tracing::{info, warn};
@@ -252,10 +253,11 @@ impl AdminService {
     pub async fn reload_erased(&self) -> Result<u64, Status> {
         let privacy = self.privacy()?;
         let now = unix_now_s();
+        let keys = Arc::clone(&privacy.keys);
         let erased = self
             .store()
             .write("read erased customers", move |conn| {
-                erasure::erased_customers(conn, now)
+                erasure::erased_customers(conn, keys.as_ref(), now)
             })
             .await
             .map_err(ServiceError::from)?;
@@ -318,6 +320,7 @@ impl AdminService {
             .write("erase a customer", move |conn| {
                 erasure::erase(
                     conn,
+                    keys_for_tx.keys.as_ref(),
                     EraseRequest {
                         customer: &customer,
                         subject_hash: &hash,
@@ -385,14 +388,14 @@ impl AdminService {
             return Ok(());
         };
         let result = shared.erase_customer(customer, now_s).await;
-        let owned = customer.to_owned();
+        let pseudonym = self.privacy()?.subject(customer);
         let cleared = result.is_ok();
         self.store()
             .write("record an erased customer's counters", move |conn| {
                 if cleared {
-                    erasure::counters_cleared(conn, &owned)
+                    erasure::counters_cleared(conn, &pseudonym)
                 } else {
-                    erasure::counters_failed(conn, &owned)
+                    erasure::counters_failed(conn, &pseudonym)
                 }
             })
             .await
@@ -413,10 +416,11 @@ impl AdminService {
         if self.shared.is_none() {
             return Ok(());
         }
+        let keys = Arc::clone(&self.privacy()?.keys);
         let pending = self
             .store()
-            .read("read pending counter removals", |conn| {
-                erasure::counters_pending(conn)
+            .read("read pending counter removals", move |conn| {
+                erasure::counters_pending(conn, keys.as_ref())
             })
             .await
             .map_err(ServiceError::from)?;

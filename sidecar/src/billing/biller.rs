@@ -14,6 +14,7 @@ use super::queue::{self, LedgerKey, QueuedEvent};
 use super::sink::{FileSink, MeterNames, SendOutcome, StripeSink, backoff};
 use crate::ledger::unix_now_s;
 use crate::metrics::Metrics;
+use crate::privacy::to_sql;
 use crate::store::{Store, StoreError};
 
 /// Oldest event timestamp Stripe accepts, in seconds: 35 days.
@@ -249,11 +250,25 @@ impl Biller {
         events: Vec<QueuedEvent>,
         report: &mut RoundReport,
     ) -> Result<bool, StoreError> {
+        // The file is read by whoever bills from it, so it names customers
+        // by id rather than by the store's pseudonyms.
+        let identities = self.store.identities().clone();
+        let mut named = events.clone();
+        let named = self
+            .store
+            .read("name the meter events' customers", move |conn| {
+                let mut revealer = identities.revealer();
+                for event in &mut named {
+                    let customer = revealer.reveal(conn, &event.customer).map_err(to_sql)?;
+                    if let Some(customer) = customer {
+                        event.customer = customer;
+                    }
+                }
+                Ok(named)
+            })
+            .await?;
         let writer = sink.clone();
-        let written = {
-            let events = events.clone();
-            tokio::task::spawn_blocking(move || writer.write(&events)).await
-        };
+        let written = tokio::task::spawn_blocking(move || writer.write(&named)).await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
@@ -384,7 +399,7 @@ impl Biller {
                 Some(SendOutcome::Reject(reason)) => {
                     warn!(
                         identifier = event.identifier,
-                        customer = event.customer,
+                        customer_pseudonym = event.customer,
                         meter = event.meter.name(),
                         reason,
                         "Stripe rejected a meter event for good; parked, list them with `veo-sidecar parked-events`"

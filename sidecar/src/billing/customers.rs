@@ -2,6 +2,9 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::identity::Identities;
+use crate::privacy::to_sql;
+
 /// Longest accepted Stripe customer id, in bytes.
 pub const MAX_STRIPE_ID_BYTES: usize = 255;
 
@@ -55,19 +58,29 @@ pub fn set(
     stripe_customer_id: &str,
     now_unix_s: i64,
 ) -> rusqlite::Result<SetOutcome> {
-    set_audited(conn, customer, stripe_customer_id, now_unix_s, |_| Ok(()))
+    set_audited(conn, None, customer, stripe_customer_id, now_unix_s, |_| {
+        Ok(())
+    })
 }
 
 /// Like [`set`], and runs `audit` in the same transaction once the mapping
-/// is stored, so the change and its audit entry commit together.
+/// is stored, so the change and its audit entry commit together. With
+/// `identities`, the mapping names the customer by its pseudonym, and
+/// [`SetOutcome::Taken`] names the holder by its customer id.
 pub fn set_audited(
     conn: &mut Connection,
+    identities: Option<&Identities>,
     customer: &str,
     stripe_customer_id: &str,
     now_unix_s: i64,
     audit: impl FnOnce(&Connection) -> rusqlite::Result<()>,
 ) -> rusqlite::Result<SetOutcome> {
     let tx = conn.transaction()?;
+    let customer = match identities {
+        Some(identities) => identities.record(&tx, customer).map_err(to_sql)?,
+        None => customer.to_owned(),
+    };
+    let customer = customer.as_str();
     let holder: Option<String> = tx
         .query_row(
             "SELECT customer FROM stripe_customer WHERE stripe_customer_id = ?1",
@@ -78,7 +91,14 @@ pub fn set_audited(
     if let Some(holder) = holder
         && holder != customer
     {
-        return Ok(SetOutcome::Taken { by: holder });
+        let by = match identities {
+            Some(identities) => identities
+                .reveal(&tx, &holder)
+                .map_err(to_sql)?
+                .unwrap_or(holder),
+            None => holder,
+        };
+        return Ok(SetOutcome::Taken { by });
     }
     tx.execute(
         "INSERT INTO stripe_customer (customer, stripe_customer_id, updated_unix_s)

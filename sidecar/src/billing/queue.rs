@@ -504,7 +504,7 @@ mod tests {
 
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::test_support::open(dir.path());
         (dir, store)
     }
 
@@ -627,9 +627,10 @@ mod tests {
             .await
             .unwrap();
 
+        let acme = store.identities().pseudonym("acme");
         let outcome = store
-            .write("set", |conn| {
-                super::super::customers::set(conn, "acme", "cus_A1", 1)
+            .write("set", move |conn| {
+                super::super::customers::set(conn, &acme, "cus_A1", 1)
             })
             .await
             .unwrap();
@@ -653,12 +654,13 @@ mod tests {
         )
         .await;
         close(&store, MINUTE + 120).await;
-        let ids: Vec<i64> = all_pending(&store)
+        let acme = store.identities().pseudonym("acme");
+        let first = all_pending(&store)
             .await
             .iter()
-            .map(|event| event.id)
-            .collect();
-        let first = ids[0];
+            .find(|event| event.customer == acme && event.meter == Meter::ApiRequests)
+            .unwrap()
+            .id;
         store
             .write("sent", move |conn| {
                 mark_sent(conn, &[(first, None)], MINUTE + 130)
@@ -679,10 +681,11 @@ mod tests {
             .await
             .unwrap();
 
-        assert_eq!(ledger.get(&("acme".into(), Meter::ApiRequests)), Some(&5));
-        assert_eq!(ledger.get(&("acme".into(), Meter::EgressBytes)), Some(&10));
-        assert_eq!(ledger.get(&("beta".into(), Meter::ApiRequests)), Some(&2));
-        assert_eq!(sent.get(&("acme".into(), Meter::ApiRequests)), Some(&5));
+        let beta = store.identities().pseudonym("beta");
+        assert_eq!(ledger.get(&(acme.clone(), Meter::ApiRequests)), Some(&5));
+        assert_eq!(ledger.get(&(acme.clone(), Meter::EgressBytes)), Some(&10));
+        assert_eq!(ledger.get(&(beta, Meter::ApiRequests)), Some(&2));
+        assert_eq!(sent.get(&(acme, Meter::ApiRequests)), Some(&5));
         assert_eq!(sent.len(), 1);
     }
 }

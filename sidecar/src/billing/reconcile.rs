@@ -392,7 +392,7 @@ async fn queue_correction(
         .max(correction.hour);
     if minute < now - MAX_EVENT_AGE_S {
         warn!(
-            customer = correction.customer,
+            customer_pseudonym = correction.customer,
             meter = correction.meter.name(),
             missing = correction.missing,
             "usage missing in Stripe is older than 35 days; bill it by hand"
@@ -424,7 +424,7 @@ async fn queue_correction(
         .await?;
     if queued {
         info!(
-            customer = correction.customer,
+            customer_pseudonym = correction.customer,
             stripe_customer = correction.stripe_customer,
             meter = correction.meter.name(),
             hour_unix_s = correction.hour,

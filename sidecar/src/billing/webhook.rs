@@ -27,7 +27,7 @@ use crate::store::Store;
 use event::{Change, CustomerChange, MetadataTier, ParsedEvent, Rank, SubscriptionEffect};
 pub use signature::RejectReason;
 use state::{Delivery, MappingOutcome, Recorded, SubscriptionSource, TierOutcome, TierUpdate};
-pub use state::{SCHEMA, tier_overrides};
+pub use state::{SCHEMA, named_tier_overrides, tier_overrides};
 
 /// Default of [`WebhookSettings::tolerance`].
 pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
@@ -216,11 +216,12 @@ impl WebhookHandler {
             return reply_status("ignored");
         };
         let privacy = self.inner.privacy.clone();
+        let identities = self.inner.store.identities().clone();
         let recorded = self
             .inner
             .store
             .write("apply a Stripe webhook event", move |conn| {
-                state::record_audited(conn, &delivery, privacy.as_ref())
+                state::record_audited(conn, &delivery, privacy.as_ref(), Some(&identities))
             })
             .await;
 

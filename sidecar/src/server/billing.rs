@@ -166,7 +166,8 @@ fn stripe_client(access: &StripeAccess) -> Result<stripe::Client, ServerError> {
     builder.build().map_err(ServerError::Stripe)
 }
 
-/// Returns the tier billing assigned to `customer`.
+/// Returns the tier billing assigned to the customer of pseudonym
+/// `customer`.
 fn tier_of(conn: &rusqlite::Connection, customer: &str) -> rusqlite::Result<Option<String>> {
     Ok(webhook::tier_overrides(conn)?
         .into_iter()
@@ -183,8 +184,11 @@ async fn reload_overrides(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
+        let identities = store.identities().clone();
         match store
-            .read("read tier overrides", |conn| webhook::tier_overrides(conn))
+            .read("read tier overrides", move |conn| {
+                webhook::named_tier_overrides(conn, &identities)
+            })
             .await
         {
             Ok(overrides) => sync.set_tier_overrides(overrides),

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::ServerError;
 use crate::admin_service::AdminService;
 use crate::config::Config;
-use crate::keys::{IndexKey, KeyProvider, LocalKeyFile};
+use crate::keys::{KeyProvider, LocalKeyFile};
 use crate::privacy::Privacy;
 use crate::pushes::Pushes;
 use crate::store::Store;
@@ -20,13 +20,8 @@ use crate::store::Store;
 /// Redis counts are retried.
 const ERASED_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Opens the key file (creating it with one key when missing) and the key
-/// of the customer id hashes.
-pub(super) async fn open(
-    config: &Config,
-    store: &Store,
-    pushes: Arc<Pushes>,
-) -> Result<Privacy, ServerError> {
+/// Opens the key file, creating it with one key when missing.
+pub(super) async fn open_keys(config: &Config) -> Result<Arc<dyn KeyProvider>, ServerError> {
     let path = config.privacy().key_file.clone();
     let keys: Arc<dyn KeyProvider> =
         Arc::new(tokio::task::spawn_blocking(move || LocalKeyFile::open_or_create(&path)).await??);
@@ -35,19 +30,23 @@ pub(super) async fn open(
         key_encryption_key = %keys.current_kek_id(),
         "encryption keys loaded"
     );
-    let provider = Arc::clone(&keys);
-    let index_key = store
-        .write("load the customer id hash key", move |conn| {
-            IndexKey::load_or_create(conn, provider.as_ref())
-                .map_err(|err| rusqlite::Error::ToSqlConversionFailure(Box::new(err)))
-        })
-        .await?;
-    Ok(Privacy {
+    Ok(keys)
+}
+
+/// Builds the privacy services' state on the store's key of the customer
+/// id hashes.
+pub(super) fn open(
+    config: &Config,
+    store: &Store,
+    keys: Arc<dyn KeyProvider>,
+    pushes: Arc<Pushes>,
+) -> Privacy {
+    Privacy {
         pushes,
         keys,
-        index_key,
+        index_key: store.identities().index_key().clone(),
         token_lifetime_s: config.privacy().token_lifetime_seconds,
-    })
+    }
 }
 
 /// Loads the registry, the erased customers and the instances'

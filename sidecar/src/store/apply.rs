@@ -5,7 +5,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use std::collections::{BTreeMap, HashSet};
 
+use crate::identity::Identities;
 use crate::ledger::{ApplyOutcome, Batch, MINUTE_SECONDS};
+use crate::privacy::to_sql;
 
 const SELECT_LAST_SEQUENCE: &str =
     "SELECT last_sequence FROM instance_sequence WHERE instance_id = ?1";
@@ -50,11 +52,15 @@ ON CONFLICT (instance_id) DO UPDATE SET
 /// window ending now goes into the bucket of `now_unix_s`. Older usage goes
 /// into its own minute, which the shared store counts in its minute totals
 /// but not in the window.
+///
+/// With `identities`, the rows name each customer by its pseudonym, and
+/// the customer's encrypted id is stored in the same transaction.
 pub(super) fn apply_batch(
     conn: &mut Connection,
     batch: &Batch,
     now_unix_s: i64,
     outbox_window_s: Option<i64>,
+    identities: Option<&Identities>,
 ) -> rusqlite::Result<ApplyOutcome> {
     // IMMEDIATE takes the write lock before reading the sequence, so the
     // check and the write are atomic even if a second process opened the
@@ -72,8 +78,21 @@ pub(super) fn apply_batch(
 
     // Usage of an erased customer leaves no trace, whether its batch was
     // built before or after the erasure.
-    let erased = erased_in(&tx, batch, now_unix_s)?;
+    let erased = erased_in(&tx, batch, now_unix_s, identities)?;
     let kept = |customer: &str| erased.is_empty() || !erased.contains(customer);
+    let mut names: BTreeMap<&str, String> = BTreeMap::new();
+    for record in &batch.records {
+        if names.contains_key(record.customer.as_str()) || !kept(&record.customer) {
+            continue;
+        }
+        let name = match identities {
+            Some(identities) => identities.record(&tx, &record.customer).map_err(to_sql)?,
+            None => record.customer.clone(),
+        };
+        names.insert(&record.customer, name);
+    }
+    // Every kept customer has a name from the loop above.
+    let name = |customer: &str| names.get(customer).cloned().unwrap_or_default();
     {
         let mut upsert = tx.prepare_cached(UPSERT_USAGE)?;
         let mut mark_dirty = tx.prepare_cached(MARK_BILLING_DIRTY)?;
@@ -83,8 +102,9 @@ pub(super) fn apply_batch(
             {
                 continue;
             }
+            let customer = name(&record.customer);
             upsert.execute(params![
-                record.customer,
+                customer,
                 record.minute_unix_s,
                 record.tier,
                 record.admitted,
@@ -94,7 +114,7 @@ pub(super) fn apply_batch(
             // Billing turns admitted requests and egress bytes into meter
             // events; refusals are not billed.
             if record.admitted > 0 || record.egress_bytes > 0 {
-                mark_dirty.execute(params![record.customer, record.minute_unix_s])?;
+                mark_dirty.execute(params![customer, record.minute_unix_s])?;
             }
         }
     }
@@ -104,7 +124,7 @@ pub(super) fn apply_batch(
             if !kept(customer) {
                 continue;
             }
-            insert.execute(params![customer, bucket, admitted, requests])?;
+            insert.execute(params![name(customer), bucket, admitted, requests])?;
         }
     }
     tx.execute(
@@ -124,6 +144,7 @@ fn erased_in(
     conn: &Connection,
     batch: &Batch,
     now_unix_s: i64,
+    identities: Option<&Identities>,
 ) -> rusqlite::Result<HashSet<String>> {
     let any: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM erased_customer)", [], |row| {
         row.get(0)
@@ -133,12 +154,17 @@ fn erased_in(
         return Ok(erased);
     }
     let mut lookup = conn.prepare_cached(
-        "SELECT 1 FROM erased_customer WHERE customer = ?1 AND refuse_until_unix_s > ?2",
+        "SELECT 1 FROM erased_customer WHERE pseudonym = ?1 AND refuse_until_unix_s > ?2",
     )?;
     for record in &batch.records {
-        if !erased.contains(&record.customer)
-            && lookup.exists(rusqlite::params![&record.customer, now_unix_s])?
-        {
+        if erased.contains(&record.customer) {
+            continue;
+        }
+        let pseudonym = match identities {
+            Some(identities) => identities.pseudonym(&record.customer),
+            None => record.customer.clone(),
+        };
+        if lookup.exists(rusqlite::params![pseudonym, now_unix_s])? {
             erased.insert(record.customer.clone());
         }
     }
@@ -223,6 +249,7 @@ mod tests {
             &batch("a", 1, vec![entry("c1", 60, 5, 2)]),
             100,
             None,
+            None,
         );
 
         assert_eq!(outcome.unwrap(), ApplyOutcome::Applied { previous: 0 });
@@ -235,9 +262,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
         let first = batch("a", 1, vec![entry("c1", 60, 5, 0)]);
-        apply_batch(&mut conn, &first, 100, None).unwrap();
+        apply_batch(&mut conn, &first, 100, None, None).unwrap();
 
-        let outcome = apply_batch(&mut conn, &first, 101, None).unwrap();
+        let outcome = apply_batch(&mut conn, &first, 101, None, None).unwrap();
 
         assert_eq!(outcome, ApplyOutcome::Duplicate { last: 1 });
         assert_eq!(totals(&conn, "c1"), (5, 0));
@@ -252,6 +279,7 @@ mod tests {
             &batch("a", 5, vec![entry("c1", 60, 1, 0)]),
             100,
             None,
+            None,
         )
         .unwrap();
 
@@ -259,6 +287,7 @@ mod tests {
             &mut conn,
             &batch("a", 3, vec![entry("c1", 60, 7, 0)]),
             101,
+            None,
             None,
         );
 
@@ -276,6 +305,7 @@ mod tests {
             &batch("a", 1, vec![entry("c1", 60, 1, 0)]),
             100,
             None,
+            None,
         )
         .unwrap();
 
@@ -283,6 +313,7 @@ mod tests {
             &mut conn,
             &batch("b", 1, vec![entry("c1", 60, 2, 0)]),
             100,
+            None,
             None,
         );
 
@@ -294,12 +325,13 @@ mod tests {
     fn gap_is_accepted_and_reports_previous() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
-        apply_batch(&mut conn, &batch("a", 1, vec![]), 100, None).unwrap();
+        apply_batch(&mut conn, &batch("a", 1, vec![]), 100, None, None).unwrap();
 
         let outcome = apply_batch(
             &mut conn,
             &batch("a", 4, vec![entry("c1", 0, 1, 0)]),
             100,
+            None,
             None,
         );
 
@@ -312,12 +344,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open(&dir);
         let records = vec![entry("c1", 120, 2, 1), entry("c1", 120, 3, 0)];
-        apply_batch(&mut conn, &batch("a", 1, records), 100, None).unwrap();
+        apply_batch(&mut conn, &batch("a", 1, records), 100, None, None).unwrap();
 
         apply_batch(
             &mut conn,
             &batch("a", 2, vec![entry("c1", 120, 4, 4)]),
             100,
+            None,
             None,
         )
         .unwrap();
@@ -344,6 +377,7 @@ mod tests {
             &batch("a", 1, vec![entry("c1", 60, 10, 10)]),
             100,
             None,
+            None,
         );
 
         assert_eq!(outcome.unwrap(), ApplyOutcome::Applied { previous: 0 });
@@ -359,6 +393,7 @@ mod tests {
             &mut conn,
             &batch("a", 1, vec![entry("c1", 60, 0, 0)]),
             100,
+            None,
             None,
         )
         .unwrap();
@@ -382,7 +417,7 @@ mod tests {
         .unwrap();
         let records = vec![entry("c1", 60, 5, 0), entry("boom", 60, 1, 0)];
 
-        let result = apply_batch(&mut conn, &batch("a", 1, records), 100, None);
+        let result = apply_batch(&mut conn, &batch("a", 1, records), 100, None, None);
 
         assert!(result.is_err());
         assert_eq!(totals(&conn, "c1"), (0, 0));
@@ -398,6 +433,7 @@ mod tests {
             &mut conn,
             &batch("a", 1, vec![entry("c1", 60, 5, 0)]),
             100,
+            None,
             None,
         )
         .unwrap();
@@ -425,10 +461,10 @@ mod tests {
             entry("c1", 60, 4, 1),
             entry("c2", 960, 0, 3),
         ];
-        apply_batch(&mut conn, &batch("a", 1, records), 1_000, Some(60)).unwrap();
+        apply_batch(&mut conn, &batch("a", 1, records), 1_000, Some(60), None).unwrap();
         // A duplicate adds nothing.
         let again = vec![entry("c1", 960, 5, 2)];
-        apply_batch(&mut conn, &batch("a", 1, again), 1_001, Some(60)).unwrap();
+        apply_batch(&mut conn, &batch("a", 1, again), 1_001, Some(60), None).unwrap();
 
         let mut statement = conn
             .prepare("SELECT customer, bucket_unix_s, admitted, requests FROM counter_outbox ORDER BY id")

@@ -101,7 +101,7 @@ mod tests {
             sequence: 1,
             records,
         };
-        apply_batch(&mut conn, &batch, 0, None).unwrap();
+        apply_batch(&mut conn, &batch, 0, None, None).unwrap();
         (dir, conn)
     }
 

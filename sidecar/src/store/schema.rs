@@ -149,6 +149,8 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     tx.execute_batch(crate::billing::webhook::SCHEMA)
         .map_err(open_error)?;
     tx.execute_batch(crate::keys::SCHEMA).map_err(open_error)?;
+    tx.execute_batch(crate::identity::SCHEMA)
+        .map_err(open_error)?;
     tx.execute_batch(crate::audit::SCHEMA).map_err(open_error)?;
     tx.execute_batch(crate::assets::SCHEMA)
         .map_err(open_error)?;

@@ -7,7 +7,8 @@
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::audit::NewEntry;
-use crate::privacy::Privacy;
+use crate::identity::Identities;
+use crate::privacy::{Privacy, to_sql};
 
 use super::event::Rank;
 
@@ -57,8 +58,9 @@ CREATE TABLE IF NOT EXISTS stripe_tier_metadata_pending (
 pub(super) const EVENT_RETENTION_S: i64 = 30 * 86_400;
 
 /// Returns the tier of every Stripe customer that has a tier state and a
-/// mapping to our customer id, as `(customer, tier)` in ascending order of
-/// customer.
+/// mapping to our customer, as `(customer, tier)` in ascending order of
+/// customer, where `customer` is the value the mapping stores: the
+/// customer's pseudonym in the sidecar's store.
 pub fn tier_overrides(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
     let mut statement = conn.prepare_cached(
         "SELECT m.customer, s.tier FROM stripe_tier_state AS s \
@@ -67,6 +69,24 @@ pub fn tier_overrides(conn: &Connection) -> rusqlite::Result<Vec<(String, String
     )?;
     let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
     rows.collect()
+}
+
+/// Returns [`tier_overrides`] with each customer named by its customer id,
+/// in ascending order of customer id. A customer without a readable
+/// identity is left out.
+pub fn named_tier_overrides(
+    conn: &Connection,
+    identities: &Identities,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut revealer = identities.revealer();
+    let mut named = Vec::new();
+    for (pseudonym, tier) in tier_overrides(conn)? {
+        if let Some(customer) = revealer.reveal(conn, &pseudonym).map_err(to_sql)? {
+            named.push((customer, tier));
+        }
+    }
+    named.sort();
+    Ok(named)
 }
 
 /// A verified delivery to record, with what it changes.
@@ -160,15 +180,17 @@ struct TierState {
 /// transaction at a time.
 #[cfg(test)]
 pub(super) fn record(conn: &mut Connection, delivery: &Delivery) -> rusqlite::Result<Recorded> {
-    record_audited(conn, delivery, None)
+    record_audited(conn, delivery, None, None)
 }
 
 /// Like [`record`], and appends each change of tier to the audit log of
-/// `privacy` in the same transaction.
+/// `privacy` in the same transaction. With `identities`, a new mapping
+/// names the customer by its pseudonym.
 pub(super) fn record_audited(
     conn: &mut Connection,
     delivery: &Delivery,
     privacy: Option<&Privacy>,
+    identities: Option<&Identities>,
 ) -> rusqlite::Result<Recorded> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
 
@@ -191,12 +213,19 @@ pub(super) fn record_audited(
     };
     let mapping = match &delivery.mapping {
         Some((customer, stripe_customer_id)) => {
-            insert_mapping(&tx, customer, stripe_customer_id, delivery.received_unix_s)?
+            let names = identities;
+            insert_mapping(
+                &tx,
+                names,
+                customer,
+                stripe_customer_id,
+                delivery.received_unix_s,
+            )?
         }
         None => MappingOutcome::None,
     };
     if let (Some(privacy), TierOutcome::Changed { tier, version }) = (privacy, &tier) {
-        audit_tier_change(&tx, privacy, delivery, tier, *version)?;
+        audit_tier_change(&tx, privacy, identities.is_some(), delivery, tier, *version)?;
     }
     if let (Some(privacy), MappingOutcome::Inserted, Some((customer, _))) =
         (privacy, &mapping, &delivery.mapping)
@@ -225,10 +254,12 @@ pub(super) fn record_audited(
 }
 
 /// Appends a change of tier to the audit log, with the customer's hash when
-/// the Stripe customer is mapped to one.
+/// the Stripe customer is mapped to one. `pseudonyms` tells whether the
+/// mapping names customers by pseudonym, which is the hash already.
 fn audit_tier_change(
     tx: &Transaction<'_>,
     privacy: &Privacy,
+    pseudonyms: bool,
     delivery: &Delivery,
     tier: &str,
     version: i64,
@@ -249,7 +280,10 @@ fn audit_tier_change(
             at_unix_ms: delivery.received_unix_s.saturating_mul(1_000),
             actor: "stripe-webhook".into(),
             action: "tier_change".into(),
-            subject_hash: customer.map(|customer| privacy.subject(&customer)),
+            subject_hash: customer.map(|customer| match pseudonyms {
+                true => customer,
+                false => privacy.subject(&customer),
+            }),
             records: 1,
             details: serde_json::json!({
                 "event_id": delivery.event_id,
@@ -385,6 +419,7 @@ fn load_state(
 
 fn insert_mapping(
     tx: &Transaction<'_>,
+    identities: Option<&Identities>,
     customer: &str,
     stripe_customer_id: &str,
     now_unix_s: i64,
@@ -399,19 +434,27 @@ fn insert_mapping(
     if existing.is_some() {
         return Ok(MappingOutcome::Exists);
     }
+    let pseudonym = match identities {
+        Some(identities) => identities.pseudonym(customer),
+        None => customer.to_owned(),
+    };
     let erased: bool = tx.query_row(
-        "SELECT EXISTS (SELECT 1 FROM erased_customer WHERE customer = ?1)",
-        [customer],
+        "SELECT EXISTS (SELECT 1 FROM erased_customer WHERE pseudonym = ?1)",
+        [&pseudonym],
         |row| row.get(0),
     )?;
     if erased {
         return Ok(MappingOutcome::Erased);
     }
+    let name = match identities {
+        Some(identities) => identities.record(tx, customer).map_err(to_sql)?,
+        None => pseudonym,
+    };
 
     let inserted = tx.execute(
         "INSERT INTO stripe_customer (customer, stripe_customer_id, updated_unix_s) \
          VALUES (?1, ?2, ?3) ON CONFLICT (customer) DO NOTHING",
-        params![customer, stripe_customer_id, now_unix_s],
+        params![name, stripe_customer_id, now_unix_s],
     )?;
     Ok(if inserted == 0 {
         MappingOutcome::CustomerTaken
@@ -733,7 +776,7 @@ pub(super) mod tests {
     fn erased_customer_is_not_mapped_again() {
         let mut conn = open();
         conn.execute(
-            "INSERT INTO erased_customer VALUES ('gone', 9999999999)",
+            "INSERT INTO erased_customer VALUES ('gone', x'00', 9999999999)",
             [],
         )
         .unwrap();
@@ -757,35 +800,26 @@ pub(super) mod tests {
 
     #[test]
     fn tier_changes_are_audited_with_the_customer_hash() {
-        let mut conn = open();
-        conn.execute_batch(crate::keys::SCHEMA).unwrap();
-        conn.execute_batch(crate::audit::SCHEMA).unwrap();
-        conn.execute_batch("CREATE TABLE sidecar_meta (key TEXT PRIMARY KEY, value TEXT)")
-            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::test_support::open_writer(&dir.path().join("db"));
         let key_file = crate::keys::test_support::TestKeyFile::new();
         let keys: std::sync::Arc<dyn crate::keys::KeyProvider> = std::sync::Arc::new(key_file.keys);
+        let identities = Identities::open(&mut conn, std::sync::Arc::clone(&keys)).unwrap();
         let privacy = Privacy {
             pushes: std::sync::Arc::new(crate::pushes::Pushes::new(1)),
-            index_key: crate::keys::IndexKey::load_or_create(&conn, keys.as_ref()).unwrap(),
+            index_key: identities.index_key().clone(),
             keys,
             token_lifetime_s: 60,
         };
         let mut first = delivery("evt_1", "pro", 100, Rank::Live);
         first.mapping = Some(("acme".into(), "cus_1".into()));
+        let audited = |conn: &mut Connection, delivery: &Delivery| {
+            record_audited(conn, delivery, Some(&privacy), Some(&identities)).unwrap();
+        };
 
-        record_audited(&mut conn, &first, Some(&privacy)).unwrap();
-        record_audited(
-            &mut conn,
-            &delivery("evt_2", "pro", 200, Rank::Live),
-            Some(&privacy),
-        )
-        .unwrap();
-        record_audited(
-            &mut conn,
-            &delivery("evt_3", "basic", 300, Rank::Live),
-            Some(&privacy),
-        )
-        .unwrap();
+        audited(&mut conn, &first);
+        audited(&mut conn, &delivery("evt_2", "pro", 200, Rank::Live));
+        audited(&mut conn, &delivery("evt_3", "basic", 300, Rank::Live));
 
         let entries = crate::audit::entries(&conn, Some(privacy.keys.as_ref()), 0, 10).unwrap();
         let actions: Vec<&str> = entries.iter().map(|entry| entry.action.as_str()).collect();
@@ -798,6 +832,20 @@ pub(super) mod tests {
         assert_eq!(entries[1].subject_hash, Some(privacy.subject("acme")));
         assert_eq!(entries[2].subject_hash, Some(privacy.subject("acme")));
         assert!(crate::audit::verify(&conn).unwrap().intact);
+        let (mapped, _) = tier_overrides(&conn).unwrap().remove(0);
+        assert_eq!(
+            named_tier_overrides(&conn, &identities).unwrap(),
+            [("acme".to_owned(), "basic".to_owned())]
+        );
+        assert_eq!(
+            mapped,
+            privacy.subject("acme"),
+            "the mapping holds the pseudonym"
+        );
+        assert_eq!(
+            identities.reveal(&conn, &mapped).unwrap().as_deref(),
+            Some("acme")
+        );
     }
 
     #[test]

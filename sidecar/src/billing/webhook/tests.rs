@@ -38,7 +38,7 @@ fn settings() -> WebhookSettings {
 
 async fn fixture_with(settings: WebhookSettings, stripe: Option<stripe::Client>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = crate::store::test_support::open(dir.path());
     store
         .write("create the webhook tables", |conn| {
             conn.execute_batch(SCHEMA)?;
@@ -143,8 +143,11 @@ impl Fixture {
     }
 
     async fn overrides(&self) -> Vec<(String, String)> {
+        let identities = self.store.identities().clone();
         self.store
-            .read("read tier overrides", |conn| tier_overrides(conn))
+            .read("read tier overrides", move |conn| {
+                named_tier_overrides(conn, &identities)
+            })
             .await
             .unwrap()
     }
