@@ -16,6 +16,19 @@ pub use probe::{Probe, Sample};
 pub use stack::{HostHealth, ResidencyOptions, ResidencyStack};
 pub use storage::StorageServer;
 
+/// Client addresses and their countries in the country database that the
+/// residency stack gives Envoy's geoip filter. A test sends a client
+/// address in `x-forwarded-for`, which Envoy trusts for
+/// [`XFF_TRUSTED_HOPS`] proxy.
+pub const CLIENT_COUNTRIES: [(std::net::Ipv4Addr, &str); 2] = [
+    (std::net::Ipv4Addr::new(127, 0, 0, 4), "DE"),
+    (std::net::Ipv4Addr::new(127, 0, 0, 5), "US"),
+];
+
+/// Proxies in front of the residency stack's Envoy whose
+/// `x-forwarded-for` entries count.
+pub const XFF_TRUSTED_HOPS: u32 = 1;
+
 /// Request header that selects the storage region, set by the filter.
 pub const STORAGE_REGION_HEADER: &str = "x-veo-storage-region";
 

@@ -17,7 +17,8 @@ use veo_tests::artifacts;
 use veo_tests::residency::bootstrap::{self, FailoverSettings, ResidencyValues};
 use veo_tests::residency::stack::plugin_config;
 use veo_tests::residency::{
-    Probe, Region, ResidencyOptions, ResidencyStack, STORAGE_REGION_HEADER, Sample, Site,
+    CLIENT_COUNTRIES, Probe, Region, ResidencyOptions, ResidencyStack, STORAGE_REGION_HEADER,
+    Sample, Site,
 };
 use veo_tests::stack::temp_dir;
 use veo_tests::tokens::{SigningKey, TokenSpec};
@@ -73,7 +74,10 @@ fn validate_mode_accepts_residency_bootstrap() -> anyhow::Result<()> {
         sidecar_port: 9,
         plugin_config: plugin_config(&key)?.to_json(),
         failover: FailoverSettings::recommended(),
+        geoip_db_path: dir.path().join("countries.mmdb"),
+        xff_trusted_hops: 1,
     };
+    veo_tests::mmdb::write_country_database(&values.geoip_db_path, &CLIENT_COUNTRIES)?;
     std::fs::write(
         &path,
         bootstrap::render(&values, &artifacts::filter_wasm()?)?,
@@ -331,7 +335,9 @@ async fn filter_routes_locked_asset_by_region() -> anyhow::Result<()> {
             .to_owned()
     };
 
-    let german = [("x-geoip-country", "DE")];
+    // The country comes from the geoip lookup of the address in
+    // x-forwarded-for, never from a client-sent country header.
+    let german = [("x-forwarded-for", "127.0.0.4")];
     let eu_film = client
         .get_with_token("/videos/eu-film/1.ts", &token, &german)
         .await?;
@@ -339,7 +345,7 @@ async fn filter_routes_locked_asset_by_region() -> anyhow::Result<()> {
     assert_eq!(site_of(&eu_film), "eu-west");
 
     let forged = [
-        ("x-geoip-country", "DE"),
+        ("x-forwarded-for", "127.0.0.4"),
         (STORAGE_REGION_HEADER, "us-east"),
     ];
     let eu_forged = client
@@ -352,7 +358,7 @@ async fn filter_routes_locked_asset_by_region() -> anyhow::Result<()> {
     assert_eq!(free_forged.status, 200, "{}", free_forged.body);
     assert_eq!(site_of(&free_forged), "default");
 
-    let american = [("x-geoip-country", "US")];
+    let american = [("x-forwarded-for", "127.0.0.5")];
     let us_film = client
         .get_with_token("/videos/us-film/1.ts", &token, &american)
         .await?;
@@ -361,6 +367,11 @@ async fn filter_routes_locked_asset_by_region() -> anyhow::Result<()> {
         .get_with_token("/videos/eu-film/1.ts", &token, &american)
         .await?;
     assert_eq!(refused.status, 451, "{}", refused.body);
+    let spoofed = [("x-forwarded-for", "127.0.0.5"), ("x-geoip-country", "DE")];
+    let spoof_refused = client
+        .get_with_token("/videos/eu-film/1.ts", &token, &spoofed)
+        .await?;
+    assert_eq!(spoof_refused.status, 451, "{}", spoof_refused.body);
     assert_eq!(stack.site(Site::EuWest).requests(), 2);
 
     stack.site(Site::EuWest).set_failing(true);

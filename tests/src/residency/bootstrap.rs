@@ -59,6 +59,10 @@ pub struct ResidencyValues {
     pub plugin_config: serde_json::Value,
     /// Health check, retry and ejection settings of the storage clusters.
     pub failover: FailoverSettings,
+    /// Country database that Envoy's geoip filter reads.
+    pub geoip_db_path: PathBuf,
+    /// Proxies in front of Envoy whose `x-forwarded-for` entries count.
+    pub xff_trusted_hops: u32,
 }
 
 /// Returns the path of the residency template that ships in `envoy/`.
@@ -140,6 +144,14 @@ fn replacements(
         ),
         ("STORAGE_RETRIES".to_owned(), failover.retries.to_string()),
         (
+            "GEOIP_DB_PATH".to_owned(),
+            quote(&values.geoip_db_path.to_string_lossy()),
+        ),
+        (
+            "XFF_TRUSTED_HOPS".to_owned(),
+            values.xff_trusted_hops.to_string(),
+        ),
+        (
             "OUTLIER_ENFORCING_PERCENT".to_owned(),
             if failover.outlier_ejection {
                 "100"
@@ -190,6 +202,8 @@ mod tests {
             sidecar_port: 8090,
             plugin_config: serde_json::json!({"jwt": {}}),
             failover: FailoverSettings::for_tests(),
+            geoip_db_path: PathBuf::from("/countries.mmdb"),
+            xff_trusted_hops: 1,
         }
     }
 

@@ -118,6 +118,8 @@ impl ResidencyStack {
             StorageServer::start(ap_southeast_b.name()).await?,
         ];
         let sidecar = Sidecar::start(dir.path()).await?;
+        let geoip_db_path = dir.path().join("countries.mmdb");
+        crate::mmdb::write_country_database(&geoip_db_path, &super::CLIENT_COUNTRIES)?;
 
         let values = ResidencyValues {
             node_id: format!("veo-residency-{}", std::process::id()),
@@ -130,6 +132,8 @@ impl ResidencyStack {
             sidecar_port: sidecar.address().port(),
             plugin_config: options.plugin_config.to_json(),
             failover: options.failover,
+            geoip_db_path,
+            xff_trusted_hops: super::XFF_TRUSTED_HOPS,
         };
         let text = bootstrap::render(&values, &artifacts::filter_wasm()?)?;
         let (envoy, admin, listener_port) =
