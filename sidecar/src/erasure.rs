@@ -331,6 +331,16 @@ fn mark_broken(verification: &mut Verification, position: u64, problem: String) 
     }
 }
 
+/// Reads a row of `SELECT_RECEIPTS` as (what it anchors, position, hash).
+fn receipt_anchor(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, u64, String)> {
+    let erasure: String = row.get(0)?;
+    Ok((
+        format!("erasure {erasure}'s receipt"),
+        row.get(1)?,
+        row.get(2)?,
+    ))
+}
+
 /// Checks the audit log against what the store recorded outside it: each
 /// erasure's receipt and the last appended entry. The hash chain alone
 /// cannot show entries cut from the end or a log rewritten with new
@@ -339,14 +349,7 @@ fn mark_broken(verification: &mut Verification, position: u64, problem: String) 
 pub fn check_receipts(conn: &Connection, verification: &mut Verification) -> rusqlite::Result<()> {
     let mut anchors: Vec<(String, u64, String)> = conn
         .prepare(SELECT_RECEIPTS)?
-        .query_map([], |row| {
-            let erasure: String = row.get(0)?;
-            Ok((
-                format!("erasure {erasure}'s receipt"),
-                row.get(1)?,
-                row.get(2)?,
-            ))
-        })?
+        .query_map([], receipt_anchor)?
         .collect::<rusqlite::Result<_>>()?;
     let head: Option<String> = conn
         .query_row(SELECT_HEAD, [], |row| row.get(0))

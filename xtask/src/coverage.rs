@@ -1,10 +1,12 @@
 //! Line coverage of the erasure, identity, audit and key modules, measured
 //! with cargo-llvm-cov over their unit tests and printed per file.
-//! A total below [`MIN_PERCENT`] fails the task, so the figure cannot drift.
+//! A single line that no unit test runs fails the task.
 //!
-//! NOTE: llvm counts one line of erasure.rs as not run that neither its
-//! line listing (`--show-missing-lines`) nor the per-line report shows, so
-//! the total stays just under 100% and the bar is 99.9%.
+//! llvm counts a closure's lines in both the closure and the enclosing
+//! function. A line that ends a closure and also holds a `?` of the
+//! enclosing function counts as not run when that `?` never fails, though
+//! `--show-missing-lines` does not list it. Named functions in place of
+//! such closures keep the count exact.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,9 +15,6 @@ use serde_json::Value;
 
 use crate::error::XtaskError;
 use crate::{paths, run};
-
-/// Lowest accepted line coverage of the measured files, in percent.
-const MIN_PERCENT: f64 = 99.9;
 
 /// Version of cargo-llvm-cov installed into `.tools/cargo`.
 const LLVM_COV_VERSION: &str = "0.9.1";
@@ -86,11 +85,11 @@ pub fn run() -> Result<(), XtaskError> {
         "total",
         percent(covered, count)
     );
-    if percent(covered, count) < MIN_PERCENT {
+    if covered < count {
         return Err(XtaskError::Tool(format!(
-            "{} of {count} lines of the erasure, identity, audit and key modules are not run by any unit \
-             test, below {MIN_PERCENT}%; run `cargo llvm-cov --package veo-sidecar --lib \
-             --show-missing-lines` and cover them",
+            "{} of {count} lines of the erasure, identity, audit and key modules are not run by \
+             any unit test; run `cargo llvm-cov --package veo-sidecar --lib \
+             --show-missing-lines -- audit erasure identity keys` and cover them",
             count - covered
         )));
     }

@@ -54,8 +54,8 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
-    /// Measures and prints the line coverage of the erasure and audit
-    /// modules with cargo-llvm-cov, failing below 99.9%.
+    /// Measures and prints the line coverage of the erasure, identity, audit and key
+    /// modules with cargo-llvm-cov, failing on any line not run.
     Coverage,
     /// Installs the tools, builds everything, then runs `veo-bench`.
     Bench {
