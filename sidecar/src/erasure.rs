@@ -428,6 +428,64 @@ pub fn by_id(conn: &Connection, erasure_id: &str) -> rusqlite::Result<Option<Era
     .optional()
 }
 
+/// Converts the erasure tables of a store written while they held customer
+/// ids in clear: `erased_customer` and `erasure_counters_pending` rows with
+/// a `customer` column get the pseudonym and the id sealed under
+/// [`ERASURES_OWNER`] instead. Does nothing for tables already converted.
+pub fn seal_ids_in_clear(
+    conn: &Connection,
+    keys: &dyn KeyProvider,
+    pseudonym: &dyn Fn(&str) -> String,
+) -> rusqlite::Result<()> {
+    let seal = |customer: &str, aad: &[u8]| {
+        keys::encrypt(conn, keys, ERASURES_OWNER, customer.as_bytes(), aad).map_err(to_sql)
+    };
+    if has_column(conn, "erased_customer", "customer")? {
+        let select = "SELECT customer, refuse_until_unix_s FROM erased_customer";
+        let rows: Vec<(String, i64)> = conn
+            .prepare(select)?
+            .query_map([], pair)?
+            .collect::<rusqlite::Result<_>>()?;
+        conn.execute_batch("DROP TABLE erased_customer")?;
+        conn.execute_batch(SCHEMA)?;
+        let insert = "INSERT INTO erased_customer (pseudonym, sealed, refuse_until_unix_s) VALUES (?1, ?2, ?3)";
+        for (customer, refuse_until) in rows {
+            let name = pseudonym(&customer);
+            let sealed = seal(&customer, ERASED_AAD)?;
+            conn.execute(insert, params![name, sealed, refuse_until])?;
+        }
+    }
+    if has_column(conn, "erasure_counters_pending", "customer")? {
+        let select = "SELECT customer, erasure_id FROM erasure_counters_pending";
+        let rows: Vec<(String, String)> = conn
+            .prepare(select)?
+            .query_map([], pair)?
+            .collect::<rusqlite::Result<_>>()?;
+        conn.execute_batch("DROP TABLE erasure_counters_pending")?;
+        conn.execute_batch(SCHEMA)?;
+        let insert = "INSERT INTO erasure_counters_pending (pseudonym, sealed, erasure_id) VALUES (?1, ?2, ?3)";
+        for (customer, erasure_id) in rows {
+            let name = pseudonym(&customer);
+            let sealed = seal(&customer, COUNTERS_AAD)?;
+            conn.execute(insert, params![name, sealed, erasure_id])?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the first two columns of a row.
+fn pair<A: rusqlite::types::FromSql, B: rusqlite::types::FromSql>(
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<(A, B)> {
+    Ok((row.get(0)?, row.get(1)?))
+}
+
+/// Returns whether `table` has a column named `column`.
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    let select = "SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2";
+    conn.prepare(select)?.exists([table, column])
+}
+
 /// Returns the customers whose Redis counts are still to be removed, as
 /// (customer id, erasure id) in order of pseudonym.
 pub fn counters_pending(
@@ -912,6 +970,63 @@ mod tests {
             "{}",
             verification.problem
         );
+    }
+
+    #[test]
+    fn ids_in_clear_are_sealed_once() {
+        let conn = open();
+        conn.execute_batch(
+            "DROP TABLE erased_customer;
+             DROP TABLE erasure_counters_pending;
+             CREATE TABLE erased_customer (customer TEXT PRIMARY KEY, refuse_until_unix_s INTEGER);
+             CREATE TABLE erasure_counters_pending (customer TEXT PRIMARY KEY, erasure_id TEXT,
+                                                    attempts INTEGER DEFAULT 0);
+             INSERT INTO erased_customer VALUES ('acme', 90000);
+             INSERT INTO erasure_counters_pending (customer, erasure_id) VALUES ('acme', 'er_1');",
+        )
+        .unwrap();
+        let pseudonym = |customer: &str| format!("p-{customer}");
+
+        seal_ids_in_clear(&conn, keys(), &pseudonym).unwrap();
+        seal_ids_in_clear(&conn, keys(), &pseudonym).unwrap();
+
+        assert_eq!(
+            erased_customers(&conn, keys(), 1).unwrap(),
+            [("acme".to_owned(), 90_000)]
+        );
+        assert_eq!(
+            counters_pending(&conn, keys()).unwrap(),
+            [("acme".to_owned(), "er_1".to_owned())]
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM erased_customer WHERE pseudonym = 'p-acme'"
+            ),
+            1
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM erasure_counters_pending WHERE pseudonym = 'p-acme'"
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn failed_sealing_is_an_error() {
+        let conn = open();
+        conn.execute_batch(
+            "DROP TABLE erased_customer;
+             CREATE TABLE erased_customer (customer TEXT PRIMARY KEY, refuse_until_unix_s INTEGER);
+             INSERT INTO erased_customer VALUES ('acme', 90000);
+             DROP TABLE data_key;",
+        )
+        .unwrap();
+
+        assert!(seal_ids_in_clear(&conn, keys(), &|customer| customer.to_owned()).is_err());
+        assert!(has_column(&Connection::open_in_memory().unwrap(), "t", "c").is_ok());
     }
 
     #[test]

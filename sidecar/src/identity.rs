@@ -4,7 +4,7 @@
 //! keyed hash ([`IndexKey::hash`]) of the customer id, the same value the
 //! audit log and the erasures record as the subject hash. The id itself is
 //! stored once, in `customer_identity`, encrypted under the customer's own
-//! data key. The database file therefore holds no customer id in clear,
+//! data key. The database file therefore contains no customer id in clear,
 //! and erasing a customer destroys that data key, so the identity row in
 //! a copy or backup of the file can no longer be read either.
 //!
@@ -84,6 +84,8 @@ impl Identities {
             .optional()?;
         if done.as_deref() != Some(META_PSEUDONYMS) {
             let replaced = identities.pseudonymize_all(&tx)?;
+            let pseudonym = |customer: &str| identities.pseudonym(customer);
+            crate::erasure::seal_ids_in_clear(&tx, identities.keys.as_ref(), &pseudonym)?;
             if replaced > 0 {
                 tracing::info!(
                     customers = replaced,
@@ -99,7 +101,7 @@ impl Identities {
         Ok(identities)
     }
 
-    /// The key of the customer id hashes.
+    /// Returns the key of the customer id hashes.
     pub fn index_key(&self) -> &IndexKey {
         &self.index_key
     }
@@ -177,6 +179,9 @@ impl Identities {
 
     /// Replaces every customer id stored in clear by its pseudonym and
     /// records its identity; returns how many customers it replaced.
+    ///
+    /// A temporary table maps each id to its pseudonym, so every table
+    /// takes one UPDATE, whatever the number of customers.
     fn pseudonymize_all(&self, conn: &Connection) -> Result<u64, KeyError> {
         let union = CUSTOMER_COLUMNS
             .iter()
@@ -188,15 +193,23 @@ impl Identities {
             let rows = statement.query_map([], |row| row.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
+        let create = "CREATE TEMP TABLE pseudonym_of (customer TEXT PRIMARY KEY, pseudonym TEXT)";
+        conn.execute_batch(create)?;
+        let insert = "INSERT INTO temp.pseudonym_of (customer, pseudonym) VALUES (?1, ?2)";
         for customer in &customers {
             let pseudonym = self.record(conn, customer)?;
-            for (table, column) in CUSTOMER_COLUMNS {
-                conn.execute(
-                    &format!("UPDATE {table} SET {column} = ?1 WHERE {column} = ?2"),
-                    [&pseudonym, customer],
-                )?;
-            }
+            conn.execute(insert, [customer, &pseudonym])?;
         }
+        for (table, column) in CUSTOMER_COLUMNS {
+            conn.execute(
+                &format!(
+                    "UPDATE {table} SET {column} = map.pseudonym FROM temp.pseudonym_of AS map
+                     WHERE {table}.{column} = map.customer"
+                ),
+                [],
+            )?;
+        }
+        conn.execute_batch("DROP TABLE temp.pseudonym_of")?;
         Ok(u64::try_from(customers.len()).unwrap_or(u64::MAX))
     }
 }
@@ -209,6 +222,23 @@ pub struct Revealer<'a> {
 }
 
 impl Revealer<'_> {
+    /// As [`Revealer::reveal`], but a failure is logged and gives `None`,
+    /// for listings where one unreadable identity must not hide the rest.
+    pub fn reveal_or_skip(&mut self, conn: &Connection, pseudonym: &str) -> Option<String> {
+        match self.reveal(conn, pseudonym) {
+            Ok(customer) => customer,
+            Err(err) => {
+                tracing::warn!(
+                    customer_pseudonym = pseudonym,
+                    error = %err,
+                    "failed to read a customer's identity; the customer is left out, check \
+                     customer_identity and the key file"
+                );
+                None
+            }
+        }
+    }
+
     /// As [`Identities::reveal`], from memory for a pseudonym seen before.
     pub fn reveal(
         &mut self,
@@ -329,6 +359,10 @@ mod tests {
             .unwrap();
 
         assert!(identities.reveal(&conn, &pseudonym).is_err());
+        assert_eq!(
+            identities.revealer().reveal_or_skip(&conn, &pseudonym),
+            None
+        );
     }
 
     #[test]
@@ -402,7 +436,10 @@ mod tests {
              INSERT INTO meter_bucket VALUES ('acme', 'api_requests', 60, 5, 1);
              INSERT INTO counter_outbox (customer, bucket_unix_s, admitted, requests)
                  VALUES ('globex', 60, 1, 1);
-             INSERT INTO stripe_customer VALUES ('globex', 'cus_G', 1);",
+             INSERT INTO stripe_customer VALUES ('globex', 'cus_G', 1);
+             DROP TABLE erased_customer;
+             CREATE TABLE erased_customer (customer TEXT PRIMARY KEY, refuse_until_unix_s INTEGER);
+             INSERT INTO erased_customer VALUES ('gone', 99);",
         )
         .unwrap();
         let keys = test_keys(&test);
@@ -432,6 +469,12 @@ mod tests {
             identities.reveal(&conn, &globex).unwrap().as_deref(),
             Some("globex")
         );
+        let erased: String = conn
+            .query_row("SELECT pseudonym FROM erased_customer", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(erased, identities.pseudonym("gone"));
 
         // A later open leaves values alone, even ones that look like ids.
         conn.execute("INSERT INTO billing_dirty VALUES ('raw', 120)", [])

@@ -19,7 +19,6 @@ use crate::counters::Contribution;
 use crate::identity::Identities;
 use crate::keys::{KeyError, KeyProvider};
 use crate::ledger::{ApplyOutcome, Batch, BucketTotal, CustomerTotal, Granularity, TimeRange};
-use crate::privacy::to_sql;
 
 /// File name of the SQLite database inside the data directory.
 pub const DATABASE_FILE: &str = "usage.sqlite3";
@@ -155,7 +154,7 @@ impl Store {
         &self.inner.path
     }
 
-    /// The pseudonyms under which the tables name customers.
+    /// Returns the pseudonyms under which the tables name customers.
     pub fn identities(&self) -> &Identities {
         &self.inner.identities
     }
@@ -189,8 +188,10 @@ impl Store {
     }
 
     /// Returns up to `limit` outbox rows, oldest first, named by customer
-    /// id. A row whose customer has no readable identity is left out; the
-    /// next [`Store::remove_outbox`] past its id removes it.
+    /// id. A row whose customer has no identity (it was erased) is deleted.
+    /// A row whose identity cannot be read is left out of the shared
+    /// counters and logged; the next [`Store::remove_outbox`] past its id
+    /// deletes it.
     pub async fn outbox(&self, limit: u32) -> Result<Vec<Contribution>, StoreError> {
         let identities = self.identities().clone();
         self.run("read the counter outbox", Role::Writer, move |conn| {
@@ -212,14 +213,22 @@ impl Store {
             let mut revealer = identities.revealer();
             let mut named = Vec::with_capacity(rows.len());
             for mut row in rows {
-                match revealer.reveal(conn, &row.customer).map_err(to_sql)? {
-                    Some(customer) => {
+                match revealer.reveal(conn, &row.customer) {
+                    Ok(Some(customer)) => {
                         row.customer = customer;
                         named.push(row);
                     }
-                    None => warn!(
+                    // The customer was erased after the row was read.
+                    Ok(None) => {
+                        conn.execute("DELETE FROM counter_outbox WHERE id = ?1", [row.id])?;
+                    }
+                    // Skipped, so the shared counters miss this usage,
+                    // which the ledger still has. The next removal past its
+                    // id deletes the row.
+                    Err(err) => warn!(
                         outbox_id = row.id,
-                        "counter outbox row of a customer without a readable identity skipped"
+                        error = %err,
+                        "failed to read the identity of a counter outbox row; skipping it"
                     ),
                 }
             }
@@ -295,7 +304,7 @@ impl Store {
             let mut revealer = identities.revealer();
             let mut named = Vec::with_capacity(totals.len());
             for mut total in totals {
-                if let Some(customer) = revealer.reveal(conn, &total.customer).map_err(to_sql)? {
+                if let Some(customer) = revealer.reveal_or_skip(conn, &total.customer) {
                     total.customer = customer;
                     named.push(total);
                 }
@@ -512,6 +521,29 @@ mod tests {
             .collect();
         expected.sort();
         assert_eq!(stored, expected);
+    }
+
+    #[tokio::test]
+    async fn outbox_rows_without_identity_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = test_support::open(dir.path());
+        store.apply_with_outbox(batch(1, 4), 150, 60).await.unwrap();
+        let pseudonym = store.identities().pseudonym("c1");
+        store
+            .write("forget c1", move |conn| {
+                Identities::forget(conn, &pseudonym).map(drop)
+            })
+            .await
+            .unwrap();
+
+        assert!(store.outbox(10).await.unwrap().is_empty());
+        let left: i64 = store
+            .read("count the outbox", |conn| {
+                conn.query_row("SELECT COUNT(*) FROM counter_outbox", [], |row| row.get(0))
+            })
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
     }
 
     #[tokio::test]

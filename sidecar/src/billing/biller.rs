@@ -250,18 +250,23 @@ impl Biller {
         events: Vec<QueuedEvent>,
         report: &mut RoundReport,
     ) -> Result<bool, StoreError> {
-        // The file is read by whoever bills from it, so it names customers
-        // by id rather than by the store's pseudonyms.
+        // The file is read by the billing system that consumes it, so it
+        // names customers by id rather than by the store's pseudonyms.
+        // An event whose customer has no identity was deleted by an erasure
+        // after it was read, so it is left out. An identity that cannot be
+        // read stops the round, because marking its event sent would lose it.
         let identities = self.store.identities().clone();
-        let mut named = events.clone();
+        let read = events.clone();
         let named = self
             .store
             .read("name the meter events' customers", move |conn| {
                 let mut revealer = identities.revealer();
-                for event in &mut named {
+                let mut named = Vec::with_capacity(read.len());
+                for mut event in read {
                     let customer = revealer.reveal(conn, &event.customer).map_err(to_sql)?;
                     if let Some(customer) = customer {
                         event.customer = customer;
+                        named.push(event);
                     }
                 }
                 Ok(named)

@@ -124,7 +124,8 @@ pub fn get(conn: &Connection, customer: &str) -> rusqlite::Result<Option<String>
     .optional()
 }
 
-/// Returns every customer with a Stripe customer, in customer order.
+/// Returns every customer with a Stripe customer, as the mapping stores
+/// it (the pseudonym in the sidecar's store), in that order.
 pub fn all(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
     let mut statement = conn.prepare_cached(
         "SELECT customer, stripe_customer_id FROM stripe_customer ORDER BY customer",

@@ -157,7 +157,7 @@ fn close_meter(
             // The ledger only grows, so this means someone edited the
             // store by hand. Billing never sends negative usage.
             error!(
-                customer,
+                customer_pseudonym = customer,
                 meter = meter.name(),
                 minute_unix_s,
                 ledger = total,

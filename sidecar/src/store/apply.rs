@@ -82,7 +82,8 @@ pub(super) fn apply_batch(
     let kept = |customer: &str| erased.is_empty() || !erased.contains(customer);
     let mut names: BTreeMap<&str, String> = BTreeMap::new();
     for record in &batch.records {
-        if names.contains_key(record.customer.as_str()) || !kept(&record.customer) {
+        let empty = record.admitted == 0 && record.refused == 0 && record.egress_bytes == 0;
+        if empty || names.contains_key(record.customer.as_str()) || !kept(&record.customer) {
             continue;
         }
         let name = match identities {

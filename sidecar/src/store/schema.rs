@@ -8,7 +8,12 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// Schema version stored in `PRAGMA user_version`.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+///
+/// Version 3 names customers by pseudonym. The conversion of a version 2
+/// store needs the keys, so [`Identities::open`](crate::identity::Identities::open)
+/// does it; the version stops an older sidecar, which would write ids in
+/// clear, from opening the store.
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// Changes from schema version 1: response body bytes per ledger row. The
 /// billing tables are created by [`SCHEMA`] like every other table.

@@ -73,7 +73,7 @@ pub fn tier_overrides(conn: &Connection) -> rusqlite::Result<Vec<(String, String
 
 /// Returns [`tier_overrides`] with each customer named by its customer id,
 /// in ascending order of customer id. A customer without a readable
-/// identity is left out.
+/// identity is left out, with a warning when reading it failed.
 pub fn named_tier_overrides(
     conn: &Connection,
     identities: &Identities,
@@ -81,7 +81,7 @@ pub fn named_tier_overrides(
     let mut revealer = identities.revealer();
     let mut named = Vec::new();
     for (pseudonym, tier) in tier_overrides(conn)? {
-        if let Some(customer) = revealer.reveal(conn, &pseudonym).map_err(to_sql)? {
+        if let Some(customer) = revealer.reveal_or_skip(conn, &pseudonym) {
             named.push((customer, tier));
         }
     }
