@@ -96,6 +96,11 @@ impl Identities {
                 "INSERT OR REPLACE INTO sidecar_meta (key, value) VALUES (?1, ?2)",
                 [META_KEY, META_PSEUDONYMS],
             )?;
+            tx.commit()?;
+            // The pages as they were before the conversion, ids in clear,
+            // stay in the write-ahead log until a checkpoint truncates it.
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            return Ok(identities);
         }
         tx.commit()?;
         Ok(identities)
@@ -423,6 +428,26 @@ mod tests {
             )
             .unwrap();
         assert_eq!(clear, 1, "the replacement rolled back");
+    }
+
+    #[test]
+    fn converted_store_files_contain_no_id() {
+        let test = TestKeyFile::new();
+        let path = test.dir.path().join("db");
+        let mut conn = crate::store::test_support::open_writer(&path);
+        conn.execute_batch(
+            "INSERT INTO usage_minute VALUES ('cust-plain-7c1f', 60, 'basic', 5, 1, 100);
+             INSERT INTO counter_outbox (customer, bucket_unix_s, admitted, requests)
+                 VALUES ('cust-plain-7c1f', 60, 1, 1);",
+        )
+        .unwrap();
+
+        drop(Identities::open(&mut conn, test_keys(&test)).unwrap());
+
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend(std::fs::read(test.dir.path().join("db-wal")).unwrap_or_default());
+        let id = b"cust-plain-7c1f";
+        assert!(!bytes.windows(id.len()).any(|window| window == id));
     }
 
     #[test]

@@ -134,6 +134,11 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
         });
     }
     set_synchronous(&conn).map_err(open_error)?;
+    // Deleted and replaced rows (an erased customer's ledger, customer ids
+    // replaced by pseudonyms) are overwritten with zeros rather than left
+    // in free space, at the cost of writing the freed pages.
+    conn.pragma_update(None, "secure_delete", true)
+        .map_err(open_error)?;
 
     let found: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
@@ -211,6 +216,18 @@ mod tests {
 
         assert_eq!(mode, "wal");
         assert_eq!(synchronous, 2, "2 is FULL");
+    }
+
+    #[test]
+    fn writer_overwrites_deleted_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("db")).unwrap();
+
+        let secure_delete: i64 = conn
+            .pragma_query_value(None, "secure_delete", |row| row.get(0))
+            .unwrap();
+
+        assert_eq!(secure_delete, 1);
     }
 
     #[test]
