@@ -3,7 +3,7 @@
 //! A single line that no unit test runs fails the task.
 //!
 //! llvm counts a closure's lines in both the closure and the enclosing
-//! function. A line that ends a closure and also holds a `?` of the
+//! function. A line that ends a closure and also contains a `?` of the
 //! enclosing function counts as not run when that `?` never fails, though
 //! `--show-missing-lines` does not list it. Named functions in place of
 //! such closures keep the count exact.

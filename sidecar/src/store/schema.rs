@@ -11,8 +11,8 @@ use super::StoreError;
 ///
 /// Version 3 names customers by pseudonym. The conversion of a version 2
 /// store needs the keys, so [`Identities::open`](crate::identity::Identities::open)
-/// does it; the version stops an older sidecar, which would write ids in
-/// clear, from opening the store.
+/// does it. The version stops an older sidecar from opening the store,
+/// because it would write ids in clear.
 pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// Changes from schema version 1: response body bytes per ledger row. The
