@@ -12,10 +12,10 @@
 //! caller's `record` destroys the customer's data key, so copies of the
 //! store can no longer reveal it either.
 //!
-//! What stays: the customer id in `erased_customer` until its tokens have
-//! expired (so that they are refused and usage sent for it is dropped),
-//! encrypted under the data key of [`ERASURES_OWNER`], and the erasure row,
-//! which contains the keyed hash of the id and never the id.
+//! What stays: the customer id in `erased_customer`, encrypted under the
+//! data key of [`ERASURES_OWNER`], until its tokens have expired, so that
+//! they are refused and usage sent for it is dropped. The erasure row
+//! stays too; it contains the keyed hash of the id and never the id.
 
 use std::collections::BTreeMap;
 
@@ -595,7 +595,7 @@ pub fn stored_acks(conn: &Connection) -> rusqlite::Result<Vec<(String, u64, i64)
 mod tests {
     use super::*;
 
-    /// The key file of every test's erased ids, kept for the whole run.
+    /// Returns the key file of every test's erased ids, kept for the whole run.
     fn keys() -> &'static dyn KeyProvider {
         static KEYS: std::sync::OnceLock<crate::keys::test_support::TestKeyFile> =
             std::sync::OnceLock::new();

@@ -8,7 +8,7 @@
 //! and erasing a customer destroys that data key, so the identity row in
 //! a copy or backup of the file can no longer be read either.
 //!
-//! Lookups by customer compute the pseudonym; code that must name the
+//! Lookups by customer compute the pseudonym. Code that must name the
 //! customer to the outside (usage listings, Redis keys, tier overrides
 //! pushed to the filter) reveals it from `customer_identity`.
 //!
@@ -269,7 +269,7 @@ mod tests {
     use super::*;
     use crate::keys::test_support::TestKeyFile;
 
-    /// A second handle on the test's key file.
+    /// Returns a second handle on the test's key file.
     fn test_keys(test: &TestKeyFile) -> Arc<dyn KeyProvider> {
         let path = test.dir.path().join("keys.json");
         Arc::new(crate::keys::LocalKeyFile::open_or_create(&path).unwrap())

@@ -270,7 +270,8 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
     ensure!(others > 0, "kept customer's rows are gone");
     drop(conn);
     // No customer id is stored in clear, neither the erased one nor the
-    // kept one; the actor, which is stored in clear, shows the scan works.
+    // kept one. The actor is stored in clear, so finding it shows the scan
+    // works.
     let bytes = store_bytes(stack.sidecar.data_dir())?;
     for id in [DOOMED, KEPT] {
         ensure!(
