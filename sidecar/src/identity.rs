@@ -12,7 +12,7 @@
 //! customer to the outside (usage listings, Redis keys, tier overrides
 //! pushed to the filter) reveals it from `customer_identity`.
 //!
-//! NOTE: anyone who holds the key file and a copy of the database can still
+//! NOTE: anyone with the key file and a copy of the database can still
 //! test whether a given customer id has rows in it, by computing its
 //! pseudonym. That is what a blind index allows by design.
 

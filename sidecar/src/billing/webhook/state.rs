@@ -254,7 +254,7 @@ pub(super) fn record_audited(
 }
 
 /// Appends a change of tier to the audit log, with the customer's hash when
-/// the Stripe customer is mapped to one. `pseudonyms` tells whether the
+/// the Stripe customer is mapped to one. `pseudonyms` is true when the
 /// mapping names customers by pseudonym, which is the hash already.
 fn audit_tier_change(
     tx: &Transaction<'_>,
