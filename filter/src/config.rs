@@ -83,6 +83,9 @@ pub struct SidecarSettings {
     pub sync_interval: Duration,
     /// Deadline of one sync call.
     pub timeout: Duration,
+    /// Usage records (customer, tier and minute) held for the sidecar
+    /// before the records of earlier hours and days are merged.
+    pub max_backlog_records: usize,
 }
 
 /// The validated plugin configuration.
@@ -303,11 +306,19 @@ pub(crate) fn is_header_name(name: &str) -> bool {
             .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte))
 }
 
+/// Usage records held for the sidecar by default: a day of minutes for 69
+/// customers, or an hour for 1,666.
+const DEFAULT_MAX_BACKLOG_RECORDS: u64 = 100_000;
+/// Bounds of `sidecar.max_backlog_records`.
+const MIN_BACKLOG_RECORDS: usize = 100;
+const MAX_BACKLOG_RECORDS: usize = 10_000_000;
+
 fn build_sidecar(raw: Option<RawSidecar>) -> Result<SidecarSettings, ConfigError> {
     let raw = raw.unwrap_or(RawSidecar {
         cluster: None,
         sync_interval_ms: None,
         timeout_ms: None,
+        max_backlog_records: None,
     });
     let cluster = raw.cluster.unwrap_or_else(|| "veo_sidecar".to_owned());
     if cluster.is_empty() {
@@ -333,10 +344,24 @@ fn build_sidecar(raw: Option<RawSidecar>) -> Result<SidecarSettings, ConfigError
             "must be 1 to 60000 milliseconds",
         ));
     }
+    let max_backlog_records = raw
+        .max_backlog_records
+        .unwrap_or(DEFAULT_MAX_BACKLOG_RECORDS);
+    let Some(max_backlog_records) = usize::try_from(max_backlog_records)
+        .ok()
+        .filter(|records| (MIN_BACKLOG_RECORDS..=MAX_BACKLOG_RECORDS).contains(records))
+    else {
+        return Err(ConfigError::invalid(
+            "sidecar.max_backlog_records",
+            &max_backlog_records.to_string(),
+            "must be 100 to 10000000 records",
+        ));
+    };
     Ok(SidecarSettings {
         cluster,
         sync_interval: Duration::from_millis(interval_ms),
         timeout: Duration::from_millis(timeout_ms),
+        max_backlog_records,
     })
 }
 
@@ -370,14 +395,17 @@ mod tests {
         assert_eq!(config.sidecar.cluster, "veo_sidecar");
         assert_eq!(config.sidecar.sync_interval, Duration::from_millis(1000));
         assert_eq!(config.sidecar.timeout, Duration::from_millis(1000));
+        assert_eq!(config.sidecar.max_backlog_records, 100_000);
     }
 
     #[test]
     fn full_config_is_read() {
         let config = config(json!({
             "forged_headers": ["X-Veo-Region", "x-veo-region", "X-Veo-Customer", "x-veo-tier"],
-            "sidecar": {"cluster": "side", "sync_interval_ms": 200, "timeout_ms": 150}
+            "sidecar": {"cluster": "side", "sync_interval_ms": 200, "timeout_ms": 150,
+                        "max_backlog_records": 500}
         }));
+        assert_eq!(config.sidecar.max_backlog_records, 500);
         assert_eq!(config.forged_headers, ["x-veo-region"]);
         assert_eq!(config.sidecar.cluster, "side");
         assert_eq!(config.sidecar.sync_interval, Duration::from_millis(200));
@@ -429,6 +457,14 @@ mod tests {
                 "`sidecar.sync_interval_ms` = 0",
             ),
             (json!({"sidecar": {"cluster": ""}}), "`sidecar.cluster`"),
+            (
+                json!({"sidecar": {"max_backlog_records": 99}}),
+                "`sidecar.max_backlog_records` = 99",
+            ),
+            (
+                json!({"sidecar": {"max_backlog_records": 10_000_001}}),
+                "`sidecar.max_backlog_records` = 10000001",
+            ),
             (
                 json!({"tiers": {"basic": {"quota": {"requests": 0, "window_seconds": 60}}}}),
                 "`tiers.basic.quota.requests` = 0",

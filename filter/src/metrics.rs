@@ -50,11 +50,17 @@ pub enum Counter {
     /// a CDN country header from an untrusted address, or a storage region
     /// header.
     GeoHeadersRemoved,
+    /// Usage records held for the sidecar that were merged into the record
+    /// of their hour or day to stay within `sidecar.max_backlog_records`.
+    BacklogRecordsMerged,
+    /// Admitted requests whose usage was dropped because merging could not
+    /// keep the records held for the sidecar within the bound.
+    BacklogRequestsDropped,
 }
 
 impl Counter {
     /// Every counter, in id order.
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 16] = [
         Counter::Requests,
         Counter::AuthFailures,
         Counter::TokenCacheHits,
@@ -69,6 +75,8 @@ impl Counter {
         Counter::FailClosed,
         Counter::TierOverridesIgnored,
         Counter::GeoHeadersRemoved,
+        Counter::BacklogRecordsMerged,
+        Counter::BacklogRequestsDropped,
     ];
 
     /// Returns the metric name passed to Envoy.
@@ -88,6 +96,8 @@ impl Counter {
             Self::FailClosed => "veo.fail_closed_total",
             Self::TierOverridesIgnored => "veo.tier_overrides_ignored_total",
             Self::GeoHeadersRemoved => "veo.geo_headers_removed_total",
+            Self::BacklogRecordsMerged => "veo.usage_backlog_merged_total",
+            Self::BacklogRequestsDropped => "veo.usage_backlog_dropped_total",
         }
     }
 }

@@ -22,6 +22,7 @@
 //! shared data on their own timer.
 
 pub mod assets;
+pub mod backlog;
 pub mod batch;
 pub mod erasures;
 pub mod instance;
@@ -197,6 +198,7 @@ impl Sync {
     /// flight.
     pub fn on_tick(&mut self, host: &impl Host) {
         self.collect(host);
+        self.bound_backlog(host);
         self.finish_erasures(host);
         self.metrics.flush(host);
         if self.in_flight.is_some() {
@@ -589,9 +591,43 @@ impl Sync {
         false
     }
 
-    // NOTE: `collected` has one entry per customer, tier and minute and no
-    // bound, so it grows during a long sidecar outage. It lives only in this
-    // VM's memory, so an Envoy restart loses usage not yet acknowledged.
+    /// Keeps the collected usage within `max_backlog_records`, merging
+    /// earlier hours and days and, as a last resort, dropping the oldest.
+    fn bound_backlog(&mut self, host: &impl Host) {
+        let now_minute = u32::try_from(host.now_ms() / 60_000).unwrap_or(u32::MAX);
+        let max = self.settings.max_backlog_records;
+        let Some(outcome) = backlog::bound(&mut self.collected, now_minute, max) else {
+            return;
+        };
+        let merged = u64::try_from(outcome.merged_records).unwrap_or(u64::MAX);
+        self.metrics.add(Counter::BacklogRecordsMerged, merged);
+        if outcome.merged_records > 0 {
+            host.log(
+                LogLevel::Warn,
+                &format!(
+                    "usage held for the sidecar exceeded sidecar.max_backlog_records={max}; \
+                     merged {} records into one per {} minutes, counts kept; \
+                     check that cluster {} is reachable",
+                    outcome.merged_records, outcome.merge_span_minutes, self.settings.cluster
+                ),
+            );
+        }
+        if outcome.dropped_records > 0 {
+            self.metrics
+                .add(Counter::BacklogRequestsDropped, outcome.dropped_admitted);
+            host.log(
+                LogLevel::Error,
+                &format!(
+                    "usage held for the sidecar still exceeded \
+                     sidecar.max_backlog_records={max} after merging days; dropped the {} \
+                     oldest records with {} admitted requests; raise the bound or restore \
+                     cluster {}",
+                    outcome.dropped_records, outcome.dropped_admitted, self.settings.cluster
+                ),
+            );
+        }
+    }
+
     /// Adds usage to the next batch, unless the customer is erased.
     fn add(&mut self, customer: &str, pending: Vec<PendingUsage>, now_s: u64) {
         if self.is_erased(customer, now_s) {
@@ -1348,5 +1384,115 @@ mod tests {
         assert!(instance.exchange("acme", None, &[]));
         assert_eq!(instance.forwarded_tier().as_deref(), Some("basic"));
         assert_eq!(instance.sync.overrides_version(), 2);
+    }
+
+    /// Sends one request per customer in each of `minutes` minutes while
+    /// the sidecar cannot be reached; returns the requests admitted.
+    fn outage(instance: &mut Instance, customers: &[&str], minutes: u32) -> u64 {
+        instance
+            .sync_host
+            .fail_grpc_dispatch(Some(crate::host::HostError(10)));
+        let mut admitted = 0;
+        for _ in 0..minutes {
+            for customer in customers {
+                admitted += instance.requests(customer, 1) as u64;
+            }
+            instance.sync.on_tick(&instance.sync_host);
+            instance.sync_host.advance_ms(60_000);
+        }
+        instance.sync_host.fail_grpc_dispatch(None);
+        admitted
+    }
+
+    /// Acknowledges every batch until the backlog is sent; returns the
+    /// usage records sent.
+    fn drain(instance: &mut Instance) -> Vec<veo_proto::sync::UsageRecord> {
+        let mut records = Vec::new();
+        for _ in 0..100 {
+            let calls = instance.sync_host.grpc_calls().len();
+            instance.sync.on_tick(&instance.sync_host);
+            if instance.sync_host.grpc_calls().len() == calls {
+                break;
+            }
+            let (token, request) = instance.last_call();
+            records.extend(request.usage.iter().cloned());
+            instance.reply(token, &acknowledge(request.sequence));
+            if request.usage.is_empty() {
+                break;
+            }
+        }
+        records
+    }
+
+    /// Sets the clock to `offset` minutes past the hour of [`NOW_S`],
+    /// which must not be before it.
+    fn at_minute_of_hour(instance: &Instance, offset: u64) -> u64 {
+        let hour_start_s = NOW_S / 3600 * 3600;
+        let now_s = hour_start_s + offset * 60;
+        assert!(now_s >= NOW_S);
+        instance.sync_host.set_now_ms(now_s * 1000);
+        hour_start_s / 60
+    }
+
+    #[test]
+    fn backlog_merges_earlier_hours_keeping_counts() {
+        let mut instance = Instance::new();
+        instance.sync.settings.max_backlog_records = 100;
+        // 25 minutes of the first hour, then 5 of the next, all within
+        // the tokens' hour.
+        let hour_start_minute = at_minute_of_hour(&instance, 35);
+        let admitted = outage(&mut instance, &["a", "b", "c", "d"], 30);
+        let records = drain(&mut instance);
+
+        assert_eq!(admitted, 4 * 30);
+        let sent: u64 = records.iter().map(|record| record.admitted_requests).sum();
+        assert_eq!(sent, admitted);
+        let hour_start = i64::try_from(hour_start_minute).unwrap() * 60;
+        let mut first_hour: Vec<i64> = records
+            .iter()
+            .map(|record| record.minute_unix_s)
+            .filter(|&minute| minute < hour_start + 3600)
+            .collect();
+        // The first minute went out in the first batch, before the outage
+        // was noticed. The other 24 merged into one record per customer,
+        // dated at the hour's start.
+        let mut expected = vec![hour_start + 35 * 60; 4];
+        expected.extend([hour_start; 4]);
+        first_hour.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(first_hour, expected);
+        assert_eq!(
+            instance.sync_host.counter("veo.usage_backlog_merged_total"),
+            4 * 23
+        );
+        assert_eq!(
+            instance
+                .sync_host
+                .counter("veo.usage_backlog_dropped_total"),
+            0
+        );
+        assert!(instance.sync_host.logs().iter().any(|(level, line)| {
+            *level == LogLevel::Warn && line.contains("sidecar.max_backlog_records=100")
+        }));
+    }
+
+    #[test]
+    fn backlog_over_bound_drops_oldest() {
+        let mut instance = Instance::new();
+        instance.sync.settings.max_backlog_records = 100;
+        at_minute_of_hour(&instance, 10);
+        // 40 minutes within one hour: nothing to merge.
+        let admitted = outage(&mut instance, &["a", "b", "c"], 40);
+        let records = drain(&mut instance);
+
+        let sent: u64 = records.iter().map(|record| record.admitted_requests).sum();
+        let dropped = instance
+            .sync_host
+            .counter("veo.usage_backlog_dropped_total");
+        assert!(dropped > 0);
+        assert_eq!(sent + dropped, admitted);
+        assert!(instance.sync_host.logs().iter().any(|(level, line)| {
+            *level == LogLevel::Error && line.contains("admitted requests")
+        }));
     }
 }

@@ -286,6 +286,7 @@ impl Instance {
             cluster: "veo_sidecar".to_owned(),
             sync_interval: Duration::from_millis(100),
             timeout: Duration::from_millis(50),
+            max_backlog_records: 1_000,
         };
         let metrics = Metrics::define(&sync_host, &tiers);
         let sync = Sync::new(

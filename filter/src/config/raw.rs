@@ -153,6 +153,8 @@ pub struct RawSidecar {
     pub sync_interval_ms: Option<u64>,
     /// Deadline of one sync call, in milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Usage records held for the sidecar before older ones are merged.
+    pub max_backlog_records: Option<u64>,
 }
 
 /// The `geo` section.
