@@ -65,7 +65,14 @@ impl EnvoyProcess {
         Self::spawn_rendered(dir, &bootstrap, concurrency)
     }
 
-    fn spawn_rendered(dir: &Path, bootstrap: &str, concurrency: u32) -> Result<Self, HarnessError> {
+    /// Writes `bootstrap`, a whole Envoy configuration in YAML or JSON,
+    /// into `dir` and starts Envoy on it like [`EnvoyProcess::spawn`]. Its
+    /// API listener must be named [`LISTENER_NAME`].
+    pub fn spawn_rendered(
+        dir: &Path,
+        bootstrap: &str,
+        concurrency: u32,
+    ) -> Result<Self, HarnessError> {
         let bootstrap_path = dir.join("envoy.yaml");
         std::fs::write(&bootstrap_path, bootstrap).map_err(|source| HarnessError::Io {
             action: "write the Envoy bootstrap",
