@@ -428,6 +428,14 @@ pub fn by_id(conn: &Connection, erasure_id: &str) -> rusqlite::Result<Option<Era
     .optional()
 }
 
+/// The erasure tables that held customer ids in clear in earlier stores:
+/// the table, the column kept beside the id, and the associated data of the
+/// sealed id.
+const TABLES_WITH_IDS_IN_CLEAR: [(&str, &str, &[u8]); 2] = [
+    ("erased_customer", "refuse_until_unix_s", ERASED_AAD),
+    ("erasure_counters_pending", "erasure_id", COUNTERS_AAD),
+];
+
 /// Converts the erasure tables of a store written while they held customer
 /// ids in clear: `erased_customer` and `erasure_counters_pending` rows with
 /// a `customer` column get the pseudonym and the id sealed under
@@ -437,37 +445,22 @@ pub fn seal_ids_in_clear(
     keys: &dyn KeyProvider,
     pseudonym: &dyn Fn(&str) -> String,
 ) -> rusqlite::Result<()> {
-    let seal = |customer: &str, aad: &[u8]| {
-        keys::encrypt(conn, keys, ERASURES_OWNER, customer.as_bytes(), aad).map_err(to_sql)
-    };
-    if has_column(conn, "erased_customer", "customer")? {
-        let select = "SELECT customer, refuse_until_unix_s FROM erased_customer";
-        let rows: Vec<(String, i64)> = conn
-            .prepare(select)?
-            .query_map([], pair)?
-            .collect::<rusqlite::Result<_>>()?;
-        conn.execute_batch("DROP TABLE erased_customer")?;
-        conn.execute_batch(SCHEMA)?;
-        let insert = "INSERT INTO erased_customer (pseudonym, sealed, refuse_until_unix_s) VALUES (?1, ?2, ?3)";
-        for (customer, refuse_until) in rows {
-            let name = pseudonym(&customer);
-            let sealed = seal(&customer, ERASED_AAD)?;
-            conn.execute(insert, params![name, sealed, refuse_until])?;
+    for (table, kept, aad) in TABLES_WITH_IDS_IN_CLEAR {
+        if !has_column(conn, table, "customer")? {
+            continue;
         }
-    }
-    if has_column(conn, "erasure_counters_pending", "customer")? {
-        let select = "SELECT customer, erasure_id FROM erasure_counters_pending";
-        let rows: Vec<(String, String)> = conn
-            .prepare(select)?
+        let select = format!("SELECT customer, {kept} FROM {table}");
+        let rows: Vec<(String, rusqlite::types::Value)> = conn
+            .prepare(&select)?
             .query_map([], pair)?
             .collect::<rusqlite::Result<_>>()?;
-        conn.execute_batch("DROP TABLE erasure_counters_pending")?;
+        conn.execute_batch(&format!("DROP TABLE {table}"))?;
         conn.execute_batch(SCHEMA)?;
-        let insert = "INSERT INTO erasure_counters_pending (pseudonym, sealed, erasure_id) VALUES (?1, ?2, ?3)";
-        for (customer, erasure_id) in rows {
-            let name = pseudonym(&customer);
-            let sealed = seal(&customer, COUNTERS_AAD)?;
-            conn.execute(insert, params![name, sealed, erasure_id])?;
+        let insert = format!("INSERT INTO {table} (pseudonym, sealed, {kept}) VALUES (?1, ?2, ?3)");
+        for (customer, value) in rows {
+            let sealed = keys::encrypt(conn, keys, ERASURES_OWNER, customer.as_bytes(), aad)
+                .map_err(to_sql)?;
+            conn.execute(&insert, params![pseudonym(&customer), sealed, value])?;
         }
     }
     Ok(())
@@ -1025,7 +1018,7 @@ mod tests {
         )
         .unwrap();
 
-        assert!(seal_ids_in_clear(&conn, keys(), &|customer| customer.to_owned()).is_err());
+        assert!(seal_ids_in_clear(&conn, keys(), &str::to_owned).is_err());
         assert!(has_column(&Connection::open_in_memory().unwrap(), "t", "c").is_ok());
     }
 
