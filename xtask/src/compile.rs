@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use crate::error::XtaskError;
-use crate::{paths, run};
+use crate::{paths, run, tools};
 
 /// Native binaries that the demo, the tests and the benchmark start.
 pub const BINARIES: [(&str, &str); 3] = [
@@ -13,8 +13,10 @@ pub const BINARIES: [(&str, &str); 3] = [
 ];
 
 /// Builds the filter and the benchmark's empty filter for `wasm32-wasip1`
-/// and every binary in [`BINARIES`], all in release mode.
+/// and every binary in [`BINARIES`], all in release mode, after adding the
+/// wasm target if it is missing.
 pub fn build_all() -> Result<(), XtaskError> {
+    tools::ensure_wasm_target()?;
     let root = paths::workspace_root();
     run::status(
         Command::new(paths::cargo())

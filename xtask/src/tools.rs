@@ -34,7 +34,8 @@ pub fn install(redis: bool) -> Result<Tools, XtaskError> {
     Ok(Tools { envoy })
 }
 
-fn ensure_wasm_target() -> Result<(), XtaskError> {
+/// Adds the `wasm32-wasip1` target to the toolchain unless it is there.
+pub fn ensure_wasm_target() -> Result<(), XtaskError> {
     let root = paths::workspace_root();
     let output = run::output(
         Command::new("rustup")
