@@ -306,12 +306,12 @@ pub(crate) fn is_header_name(name: &str) -> bool {
             .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte))
 }
 
-/// Usage records held for the sidecar by default: a day of minutes for 69
-/// customers, or an hour for 1,666.
+/// Usage records held for the sidecar by default, before older minutes
+/// merge: an hour of minutes for 1,666 customers.
 const DEFAULT_MAX_BACKLOG_RECORDS: u64 = 100_000;
 /// Bounds of `sidecar.max_backlog_records`.
 const MIN_BACKLOG_RECORDS: usize = 100;
-const MAX_BACKLOG_RECORDS: usize = 10_000_000;
+const MAX_BACKLOG_RECORDS: usize = 1_000_000;
 
 fn build_sidecar(raw: Option<RawSidecar>) -> Result<SidecarSettings, ConfigError> {
     let raw = raw.unwrap_or(RawSidecar {
@@ -354,7 +354,7 @@ fn build_sidecar(raw: Option<RawSidecar>) -> Result<SidecarSettings, ConfigError
         return Err(ConfigError::invalid(
             "sidecar.max_backlog_records",
             &max_backlog_records.to_string(),
-            "must be 100 to 10000000 records",
+            "must be 100 to 1000000 records",
         ));
     };
     Ok(SidecarSettings {
@@ -462,8 +462,8 @@ mod tests {
                 "`sidecar.max_backlog_records` = 99",
             ),
             (
-                json!({"sidecar": {"max_backlog_records": 10_000_001}}),
-                "`sidecar.max_backlog_records` = 10000001",
+                json!({"sidecar": {"max_backlog_records": 1_000_001}}),
+                "`sidecar.max_backlog_records` = 1000001",
             ),
             (
                 json!({"tiers": {"basic": {"quota": {"requests": 0, "window_seconds": 60}}}}),

@@ -50,17 +50,20 @@ pub enum Counter {
     /// a CDN country header from an untrusted address, or a storage region
     /// header.
     GeoHeadersRemoved,
-    /// Usage records held for the sidecar that were merged into the record
-    /// of their hour or day to stay within `sidecar.max_backlog_records`.
+    /// Usage records held for the sidecar that were folded into an older
+    /// record of their hour, day or ten minutes to stay within
+    /// `sidecar.max_backlog_records`.
     BacklogRecordsMerged,
     /// Admitted requests whose usage was dropped because merging could not
     /// keep the records held for the sidecar within the bound.
     BacklogRequestsDropped,
+    /// Response body bytes dropped with those records.
+    BacklogBytesDropped,
 }
 
 impl Counter {
     /// Every counter, in id order.
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 17] = [
         Counter::Requests,
         Counter::AuthFailures,
         Counter::TokenCacheHits,
@@ -77,6 +80,7 @@ impl Counter {
         Counter::GeoHeadersRemoved,
         Counter::BacklogRecordsMerged,
         Counter::BacklogRequestsDropped,
+        Counter::BacklogBytesDropped,
     ];
 
     /// Returns the metric name passed to Envoy.
@@ -98,6 +102,7 @@ impl Counter {
             Self::GeoHeadersRemoved => "veo.geo_headers_removed_total",
             Self::BacklogRecordsMerged => "veo.usage_backlog_merged_total",
             Self::BacklogRequestsDropped => "veo.usage_backlog_dropped_total",
+            Self::BacklogBytesDropped => "veo.usage_backlog_dropped_bytes_total",
         }
     }
 }

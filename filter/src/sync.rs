@@ -592,7 +592,7 @@ impl Sync {
     }
 
     /// Keeps the collected usage within `max_backlog_records`, merging
-    /// earlier hours and days and, as a last resort, dropping the oldest.
+    /// older minutes and, as a last resort, dropping the oldest.
     fn bound_backlog(&mut self, host: &impl Host) {
         let now_minute = u32::try_from(host.now_ms() / 60_000).unwrap_or(u32::MAX);
         let max = self.settings.max_backlog_records;
@@ -606,7 +606,7 @@ impl Sync {
                 LogLevel::Warn,
                 &format!(
                     "usage held for the sidecar exceeded sidecar.max_backlog_records={max}; \
-                     merged {} records into one per {} minutes, counts kept; \
+                     merged {} records into records of up to {} minutes, counts kept; \
                      check that cluster {} is reachable",
                     outcome.merged_records, outcome.merge_span_minutes, self.settings.cluster
                 ),
@@ -615,19 +615,28 @@ impl Sync {
         if outcome.dropped_records > 0 {
             self.metrics
                 .add(Counter::BacklogRequestsDropped, outcome.dropped_admitted);
+            self.metrics
+                .add(Counter::BacklogBytesDropped, outcome.dropped_egress_bytes);
             host.log(
                 LogLevel::Error,
                 &format!(
                     "usage held for the sidecar still exceeded \
-                     sidecar.max_backlog_records={max} after merging days; dropped the {} \
-                     oldest records with {} admitted requests; raise the bound or restore \
-                     cluster {}",
-                    outcome.dropped_records, outcome.dropped_admitted, self.settings.cluster
+                     sidecar.max_backlog_records={max} after merging; dropped the {} oldest \
+                     records with {} admitted requests, {} refused requests and {} response \
+                     bytes; raise the bound or restore cluster {}",
+                    outcome.dropped_records,
+                    outcome.dropped_admitted,
+                    outcome.dropped_refused,
+                    outcome.dropped_egress_bytes,
+                    self.settings.cluster
                 ),
             );
         }
     }
 
+    // NOTE: the collected usage and the unacknowledged batch live only in
+    // this VM's memory, so an Envoy restart loses usage not yet
+    // acknowledged by the sidecar.
     /// Adds usage to the next batch, unless the customer is erased.
     fn add(&mut self, customer: &str, pending: Vec<PendingUsage>, now_s: u64) {
         if self.is_erased(customer, now_s) {
@@ -1426,45 +1435,25 @@ mod tests {
 
     /// Sets the clock to `offset` minutes past the hour of [`NOW_S`],
     /// which must not be before it.
-    fn at_minute_of_hour(instance: &Instance, offset: u64) -> u64 {
-        let hour_start_s = NOW_S / 3600 * 3600;
-        let now_s = hour_start_s + offset * 60;
+    fn at_minute_of_hour(instance: &Instance, offset: u64) {
+        let now_s = NOW_S / 3600 * 3600 + offset * 60;
         assert!(now_s >= NOW_S);
         instance.sync_host.set_now_ms(now_s * 1000);
-        hour_start_s / 60
     }
 
     #[test]
-    fn backlog_merges_earlier_hours_keeping_counts() {
+    fn backlog_merges_older_minutes_keeping_counts() {
         let mut instance = Instance::new();
         instance.sync.settings.max_backlog_records = 100;
-        // 25 minutes of the first hour, then 5 of the next, all within
-        // the tokens' hour.
-        let hour_start_minute = at_minute_of_hour(&instance, 35);
-        let admitted = outage(&mut instance, &["a", "b", "c", "d"], 30);
+        at_minute_of_hour(&instance, 10);
+        let admitted = outage(&mut instance, &["a", "b", "c", "d"], 40);
         let records = drain(&mut instance);
 
-        assert_eq!(admitted, 4 * 30);
+        assert_eq!(admitted, 4 * 40);
         let sent: u64 = records.iter().map(|record| record.admitted_requests).sum();
         assert_eq!(sent, admitted);
-        let hour_start = i64::try_from(hour_start_minute).unwrap() * 60;
-        let mut first_hour: Vec<i64> = records
-            .iter()
-            .map(|record| record.minute_unix_s)
-            .filter(|&minute| minute < hour_start + 3600)
-            .collect();
-        // The first minute went out in the first batch, before the outage
-        // was noticed. The other 24 merged into one record per customer,
-        // dated at the hour's start.
-        let mut expected = vec![hour_start + 35 * 60; 4];
-        expected.extend([hour_start; 4]);
-        first_hour.sort_unstable();
-        expected.sort_unstable();
-        assert_eq!(first_hour, expected);
-        assert_eq!(
-            instance.sync_host.counter("veo.usage_backlog_merged_total"),
-            4 * 23
-        );
+        assert!(records.len() < 4 * 40, "{} records", records.len());
+        assert!(instance.sync_host.counter("veo.usage_backlog_merged_total") > 0);
         assert_eq!(
             instance
                 .sync_host
@@ -1481,15 +1470,18 @@ mod tests {
         let mut instance = Instance::new();
         instance.sync.settings.max_backlog_records = 100;
         at_minute_of_hour(&instance, 10);
-        // 40 minutes within one hour: nothing to merge.
-        let admitted = outage(&mut instance, &["a", "b", "c"], 40);
+        // 12 customers in each of 12 minutes: more records within ten
+        // minutes than the bound, so merging cannot help.
+        let customers: Vec<String> = (0..12).map(|customer| format!("c{customer}")).collect();
+        let customers: Vec<&str> = customers.iter().map(String::as_str).collect();
+        let admitted = outage(&mut instance, &customers, 12);
         let records = drain(&mut instance);
 
         let sent: u64 = records.iter().map(|record| record.admitted_requests).sum();
         let dropped = instance
             .sync_host
             .counter("veo.usage_backlog_dropped_total");
-        assert!(dropped > 0);
+        assert!(dropped >= 24, "{dropped} dropped");
         assert_eq!(sent + dropped, admitted);
         assert!(instance.sync_host.logs().iter().any(|(level, line)| {
             *level == LogLevel::Error && line.contains("admitted requests")

@@ -1,10 +1,12 @@
 //! Tests of the Istio manifests in `envoy/istio`. Both filter roles load one
-//! VM with one configuration. The bootstrap override and the EnvoyFilter's
-//! HTTP filter are merged into an Envoy bootstrap as Istio merges them, and
-//! real Envoy with the built module enforces the quota on it. The usage
-//! reaches a sidecar started with the manifests' sidecar config.
+//! VM with one configuration. The bootstrap override's singleton and
+//! cluster, and the EnvoyFilter's HTTP filter before a router, go into an
+//! Envoy bootstrap that this file builds, and real Envoy with the built
+//! module enforces the quota on it. The usage reaches a sidecar started
+//! with the manifests' sidecar config.
 //!
-//! Istio itself does not run here: the tests check what Envoy receives.
+//! Istio itself does not run here: its own bootstrap, the merge and the
+//! filters it adds are not reproduced.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -81,17 +83,17 @@ impl Manifests {
         })
     }
 
-    /// The wasm service config of the `veo_sync` singleton.
+    /// Returns the wasm service config of the `veo_sync` singleton.
     fn singleton_mut(&mut self) -> &mut Value {
         &mut self.bootstrap_override["bootstrap_extensions"][0]["typed_config"]["config"]
     }
 
-    /// The wasm config of the `veo_edge` HTTP filter.
+    /// Returns the wasm config of the `veo_edge` HTTP filter.
     fn filter_mut(&mut self) -> &mut Value {
         &mut self.http_filter["typed_config"]["config"]
     }
 
-    /// The plugin configuration, parsed.
+    /// Parses the plugin configuration of the HTTP filter.
     fn plugin_config(&self) -> anyhow::Result<Value> {
         let text = self.http_filter["typed_config"]["config"]["configuration"]["value"]
             .as_str()
@@ -110,10 +112,10 @@ impl Manifests {
         set(self.filter_mut());
     }
 
-    /// An Envoy bootstrap as Istio would merge it: the override's
-    /// singleton and clusters, with the sidecar cluster on `sidecar_port`,
-    /// and one listener whose HTTP filters are the EnvoyFilter's filter and
-    /// the router, routing to an upstream on `upstream_port`.
+    /// Builds an Envoy bootstrap from the override's singleton and
+    /// clusters, with the sidecar cluster on `sidecar_port`. Its one
+    /// listener runs the EnvoyFilter's filter and the router, which routes
+    /// to an upstream on `upstream_port`.
     fn bootstrap(&self, upstream_port: u16, sidecar_port: u16) -> Value {
         let mut clusters = self.clusters();
         for cluster in &mut clusters {
@@ -164,7 +166,7 @@ impl Manifests {
         })
     }
 
-    /// The clusters the bootstrap override adds.
+    /// Returns the clusters the bootstrap override adds.
     fn clusters(&self) -> Vec<Value> {
         self.bootstrap_override["static_resources"]["clusters"]
             .as_array()
@@ -269,7 +271,7 @@ async fn manifests_enforce_quota_and_bill_in_real_envoy() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Proves Envoy refuses the manifests until the example key is replaced.
+/// Proves Envoy rejects the manifests until the example key is replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_key_must_be_replaced() -> anyhow::Result<()> {
     let mut manifests = Manifests::load()?;
