@@ -460,22 +460,27 @@ pub fn reconcile_table(report: &ReconcileReport, start: i64, end: i64) -> String
     let _ = writeln!(text, "reconciliation of [{start}, {end})");
     let _ = writeln!(
         text,
-        "{:<24} {:<14} {:>14} {:>14} {:>14} {:>9}",
-        "customer", "meter", "ledger", "sent", "stripe", "drift"
+        "{:<24} {:<14} {:>14} {:>14} {:>14} {:>9} {:>14} {:>9}",
+        "customer", "meter", "ledger", "sent", "stripe", "drift", "prometheus", "drift"
     );
     for row in &report.rows {
-        let stripe = row
-            .stripe_value
-            .map_or_else(|| "-".to_owned(), |value| value.to_string());
+        let value_or_dash =
+            |value: Option<u64>| value.map_or_else(|| "-".to_owned(), |value| value.to_string());
+        let metrics_drift = match row.metrics_value {
+            Some(_) => format!("{:.3}%", row.metrics_drift_ratio * 100.0),
+            None => "-".to_owned(),
+        };
         let _ = writeln!(
             text,
-            "{:<24} {:<14} {:>14} {:>14} {:>14} {:>8.3}%",
+            "{:<24} {:<14} {:>14} {:>14} {:>14} {:>8.3}% {:>14} {:>9}",
             row.customer,
             row.meter,
             row.ledger_value,
             row.sent_value,
-            stripe,
-            row.drift_ratio * 100.0
+            value_or_dash(row.stripe_value),
+            row.drift_ratio * 100.0,
+            value_or_dash(row.metrics_value),
+            metrics_drift
         );
     }
     let verdict = if report.max_drift_ratio > ALERT_DRIFT_RATIO {

@@ -257,8 +257,9 @@ impl AdminService {
                     ledger_value: u64::try_from(row.ledger).unwrap_or(0),
                     sent_value: u64::try_from(row.sent).unwrap_or(0),
                     stripe_value: row.stripe.map(|value| u64::try_from(value).unwrap_or(0)),
-                    metrics_value: None,
+                    metrics_value: row.metrics.map(|value| u64::try_from(value).unwrap_or(0)),
                     drift_ratio: row.drift_ratio,
+                    metrics_drift_ratio: row.metrics_drift_ratio,
                 })
                 .collect(),
             max_drift_ratio: report.max_drift_ratio,

@@ -10,6 +10,7 @@
 pub mod biller;
 pub mod customers;
 pub mod meter;
+pub mod prometheus;
 pub mod queue;
 pub mod reconcile;
 pub mod sink;

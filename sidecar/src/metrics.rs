@@ -32,6 +32,9 @@ pub struct Metrics {
     /// Usage the sidecar stored from filter batches, by meter, in the
     /// meter's unit.
     pub ledger_usage: IntCounterVec,
+    /// The same usage by ledger id, customer pseudonym and meter; series
+    /// appear only when `billing.customer_usage_metrics` is on.
+    pub customer_usage: IntCounterVec,
 }
 
 impl Metrics {
@@ -67,6 +70,11 @@ impl Metrics {
             "veo_ledger_usage_total",
             "Usage stored from filter batches, in requests or bytes.",
             &["meter"],
+        )?;
+        let customer_usage = counter_vec(
+            crate::billing::prometheus::SERIES,
+            "Usage stored from filter batches per customer pseudonym, in requests or bytes.",
+            &["ledger", "customer", "meter"],
         )?;
         let meter_event_retries = IntCounter::new(
             "veo_meter_event_retries_total",
@@ -124,6 +132,7 @@ impl Metrics {
             billing_drift_alerts,
             webhook_deliveries,
             ledger_usage,
+            customer_usage,
         })
     }
 

@@ -310,6 +310,12 @@ async fn build_router(
     .with_allowance(config.allowance())
     .with_metrics(metrics)
     .with_pushes(pushes);
+    if config.billing().settings.customer_usage_metrics {
+        let ledger_id = store
+            .meta_or_insert("ledger_id", generated_sidecar_id)
+            .await?;
+        sync = sync.with_customer_usage(ledger_id);
+    }
     sync.set_tiers(config.tiers().to_vec());
     let mut shared = None;
     if let CountersConfig::Redis(redis) = config.counters() {

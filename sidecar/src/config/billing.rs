@@ -49,6 +49,8 @@ pub(super) struct FileBilling {
     webhook_tolerance_seconds: Option<i64>,
     canceled_tier: Option<String>,
     prices: Option<BTreeMap<String, String>>,
+    customer_usage_metrics: Option<bool>,
+    prometheus_url: Option<String>,
 }
 
 /// The `[billing.meter_event_names]` table.
@@ -309,6 +311,14 @@ pub(super) fn billing_config(
         }
     }
 
+    let prometheus_url = file
+        .prometheus_url
+        .map(|url| {
+            prometheus_url(&url)
+                .map_err(|reason| invalid("billing.prometheus_url", format!("{url:?}"), reason))
+        })
+        .transpose()?;
+
     Ok(BillingConfig {
         settings: BillingSettings {
             region,
@@ -322,6 +332,8 @@ pub(super) fn billing_config(
             outbox_path: file
                 .outbox_file
                 .unwrap_or_else(|| data_dir.join(OUTBOX_FILE)),
+            customer_usage_metrics: file.customer_usage_metrics.unwrap_or(false),
+            prometheus_url,
         },
         http_listen,
         http_ready_file,
@@ -334,6 +346,28 @@ pub(super) fn billing_config(
         },
         reconcile_interval: (reconcile > 0).then(|| Duration::from_secs(reconcile.unsigned_abs())),
     })
+}
+
+/// Checks the base URL of a Prometheus server: `http` or `https`, a host,
+/// and no query or fragment. Returns it without a trailing `/`.
+fn prometheus_url(url: &str) -> Result<String, &'static str> {
+    const REASON: &str = "give the base URL of the Prometheus server that scrapes this \
+                          sidecar, such as http://prometheus:9090";
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or(REASON)?;
+    let host = rest.split('/').next().unwrap_or_default();
+    let valid = !host.is_empty()
+        && url.len() <= 2_048
+        && url
+            .bytes()
+            .all(|byte| byte.is_ascii_graphic() && !b"?#\"\\".contains(&byte));
+    if valid {
+        Ok(url.trim_end_matches('/').to_owned())
+    } else {
+        Err(REASON)
+    }
 }
 
 /// Returns whether `name` is a valid tier name, as in `[tiers.<name>]`.
@@ -514,5 +548,45 @@ mod tests {
     fn key_error_never_shows_the_key() {
         let err = stripe_access(&flags(Some("pk_live_zq7x"), None)).unwrap_err();
         assert!(!err.to_string().contains("zq7x"), "{err}");
+    }
+
+    #[test]
+    fn prometheus_settings_are_read() {
+        let data_dir = Path::new("/tmp");
+        let file: FileBilling = toml::from_str(
+            "customer_usage_metrics = true\nprometheus_url = 'https://prom.example:9090/'\n",
+        )
+        .unwrap();
+        let config =
+            billing_config(Some(file), &Origin::Default, &Flags::default(), data_dir).unwrap();
+        assert!(config.settings.customer_usage_metrics);
+        assert_eq!(
+            config.settings.prometheus_url.as_deref(),
+            Some("https://prom.example:9090")
+        );
+        let defaults = billing_config(None, &Origin::Default, &Flags::default(), data_dir).unwrap();
+        assert!(!defaults.settings.customer_usage_metrics);
+        assert_eq!(defaults.settings.prometheus_url, None);
+    }
+
+    #[test]
+    fn prometheus_url_mistakes_are_named() {
+        let data_dir = Path::new("/tmp");
+        for url in [
+            "prom:9090",
+            "ftp://prom/",
+            "http://",
+            "http://prom:9090/api?x=1",
+            "http://prom 9090",
+            "http://prom/#top",
+        ] {
+            let text = format!("prometheus_url = {url:?}\n");
+            let file: FileBilling = toml::from_str(&text).unwrap();
+            let err = billing_config(Some(file), &Origin::Default, &Flags::default(), data_dir)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("billing.prometheus_url"), "{url}: {err}");
+            assert!(err.contains("http://prometheus:9090"), "{url}: {err}");
+        }
     }
 }
