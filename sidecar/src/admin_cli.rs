@@ -494,5 +494,8 @@ pub fn reconcile_table(report: &ReconcileReport, start: i64, end: i64) -> String
         report.max_drift_ratio * 100.0,
         report.corrective_events
     );
+    if !report.metrics_error.is_empty() {
+        let _ = writeln!(text, "no Prometheus column: {}", report.metrics_error);
+    }
     text
 }

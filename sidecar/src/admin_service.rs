@@ -264,6 +264,7 @@ impl AdminService {
                 .collect(),
             max_drift_ratio: report.max_drift_ratio,
             corrective_events: report.corrective_events,
+            metrics_error: report.metrics_error.unwrap_or_default(),
         })
     }
 

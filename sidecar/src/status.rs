@@ -24,6 +24,9 @@ pub enum ServiceError {
     /// The usage store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The task that served the request ended without a result.
+    #[error("the task that served the request ended early: {0}")]
+    Task(String),
 }
 
 impl ServiceError {
@@ -45,6 +48,10 @@ impl From<ServiceError> for Status {
                 // (disk full, permissions, corruption) until fixed.
                 error!(error = %source, cause = %root_cause(&source), "usage store failed");
                 Status::unavailable("usage store unavailable; retry later")
+            }
+            ServiceError::Task(reason) => {
+                error!(reason, "a request's task ended early");
+                Status::unavailable("the request was not finished; retry it")
             }
         }
     }

@@ -277,15 +277,27 @@ impl SyncService {
         });
 
         // The store returns after the commit, so the reply below never
-        // acknowledges a batch that a crash could lose.
-        let outcome = match &self.shared {
-            Some(_) => {
-                self.store
-                    .apply_with_outbox(batch, now_s, self.window_seconds)
-                    .await?
+        // acknowledges a batch that a crash could lose. The store and the
+        // metrics run in a task of their own, so a caller that gives up
+        // cannot leave a stored batch uncounted.
+        let service = self.clone();
+        let outcome = tokio::spawn(async move {
+            let outcome = match &service.shared {
+                Some(_) => {
+                    service
+                        .store
+                        .apply_with_outbox(batch, now_s, service.window_seconds)
+                        .await?
+                }
+                None => service.store.apply(batch, now_s).await?,
+            };
+            if let ApplyOutcome::Applied { .. } = outcome {
+                service.count_stored(admitted, egress, per_customer);
             }
-            None => self.store.apply(batch, now_s).await?,
-        };
+            Ok::<_, ServiceError>(outcome)
+        })
+        .await
+        .map_err(|err| ServiceError::Task(err.to_string()))??;
 
         let (applied_sequence, duplicate) = match outcome {
             ApplyOutcome::Applied { previous } => {
@@ -299,29 +311,6 @@ impl SyncService {
                     );
                 }
                 debug!(instance = %instance, sequence, records, "applied batch");
-                if let Some(metrics) = &self.metrics {
-                    metrics
-                        .ledger_usage
-                        .with_label_values(&["api_requests"])
-                        .inc_by(admitted);
-                    metrics
-                        .ledger_usage
-                        .with_label_values(&["egress_bytes"])
-                        .inc_by(egress);
-                    if let (Some(ledger), Some(per_customer)) =
-                        (&self.customer_usage_ledger, &per_customer)
-                    {
-                        for (pseudonym, (admitted, egress)) in per_customer {
-                            let series = &metrics.customer_usage;
-                            series
-                                .with_label_values(&[ledger, pseudonym, "api_requests"])
-                                .inc_by(*admitted);
-                            series
-                                .with_label_values(&[ledger, pseudonym, "egress_bytes"])
-                                .inc_by(*egress);
-                        }
-                    }
-                }
                 (sequence, false)
             }
             ApplyOutcome::Duplicate { last } => {
@@ -345,20 +334,57 @@ impl SyncService {
         ))
     }
 
-    /// Adds an applied batch's customers to recent usage, then builds the
-    /// reply for every customer the instance served within the window.
-    /// Sums admitted requests and response bytes per customer pseudonym,
-    /// leaving out erased customers, whose usage the store drops.
-    fn usage_per_customer(&self, records: &[UsageEntry]) -> BTreeMap<String, (u64, u64)> {
+    /// Adds a stored batch to `veo_ledger_usage_total` and, when exported,
+    /// its customers' usage to `veo_customer_usage_total`. A customer
+    /// erased since the batch was checked is left out, so that its removed
+    /// series do not come back.
+    fn count_stored(
+        &self,
+        admitted: u64,
+        egress: u64,
+        per_customer: Option<BTreeMap<String, (u64, u64)>>,
+    ) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        metrics
+            .ledger_usage
+            .with_label_values(&["api_requests"])
+            .inc_by(admitted);
+        metrics
+            .ledger_usage
+            .with_label_values(&["egress_bytes"])
+            .inc_by(egress);
+        let (Some(ledger), Some(per_customer)) = (&self.customer_usage_ledger, per_customer) else {
+            return;
+        };
         let identities = self.store.identities();
+        for (customer, (admitted, egress)) in per_customer {
+            if self.pushes.is_erased(&customer) {
+                continue;
+            }
+            let pseudonym = identities.pseudonym(&customer);
+            for (meter, value) in [("api_requests", admitted), ("egress_bytes", egress)] {
+                // A series appears with the meter's first usage, not before.
+                if value > 0 {
+                    metrics
+                        .customer_usage
+                        .with_label_values(&[ledger, &pseudonym, meter])
+                        .inc_by(value);
+                }
+            }
+        }
+    }
+
+    /// Sums admitted requests and response bytes per customer, leaving out
+    /// erased customers, whose usage the store drops.
+    fn usage_per_customer(&self, records: &[UsageEntry]) -> BTreeMap<String, (u64, u64)> {
         let mut sums: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for record in records {
             if self.pushes.is_erased(&record.customer) {
                 continue;
             }
-            let sum = sums
-                .entry(identities.pseudonym(&record.customer))
-                .or_default();
+            let sum = sums.entry(record.customer.clone()).or_default();
             sum.0 = sum
                 .0
                 .saturating_add(u64::try_from(record.admitted).unwrap_or(0));
@@ -369,6 +395,8 @@ impl SyncService {
         sums
     }
 
+    /// Adds an applied batch's customers to recent usage, then builds the
+    /// reply for every customer the instance served within the window.
     fn reply(
         &self,
         instance: &str,

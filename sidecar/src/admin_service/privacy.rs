@@ -359,8 +359,10 @@ impl AdminService {
             .map_err(ServiceError::from)?;
         if performed {
             self.clear_counters(&request_customer, now_s).await?;
-            self.remove_usage_series(&subject_hash);
             let version = self.reload_erased().await?;
+            // After the reload, so that batches stored from now on leave
+            // the customer out and do not bring the series back.
+            self.remove_usage_series(&subject_hash);
             let id = erasure.erasure_id.clone();
             self.store()
                 .write("record an erasure's version", move |conn| {

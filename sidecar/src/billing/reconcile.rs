@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::biller::{Biller, MAX_EVENT_AGE_S};
 use super::meter::{EventKey, Meter};
-use super::prometheus::{self, PrometheusError};
+use super::prometheus;
 use super::queue::{self, Totals};
 use crate::ledger::{MINUTE_SECONDS, TimeRange, unix_now_s};
 use crate::metrics::Metrics;
@@ -56,6 +56,9 @@ pub struct Report {
     pub max_drift_ratio: f64,
     /// Corrective events queued.
     pub corrective_events: u64,
+    /// Reason the Prometheus column is empty although
+    /// `billing.prometheus_url` is set.
+    pub metrics_error: Option<String>,
 }
 
 /// Errors of a reconciliation.
@@ -73,9 +76,6 @@ pub enum ReconcileError {
         #[source]
         source: stripe::StripeError,
     },
-    /// Prometheus failed to return the exported usage.
-    #[error(transparent)]
-    Prometheus(#[from] PrometheusError),
     /// No Stripe meter has the configured event name.
     #[error(
         "no Stripe meter has the event name {event_name:?}; create it or fix billing.meter_event_names"
@@ -129,8 +129,17 @@ pub async fn reconcile(
         })
         .await?;
 
+    let mut metrics_error = None;
     let exported = match biller.prometheus_url() {
-        Some(url) => Some(prometheus::usage(url, &biller.ledger().ledger_id, range).await?),
+        Some(url) => match prometheus::usage(url, &biller.ledger().ledger_id, range).await {
+            Ok(usage) => Some(known_customers(biller, usage, &ledger, &sent).await?),
+            Err(err) => {
+                // The comparison with Stripe and its corrections go on.
+                warn!(error = %err, "reconciliation goes on without the Prometheus column");
+                metrics_error = Some(err.to_string());
+                None
+            }
+        },
         None => None,
     };
 
@@ -145,7 +154,10 @@ pub async fn reconcile(
         None => None,
     };
 
-    let mut report = Report::default();
+    let mut report = Report {
+        metrics_error,
+        ..Report::default()
+    };
     for (customer, meter) in keys {
         let key = (customer.clone(), meter);
         let ledger_value = ledger.get(&key).copied().unwrap_or(0);
@@ -214,6 +226,40 @@ pub async fn reconcile(
         biller.waker().notify_one();
     }
     Ok(report)
+}
+
+/// Drops from `exported` the series that neither the ledger nor the events
+/// sent know and whose customer has no identity: an erasure deleted the
+/// customer's rows and identity, while Prometheus keeps its samples.
+async fn known_customers(
+    biller: &Biller,
+    exported: prometheus::Usage,
+    ledger: &BTreeMap<(String, Meter), i64>,
+    sent: &BTreeMap<(String, Meter), i64>,
+) -> Result<prometheus::Usage, StoreError> {
+    let unknown: BTreeSet<String> = exported
+        .keys()
+        .filter(|key| !ledger.contains_key(*key) && !sent.contains_key(*key))
+        .map(|(customer, _)| customer.clone())
+        .collect();
+    let erased = biller
+        .store()
+        .read("find customers without an identity", move |conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT 1 FROM customer_identity WHERE pseudonym = ?1")?;
+            let mut erased = BTreeSet::new();
+            for pseudonym in unknown {
+                if !statement.exists([&pseudonym])? {
+                    erased.insert(pseudonym);
+                }
+            }
+            Ok(erased)
+        })
+        .await?;
+    Ok(exported
+        .into_iter()
+        .filter(|((customer, _), _)| !erased.contains(customer))
+        .collect())
 }
 
 /// Usage sent per customer, Stripe customer, meter and hour.

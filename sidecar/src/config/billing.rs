@@ -318,6 +318,17 @@ pub(super) fn billing_config(
                 .map_err(|reason| invalid("billing.prometheus_url", format!("{url:?}"), reason))
         })
         .transpose()?;
+    let customer_usage_metrics = file.customer_usage_metrics.unwrap_or(false);
+    if let Some(url) = &prometheus_url
+        && !customer_usage_metrics
+    {
+        return Err(invalid(
+            "billing.prometheus_url",
+            format!("{url:?}"),
+            "reconciliation reads veo_customer_usage_total, which only \
+             billing.customer_usage_metrics = true exports; set it too",
+        ));
+    }
 
     Ok(BillingConfig {
         settings: BillingSettings {
@@ -332,7 +343,7 @@ pub(super) fn billing_config(
             outbox_path: file
                 .outbox_file
                 .unwrap_or_else(|| data_dir.join(OUTBOX_FILE)),
-            customer_usage_metrics: file.customer_usage_metrics.unwrap_or(false),
+            customer_usage_metrics,
             prometheus_url,
         },
         http_listen,
@@ -358,7 +369,9 @@ fn prometheus_url(url: &str) -> Result<String, &'static str> {
         .or_else(|| url.strip_prefix("https://"))
         .ok_or(REASON)?;
     let host = rest.split('/').next().unwrap_or_default();
+    // Credentials in the URL would be logged with every error.
     let valid = !host.is_empty()
+        && !host.contains('@')
         && url.len() <= 2_048
         && url
             .bytes()
@@ -579,8 +592,9 @@ mod tests {
             "http://prom:9090/api?x=1",
             "http://prom 9090",
             "http://prom/#top",
+            "http://user:secret@prom:9090",
         ] {
-            let text = format!("prometheus_url = {url:?}\n");
+            let text = format!("customer_usage_metrics = true\nprometheus_url = {url:?}\n");
             let file: FileBilling = toml::from_str(&text).unwrap();
             let err = billing_config(Some(file), &Origin::Default, &Flags::default(), data_dir)
                 .unwrap_err()
@@ -588,5 +602,13 @@ mod tests {
             assert!(err.contains("billing.prometheus_url"), "{url}: {err}");
             assert!(err.contains("http://prometheus:9090"), "{url}: {err}");
         }
+        let file: FileBilling = toml::from_str("prometheus_url = 'http://prom:9090'\n").unwrap();
+        let err = billing_config(Some(file), &Origin::Default, &Flags::default(), data_dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("billing.customer_usage_metrics = true"),
+            "{err}"
+        );
     }
 }
