@@ -63,30 +63,17 @@ async fn webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> impl IntoResponse {
-    let (status, body) = state.webhooks.handle(&headers, &body).await;
-    let outcome = match status {
-        StatusCode::OK => body_status(&body),
-        status if status.is_client_error() => "rejected",
-        _ => "failed",
-    };
+    let reply = state.webhooks.handle(&headers, &body).await;
     state
         .metrics
         .webhook_deliveries
-        .with_label_values(&[outcome])
+        .with_label_values(&[reply.outcome])
         .inc();
-    (status, [(header::CONTENT_TYPE, "application/json")], body)
-}
-
-/// Returns the `status` of a 200 reply, such as `applied` or `duplicate`.
-fn body_status(body: &str) -> &'static str {
-    const KNOWN: [&str; 5] = ["applied", "unchanged", "stale", "duplicate", "ignored"];
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|value| {
-            let status = value.get("status")?.as_str()?.to_owned();
-            KNOWN.into_iter().find(|known| *known == status)
-        })
-        .unwrap_or("applied")
+    (
+        reply.status,
+        [(header::CONTENT_TYPE, "application/json")],
+        reply.body,
+    )
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -171,7 +171,7 @@ impl WebhookHandler {
     ///
     /// `body` must be the raw request body, because the signature covers
     /// its exact bytes. The caller limits its size.
-    pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> (StatusCode, String) {
+    pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> WebhookReply {
         let settings = &self.inner.settings;
         if settings.secrets.is_empty() {
             warn!(
@@ -535,15 +535,37 @@ fn warn_about_settings(settings: &WebhookSettings) {
     }
 }
 
-fn reply_status(status: &str) -> (StatusCode, String) {
-    (
-        StatusCode::OK,
-        serde_json::json!({ "status": status }).to_string(),
-    )
+/// The reply to a delivery and its outcome for the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookReply {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// JSON body.
+    pub body: String,
+    /// Outcome label of `veo_webhook_deliveries_total`: the `status` of a
+    /// 200 reply (such as `applied` or `duplicate`), `rejected` for a
+    /// 4xx reply and `failed` otherwise.
+    pub outcome: &'static str,
 }
 
-fn reply_error(code: StatusCode, message: &str) -> (StatusCode, String) {
-    (code, serde_json::json!({ "error": message }).to_string())
+fn reply_status(status: &'static str) -> WebhookReply {
+    WebhookReply {
+        status: StatusCode::OK,
+        body: serde_json::json!({ "status": status }).to_string(),
+        outcome: status,
+    }
+}
+
+fn reply_error(code: StatusCode, message: &str) -> WebhookReply {
+    WebhookReply {
+        status: code,
+        body: serde_json::json!({ "error": message }).to_string(),
+        outcome: if code.is_client_error() {
+            "rejected"
+        } else {
+            "failed"
+        },
+    }
 }
 
 fn unix_now_s() -> i64 {

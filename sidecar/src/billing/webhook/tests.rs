@@ -113,7 +113,8 @@ fn customer_event(id: &str, created: i64, metadata: Value) -> Vec<u8> {
 impl Fixture {
     async fn deliver(&self, body: &[u8]) -> (StatusCode, String) {
         let headers = signed_headers(body, unix_now_s(), &[SECRET]);
-        self.handler.handle(&headers, body).await
+        let reply = self.handler.handle(&headers, body).await;
+        (reply.status, reply.body)
     }
 
     async fn tier(&self, stripe_customer_id: &str) -> Option<String> {
@@ -237,7 +238,8 @@ async fn rejections_get_400_and_are_counted() {
     ];
 
     for (index, (name, headers, body, reason)) in cases.iter().enumerate() {
-        let (code, reply) = fixture.handler.handle(headers, body).await;
+        let reply = fixture.handler.handle(headers, body).await;
+        let (code, reply) = (reply.status, reply.body);
 
         assert_eq!(code, StatusCode::BAD_REQUEST, "{name}: {reply}");
         assert!(reply.contains(reason.message()), "{name}: {reply}");
@@ -284,7 +286,8 @@ async fn accepted_signatures_are_applied() {
         );
         let headers = signed_headers(&body, timestamp, secrets);
 
-        let (code, reply) = fixture.handler.handle(&headers, &body).await;
+        let reply = fixture.handler.handle(&headers, &body).await;
+        let (code, reply) = (reply.status, reply.body);
 
         assert_eq!(code, StatusCode::OK, "{name}: {reply}");
     }
@@ -331,11 +334,14 @@ async fn concurrent_deliveries_are_applied_once() {
         fixture.handler.handle(&headers, &body)
     );
 
-    let mut statuses = [status_of(&first.1), status_of(&second.1)];
+    let mut statuses = [status_of(&first.body), status_of(&second.body)];
     statuses.sort();
-    assert_eq!(first.0, StatusCode::OK);
-    assert_eq!(second.0, StatusCode::OK);
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(second.status, StatusCode::OK);
     assert_eq!(statuses, ["applied", "duplicate"]);
+    let mut outcomes = [first.outcome, second.outcome];
+    outcomes.sort_unstable();
+    assert_eq!(outcomes, ["applied", "duplicate"]);
     assert_eq!(fixture.count("stripe_webhook_event").await, 1);
 }
 
