@@ -23,6 +23,7 @@ pub mod residency;
 pub mod sidecar;
 pub mod stack;
 pub mod stripe;
+pub mod sync_api;
 pub mod tokens;
 pub mod upstream;
 

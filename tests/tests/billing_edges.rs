@@ -14,12 +14,12 @@ use veo_proto::admin::{
     GetStripeCustomerRequest, ListParkedMeterEventsRequest, ReconcileRequest,
     SetStripeCustomerRequest,
 };
-use veo_proto::sync::sync_client::SyncClient;
-use veo_proto::sync::{SyncRequest, UsageRecord};
+use veo_proto::sync::UsageRecord;
 use veo_tests::sidecar::{Sidecar, unix_seconds};
 use veo_tests::stack::temp_dir;
 use veo_tests::stripe::webhook::{Subscription, SubscriptionEventType, sign, subscription_event};
 use veo_tests::stripe::{FailureCount, FakeStripe, InjectedFailure};
+use veo_tests::sync_api::{minute_ago, send_batch, usage_record};
 
 const API_KEY: &str = "sk_test_veo_edges";
 const WEBHOOK_SECRET: &str = "whsec_veo_edges";
@@ -37,46 +37,6 @@ reconcile_interval_seconds = 0
 price_basic = "basic"
 price_pro = "pro"
 "#;
-
-/// Start of the minute `minutes_ago` minutes before the current one.
-fn minute_ago(minutes_ago: i64) -> i64 {
-    (unix_seconds() / 60 - minutes_ago) * 60
-}
-
-fn record(customer: &str, minute_unix_s: i64, admitted: u64, bytes: u64) -> UsageRecord {
-    UsageRecord {
-        customer: customer.into(),
-        tier: "basic".into(),
-        minute_unix_s,
-        admitted_requests: admitted,
-        refused_requests: 0,
-        quota_requests: 0,
-        quota_window_ms: 0,
-        egress_bytes: bytes,
-    }
-}
-
-async fn sync(
-    sidecar: &Sidecar,
-    instance: &str,
-    sequence: u64,
-    usage: Vec<UsageRecord>,
-) -> anyhow::Result<()> {
-    let mut client = SyncClient::connect(format!("http://{}", sidecar.address())).await?;
-    client
-        .sync(SyncRequest {
-            instance_id: instance.into(),
-            sequence,
-            created_unix_ms: unix_seconds() * 1000,
-            usage,
-            tier_overrides_version: 0,
-            asset_regions_version: 0,
-            erasures_version: 0,
-        })
-        .await
-        .context("Sync")?;
-    Ok(())
-}
 
 async fn start_stripe() -> anyhow::Result<FakeStripe> {
     let stripe = FakeStripe::start(API_KEY).await?;
@@ -152,7 +112,7 @@ async fn outbox_torn_line_keeps_next_event() -> anyhow::Result<()> {
     std::fs::write(&outbox, b"{\"identifier\":\"veo_req_1_torn\",\"ev")?;
     let mut sidecar = Sidecar::start_with_config(dir.path(), CONFIG).await?;
     let minute = minute_ago(3);
-    sync(&sidecar, "i1", 1, vec![record("ana", minute, 7, 700)]).await?;
+    send_batch(&sidecar, "i1", 1, vec![usage_record("ana", minute, 7, 700)]).await?;
 
     let written = eventually(Duration::from_secs(15), || {
         std::fs::read_to_string(&outbox).is_ok_and(|text| text.matches('\n').count() >= 2)
@@ -198,7 +158,7 @@ async fn kills_and_lost_replies_bill_once() -> anyhow::Result<()> {
         let usage: Vec<UsageRecord> = customers
             .iter()
             .enumerate()
-            .map(|(index, customer)| record(customer, minute, index as u64 + 1, 1000))
+            .map(|(index, customer)| usage_record(customer, minute, index as u64 + 1, 1000))
             .collect();
         for customer in &customers {
             let entry = expected.entry(customer.clone()).or_default();
@@ -206,9 +166,9 @@ async fn kills_and_lost_replies_bill_once() -> anyhow::Result<()> {
             entry.0 += index + 1;
             entry.1 += 1000;
         }
-        sync(&sidecar, "i1", sequence, usage.clone()).await?;
+        send_batch(&sidecar, "i1", sequence, usage.clone()).await?;
         // The same batch again, as after a lost sync reply.
-        sync(&sidecar, "i1", sequence, usage).await?;
+        send_batch(&sidecar, "i1", sequence, usage).await?;
     }
 
     stripe.inject_failure(
@@ -235,7 +195,13 @@ async fn kills_and_lost_replies_bill_once() -> anyhow::Result<()> {
         sequence += 1;
         sidecar.restart().await?;
         let late = minute_ago(6);
-        sync(&sidecar, "i1", sequence, vec![record("c0", late, 2, 10)]).await?;
+        send_batch(
+            &sidecar,
+            "i1",
+            sequence,
+            vec![usage_record("c0", late, 2, 10)],
+        )
+        .await?;
         let entry = expected.entry("c0".into()).or_default();
         entry.0 += 2;
         entry.1 += 10;
@@ -281,7 +247,7 @@ async fn overlapping_reconciles_correct_once() -> anyhow::Result<()> {
     let stripe_id = stripe.create_customer(&[]);
     map(&sidecar, "ivy", &stripe_id).await?;
     let minute = minute_ago(5);
-    sync(&sidecar, "i1", 1, vec![record("ivy", minute, 15, 0)]).await?;
+    send_batch(&sidecar, "i1", 1, vec![usage_record("ivy", minute, 15, 0)]).await?;
     ensure!(
         eventually(Duration::from_secs(20), || stripe
             .usage_sum(&stripe_id, "api_requests")
@@ -338,7 +304,7 @@ async fn concurrent_reconciles_correct_once() -> anyhow::Result<()> {
     let stripe_id = stripe.create_customer(&[]);
     map(&sidecar, "ivy", &stripe_id).await?;
     let minute = minute_ago(5);
-    sync(&sidecar, "i1", 1, vec![record("ivy", minute, 15, 0)]).await?;
+    send_batch(&sidecar, "i1", 1, vec![usage_record("ivy", minute, 15, 0)]).await?;
     ensure!(
         eventually(Duration::from_secs(20), || stripe
             .usage_sum(&stripe_id, "api_requests")
@@ -386,7 +352,7 @@ async fn reconcile_after_remap_bills_once() -> anyhow::Result<()> {
     let new_id = stripe.create_customer(&[]);
     map(&sidecar, "max", &old_id).await?;
     let minute = minute_ago(5);
-    sync(&sidecar, "i1", 1, vec![record("max", minute, 9, 0)]).await?;
+    send_batch(&sidecar, "i1", 1, vec![usage_record("max", minute, 9, 0)]).await?;
     ensure!(
         eventually(Duration::from_secs(20), || stripe
             .usage_sum(&old_id, "api_requests")
@@ -437,11 +403,11 @@ async fn api_base_typos_do_not_park_usage() -> anyhow::Result<()> {
         let stripe_id = stripe.create_customer(&[]);
         let customer = format!("typo{index}");
         map(&sidecar, &customer, &stripe_id).await?;
-        sync(
+        send_batch(
             &sidecar,
             "i1",
             1,
-            vec![record(&customer, minute_ago(3), 4, 0)],
+            vec![usage_record(&customer, minute_ago(3), 4, 0)],
         )
         .await?;
         tokio::time::sleep(Duration::from_secs(6)).await;
@@ -476,7 +442,7 @@ async fn future_minute_is_not_parked() -> anyhow::Result<()> {
     let stripe_id = stripe.create_customer(&[]);
     map(&sidecar, "fut", &stripe_id).await?;
     let future = minute_ago(-525_600);
-    let accepted = sync(&sidecar, "i1", 1, vec![record("fut", future, 3, 0)]).await;
+    let accepted = send_batch(&sidecar, "i1", 1, vec![usage_record("fut", future, 3, 0)]).await;
     println!("sync of a minute a year ahead: {accepted:?}");
     sidecar.stop();
     sidecar.restart().await?;

@@ -9,48 +9,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use veo_proto::admin::{EraseCustomerRequest, ReconcileReport, ReconcileRequest};
-use veo_proto::sync::sync_client::SyncClient;
-use veo_proto::sync::{SyncRequest, UsageRecord};
 use veo_tests::artifacts;
 use veo_tests::client::HttpClient;
 use veo_tests::prometheus::{JOB, PrometheusServer, free_address};
 use veo_tests::sidecar::{Sidecar, unix_seconds};
 use veo_tests::stack::temp_dir;
-
-/// Start of the minute `minutes_ago` minutes before the current one.
-fn minute_ago(minutes_ago: i64) -> i64 {
-    (unix_seconds() / 60 - minutes_ago) * 60
-}
-
-fn record(customer: &str, minute_unix_s: i64, admitted: u64, bytes: u64) -> UsageRecord {
-    UsageRecord {
-        customer: customer.into(),
-        tier: "basic".into(),
-        minute_unix_s,
-        admitted_requests: admitted,
-        refused_requests: 0,
-        quota_requests: 0,
-        quota_window_ms: 0,
-        egress_bytes: bytes,
-    }
-}
-
-async fn sync(sidecar: &Sidecar, sequence: u64, usage: Vec<UsageRecord>) -> anyhow::Result<()> {
-    let mut client = SyncClient::connect(format!("http://{}", sidecar.address())).await?;
-    client
-        .sync(SyncRequest {
-            instance_id: "prometheus-test".into(),
-            sequence,
-            created_unix_ms: unix_seconds() * 1000,
-            usage,
-            tier_overrides_version: 0,
-            asset_regions_version: 0,
-            erasures_version: 0,
-        })
-        .await
-        .context("Sync")?;
-    Ok(())
-}
+use veo_tests::sync_api::{minute_ago, send_batch, usage_record};
 
 async fn reconcile(sidecar: &Sidecar, start: i64, end: i64) -> anyhow::Result<ReconcileReport> {
     Ok(sidecar
@@ -106,16 +70,23 @@ async fn prometheus_usage_matches_ledger_then_shows_loss() -> anyhow::Result<()>
     assert_eq!(scraped, [1.0], "Prometheus log:\n{}", prometheus.log());
 
     let (earlier, later) = (minute_ago(3), minute_ago(2));
-    sync(
+    send_batch(
         &sidecar,
+        "prometheus-test",
         1,
         vec![
-            record("ann", earlier, 40, 4_000),
-            record("bob", later, 7, 0),
+            usage_record("ann", earlier, 40, 4_000),
+            usage_record("bob", later, 7, 0),
         ],
     )
     .await?;
-    sync(&sidecar, 2, vec![record("ann", later, 5, 500)]).await?;
+    send_batch(
+        &sidecar,
+        "prometheus-test",
+        2,
+        vec![usage_record("ann", later, 5, 500)],
+    )
+    .await?;
     let total = "sum(veo_customer_usage_total{meter=\"api_requests\"})";
     let seen = prometheus
         .await_value(total, 52.0, Duration::from_secs(20))
@@ -150,7 +121,13 @@ async fn prometheus_usage_matches_ledger_then_shows_loss() -> anyhow::Result<()>
     assert_eq!(removed, 1);
     drop(conn);
     sidecar.restart().await?;
-    sync(&sidecar, 3, vec![record("bob", later, 1, 0)]).await?;
+    send_batch(
+        &sidecar,
+        "prometheus-test",
+        3,
+        vec![usage_record("bob", later, 1, 0)],
+    )
+    .await?;
     let seen = prometheus
         .await_value(total, 1.0, Duration::from_secs(20))
         .await?;
