@@ -106,11 +106,6 @@ impl Identities {
         Ok(identities)
     }
 
-    /// Returns the key of the customer id hashes.
-    pub fn index_key(&self) -> &IndexKey {
-        &self.index_key
-    }
-
     /// Returns the pseudonym of `customer`, without touching the store.
     pub fn pseudonym(&self, customer: &str) -> String {
         self.index_key.hash(customer)

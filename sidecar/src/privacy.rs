@@ -7,7 +7,8 @@ use std::sync::Arc;
 use rusqlite::Connection;
 
 use crate::audit::{self, NewEntry};
-use crate::keys::{IndexKey, KeyProvider};
+use crate::identity::Identities;
+use crate::keys::KeyProvider;
 use crate::pushes::Pushes;
 
 /// The privacy services' shared state; cheap to clone.
@@ -17,8 +18,9 @@ pub struct Privacy {
     pub pushes: Arc<Pushes>,
     /// Key-encryption keys of the data keys.
     pub keys: Arc<dyn KeyProvider>,
-    /// Key of the customer id hashes.
-    pub index_key: IndexKey,
+    /// The store's customer identities, whose pseudonyms the audit log and
+    /// the erasures record.
+    pub identities: Identities,
     /// Maximum lifetime of a token, in seconds: an erased customer's tokens
     /// are rejected this long.
     pub token_lifetime_s: i64,
@@ -34,9 +36,9 @@ impl std::fmt::Debug for Privacy {
 
 impl Privacy {
     /// Returns the keyed hash of a customer id, as the audit log and the
-    /// erasures store it.
+    /// erasures store it: the customer's pseudonym in the store.
     pub fn subject(&self, customer: &str) -> String {
-        self.index_key.hash(customer)
+        self.identities.pseudonym(customer)
     }
 
     /// Appends `entry` to the audit log on `conn`, inside the caller's

@@ -307,7 +307,7 @@ impl AdminService {
     ) -> Result<Erasure, Status> {
         let privacy = self.privacy()?.clone();
         check_token_customer(&request.customer)?;
-        let subject_hash = privacy.index_key.hash(&request.customer);
+        let subject_hash = privacy.subject(&request.customer);
         let now_s = unix_now_s();
         let request_customer = request.customer.clone();
         let customer = request.customer;

@@ -44,7 +44,7 @@ pub(super) fn open(
     Privacy {
         pushes,
         keys,
-        index_key: store.identities().index_key().clone(),
+        identities: store.identities().clone(),
         token_lifetime_s: config.privacy().token_lifetime_seconds,
     }
 }

@@ -807,7 +807,7 @@ pub(super) mod tests {
         let identities = Identities::open(&mut conn, std::sync::Arc::clone(&keys)).unwrap();
         let privacy = Privacy {
             pushes: std::sync::Arc::new(crate::pushes::Pushes::new(1)),
-            index_key: identities.index_key().clone(),
+            identities: identities.clone(),
             keys,
             token_lifetime_s: 60,
         };
