@@ -289,7 +289,7 @@ mod tests {
     }
 
     #[test]
-    fn merges_add_to_the_record_at_the_hour_start() {
+    fn merges_add_to_hour_start_record() {
         let now = DAY_START + 120;
         let mut collected = BTreeMap::from([
             (key("a", DAY_START), totals(4)),

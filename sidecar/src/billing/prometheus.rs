@@ -12,8 +12,8 @@
 //! jobs scrape the same sidecar, the largest of their sums counts.
 //!
 //! NOTE: a restart followed by more usage than before, all between two
-//! samples, looks like growth without a restart, and usage stored after
-//! the last scrape before a crash is never seen; both show as drift.
+//! samples, looks like growth without a restart. Usage stored after the
+//! last scrape before a crash is never seen. Both show as drift.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
