@@ -314,8 +314,13 @@ pub(super) fn billing_config(
     let prometheus_url = file
         .prometheus_url
         .map(|url| {
-            prometheus_url(&url)
-                .map_err(|reason| invalid("billing.prometheus_url", format!("{url:?}"), reason))
+            prometheus_url(&url).map_err(|reason| {
+                invalid(
+                    "billing.prometheus_url",
+                    format!("{:?}", without_credentials(&url)),
+                    reason,
+                )
+            })
         })
         .transpose()?;
     let customer_usage_metrics = file.customer_usage_metrics.unwrap_or(false);
@@ -362,8 +367,9 @@ pub(super) fn billing_config(
 /// Checks the base URL of a Prometheus server: `http` or `https`, a host,
 /// and no query or fragment. Returns it without a trailing `/`.
 fn prometheus_url(url: &str) -> Result<String, &'static str> {
-    const REASON: &str = "give the base URL of the Prometheus server that scrapes this \
-                          sidecar, such as http://prometheus:9090";
+    const REASON: &str = "must be the http:// or https:// base URL of the Prometheus server \
+                          that scrapes this sidecar, with a host and no credentials, query or \
+                          fragment, such as http://prometheus:9090";
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
@@ -380,6 +386,18 @@ fn prometheus_url(url: &str) -> Result<String, &'static str> {
         Ok(url.trim_end_matches('/').to_owned())
     } else {
         Err(REASON)
+    }
+}
+
+/// Returns `url` with anything before an `@` in its host part replaced by
+/// `***`, so that an error never shows a password.
+fn without_credentials(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((_, host)) if scheme.is_empty() => format!("***@{host}{path}"),
+        Some((_, host)) => format!("{scheme}://***@{host}{path}"),
+        None => url.to_owned(),
     }
 }
 
@@ -602,6 +620,15 @@ mod tests {
             assert!(err.contains("billing.prometheus_url"), "{url}: {err}");
             assert!(err.contains("http://prometheus:9090"), "{url}: {err}");
         }
+        let file: FileBilling = toml::from_str(
+            "customer_usage_metrics = true\nprometheus_url = 'http://user:pw@prom:9090/x'\n",
+        )
+        .unwrap();
+        let err = billing_config(Some(file), &Origin::Default, &Flags::default(), data_dir)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("pw"), "{err}");
+        assert!(err.contains("http://***@prom:9090/x"), "{err}");
         let file: FileBilling = toml::from_str("prometheus_url = 'http://prom:9090'\n").unwrap();
         let err = billing_config(Some(file), &Origin::Default, &Flags::default(), data_dir)
             .unwrap_err()
