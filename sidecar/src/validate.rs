@@ -11,14 +11,9 @@ use crate::status::ServiceError;
 pub const MAX_ID_BYTES: usize = 256;
 /// Maximum length of a tier name, in bytes.
 pub const MAX_TIER_BYTES: usize = 64;
-/// Maximum admitted or refused requests in one record. One Envoy instance
-/// cannot decide 2^32 requests for one customer within a minute. The store
-/// saturates totals at 2^63 - 1, which only many batches of this count for
-/// one key can reach.
-pub const MAX_REQUESTS_PER_RECORD: u64 = 4_294_967_295;
-/// Maximum response body bytes in one record: 2^50 bytes (1 PiB), far more
-/// than one Envoy instance sends one customer within a minute.
-pub const MAX_EGRESS_BYTES_PER_RECORD: u64 = 1 << 50;
+// The store saturates totals at 2^63 - 1, which only many batches of the
+// largest record for one key can reach.
+pub use veo_proto::sync_limits::{MAX_EGRESS_BYTES_PER_RECORD, MAX_REQUESTS_PER_RECORD};
 /// Latest accepted minute: 9999-12-31T23:59:00Z, in seconds since the
 /// Unix epoch.
 pub const MAX_MINUTE_UNIX_S: i64 = 253_402_300_740;

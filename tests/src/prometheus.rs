@@ -101,16 +101,10 @@ impl PrometheusServer {
     /// Evaluates the instant query `query` now and returns the values of
     /// the result's series; an empty list when no series matches.
     pub async fn query(&self, query: &str) -> Result<Vec<f64>, HarnessError> {
-        let encoded: String = query
-            .bytes()
-            .map(|byte| match byte {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
-                    char::from(byte).to_string()
-                }
-                other => format!("%{other:02X}"),
-            })
-            .collect();
-        let path = format!("/api/v1/query?query={encoded}");
+        let parameters = form_urlencoded::Serializer::new(String::new())
+            .append_pair("query", query)
+            .finish();
+        let path = format!("/api/v1/query?{parameters}");
         let reply = HttpClient::new(self.address).get(&path, &[]).await?;
         let body: Value = reply.json()?;
         let request_error = |reason: String| HarnessError::Request {

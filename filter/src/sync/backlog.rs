@@ -23,18 +23,13 @@
 
 use std::collections::BTreeMap;
 
+use veo_proto::sync_limits::{MAX_EGRESS_BYTES_PER_RECORD, MAX_REQUESTS_PER_RECORD};
+
 use super::batch::{UsageKey, UsageTotals};
 
 /// The merges in order: records older than the first value, in minutes,
 /// merge into one record per span of the second value, in minutes.
 const MERGES: [(u32, u32); 3] = [(60, 60), (24 * 60, 24 * 60), (10, 10)];
-
-/// Largest admitted or refused count of one record that the sidecar
-/// accepts; a merge that would exceed it leaves the record apart.
-const MAX_REQUESTS_PER_RECORD: u64 = u32::MAX as u64;
-
-/// Largest response body bytes of one record that the sidecar accepts.
-const MAX_EGRESS_BYTES_PER_RECORD: u64 = 1 << 50;
 
 /// The changes [`bound`] made to the collected usage.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -104,7 +99,8 @@ fn merge_older_than(collected: &mut BTreeMap<UsageKey, UsageTotals>, cutoff: u32
     }
 }
 
-/// Returns whether `a` and `b` together fit in one record.
+/// Returns whether `a` and `b` together fit in one record the sidecar
+/// accepts.
 fn fits(a: &UsageTotals, b: &UsageTotals) -> bool {
     a.admitted.saturating_add(b.admitted) <= MAX_REQUESTS_PER_RECORD
         && a.refused.saturating_add(b.refused) <= MAX_REQUESTS_PER_RECORD

@@ -19,6 +19,7 @@ use anyhow::ensure;
 use figures::{CountRow, EventCounts, ThroughputRow};
 use sidecar::{BillingSidecar, Limits};
 use usage::{Batching, METERS, UsagePlan};
+use veo_proto::sync_limits::MAX_REQUESTS_PER_RECORD;
 
 /// Response body bytes per admitted request in every run.
 const EGRESS_BYTES_PER_REQUEST: u64 = 2_048;
@@ -38,9 +39,6 @@ const MAX_CONCURRENT_REQUESTS: usize = 256;
 
 /// Largest `billing.max_events_per_second` the sidecar accepts.
 const MAX_EVENTS_PER_SECOND: u32 = 10_000;
-
-/// Most admitted requests the sidecar accepts in one usage record.
-const MAX_REQUESTS_PER_RECORD: u64 = 4_294_967_295;
 
 /// Oldest minute used, so that every event timestamp is within the 35 days Stripe accepts.
 const MAX_MINUTES: usize = 30 * 24 * 60;
