@@ -79,6 +79,8 @@ pub struct Admission {
 /// Slot of a customer's record, found or chosen.
 struct Placement {
     slot: u32,
+    /// Shared-data key of `slot`.
+    key: String,
     cas: u32,
     own: Option<Record>,
     displaced: Option<Record>,
@@ -136,8 +138,7 @@ impl Limiter {
             let mut record = placement.own.unwrap_or_else(|| Record::new(customer));
             let decision = decide::apply_with(&mut record, tier, now_ms, self.share_before_sync);
 
-            let key = slot_key(placement.slot);
-            match host.set_shared_data(&key, &record.encode(), Some(placement.cas)) {
+            match host.set_shared_data(&placement.key, &record.encode(), Some(placement.cas)) {
                 Ok(()) => {}
                 Err(SetError::CasMismatch) => {
                     hint = Some(placement.slot);
@@ -259,12 +260,13 @@ impl Limiter {
         now_ms: u64,
     ) -> Result<Placement, HostError> {
         if let Some(slot) = hint.filter(|&slot| slot < self.slots) {
-            let value = host.get_shared_data(&slot_key(slot))?;
+            let key = slot_key(slot);
+            let value = host.get_shared_data(&key)?;
             let record = value.bytes.as_deref().and_then(Record::decode);
             if let (Some(record), Some(cas)) = (record, value.cas)
                 && record.customer == customer
             {
-                return Ok(own(slot, cas, record));
+                return Ok(own(slot, key, cas, record));
             }
         }
 
@@ -272,7 +274,8 @@ impl Limiter {
         let mut best: Option<(Rank, Placement)> = None;
         for probe in 0..PROBES.min(self.slots) {
             let slot = (start + probe) % self.slots;
-            let value = host.get_shared_data(&slot_key(slot))?;
+            let key = slot_key(slot);
+            let value = host.get_shared_data(&key)?;
             let (Some(bytes), Some(cas)) = (value.bytes, value.cas) else {
                 // Slots are never deleted, so the record cannot be in a
                 // later slot: it would have taken this one. A cleared or
@@ -282,6 +285,7 @@ impl Limiter {
                 }
                 return Ok(Placement {
                     slot,
+                    key,
                     cas: CREATE_ONLY_CAS,
                     own: None,
                     displaced: None,
@@ -290,7 +294,7 @@ impl Limiter {
             let record = Record::decode(&bytes);
             let rank = match &record {
                 Some(record) if record.customer == customer => {
-                    return Ok(own(slot, cas, record.clone()));
+                    return Ok(own(slot, key, cas, record.clone()));
                 }
                 Some(record) if record.is_idle(now_ms) => Rank::Idle(record.last_seen_ms),
                 Some(record) => Rank::Active(record.last_seen_ms),
@@ -299,6 +303,7 @@ impl Limiter {
             if best.as_ref().is_none_or(|(best_rank, _)| rank < *best_rank) {
                 let placement = Placement {
                     slot,
+                    key,
                     cas,
                     own: None,
                     displaced: record,
@@ -311,6 +316,7 @@ impl Limiter {
             // Unreachable with at least one probe; take the home slot.
             None => Ok(Placement {
                 slot: start,
+                key: slot_key(start),
                 cas: CREATE_ONLY_CAS,
                 own: None,
                 displaced: None,
@@ -323,18 +329,25 @@ impl Limiter {
     }
 }
 
-fn own(slot: u32, cas: u32, record: Record) -> Placement {
+fn own(slot: u32, key: String, cas: u32, record: Record) -> Placement {
     Placement {
         slot,
+        key,
         cas,
         own: Some(record),
         displaced: None,
     }
 }
 
-/// Returns the shared-data key of a slot.
+/// Returns the shared-data key of a slot. Built without `format!`: every
+/// request reads and writes one.
 pub fn slot_key(slot: u32) -> String {
-    format!("{KEY_PREFIX}{slot}")
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(slot);
+    let mut key = String::with_capacity(KEY_PREFIX.len() + digits.len());
+    key.push_str(KEY_PREFIX);
+    key.push_str(digits);
+    key
 }
 
 /// FNV-1a, 64 bit: the same on every worker, unlike the standard hasher.

@@ -86,11 +86,13 @@ impl Tier {
     /// Returns the policy name of the token bucket in rate-limit headers:
     /// the tier name, or `<tier>-burst` when the tier also has a quota.
     pub fn burst_policy_name(&self) -> String {
-        if self.quota.is_some() {
-            format!("{}-burst", self.name)
-        } else {
-            self.name.clone()
-        }
+        format!("{}{}", self.name, self.burst_name_suffix())
+    }
+
+    /// Returns what follows the tier name in the token bucket's policy
+    /// name: `-burst` when the tier also has a quota, else nothing.
+    pub fn burst_name_suffix(&self) -> &'static str {
+        if self.quota.is_some() { "-burst" } else { "" }
     }
 }
 
