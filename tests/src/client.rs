@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper::Method;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -84,13 +85,29 @@ impl HttpClient {
 
     /// Sends `GET path` with `headers` and reads the whole response.
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Result<Reply, HarnessError> {
+        self.send(Method::GET, path, headers).await
+    }
+
+    /// Sends `POST path` without a body and reads the whole response.
+    pub async fn post(&self, path: &str) -> Result<Reply, HarnessError> {
+        self.send(Method::POST, path, &[]).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, HarnessError> {
         let target = format!("http://{}{path}", self.address);
         let request_error = |reason: String| HarnessError::Request {
             target: target.clone(),
             reason,
         };
 
-        let mut request = hyper::Request::get(target.as_str())
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(target.as_str())
             .body(Empty::<Bytes>::new())
             .map_err(|err| request_error(err.to_string()))?;
         for (name, value) in headers {

@@ -180,6 +180,12 @@ impl Envoy {
     pub fn ensure_running(&mut self) -> Result<(), HarnessError> {
         self.process.ensure_running()
     }
+
+    /// Stops Envoy with SIGTERM, as an orchestrator does, and waits for it
+    /// to exit (SIGKILL after a grace period).
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
 }
 
 /// Returns a base id that no other Envoy of this test run uses, so that

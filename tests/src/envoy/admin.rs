@@ -34,6 +34,12 @@ impl Admin {
         self.http.get(path, &[]).await
     }
 
+    /// Sends `POST path` to the admin interface, as its commands such as
+    /// `/drain_listeners` require.
+    pub async fn post(&self, path: &str) -> Result<Reply, HarnessError> {
+        self.http.post(path).await
+    }
+
     /// Returns true when Envoy reports itself live on `/ready`.
     pub async fn is_live(&self) -> bool {
         self.http
