@@ -33,6 +33,8 @@ pub fn build_all() -> Result<(), XtaskError> {
                 "veo-filter",
                 "-p",
                 "veo-noop-filter",
+                "-p",
+                "veo-host-calls-filter",
                 "--target",
                 "wasm32-wasip1",
             ])

@@ -1,8 +1,9 @@
-//! `veo-bench`: measures the throughput and latency of Envoy in four setups in one run.
-//! They are Envoy without a wasm filter, with a wasm filter that does nothing, with the Veo
-//! Edge filter on cached tokens, and with the filter verifying every token. All run against
-//! the same upstream at the same concurrency, and the table gives each one's ratio to the
-//! baseline, and the Veo Edge filter's ratio to the empty wasm filter.
+//! `veo-bench`: measures the throughput and latency of Envoy in five setups in one run.
+//! The first is Envoy without a wasm filter. The next two load a wasm filter that does
+//! nothing, and one that makes only the host calls of a cached request. The last two load the
+//! Veo Edge filter, on cached tokens and verifying every token. All run against the same upstream at the same
+//! concurrency, and the table gives each one's ratio to the baseline, and the last three
+//! their ratio to the empty wasm filter.
 //!
 //! `veo-bench memory` instead measures Envoy's heap per customer that the filter tracks in
 //! shared data, `veo-bench billing` the Stripe meter events the sidecar sends per admitted
@@ -47,6 +48,10 @@ struct Args {
     /// [default: target/wasm32-wasip1/release/veo_noop_filter.wasm].
     #[arg(long)]
     noop_wasm: Option<PathBuf>,
+    /// Module that makes only the host calls of a cached request
+    /// [default: target/wasm32-wasip1/release/veo_host_calls_filter.wasm].
+    #[arg(long)]
+    host_calls_wasm: Option<PathBuf>,
     /// wrk binary.
     #[arg(long, default_value = "wrk")]
     wrk: PathBuf,
@@ -147,6 +152,13 @@ impl Args {
     fn noop_wasm_path(&self) -> PathBuf {
         self.noop_wasm.clone().unwrap_or_else(|| {
             PathBuf::from(REPOSITORY).join("target/wasm32-wasip1/release/veo_noop_filter.wasm")
+        })
+    }
+
+    fn host_calls_wasm_path(&self) -> PathBuf {
+        self.host_calls_wasm.clone().unwrap_or_else(|| {
+            PathBuf::from(REPOSITORY)
+                .join("target/wasm32-wasip1/release/veo_host_calls_filter.wasm")
         })
     }
 

@@ -33,7 +33,8 @@ pub fn problems(setup: &Setup, outcome: &Outcome) -> Vec<String> {
 
 /// Renders the table: per setup the round with the median requests/s, its ratio to the
 /// baseline's median, the spread over rounds, and any reason a round is not valid. Rows of
-/// the Veo Edge filter also show the ratio to the empty wasm filter's median.
+/// the host calls and the Veo Edge filter also show the ratio to the empty wasm filter's
+/// median.
 pub fn render(args: &Args, load_before: &str, results: &[(&Setup, Vec<Outcome>)]) -> String {
     let medians: Vec<Option<&Outcome>> = results.iter().map(|(_, o)| median(o)).collect();
     let median_rate = |filter: Filter| {
@@ -77,7 +78,7 @@ pub fn render(args: &Args, load_before: &str, results: &[(&Setup, Vec<Outcome>)]
         };
         let m = &outcome.measurement;
         let vs_baseline = ratio(m.requests_per_second, baseline);
-        let vs_empty = if setup.filter == Filter::VeoEdge {
+        let vs_empty = if matches!(setup.filter, Filter::HostCalls | Filter::VeoEdge) {
             format!("{:.2}x", ratio(m.requests_per_second, empty_wasm))
         } else {
             "-".to_string()
@@ -189,11 +190,13 @@ mod tests {
         let setups = [
             setup("none", Filter::None),
             setup("empty", Filter::Empty),
+            setup("calls", Filter::HostCalls),
             setup("veo", Filter::VeoEdge),
         ];
         let rates = [
             [1000.0, 990.0, 1010.0],
             [800.0, 700.0, 900.0],
+            [640.0, 620.0, 660.0],
             [600.0, 500.0, 700.0],
         ];
         let results: Vec<(&Setup, Vec<Outcome>)> = setups
@@ -208,6 +211,7 @@ mod tests {
         // Columns: requests/s, p50, p99, vs no filter, vs empty wasm, range, hits, misses.
         assert_eq!(row(&table, "none")[3..5], ["1.00x", "-"]);
         assert_eq!(row(&table, "empty")[3..5], ["0.80x", "-"]);
+        assert_eq!(row(&table, "calls")[3..5], ["0.64x", "0.80x"]);
         assert_eq!(row(&table, "veo")[3..6], ["0.60x", "0.75x", "500-700"]);
         assert!(!table.contains("INVALID"));
     }

@@ -41,6 +41,8 @@ pub enum Filter {
     None,
     /// The module that does nothing, in the same runtime as the Veo Edge filter.
     Empty,
+    /// The module that makes the host calls of a cached request and nothing else.
+    HostCalls,
     /// The Veo Edge filter.
     VeoEdge,
 }
@@ -68,6 +70,13 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
          `cargo build --release -p veo-noop-filter --target wasm32-wasip1`",
         noop_wasm.display()
     );
+    let host_calls_wasm = args.host_calls_wasm_path();
+    ensure!(
+        host_calls_wasm.is_file(),
+        "host-calls filter module not found at {}: build it with \
+         `cargo build --release -p veo-host-calls-filter --target wasm32-wasip1`",
+        host_calls_wasm.display()
+    );
 
     let load_before = report::load_average();
     let dir = tempfile::Builder::new().prefix("veo-bench-").tempdir()?;
@@ -86,6 +95,7 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
     .await?;
     let veo_edge = envoy::wasm_filter("veo_edge", &wasm, Some(&plugin_config(&key)));
     let empty = envoy::wasm_filter("veo_noop", &noop_wasm, None);
+    let host_calls = envoy::wasm_filter("veo_host_calls", &host_calls_wasm, None);
 
     // The upstream Envoy, if any, lives until this function returns.
     let (_upstream_envoy, upstream) = start_upstream(args, &envoy_bin, dir.path()).await?;
@@ -98,6 +108,7 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
             let filter = match setup.filter {
                 Filter::None => None,
                 Filter::Empty => Some(empty.clone()),
+                Filter::HostCalls => Some(host_calls.clone()),
                 Filter::VeoEdge => Some(veo_edge.clone()),
             };
             let config = envoy::proxy_config(upstream, filter);
@@ -145,9 +156,9 @@ async fn start_upstream(
     }
 }
 
-/// Returns the four setups: the baseline, the empty wasm filter, the filter on the cached
-/// tokens, and the filter on the unique tokens.
-fn setups(cached: &Path, unique: &Path) -> [Setup; 4] {
+/// Returns the five setups: the baseline, the empty wasm filter, the host calls alone, the
+/// filter on the cached tokens, and the filter on the unique tokens.
+fn setups(cached: &Path, unique: &Path) -> [Setup; 5] {
     [
         Setup {
             label: "no filter",
@@ -159,6 +170,12 @@ fn setups(cached: &Path, unique: &Path) -> [Setup; 4] {
             label: "empty wasm filter",
             name: "empty-wasm",
             filter: Filter::Empty,
+            tokens: cached.to_path_buf(),
+        },
+        Setup {
+            label: "host calls only",
+            name: "host-calls",
+            filter: Filter::HostCalls,
             tokens: cached.to_path_buf(),
         },
         Setup {
@@ -188,11 +205,11 @@ async fn measure(
     config: &Value,
 ) -> anyhow::Result<Outcome> {
     let proxy = EnvoyProcess::start(envoy_bin, dir, setup.name, config).await?;
-    if setup.filter == Filter::Empty {
+    if matches!(setup.filter, Filter::Empty | Filter::HostCalls) {
         let status = probe(proxy.listener, None).await?;
         if status != 200 {
             bail!(
-                "the empty wasm filter did not let a request through in setup {:?}: status \
+                "the wasm filter did not let a request through in setup {:?}: status \
                  {status} (expected 200); see {}",
                 setup.label,
                 proxy.log.display()
