@@ -8,6 +8,7 @@ use std::collections::HashSet;
 
 use jwt_simple::JWTError;
 use jwt_simple::prelude::{Duration, JWTClaims, Token, UnixTimeStamp, VerificationOptions};
+use jwt_simple::reexports::ct_codecs::{Base64UrlSafeNoPadding, Decoder};
 use serde_json::{Map, Value};
 
 use keys::VerifyingKey;
@@ -154,7 +155,7 @@ impl Verifier {
 
         let claims: JWTClaims<Map<String, Value>> = key
             .verify(token, self.options(now_s))
-            .map_err(|error| classify(&error))?;
+            .map_err(|error| self.classify(&error, token))?;
         let expires_at_s = claims.expires_at.ok_or(AuthError::MissingExpiry)?.as_secs();
         let customer = self.customer(&claims)?;
         let tier = claim_text(&claims, &self.tier_claim).map(str::to_owned);
@@ -208,6 +209,34 @@ fn claim_text<'a>(claims: &'a JWTClaims<Map<String, Value>>, name: &str) -> Opti
         return claims.subject.as_deref();
     }
     claims.custom.get(name).and_then(Value::as_str)
+}
+
+impl Verifier {
+    /// Maps a jwt-simple error to the reason the 401 names.
+    fn classify(&self, error: &jwt_simple::Error, token: &str) -> AuthError {
+        // jwt-simple checks the signature before it reads the claims, so a
+        // JSON error here comes from signed claims of the wrong type, such
+        // as a `sub` that is not a string.
+        if error.downcast_ref::<serde_json::Error>().is_some()
+            && self.customer_claim == "sub"
+            && subject_is_not_text(token)
+        {
+            return AuthError::InvalidCustomer;
+        }
+        classify(error)
+    }
+}
+
+/// Returns whether the token's claims have a `sub` that is not a string.
+fn subject_is_not_text(token: &str) -> bool {
+    let Some(claims) = token.split('.').nth(1) else {
+        return false;
+    };
+    let Ok(json) = Base64UrlSafeNoPadding::decode_to_vec(claims, None) else {
+        return false;
+    };
+    serde_json::from_slice::<Map<String, Value>>(&json)
+        .is_ok_and(|claims| claims.get("sub").is_some_and(|sub| !sub.is_string()))
 }
 
 fn classify(error: &jwt_simple::Error) -> AuthError {
@@ -415,6 +444,37 @@ mod tests {
                 "{customer:?}"
             );
         }
+    }
+
+    #[test]
+    fn non_string_subject_is_bad_customer() {
+        for subject in [json!(12345), json!(true), json!(["a"])] {
+            let mut numeric = claims("a", None);
+            numeric.subject = None;
+            numeric.custom.insert("sub".to_owned(), subject.clone());
+            let token = es256_token(numeric);
+            assert_eq!(verify(&token), Err(AuthError::InvalidCustomer), "{subject}");
+        }
+    }
+
+    #[test]
+    fn tampered_wrong_type_claim_is_bad_signature() {
+        let mut numeric = claims("a", None);
+        numeric.subject = None;
+        numeric.custom.insert("sub".to_owned(), json!(12345));
+        let token = es256_token(numeric);
+        let (signed, signature) = token.rsplit_once('.').unwrap();
+        let flipped = if signature.starts_with('A') { "B" } else { "A" };
+        let tampered = format!("{signed}.{flipped}{}", &signature[1..]);
+        assert_eq!(verify(&tampered), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn wrong_type_standard_claim_is_malformed() {
+        let mut text_expiry = claims("a", None);
+        text_expiry.expires_at = None;
+        text_expiry.custom.insert("exp".to_owned(), json!("soon"));
+        assert_eq!(verify(&es256_token(text_expiry)), Err(AuthError::Malformed));
     }
 
     #[test]
