@@ -1,6 +1,6 @@
-//! `veo-replay`: generates signing keys and synthetic access logs, and replays an access log
-//! or synthetic overload against Envoy with per-customer JWTs, writing a decisions file and a
-//! per-tier summary.
+//! `veo-replay`: generates signing keys, single tokens and synthetic access logs, and replays
+//! an access log or synthetic overload against Envoy with per-customer JWTs, writing a
+//! decisions file and a per-tier summary.
 
 mod run;
 
@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use veo_bench::generate::{GenerateOptions, generate_access_log};
-use veo_bench::tokens::write_key_files;
+use veo_bench::tokens::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, SigningKey, TokenSpec, write_key_files};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +32,9 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Print one signed ES256 token, for example for
+    /// `curl -H "authorization: Bearer $(veo-replay token ...)"`.
+    Token(TokenArgs),
     /// Replay an access log or synthetic overload and summarize the decisions per tier.
     Run(Box<run::RunArgs>),
     /// Check a decisions file against the rolling-window quota rules; exit with status 1 on a
@@ -54,6 +57,48 @@ enum Command {
     },
 }
 
+/// Options of `veo-replay token`.
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// Signing key written by `keygen` (PKCS#8 PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// Customer id, the `sub` claim.
+    #[arg(long)]
+    customer: String,
+    /// The `tier` claim.
+    #[arg(long, default_value = "basic")]
+    tier: String,
+    /// The `iss` claim.
+    #[arg(long, default_value = DEFAULT_ISSUER)]
+    issuer: String,
+    /// The `aud` claim.
+    #[arg(long, default_value = DEFAULT_AUDIENCE)]
+    audience: String,
+    /// Seconds from now to the `exp` claim.
+    #[arg(long, default_value_t = 3_600)]
+    valid_for_seconds: u64,
+}
+
+/// Signs the token `args` describe.
+fn mint_token(args: &TokenArgs) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        !args.customer.is_empty(),
+        "--customer is empty: give the customer id the token is for"
+    );
+    anyhow::ensure!(
+        args.valid_for_seconds > 0,
+        "--valid-for-seconds is 0: give the token's lifetime in seconds, at least 1"
+    );
+    let key = SigningKey::read_pem(&args.key)?;
+    let spec = TokenSpec {
+        issuer: args.issuer.clone(),
+        audience: args.audience.clone(),
+        valid_for_seconds: args.valid_for_seconds,
+    };
+    Ok(key.mint(&spec, &args.customer, &args.tier)?)
+}
+
 fn main() -> ExitCode {
     match dispatch(Cli::parse()) {
         Ok(code) => code,
@@ -70,6 +115,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (_, files) = write_key_files(&dir)?;
             println!("wrote {}", files.signing_key.display());
             println!("wrote {}", files.jwks.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(args) => {
+            println!("{}", mint_token(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
@@ -104,5 +153,54 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jwt_simple::prelude::{ECDSAP256PublicKeyLike, VerificationOptions};
+    use veo_bench::tokens::TierClaim;
+
+    use super::*;
+
+    fn token_args(dir: &std::path::Path) -> TokenArgs {
+        TokenArgs {
+            key: dir.join("signing-key.pem"),
+            customer: "acme".to_owned(),
+            tier: "pro".to_owned(),
+            issuer: DEFAULT_ISSUER.to_owned(),
+            audience: DEFAULT_AUDIENCE.to_owned(),
+            valid_for_seconds: 600,
+        }
+    }
+
+    #[test]
+    fn token_carries_customer_and_tier() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = write_key_files(dir.path()).unwrap();
+        let token = mint_token(&token_args(dir.path())).unwrap();
+
+        let claims = key
+            .public_key()
+            .verify_token::<TierClaim>(&token, Some(VerificationOptions::default()))
+            .unwrap();
+        assert_eq!(claims.subject.as_deref(), Some("acme"));
+        assert_eq!(claims.custom.tier, "pro");
+        assert_eq!(claims.issuer.as_deref(), Some(DEFAULT_ISSUER));
+        let lifetime = claims.expires_at.unwrap() - claims.issued_at.unwrap();
+        assert_eq!(lifetime.as_secs(), 600);
+    }
+
+    #[test]
+    fn token_options_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut empty = token_args(dir.path());
+        empty.customer.clear();
+        let error = mint_token(&empty).unwrap_err().to_string();
+        assert!(error.contains("--customer"), "{error}");
+
+        let missing = token_args(dir.path());
+        let error = format!("{:#}", mint_token(&missing).unwrap_err());
+        assert!(error.contains("signing-key.pem"), "{error}");
     }
 }
