@@ -103,20 +103,33 @@ fn spawn_traffic(
     })
 }
 
-/// Proves a sidecar killed with SIGKILL loses and doubles nothing, and requests stay decided.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sidecar_crash_keeps_every_admission_once() -> anyhow::Result<()> {
+/// Starts a stack and a traffic task for a basic and a pro customer named
+/// `<prefix>-basic` and `<prefix>-pro`. Sending `true` on the returned
+/// sender stops the traffic.
+async fn start_with_traffic(
+    prefix: &str,
+) -> anyhow::Result<(
+    Stack,
+    tokio::sync::watch::Sender<bool>,
+    JoinHandle<anyhow::Result<Tally>>,
+)> {
     let key = SigningKey::generate("k1");
-    let mut stack = Stack::start(&PluginConfig::for_key(&key)?).await?;
+    let stack = Stack::start(&PluginConfig::for_key(&key)?).await?;
     let mut tokens = Vec::new();
-    for (customer, tier) in [("crash-basic", "basic"), ("crash-pro", "pro")] {
-        tokens.push((
-            customer.to_owned(),
-            key.mint(&TokenSpec::new(customer, tier))?,
-        ));
+    for tier in ["basic", "pro"] {
+        let customer = format!("{prefix}-{tier}");
+        let token = key.mint(&TokenSpec::new(&customer, tier))?;
+        tokens.push((customer, token));
     }
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     let traffic = spawn_traffic(stack.client(), tokens, stop);
+    Ok((stack, stop_sender, traffic))
+}
+
+/// Proves a sidecar killed with SIGKILL loses and doubles nothing, and requests stay decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_crash_keeps_every_admission_once() -> anyhow::Result<()> {
+    let (mut stack, stop_sender, traffic) = start_with_traffic("crash").await?;
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stack.sidecar.kill_hard();
@@ -158,17 +171,7 @@ async fn sidecar_crash_keeps_every_admission_once() -> anyhow::Result<()> {
 /// drain and one sync interval plus a second passes before SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_envoy_stop_keeps_usage() -> anyhow::Result<()> {
-    let key = SigningKey::generate("k1");
-    let mut stack = Stack::start(&PluginConfig::for_key(&key)?).await?;
-    let mut tokens = Vec::new();
-    for (customer, tier) in [("stop-basic", "basic"), ("stop-pro", "pro")] {
-        tokens.push((
-            customer.to_owned(),
-            key.mint(&TokenSpec::new(customer, tier))?,
-        ));
-    }
-    let (stop_sender, stop) = tokio::sync::watch::channel(false);
-    let traffic = spawn_traffic(stack.client(), tokens, stop);
+    let (mut stack, stop_sender, traffic) = start_with_traffic("stop").await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // The load balancer takes the host out first, so the last requests
     // reach Envoy just before the drain starts.
