@@ -201,6 +201,7 @@ impl Limiter {
                 let unchanged = record.remote.is_some_and(|current| {
                     current.others_admitted == remote.others_admitted
                         && current.cap == remote.cap
+                        && current.cap_quota == remote.cap_quota
                         && remote.updated_ms.saturating_sub(current.updated_ms) < REMOTE_REFRESH_MS
                 });
                 if unchanged {
@@ -589,6 +590,7 @@ mod tests {
             others_admitted: 1,
             cap: None,
             updated_ms: NOW,
+            cap_quota: None,
         };
         assert_eq!(limiter.set_remote(&host, "acme", remote), Ok(true));
 
@@ -612,6 +614,7 @@ mod tests {
             others_admitted: 0,
             cap: Some(2),
             updated_ms: NOW,
+            cap_quota: None,
         };
         assert_eq!(limiter.set_remote(&host, "acme", remote), Ok(true));
         assert!(admitted(&limiter, &host, "acme"));
@@ -636,6 +639,7 @@ mod tests {
             others_admitted: 0,
             cap: None,
             updated_ms: NOW,
+            cap_quota: None,
         };
         assert_eq!(limiter.set_remote(&host, "acme", remote), Ok(true));
         assert!(admitted(&limiter, &host, "acme"));
@@ -651,6 +655,7 @@ mod tests {
             others_admitted: 1,
             cap: Some(2),
             updated_ms: NOW,
+            cap_quota: None,
         };
         assert_eq!(limiter.set_remote(&host, "acme", remote), Ok(true));
         let slot = limiter.home_slot("acme");
@@ -680,6 +685,7 @@ mod tests {
             others_admitted: 1,
             cap: None,
             updated_ms: NOW,
+            cap_quota: None,
         };
         assert_eq!(limiter.set_remote(&host, "other", remote), Ok(false));
     }

@@ -358,6 +358,9 @@ impl Sync {
                     .instance_cap_requests
                     .map(|cap| u32::try_from(cap).unwrap_or(u32::MAX - 1)),
                 updated_ms: now_ms,
+                cap_quota: usage
+                    .cap_quota_requests
+                    .map(|quota| u32::try_from(quota).unwrap_or(u32::MAX)),
             };
             match self.limiter.set_remote(host, &usage.customer, remote) {
                 Ok(true) => {}
@@ -907,6 +910,7 @@ mod tests {
             customer: customer.to_owned(),
             admitted_requests: admitted,
             instance_cap_requests: cap,
+            cap_quota_requests: None,
         }
     }
 

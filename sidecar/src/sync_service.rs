@@ -443,6 +443,7 @@ impl SyncService {
                     customer,
                     admitted_requests: grant.others_admitted,
                     instance_cap_requests: grant.cap,
+                    cap_quota_requests: grant.cap.and(view.quota),
                 }
             })
             .collect();
@@ -663,6 +664,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(caps(&far), [("c1", None)]);
+        assert_eq!(far.remote_usage[0].cap_quota_requests, None);
         assert_eq!(far.next_sync_ms, 0);
 
         // 20 + 20 of 60 used with equal demand: 10 more for each instance.
@@ -671,6 +673,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(caps(&near), [("c1", Some(30))]);
+        // The cap names the quota it shares out.
+        assert_eq!(near.remote_usage[0].cap_quota_requests, Some(60));
         assert_eq!(near.next_sync_ms, 100);
         assert!(!near.counters_degraded);
     }

@@ -626,6 +626,60 @@ async fn limit_change_applies_without_refill() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Proves a raised limit admits the next request of a customer that sat
+/// idle at the cap of its old quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raised_limit_admits_idle_customer() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let config = PluginConfig::for_key(&key)?.quota("basic", 5, 30);
+    let sidecar_with_quota =
+        |quota: u64| format!("window_seconds = 30\n[tiers.basic]\nquota_requests = {quota}\n");
+    let options = FleetOptions {
+        sidecar_config: sidecar_with_quota(5).parse()?,
+        ..FleetOptions::new(1)
+    };
+    let mut fleet = Fleet::start(&config, &options).await?;
+    let client = fleet.instances()[0].envoy.client();
+    let token = key.mint(&TokenSpec::new("idle", "basic"))?;
+    for _ in 0..5 {
+        let reply = client.get_with_token("/", &token, &[]).await?;
+        ensure!(reply.status == 200, "under the quota: {}", reply.body);
+    }
+    let refused = client.get_with_token("/", &token, &[]).await?;
+    ensure!(refused.status == 429, "sixth request: {}", refused.status);
+
+    // While the customer is idle, the sync replies keep refreshing its cap
+    // of 5, computed from the old quota.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.instances_mut()[0]
+        .sidecar
+        .reload_config(&sidecar_with_quota(8))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fleet.instances()[0]
+        .envoy
+        .log()
+        .contains("basic 8 per 30 s")
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the sidecar's new limit did not reach Envoy within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Workers read the new limits on their next tick, every 250 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let reply = client.get_with_token("/", &token, &[]).await?;
+    let policy = reply.header("ratelimit-policy").unwrap_or_default();
+    ensure!(policy.contains("q=8"), "policy after the raise: {policy}");
+    ensure!(
+        reply.status == 200,
+        "first request after the raise to 8 with 5 used: status {}",
+        reply.status
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_replica_recovers_after_promotion() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -151,7 +151,13 @@ fn local_quota(
         };
     };
     let mut requests = quota.requests.saturating_sub(remote.others_admitted);
-    if let Some(cap) = remote.cap {
+    // A cap computed from another quota is void: after a limit change the
+    // instance decides on its own count plus the others' until the next
+    // reply brings a cap for the new quota.
+    let current = remote
+        .cap_quota
+        .is_none_or(|cap_quota| cap_quota == quota.requests);
+    if let Some(cap) = remote.cap.filter(|_| current) {
         requests = requests.min(cap);
     }
     Quota {
@@ -198,6 +204,39 @@ mod tests {
         tokens_per_second: 1.0,
         size: 3,
     };
+
+    /// Returns a record of one admission at 1 s with a sync reply's cap
+    /// of 1 computed from `cap_quota`.
+    fn capped(cap_quota: Option<u32>) -> Record {
+        let mut record = Record::new("c");
+        assert!(apply(&mut record, &tier(Some(QUOTA), None), 1_000).admitted);
+        record.remote = Some(RemoteState {
+            others_admitted: 0,
+            cap: Some(1),
+            updated_ms: 1_500,
+            cap_quota,
+        });
+        record
+    }
+
+    #[test]
+    fn cap_of_current_quota_applies() {
+        for cap_quota in [Some(QUOTA.requests), None] {
+            let mut record = capped(cap_quota);
+            let decision = apply(&mut record, &tier(Some(QUOTA), None), 2_000);
+            assert!(!decision.admitted, "{cap_quota:?}");
+        }
+    }
+
+    #[test]
+    fn cap_of_other_quota_is_void() {
+        // The cap of 1 came from a quota of 1; the tier now allows 2.
+        let mut record = capped(Some(1));
+        let decision = apply(&mut record, &tier(Some(QUOTA), None), 2_000);
+        assert!(decision.admitted);
+        let third = apply(&mut record, &tier(Some(QUOTA), None), 2_500);
+        assert!(!third.admitted);
+    }
 
     #[test]
     fn admitted_request_reports_remaining_and_reset() {

@@ -8,7 +8,8 @@
 //!   admitted request;
 //! - with the bucket: tokens (8, f64), refill time (8);
 //! - with remote usage: others' admissions (4), this instance's cap (4,
-//!   `u32::MAX` for none), time of the sync reply (8);
+//!   `u32::MAX` for none), time of the sync reply (8), and in version 3
+//!   the quota the cap was computed from (4);
 //! - pending usage: bucket count (1), then per bucket the minute (4),
 //!   admitted (4), refused (4), tier length (1) and tier bytes.
 
@@ -16,8 +17,13 @@ use super::bucket::TokenBucket;
 use super::window::SlidingLog;
 use crate::usage::{PendingUsage, decode_pending, encode_pending};
 
-/// Format version written in the first byte.
-const VERSION: u8 = 2;
+/// Format version of a record whose remote usage has a cap: it adds the
+/// cap's quota.
+const VERSION: u8 = 3;
+/// Format version of every other record. Filters from before version 3
+/// read it, so during an upgrade they keep the records of customers far
+/// from their quota.
+const VERSION_WITHOUT_CAP_QUOTA: u8 = 2;
 const HAS_LOG: u8 = 1;
 const HAS_BUCKET: u8 = 2;
 const HAS_REMOTE: u8 = 4;
@@ -34,6 +40,10 @@ pub struct RemoteState {
     pub cap: Option<u32>,
     /// Time of the sync reply, in milliseconds since the Unix epoch.
     pub updated_ms: u64,
+    /// The quota `cap` was computed from, in requests. A cap counts only
+    /// while the tier's quota is still this one. `None` in records of
+    /// version 2, whose cap counts whatever the quota.
+    pub cap_quota: Option<u32>,
 }
 
 /// Rate-limit state and pending usage of one customer.
@@ -80,7 +90,14 @@ impl Record {
             .as_ref()
             .map_or(0, |log| 12 + 4 * log.offsets.len());
         let mut out = Vec::with_capacity(40 + self.customer.len() + log_len);
-        out.push(VERSION);
+        let cap_quota = self
+            .remote
+            .and_then(|remote| remote.cap.and(remote.cap_quota));
+        out.push(if cap_quota.is_some() {
+            VERSION
+        } else {
+            VERSION_WITHOUT_CAP_QUOTA
+        });
         let customer = self.customer.as_bytes();
         let customer = &customer[..customer.len().min(usize::from(u8::MAX))];
         out.push(customer.len() as u8);
@@ -114,6 +131,9 @@ impl Record {
             out.extend_from_slice(&remote.others_admitted.to_le_bytes());
             out.extend_from_slice(&remote.cap.unwrap_or(u32::MAX).to_le_bytes());
             out.extend_from_slice(&remote.updated_ms.to_le_bytes());
+            if let Some(quota) = cap_quota {
+                out.extend_from_slice(&quota.to_le_bytes());
+            }
         }
         encode_pending(&mut out, &self.pending);
         out
@@ -122,7 +142,7 @@ impl Record {
     /// Decodes a record; `None` for bytes in another format.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         let (&version, rest) = bytes.split_first()?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_WITHOUT_CAP_QUOTA {
             return None;
         }
         let (&len, rest) = rest.split_first()?;
@@ -163,10 +183,17 @@ impl Record {
             let (cap, tail) = tail.split_first_chunk::<4>()?;
             let (updated, tail) = tail.split_first_chunk::<8>()?;
             let cap = u32::from_le_bytes(*cap);
+            let (cap_quota, tail) = if version == VERSION {
+                let (quota, tail) = tail.split_first_chunk::<4>()?;
+                (Some(u32::from_le_bytes(*quota)), tail)
+            } else {
+                (None, tail)
+            };
             remote = Some(RemoteState {
                 others_admitted: u32::from_le_bytes(*others),
                 cap: (cap != u32::MAX).then_some(cap),
                 updated_ms: u64::from_le_bytes(*updated),
+                cap_quota,
             });
             rest = tail;
         }
@@ -205,6 +232,7 @@ mod tests {
                 others_admitted: 7,
                 cap: Some(20),
                 updated_ms: 1_700_000_000_050,
+                cap_quota: None,
             }),
             pending: vec![PendingUsage {
                 minute: 28_333_333,
@@ -219,6 +247,36 @@ mod tests {
     fn record_round_trips() {
         let record = sample();
         assert_eq!(Record::decode(&record.encode()), Some(record));
+    }
+
+    #[test]
+    fn record_with_cap_quota_is_version_3() {
+        let mut record = sample();
+        if let Some(remote) = &mut record.remote {
+            remote.cap_quota = Some(60);
+        }
+        let bytes = record.encode();
+        assert_eq!(bytes[0], 3);
+        assert_eq!(Record::decode(&bytes), Some(record.clone()));
+
+        // Without a cap there is nothing to stamp: version 2, which
+        // earlier filters read.
+        if let Some(remote) = &mut record.remote {
+            remote.cap = None;
+        }
+        let bytes = record.encode();
+        assert_eq!(bytes[0], 2);
+        let decoded = Record::decode(&bytes).unwrap();
+        assert_eq!(decoded.remote.unwrap().cap_quota, None);
+    }
+
+    #[test]
+    fn version_2_cap_has_no_quota() {
+        let record = sample();
+        let bytes = record.encode();
+        assert_eq!(bytes[0], 2);
+        let remote = Record::decode(&bytes).unwrap().remote.unwrap();
+        assert_eq!((remote.cap, remote.cap_quota), (Some(20), None));
     }
 
     #[test]
@@ -278,6 +336,7 @@ mod tests {
                     others_admitted: 0,
                     cap: None,
                     updated_ms: 0,
+                    cap_quota: None,
                 }),
                 pending: tiers
                     .iter()

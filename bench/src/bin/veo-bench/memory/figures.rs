@@ -66,10 +66,11 @@ pub struct PerCustomer {
 
 /// Returns the encoded size of a synced limiter record of a quota tier with `log_entries`
 /// admissions in its log. It is the header, customer, times and flags (19 + C), the log
-/// (12 + 4 per entry), the remote usage that the sidecar's reply stored (16) and the empty
-/// pending list (1), as `filter/src/limiter/record.rs` lays them out.
+/// (12 + 4 per entry), the remote usage that the sidecar's reply stored with this instance's
+/// cap and the cap's quota (20), and the empty pending list (1), as
+/// `filter/src/limiter/record.rs` lays them out.
 pub fn record_bytes(customer_len: usize, log_entries: usize) -> usize {
-    19 + customer_len + 12 + 4 * log_entries + 16 + 1
+    19 + customer_len + 12 + 4 * log_entries + 20 + 1
 }
 
 /// Returns the encoded size of a token-cache entry with a tier claim: version, SHA-256, `exp`,
@@ -307,9 +308,9 @@ mod tests {
 
     #[test]
     fn encoded_sizes_follow_the_layouts() {
-        // A 15-byte id: 19 + 15 header, 12 + 4 log, 16 remote usage, 1 pending count.
-        assert_eq!(record_bytes(15, 1), 67);
-        assert_eq!(record_bytes(15, 60), 303);
+        // A 15-byte id: 19 + 15 header, 12 + 4 log, 20 remote usage, 1 pending count.
+        assert_eq!(record_bytes(15, 1), 71);
+        assert_eq!(record_bytes(15, 60), 307);
         assert_eq!(token_entry_bytes(15, 5), 64);
     }
 
@@ -338,10 +339,10 @@ mod tests {
                 .map(|line| line[label.len()..].split_whitespace().collect::<Vec<_>>())
                 .unwrap_or_default()
         };
-        assert_eq!(row("limiter record, 1 log entry"), ["150.0", "67", "83.0"]);
+        assert_eq!(row("limiter record, 1 log entry"), ["150.0", "71", "79.0"]);
         assert_eq!(
             row("limiter record, 60 log entries"),
-            ["390.0", "303", "87.0"]
+            ["390.0", "307", "83.0"]
         );
         assert_eq!(row("token-cache entry"), ["170.0", "64", "106.0"]);
         assert_eq!(
