@@ -220,6 +220,17 @@ pub fn verification_text(result: &VerifyAuditLogResponse) -> String {
     }
 }
 
+/// Seconds before now that the default reconciliation range ends: usage
+/// of the last minutes may still wait in the billing queue, and Stripe
+/// updates its summaries asynchronously, so both would show as drift.
+const RECONCILE_SETTLE_S: i64 = 600;
+
+/// Returns the default end of a reconciliation range at `now_s`: the start
+/// of the minute [`RECONCILE_SETTLE_S`] seconds ago.
+fn default_reconcile_end(now_s: i64) -> i64 {
+    (now_s - RECONCILE_SETTLE_S).div_euclid(60) * 60
+}
+
 /// Runs `command` and returns what to print.
 pub async fn run(command: Command) -> Result<String, CommandError> {
     match command {
@@ -229,7 +240,7 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
             end,
             correct,
         } => {
-            let end = end.unwrap_or_else(|| unix_now_s() / 60 * 60);
+            let end = end.unwrap_or_else(|| default_reconcile_end(unix_now_s()));
             let start = start.unwrap_or(end - 86_400);
             let mut client = connect(&sidecar).await?;
             let request = with_actor(
@@ -498,4 +509,18 @@ pub fn reconcile_table(report: &ReconcileReport, start: i64, end: i64) -> String
         let _ = writeln!(text, "no Prometheus column: {}", report.metrics_error);
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_reconcile_end_leaves_ten_minutes() {
+        let now = 1_000_000_000;
+        let end = default_reconcile_end(now);
+        assert_eq!(end % 60, 0);
+        assert!(end <= now - RECONCILE_SETTLE_S, "{end}");
+        assert!(end > now - RECONCILE_SETTLE_S - 60, "{end}");
+    }
 }

@@ -102,7 +102,8 @@ pub enum Command {
         #[arg(long, value_name = "UNIX_S")]
         start: Option<i64>,
         /// End of the range, exclusive, in seconds since the Unix epoch (a
-        /// multiple of 60); the start of the current minute by default.
+        /// multiple of 60); the start of the minute ten minutes ago by
+        /// default. Usage of the last minutes may still wait in the queue.
         #[arg(long, value_name = "UNIX_S")]
         end: Option<i64>,
         /// Send corrective meter events for usage Stripe is missing.

@@ -422,7 +422,8 @@ fn tiers_config(
                 "tiers.<name>.quota_requests",
                 format!("{quota} (tier {name})"),
                 format!(
-                    "must be 0 to {MAX_TIER_QUOTA} requests per window; 0 or absent means no quota"
+                    "must be 0 to {MAX_TIER_QUOTA} requests per window; 0 or absent means no \
+                     quota, and then the tier needs a burst"
                 ),
             ));
         }
@@ -446,10 +447,10 @@ fn tiers_config(
         }
         if quota == 0 && !burst_given {
             return Err(invalid(
-                "tiers",
-                format!("{name:?}"),
-                "give the tier quota_requests, a burst (burst_rate_per_second and \
-                 burst_size_requests), or both"
+                "tiers.<name>.quota_requests",
+                format!("{quota} (tier {name}, no burst)"),
+                "a tier needs a limit: set quota_requests above 0, or a burst \
+                 (burst_rate_per_second and burst_size_requests), or both"
                     .into(),
             ));
         }
@@ -847,7 +848,11 @@ mod tests {
                 "[tiers.basic]\nburst_size_requests = 5",
                 "tiers.<name>.burst_rate_per_second",
             ),
-            ("[tiers.gold]", "tiers"),
+            ("[tiers.gold]", "tiers.<name>.quota_requests"),
+            (
+                "[tiers.gold]\nquota_requests = 0",
+                "tiers.<name>.quota_requests",
+            ),
             ("[tiers.\"no way\"]\nquota_requests = 1", "tiers"),
         ];
 

@@ -1,7 +1,7 @@
 //! Command-line entry point of the `veo-sidecar` binary.
 
 use std::error::Error;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -25,8 +25,7 @@ fn main() -> ExitCode {
         }
     };
     if flags.validate {
-        println!("{}: configuration is valid", config.origin());
-        return ExitCode::SUCCESS;
+        return print_out(&format!("{}: configuration is valid\n", config.origin()));
     }
 
     info!(version = env!("CARGO_PKG_VERSION"), "starting veo-sidecar");
@@ -60,12 +59,26 @@ fn run_command(command: veo_sidecar::cli::Command) -> ExitCode {
         }
     };
     match runtime.block_on(veo_sidecar::admin_cli::run(command)) {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
+        Ok(text) => print_out(&text),
         Err(err) => {
             eprintln!("veo-sidecar: {}", chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes `text` to standard output. A reader that closed the pipe early,
+/// such as `head`, ends the command quietly; any other failure is an error.
+fn print_out(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("veo-sidecar: failed to write to standard output: {err}");
             ExitCode::FAILURE
         }
     }

@@ -101,8 +101,8 @@ pub enum ServerError {
     },
     /// Another sidecar uses the data directory.
     #[error(
-        "data directory {} is in use by another veo-sidecar; give each sidecar its own \
-         --data-dir",
+        "data directory {} is in use by a running veo-sidecar; stop it first for an offline \
+         command such as rotate-keys, or give each sidecar its own --data-dir",
         path.display()
     )]
     DataDirInUse {

@@ -205,12 +205,22 @@ pub async fn reconcile(
     metrics.billing_drift_ratio.set(report.max_drift_ratio);
     if report.max_drift_ratio > ALERT_DRIFT_RATIO {
         metrics.billing_drift_alerts.inc();
+        let billed = if biller.stripe().is_some() {
+            "Stripe"
+        } else {
+            "the meter events sent"
+        };
+        let exported = if biller.prometheus_url().is_some() {
+            " or Prometheus"
+        } else {
+            ""
+        };
         error!(
             start_unix_s = range.start_unix_s,
             end_unix_s = range.end_unix_s,
             max_drift_ratio = report.max_drift_ratio,
             corrective_events = report.corrective_events,
-            "billing drift above 1% between the ledger and Stripe or Prometheus; see the \
+            "billing drift above 1% between the ledger and {billed}{exported}; see the \
              reconciliation report"
         );
     } else {
