@@ -274,6 +274,17 @@ impl Sync {
             }
         };
         self.consecutive_failures = 0;
+        if self.last_reply_ms.is_none() {
+            // Envoy 1.40.0 has been seen to start two sync roles, of which
+            // only one ever sent; this line names the one that does.
+            host.log(
+                LogLevel::Info,
+                &format!(
+                    "usage sync connected instance_id={} cluster={}",
+                    self.instance_id, self.settings.cluster
+                ),
+            );
+        }
         self.last_reply_ms = Some(host.now_ms());
         if self.failing {
             self.failing = false;
