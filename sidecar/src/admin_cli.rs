@@ -11,6 +11,8 @@ use veo_proto::admin::{
     ListParkedMeterEventsRequest, ReconcileReport, ReconcileRequest, SetAssetRegionsRequest,
     SetStripeCustomerRequest, TierRegions, VerifyAuditLogRequest, VerifyAuditLogResponse,
 };
+use veo_proto::usage::usage_client::UsageClient;
+use veo_proto::usage::{GetUsageRequest, Granularity, ListTopCustomersRequest};
 
 use crate::admin_service::ACTOR_METADATA;
 
@@ -281,6 +283,92 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
                 stored.customer, stored.stripe_customer_id
             ))
         }
+        Command::Usage {
+            sidecar,
+            start,
+            end,
+            granularity,
+            customer,
+        } => {
+            let end = end.unwrap_or_else(unix_now_s);
+            let start = start.unwrap_or(end - 86_400);
+            let granularity = match granularity.as_str() {
+                "minute" => Granularity::Minute,
+                "day" => Granularity::Day,
+                _ => Granularity::Hour,
+            };
+            let mut client = UsageClient::new(channel(&sidecar).await?);
+            let usage = client
+                .get_usage(GetUsageRequest {
+                    customer,
+                    start_unix_s: start,
+                    end_unix_s: end,
+                    granularity: granularity as i32,
+                })
+                .await
+                .map_err(|status| CommandError::Call(status.message().to_owned()))?
+                .into_inner();
+            let mut text = String::new();
+            let _ = writeln!(text, "usage of {} in [{start}, {end})", usage.customer);
+            let _ = writeln!(
+                text,
+                "{:<12} {:>12} {:>12} {:>16}",
+                "start_unix_s", "admitted", "refused", "egress_bytes"
+            );
+            for bucket in &usage.buckets {
+                let _ = writeln!(
+                    text,
+                    "{:<12} {:>12} {:>12} {:>16}",
+                    bucket.start_unix_s,
+                    bucket.admitted_requests,
+                    bucket.refused_requests,
+                    bucket.egress_bytes
+                );
+            }
+            let _ = writeln!(
+                text,
+                "{:<12} {:>12} {:>12} {:>16}",
+                "total", usage.admitted_requests, usage.refused_requests, usage.egress_bytes
+            );
+            Ok(text)
+        }
+        Command::TopCustomers {
+            sidecar,
+            start,
+            end,
+            limit,
+        } => {
+            let end = end.unwrap_or_else(unix_now_s);
+            let start = start.unwrap_or(end - 86_400);
+            let mut client = UsageClient::new(channel(&sidecar).await?);
+            let top = client
+                .list_top_customers(ListTopCustomersRequest {
+                    start_unix_s: start,
+                    end_unix_s: end,
+                    limit,
+                })
+                .await
+                .map_err(|status| CommandError::Call(status.message().to_owned()))?
+                .into_inner();
+            let mut text = String::new();
+            let _ = writeln!(text, "top customers in [{start}, {end})");
+            let _ = writeln!(
+                text,
+                "{:<32} {:>12} {:>12} {:>16}",
+                "customer", "admitted", "refused", "egress_bytes"
+            );
+            for total in &top.customers {
+                let _ = writeln!(
+                    text,
+                    "{:<32} {:>12} {:>12} {:>16}",
+                    total.customer,
+                    total.admitted_requests,
+                    total.refused_requests,
+                    total.egress_bytes
+                );
+            }
+            Ok(text)
+        }
         Command::ParkedEvents { sidecar, limit } => {
             let mut client = connect(&sidecar).await?;
             let parked = client
@@ -449,19 +537,27 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
 }
 
 async fn connect(url: &str) -> Result<AdminClient<tonic::transport::Channel>, CommandError> {
-    // The ready file contains a bare IP:PORT, so accept that form too.
+    Ok(AdminClient::new(channel(url).await?))
+}
+
+/// Connects to the sidecar at `url`, a gRPC URL or a bare IP:PORT as the
+/// ready file contains.
+async fn channel(url: &str) -> Result<tonic::transport::Channel, CommandError> {
     let url = if url.contains("://") {
         url.to_owned()
     } else {
         format!("http://{url}")
     };
-    let url = url.as_str();
-    AdminClient::connect(url.to_owned())
-        .await
-        .map_err(|source| CommandError::Connect {
-            url: url.to_owned(),
+    let endpoint = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|source| {
+        CommandError::Connect {
+            url: url.clone(),
             source,
-        })
+        }
+    })?;
+    endpoint
+        .connect()
+        .await
+        .map_err(|source| CommandError::Connect { url, source })
 }
 
 /// Formats a reconciliation as a table with one row per customer and

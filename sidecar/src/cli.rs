@@ -121,6 +121,43 @@ pub enum Command {
         /// Stripe customer id.
         stripe_customer_id: String,
     },
+    /// Prints one customer's admitted and refused requests and response
+    /// bytes per bucket, with the totals.
+    Usage {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Start of the range, in seconds since the Unix epoch; 24 hours
+        /// before the end by default.
+        #[arg(long, value_name = "UNIX_S")]
+        start: Option<i64>,
+        /// End of the range, exclusive, in seconds since the Unix epoch;
+        /// now by default.
+        #[arg(long, value_name = "UNIX_S")]
+        end: Option<i64>,
+        /// Bucket size: minute, hour or day.
+        #[arg(long, default_value = "hour", value_parser = ["minute", "hour", "day"])]
+        granularity: String,
+        /// Customer id, as in the token's customer claim.
+        customer: String,
+    },
+    /// Prints the customers with the most admitted requests in a range.
+    TopCustomers {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Start of the range, in seconds since the Unix epoch; 24 hours
+        /// before the end by default.
+        #[arg(long, value_name = "UNIX_S")]
+        start: Option<i64>,
+        /// End of the range, exclusive, in seconds since the Unix epoch;
+        /// now by default.
+        #[arg(long, value_name = "UNIX_S")]
+        end: Option<i64>,
+        /// Customers listed at most, 1 to 1000.
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+    },
     /// Lists meter events that Stripe rejected for good, with the reason.
     ParkedEvents {
         /// gRPC URL of the sidecar.

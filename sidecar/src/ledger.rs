@@ -103,6 +103,8 @@ pub struct BucketTotal {
     pub admitted: u64,
     /// Requests refused in the bucket.
     pub refused: u64,
+    /// Response body bytes of the bucket's admitted requests.
+    pub egress_bytes: u64,
 }
 
 /// Totals of one customer over a time range.
@@ -114,6 +116,8 @@ pub struct CustomerTotal {
     pub admitted: u64,
     /// Requests refused in the range.
     pub refused: u64,
+    /// Response body bytes of the admitted requests in the range.
+    pub egress_bytes: u64,
 }
 
 /// Returns the current wall-clock time in seconds since the Unix epoch, or

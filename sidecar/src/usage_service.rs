@@ -45,6 +45,9 @@ impl UsageService {
         let refused_requests = buckets
             .iter()
             .fold(0u64, |sum, bucket| sum.saturating_add(bucket.refused));
+        let egress_bytes = buckets
+            .iter()
+            .fold(0u64, |sum, bucket| sum.saturating_add(bucket.egress_bytes));
         Ok(GetUsageResponse {
             customer: request.customer,
             buckets: buckets
@@ -53,10 +56,12 @@ impl UsageService {
                     start_unix_s: bucket.start_unix_s,
                     admitted_requests: bucket.admitted,
                     refused_requests: bucket.refused,
+                    egress_bytes: bucket.egress_bytes,
                 })
                 .collect(),
             admitted_requests,
             refused_requests,
+            egress_bytes,
         })
     }
 
@@ -77,6 +82,7 @@ impl UsageService {
                     customer: total.customer,
                     admitted_requests: total.admitted,
                     refused_requests: total.refused,
+                    egress_bytes: total.egress_bytes,
                 })
                 .collect(),
         })
@@ -123,7 +129,8 @@ mod tests {
                     minute_unix_s,
                     admitted,
                     refused,
-                    egress_bytes: 0,
+                    // 100 bytes per admitted request.
+                    egress_bytes: admitted * 100,
                     quota: None,
                 })
                 .collect(),
@@ -153,8 +160,10 @@ mod tests {
         let starts: Vec<_> = reply.buckets.iter().map(|b| b.start_unix_s).collect();
         assert_eq!(starts, [HOUR, 2 * HOUR]);
         assert_eq!(reply.buckets[0].admitted_requests, 7);
+        assert_eq!(reply.buckets[0].egress_bytes, 700);
         assert_eq!(reply.admitted_requests, 12);
         assert_eq!(reply.refused_requests, 3);
+        assert_eq!(reply.egress_bytes, 1_200);
     }
 
     #[tokio::test]
@@ -175,6 +184,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["c2", "c1"]);
         assert_eq!(reply.customers[1].refused_requests, 1);
+        assert_eq!(reply.customers[0].egress_bytes, 900);
     }
 
     #[tokio::test]

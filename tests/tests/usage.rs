@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::task::JoinHandle;
-use veo_tests::Stack;
 use veo_tests::client::{HttpClient, burst};
 use veo_tests::plugin::{BASIC_QUOTA, PluginConfig, SYNC_INTERVAL_MS};
 use veo_tests::sidecar::CustomerUsage;
 use veo_tests::tokens::{SigningKey, TokenSpec};
+use veo_tests::{Stack, artifacts};
 
 /// How long usage may take to reach the ledger, in sync intervals.
 const SETTLE_INTERVALS: u64 = 50;
@@ -79,7 +79,27 @@ async fn usage_query_matches_admitted_requests() -> anyhow::Result<()> {
     }
     assert_eq!(tally.0["usage-heavy"].refused, 4);
 
-    assert_ledger_settles_on(&stack, &tally).await
+    assert_ledger_settles_on(&stack, &tally).await?;
+
+    // The operator command prints the same totals.
+    let output = std::process::Command::new(artifacts::sidecar_binary()?)
+        .args(["usage", "--sidecar", &stack.sidecar.address().to_string()])
+        .args(["--granularity", "day", "usage-heavy"])
+        .output()?;
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{table}");
+    let total: Vec<&str> = table
+        .lines()
+        .find(|line| line.starts_with("total"))
+        .map(|line| line.split_whitespace().collect())
+        .unwrap_or_default();
+    let heavy = &tally.0["usage-heavy"];
+    assert_eq!(
+        total[1..3],
+        [heavy.admitted.to_string(), heavy.refused.to_string()],
+        "{table}"
+    );
+    Ok(())
 }
 
 /// Sends requests for `customers` in turn every 20 ms until aborted, and

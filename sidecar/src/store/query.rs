@@ -7,7 +7,7 @@ use crate::ledger::{BucketTotal, CustomerTotal, Granularity, TimeRange};
 // Stored minutes are never negative, so integer division rounds down and
 // `(minute / width) * width` is the start of the UTC-aligned bucket.
 const USAGE_BUCKETS: &str = "
-SELECT (minute_unix_s / ?4) * ?4 AS bucket, SUM(admitted), SUM(refused)
+SELECT (minute_unix_s / ?4) * ?4 AS bucket, SUM(admitted), SUM(refused), SUM(egress_bytes)
 FROM usage_minute
 WHERE customer = ?1 AND minute_unix_s >= ?2 AND minute_unix_s < ?3
 GROUP BY bucket
@@ -15,7 +15,7 @@ HAVING SUM(admitted) + SUM(refused) > 0
 ORDER BY bucket";
 
 const TOP_CUSTOMERS: &str = "
-SELECT customer, SUM(admitted) AS admitted, SUM(refused)
+SELECT customer, SUM(admitted) AS admitted, SUM(refused), SUM(egress_bytes)
 FROM usage_minute
 WHERE minute_unix_s >= ?1 AND minute_unix_s < ?2
 GROUP BY customer
@@ -44,6 +44,7 @@ pub(super) fn usage_buckets(
                 start_unix_s: row.get(0)?,
                 admitted: row.get(1)?,
                 refused: row.get(2)?,
+                egress_bytes: row.get(3)?,
             })
         },
     )?;
@@ -65,6 +66,7 @@ pub(super) fn top_customers(
                 customer: row.get(0)?,
                 admitted: row.get(1)?,
                 refused: row.get(2)?,
+                egress_bytes: row.get(3)?,
             })
         },
     )?;
@@ -117,6 +119,7 @@ mod tests {
             start_unix_s,
             admitted,
             refused,
+            egress_bytes: 0,
         }
     }
 
