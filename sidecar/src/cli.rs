@@ -154,7 +154,7 @@ pub enum Command {
         /// now by default.
         #[arg(long, value_name = "UNIX_S")]
         end: Option<i64>,
-        /// Customers listed at most, 1 to 1000.
+        /// Customers listed at most; 0 means 10, and above 1000 means 1000.
         #[arg(long, default_value_t = 10)]
         limit: u32,
     },

@@ -667,7 +667,7 @@ async fn raised_limit_admits_idle_customer() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Workers read the new limits on their next tick, every 250 ms.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
 
     let reply = client.get_with_token("/", &token, &[]).await?;
     let policy = reply.header("ratelimit-policy").unwrap_or_default();

@@ -151,13 +151,17 @@ fn local_quota(
         };
     };
     let mut requests = quota.requests.saturating_sub(remote.others_admitted);
-    // A cap computed from another quota is void: after a limit change the
-    // instance decides on its own count plus the others' until the next
-    // reply brings a cap for the new quota.
-    let current = remote
-        .cap_quota
-        .is_none_or(|cap_quota| cap_quota == quota.requests);
-    if let Some(cap) = remote.cap.filter(|_| current) {
+    if let Some(cap) = remote.cap {
+        // A cap computed from another quota keeps withholding what it
+        // withheld from this instance. A raised limit then admits at once,
+        // a lowered one refuses at once, and the next reply brings a cap
+        // computed from the new quota.
+        let cap = match remote.cap_quota {
+            Some(cap_quota) if cap_quota != quota.requests => {
+                quota.requests.saturating_sub(cap_quota.saturating_sub(cap))
+            }
+            _ => cap,
+        };
         requests = requests.min(cap);
     }
     Quota {
@@ -229,13 +233,24 @@ mod tests {
     }
 
     #[test]
-    fn cap_of_other_quota_is_void() {
-        // The cap of 1 came from a quota of 1; the tier now allows 2.
+    fn raised_quota_raises_a_stale_cap() {
+        // The cap of 1 came from a quota of 1 and withholds nothing; the
+        // tier now allows 2.
         let mut record = capped(Some(1));
         let decision = apply(&mut record, &tier(Some(QUOTA), None), 2_000);
         assert!(decision.admitted);
         let third = apply(&mut record, &tier(Some(QUOTA), None), 2_500);
         assert!(!third.admitted);
+    }
+
+    #[test]
+    fn lowered_quota_lowers_a_stale_cap() {
+        // The cap of 1 came from a quota of 3, so it withholds 2 from this
+        // instance. Under the tier's quota of 2 that leaves 0, and the log
+        // already holds one request.
+        let mut record = capped(Some(3));
+        let decision = apply(&mut record, &tier(Some(QUOTA), None), 2_000);
+        assert!(!decision.admitted);
     }
 
     #[test]

@@ -3,30 +3,30 @@
 //! Layout, little-endian:
 //! - version (1 byte), customer length (1) and bytes, last seen (8),
 //!   idle-at time (8), flags (1: bit 0 log, bit 1 bucket, bit 2 remote
-//!   usage);
+//!   usage, bit 3 cap's quota);
 //! - with the log: base time (8), count (4), one 4-byte offset per
 //!   admitted request;
 //! - with the bucket: tokens (8, f64), refill time (8);
 //! - with remote usage: others' admissions (4), this instance's cap (4,
-//!   `u32::MAX` for none), time of the sync reply (8), and in version 3
-//!   the quota the cap was computed from (4);
+//!   `u32::MAX` for none), time of the sync reply (8);
 //! - pending usage: bucket count (1), then per bucket the minute (4),
-//!   admitted (4), refused (4), tier length (1) and tier bytes.
+//!   admitted (4), refused (4), tier length (1) and tier bytes;
+//! - with the cap's quota: the quota the cap was computed from (4).
+//!
+//! The cap's quota comes last because filters that predate it ignore
+//! unknown flags and trailing bytes, so they still read such a record.
+//! When they write it back, the quota is gone and the cap counts as before.
 
 use super::bucket::TokenBucket;
 use super::window::SlidingLog;
 use crate::usage::{PendingUsage, decode_pending, encode_pending};
 
-/// Format version of a record whose remote usage has a cap: it adds the
-/// cap's quota.
-const VERSION: u8 = 3;
-/// Format version of every other record. Filters from before version 3
-/// read it, so during an upgrade they keep the records of customers far
-/// from their quota.
-const VERSION_WITHOUT_CAP_QUOTA: u8 = 2;
+/// Format version written in the first byte.
+const VERSION: u8 = 2;
 const HAS_LOG: u8 = 1;
 const HAS_BUCKET: u8 = 2;
 const HAS_REMOTE: u8 = 4;
+const HAS_CAP_QUOTA: u8 = 8;
 
 /// Usage of a customer at other instances, from the sidecar's last sync
 /// reply.
@@ -40,9 +40,9 @@ pub struct RemoteState {
     pub cap: Option<u32>,
     /// Time of the sync reply, in milliseconds since the Unix epoch.
     pub updated_ms: u64,
-    /// The quota `cap` was computed from, in requests. A cap counts only
-    /// while the tier's quota is still this one. `None` in records of
-    /// version 2, whose cap counts whatever the quota.
+    /// The quota `cap` was computed from, in requests, when the reply
+    /// named it. Under another quota the cap keeps withholding the same
+    /// number of requests from this instance (see `decide`).
     pub cap_quota: Option<u32>,
 }
 
@@ -93,11 +93,7 @@ impl Record {
         let cap_quota = self
             .remote
             .and_then(|remote| remote.cap.and(remote.cap_quota));
-        out.push(if cap_quota.is_some() {
-            VERSION
-        } else {
-            VERSION_WITHOUT_CAP_QUOTA
-        });
+        out.push(VERSION);
         let customer = self.customer.as_bytes();
         let customer = &customer[..customer.len().min(usize::from(u8::MAX))];
         out.push(customer.len() as u8);
@@ -115,6 +111,9 @@ impl Record {
         if self.remote.is_some() {
             flags |= HAS_REMOTE;
         }
+        if cap_quota.is_some() {
+            flags |= HAS_CAP_QUOTA;
+        }
         out.push(flags);
         if let Some(log) = &self.log {
             out.extend_from_slice(&log.base_ms.to_le_bytes());
@@ -131,18 +130,18 @@ impl Record {
             out.extend_from_slice(&remote.others_admitted.to_le_bytes());
             out.extend_from_slice(&remote.cap.unwrap_or(u32::MAX).to_le_bytes());
             out.extend_from_slice(&remote.updated_ms.to_le_bytes());
-            if let Some(quota) = cap_quota {
-                out.extend_from_slice(&quota.to_le_bytes());
-            }
         }
         encode_pending(&mut out, &self.pending);
+        if let Some(quota) = cap_quota {
+            out.extend_from_slice(&quota.to_le_bytes());
+        }
         out
     }
 
     /// Decodes a record; `None` for bytes in another format.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         let (&version, rest) = bytes.split_first()?;
-        if version != VERSION && version != VERSION_WITHOUT_CAP_QUOTA {
+        if version != VERSION {
             return None;
         }
         let (&len, rest) = rest.split_first()?;
@@ -183,21 +182,21 @@ impl Record {
             let (cap, tail) = tail.split_first_chunk::<4>()?;
             let (updated, tail) = tail.split_first_chunk::<8>()?;
             let cap = u32::from_le_bytes(*cap);
-            let (cap_quota, tail) = if version == VERSION {
-                let (quota, tail) = tail.split_first_chunk::<4>()?;
-                (Some(u32::from_le_bytes(*quota)), tail)
-            } else {
-                (None, tail)
-            };
             remote = Some(RemoteState {
                 others_admitted: u32::from_le_bytes(*others),
                 cap: (cap != u32::MAX).then_some(cap),
                 updated_ms: u64::from_le_bytes(*updated),
-                cap_quota,
+                cap_quota: None,
             });
             rest = tail;
         }
-        let (pending, _) = decode_pending(rest)?;
+        let (pending, rest) = decode_pending(rest)?;
+        if flags & HAS_CAP_QUOTA != 0
+            && let Some(remote) = &mut remote
+        {
+            let (quota, _) = rest.split_first_chunk::<4>()?;
+            remote.cap_quota = Some(u32::from_le_bytes(*quota));
+        }
 
         Some(Self {
             customer: String::from_utf8(customer.to_vec()).ok()?,
@@ -250,33 +249,40 @@ mod tests {
     }
 
     #[test]
-    fn record_with_cap_quota_is_version_3() {
+    fn cap_quota_round_trips() {
         let mut record = sample();
         if let Some(remote) = &mut record.remote {
             remote.cap_quota = Some(60);
         }
         let bytes = record.encode();
-        assert_eq!(bytes[0], 3);
-        assert_eq!(Record::decode(&bytes), Some(record.clone()));
-
-        // Without a cap there is nothing to stamp: version 2, which
-        // earlier filters read.
-        if let Some(remote) = &mut record.remote {
-            remote.cap = None;
-        }
-        let bytes = record.encode();
-        assert_eq!(bytes[0], 2);
-        let decoded = Record::decode(&bytes).unwrap();
-        assert_eq!(decoded.remote.unwrap().cap_quota, None);
+        assert_eq!(bytes[0], VERSION);
+        assert_eq!(bytes.len(), sample().encode().len() + 4);
+        assert_eq!(Record::decode(&bytes), Some(record));
     }
 
     #[test]
-    fn version_2_cap_has_no_quota() {
-        let record = sample();
-        let bytes = record.encode();
-        assert_eq!(bytes[0], 2);
-        let remote = Record::decode(&bytes).unwrap().remote.unwrap();
-        assert_eq!((remote.cap, remote.cap_quota), (Some(20), None));
+    fn reader_without_cap_quota_keeps_the_rest() {
+        // A filter that predates the cap's quota ignores the flag and the
+        // trailing bytes; clearing the flag shows what it reads.
+        let mut record = sample();
+        if let Some(remote) = &mut record.remote {
+            remote.cap_quota = Some(60);
+        }
+        let mut bytes = record.encode();
+        let flags = 1 + 1 + record.customer.len() + 8 + 8;
+        bytes[flags] &= !HAS_CAP_QUOTA;
+        assert_eq!(Record::decode(&bytes), Some(sample()));
+    }
+
+    #[test]
+    fn cap_quota_needs_a_cap() {
+        let mut record = sample();
+        if let Some(remote) = &mut record.remote {
+            remote.cap = None;
+            remote.cap_quota = Some(60);
+        }
+        let decoded = Record::decode(&record.encode()).unwrap();
+        assert_eq!(decoded.remote.unwrap().cap_quota, None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ SELECT (minute_unix_s / ?4) * ?4 AS bucket, SUM(admitted), SUM(refused), SUM(egr
 FROM usage_minute
 WHERE customer = ?1 AND minute_unix_s >= ?2 AND minute_unix_s < ?3
 GROUP BY bucket
-HAVING SUM(admitted) + SUM(refused) > 0
+HAVING SUM(admitted) + SUM(refused) + SUM(egress_bytes) > 0
 ORDER BY bucket";
 
 const TOP_CUSTOMERS: &str = "
@@ -19,7 +19,7 @@ SELECT customer, SUM(admitted) AS admitted, SUM(refused), SUM(egress_bytes)
 FROM usage_minute
 WHERE minute_unix_s >= ?1 AND minute_unix_s < ?2
 GROUP BY customer
-HAVING SUM(admitted) + SUM(refused) > 0
+HAVING SUM(admitted) + SUM(refused) + SUM(egress_bytes) > 0
 ORDER BY admitted DESC, customer ASC
 LIMIT ?3";
 
@@ -105,6 +105,37 @@ mod tests {
         };
         apply_batch(&mut conn, &batch, 0, None, None).unwrap();
         (dir, conn)
+    }
+
+    #[test]
+    fn bytes_alone_make_a_bucket() {
+        // A minute can hold response bytes without requests: the filter
+        // counts bytes in the request's minute even after its requests
+        // merged into a later one.
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = schema::open_writer(&dir.path().join("db")).unwrap();
+        let batch = Batch {
+            instance_id: "a".into(),
+            sequence: 1,
+            records: vec![UsageEntry {
+                customer: "c1".into(),
+                tier: "pro".into(),
+                minute_unix_s: MIDNIGHT,
+                admitted: 0,
+                refused: 0,
+                egress_bytes: 512,
+                quota: None,
+            }],
+        };
+        apply_batch(&mut conn, &batch, 0, None, None).unwrap();
+        let whole = range(MIDNIGHT, MIDNIGHT + 60);
+
+        let buckets = usage_buckets(&conn, "c1", whole, Granularity::Minute).unwrap();
+        assert_eq!(buckets.len(), 1);
+        assert_eq!(buckets[0].egress_bytes, 512);
+        let top = top_customers(&conn, whole, 10).unwrap();
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0].egress_bytes, 512);
     }
 
     fn range(start_unix_s: i64, end_unix_s: i64) -> TimeRange {

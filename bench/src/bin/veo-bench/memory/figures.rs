@@ -66,11 +66,11 @@ pub struct PerCustomer {
 
 /// Returns the encoded size of a synced limiter record of a quota tier with `log_entries`
 /// admissions in its log. It is the header, customer, times and flags (19 + C), the log
-/// (12 + 4 per entry), the remote usage that the sidecar's reply stored with this instance's
-/// cap and the cap's quota (20), and the empty pending list (1), as
+/// (12 + 4 per entry), the remote usage that the sidecar's reply stored (16), the empty
+/// pending list (1) and the quota of this instance's cap (4), as
 /// `filter/src/limiter/record.rs` lays them out.
 pub fn record_bytes(customer_len: usize, log_entries: usize) -> usize {
-    19 + customer_len + 12 + 4 * log_entries + 20 + 1
+    19 + customer_len + 12 + 4 * log_entries + 16 + 1 + 4
 }
 
 /// Returns the encoded size of a token-cache entry with a tier claim: version, SHA-256, `exp`,
@@ -308,7 +308,8 @@ mod tests {
 
     #[test]
     fn encoded_sizes_follow_the_layouts() {
-        // A 15-byte id: 19 + 15 header, 12 + 4 log, 20 remote usage, 1 pending count.
+        // A 15-byte id: 19 + 15 header, 12 + 4 log, 16 remote usage, 1 pending count, 4 cap
+        // quota.
         assert_eq!(record_bytes(15, 1), 71);
         assert_eq!(record_bytes(15, 60), 307);
         assert_eq!(token_entry_bytes(15, 5), 64);
