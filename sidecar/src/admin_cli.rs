@@ -285,13 +285,11 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
         }
         Command::Usage {
             sidecar,
-            start,
-            end,
+            range,
             granularity,
             customer,
         } => {
-            let end = end.unwrap_or_else(unix_now_s);
-            let start = start.unwrap_or(end - 86_400);
+            let (start, end) = range.resolve(unix_now_s());
             let granularity = match granularity.as_str() {
                 "minute" => Granularity::Minute,
                 "day" => Granularity::Day,
@@ -310,36 +308,36 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
                 .into_inner();
             let mut text = String::new();
             let _ = writeln!(text, "usage of {} in [{start}, {end})", usage.customer);
-            let _ = writeln!(
-                text,
-                "{:<12} {:>12} {:>12} {:>16}",
-                "start_unix_s", "admitted", "refused", "egress_bytes"
-            );
+            let mut row = |label: &dyn std::fmt::Display, counts: [&dyn std::fmt::Display; 3]| {
+                usage_row(&mut text, 12, label, counts);
+            };
+            row(&"start_unix_s", [&"admitted", &"refused", &"egress_bytes"]);
             for bucket in &usage.buckets {
-                let _ = writeln!(
-                    text,
-                    "{:<12} {:>12} {:>12} {:>16}",
-                    bucket.start_unix_s,
-                    bucket.admitted_requests,
-                    bucket.refused_requests,
-                    bucket.egress_bytes
+                row(
+                    &bucket.start_unix_s,
+                    [
+                        &bucket.admitted_requests,
+                        &bucket.refused_requests,
+                        &bucket.egress_bytes,
+                    ],
                 );
             }
-            let _ = writeln!(
-                text,
-                "{:<12} {:>12} {:>12} {:>16}",
-                "total", usage.admitted_requests, usage.refused_requests, usage.egress_bytes
+            row(
+                &"total",
+                [
+                    &usage.admitted_requests,
+                    &usage.refused_requests,
+                    &usage.egress_bytes,
+                ],
             );
             Ok(text)
         }
         Command::TopCustomers {
             sidecar,
-            start,
-            end,
+            range,
             limit,
         } => {
-            let end = end.unwrap_or_else(unix_now_s);
-            let start = start.unwrap_or(end - 86_400);
+            let (start, end) = range.resolve(unix_now_s());
             let mut client = UsageClient::new(channel(&sidecar).await?);
             let top = client
                 .list_top_customers(ListTopCustomersRequest {
@@ -352,19 +350,22 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
                 .into_inner();
             let mut text = String::new();
             let _ = writeln!(text, "top customers in [{start}, {end})");
-            let _ = writeln!(
-                text,
-                "{:<32} {:>12} {:>12} {:>16}",
-                "customer", "admitted", "refused", "egress_bytes"
+            usage_row(
+                &mut text,
+                32,
+                &"customer",
+                [&"admitted", &"refused", &"egress_bytes"],
             );
             for total in &top.customers {
-                let _ = writeln!(
-                    text,
-                    "{:<32} {:>12} {:>12} {:>16}",
-                    total.customer,
-                    total.admitted_requests,
-                    total.refused_requests,
-                    total.egress_bytes
+                usage_row(
+                    &mut text,
+                    32,
+                    &total.customer,
+                    [
+                        &total.admitted_requests,
+                        &total.refused_requests,
+                        &total.egress_bytes,
+                    ],
                 );
             }
             Ok(text)
@@ -558,6 +559,25 @@ async fn channel(url: &str) -> Result<tonic::transport::Channel, CommandError> {
         .connect()
         .await
         .map_err(|source| CommandError::Connect { url, source })
+}
+
+/// Appends one row of a usage table: `label` left-aligned in `width`
+/// columns, then the admitted, refused and egress-bytes columns.
+fn usage_row(
+    text: &mut String,
+    width: usize,
+    label: &dyn std::fmt::Display,
+    counts: [&dyn std::fmt::Display; 3],
+) {
+    let [admitted, refused, bytes] = counts;
+    let label = label.to_string();
+    let _ = writeln!(
+        text,
+        "{label:<width$} {:>12} {:>12} {:>16}",
+        admitted.to_string(),
+        refused.to_string(),
+        bytes.to_string()
+    );
 }
 
 /// Formats a reconciliation as a table with one row per customer and

@@ -127,14 +127,8 @@ pub enum Command {
         /// gRPC URL of the sidecar.
         #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
         sidecar: String,
-        /// Start of the range, in seconds since the Unix epoch; 24 hours
-        /// before the end by default.
-        #[arg(long, value_name = "UNIX_S")]
-        start: Option<i64>,
-        /// End of the range, exclusive, in seconds since the Unix epoch;
-        /// now by default.
-        #[arg(long, value_name = "UNIX_S")]
-        end: Option<i64>,
+        #[command(flatten)]
+        range: RangeArgs,
         /// Bucket size: minute, hour or day.
         #[arg(long, default_value = "hour", value_parser = ["minute", "hour", "day"])]
         granularity: String,
@@ -146,14 +140,8 @@ pub enum Command {
         /// gRPC URL of the sidecar.
         #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
         sidecar: String,
-        /// Start of the range, in seconds since the Unix epoch; 24 hours
-        /// before the end by default.
-        #[arg(long, value_name = "UNIX_S")]
-        start: Option<i64>,
-        /// End of the range, exclusive, in seconds since the Unix epoch;
-        /// now by default.
-        #[arg(long, value_name = "UNIX_S")]
-        end: Option<i64>,
+        #[command(flatten)]
+        range: RangeArgs,
         /// Customers listed at most; 0 means 10, and above 1000 means 1000.
         #[arg(long, default_value_t = 10)]
         limit: u32,
@@ -255,4 +243,25 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<std::path::PathBuf>,
     },
+}
+
+/// A time range of a usage command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RangeArgs {
+    /// Start of the range, in seconds since the Unix epoch; 24 hours before
+    /// the end by default.
+    #[arg(long, value_name = "UNIX_S")]
+    pub start: Option<i64>,
+    /// End of the range, exclusive, in seconds since the Unix epoch; now by
+    /// default.
+    #[arg(long, value_name = "UNIX_S")]
+    pub end: Option<i64>,
+}
+
+impl RangeArgs {
+    /// Returns the start and end, with the defaults applied at `now_s`.
+    pub fn resolve(&self, now_s: i64) -> (i64, i64) {
+        let end = self.end.unwrap_or(now_s);
+        (self.start.unwrap_or(end - 86_400), end)
+    }
 }
