@@ -127,6 +127,7 @@ pub enum Command {
         /// gRPC URL of the sidecar.
         #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
         sidecar: String,
+        /// Time range of the query.
         #[command(flatten)]
         range: RangeArgs,
         /// Bucket size: minute, hour or day.
@@ -140,6 +141,7 @@ pub enum Command {
         /// gRPC URL of the sidecar.
         #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
         sidecar: String,
+        /// Time range of the query.
         #[command(flatten)]
         range: RangeArgs,
         /// Customers listed at most; 0 means 10, and above 1000 means 1000.
