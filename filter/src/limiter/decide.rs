@@ -247,7 +247,7 @@ mod tests {
     fn lowered_quota_lowers_a_stale_cap() {
         // The cap of 1 came from a quota of 3, so it withholds 2 from this
         // instance. Under the tier's quota of 2 that leaves 0, and the log
-        // already holds one request.
+        // already contains one request.
         let mut record = capped(Some(3));
         let decision = apply(&mut record, &tier(Some(QUOTA), None), 2_000);
         assert!(!decision.admitted);
