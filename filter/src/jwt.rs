@@ -166,6 +166,20 @@ impl Verifier {
         })
     }
 
+    /// Maps a jwt-simple error to the reason the 401 names.
+    fn classify(&self, error: &jwt_simple::Error, token: &str) -> AuthError {
+        // jwt-simple checks the signature before it reads the claims, so a
+        // JSON error here comes from signed claims of the wrong type, such
+        // as a `sub` that is not a string.
+        if error.downcast_ref::<serde_json::Error>().is_some()
+            && self.customer_claim == "sub"
+            && subject_is_not_text(token)
+        {
+            return AuthError::InvalidCustomer;
+        }
+        classify(error)
+    }
+
     fn key_for(&self, kid: Option<&str>) -> Result<&VerifyingKey, AuthError> {
         match (kid, self.keys.as_slice()) {
             (None, [(_, only)]) => Ok(only),
@@ -209,22 +223,6 @@ fn claim_text<'a>(claims: &'a JWTClaims<Map<String, Value>>, name: &str) -> Opti
         return claims.subject.as_deref();
     }
     claims.custom.get(name).and_then(Value::as_str)
-}
-
-impl Verifier {
-    /// Maps a jwt-simple error to the reason the 401 names.
-    fn classify(&self, error: &jwt_simple::Error, token: &str) -> AuthError {
-        // jwt-simple checks the signature before it reads the claims, so a
-        // JSON error here comes from signed claims of the wrong type, such
-        // as a `sub` that is not a string.
-        if error.downcast_ref::<serde_json::Error>().is_some()
-            && self.customer_claim == "sub"
-            && subject_is_not_text(token)
-        {
-            return AuthError::InvalidCustomer;
-        }
-        classify(error)
-    }
 }
 
 /// Returns whether the token's claims have a `sub` that is not a string.

@@ -153,9 +153,8 @@ fn local_quota(
     let mut requests = quota.requests.saturating_sub(remote.others_admitted);
     if let Some(cap) = remote.cap {
         // A cap computed from another quota keeps withholding what it
-        // withheld from this instance. A raised limit then admits at once,
-        // a lowered one refuses at once, and the next reply brings a cap
-        // computed from the new quota.
+        // withheld from this instance, so a changed limit applies from the
+        // worker's next request until a reply brings a cap for it.
         let cap = match remote.cap_quota {
             Some(cap_quota) if cap_quota != quota.requests => {
                 quota.requests.saturating_sub(cap_quota.saturating_sub(cap))

@@ -263,7 +263,7 @@ mod tests {
     #[test]
     fn reader_without_cap_quota_keeps_the_rest() {
         // A filter that predates the cap's quota ignores the flag and the
-        // trailing bytes; clearing the flag shows what it reads.
+        // trailing bytes. Clearing the flag shows what it reads.
         let mut record = sample();
         if let Some(remote) = &mut record.remote {
             remote.cap_quota = Some(60);
