@@ -543,17 +543,27 @@ async fn refuse_policy_rejects_during_outage() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Returns the sidecar config whose `[tiers]` give basic `quota` requests
+/// per rolling 30 s.
+fn sidecar_basic_quota(quota: u64) -> String {
+    format!("window_seconds = 30\n[tiers.basic]\nquota_requests = {quota}\n")
+}
+
+/// Starts one instance whose filter and sidecar both give basic `quota`
+/// requests per rolling 30 s.
+async fn basic_quota_instance(key: &SigningKey, quota: u64) -> anyhow::Result<Fleet> {
+    let config = PluginConfig::for_key(key)?.quota("basic", quota, 30);
+    let options = FleetOptions {
+        sidecar_config: sidecar_basic_quota(quota).parse()?,
+        ..FleetOptions::new(1)
+    };
+    Ok(Fleet::start(&config, &options).await?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_change_applies_without_refill() -> anyhow::Result<()> {
     let key = SigningKey::generate("k1");
-    let config = PluginConfig::for_key(&key)?.quota("basic", 12, 30);
-    let sidecar_with_quota =
-        |quota: u64| format!("window_seconds = 30\n[tiers.basic]\nquota_requests = {quota}\n");
-    let options = FleetOptions {
-        sidecar_config: sidecar_with_quota(12).parse()?,
-        ..FleetOptions::new(1)
-    };
-    let mut fleet = Fleet::start(&config, &options).await?;
+    let mut fleet = basic_quota_instance(&key, 12).await?;
     let client = fleet.instances()[0].envoy.client();
     let token = key.mint(&TokenSpec::new("steady", "basic"))?;
 
@@ -567,7 +577,7 @@ async fn limit_change_applies_without_refill() -> anyhow::Result<()> {
     // counts as used too.
     fleet.instances_mut()[0]
         .sidecar
-        .reload_config(&sidecar_with_quota(6))?;
+        .reload_config(&sidecar_basic_quota(6))?;
     let mut admitted_before_change = 0;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -596,7 +606,7 @@ async fn limit_change_applies_without_refill() -> anyhow::Result<()> {
     // Up to 10: exactly what is left of 10 in the same window.
     fleet.instances_mut()[0]
         .sidecar
-        .reload_config(&sidecar_with_quota(10))?;
+        .reload_config(&sidecar_basic_quota(10))?;
     let mut admitted_after_raise = 0;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -631,14 +641,7 @@ async fn limit_change_applies_without_refill() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raised_limit_admits_idle_customer() -> anyhow::Result<()> {
     let key = SigningKey::generate("k1");
-    let config = PluginConfig::for_key(&key)?.quota("basic", 5, 30);
-    let sidecar_with_quota =
-        |quota: u64| format!("window_seconds = 30\n[tiers.basic]\nquota_requests = {quota}\n");
-    let options = FleetOptions {
-        sidecar_config: sidecar_with_quota(5).parse()?,
-        ..FleetOptions::new(1)
-    };
-    let mut fleet = Fleet::start(&config, &options).await?;
+    let mut fleet = basic_quota_instance(&key, 5).await?;
     let client = fleet.instances()[0].envoy.client();
     let token = key.mint(&TokenSpec::new("idle", "basic"))?;
     for _ in 0..5 {
@@ -653,7 +656,7 @@ async fn raised_limit_admits_idle_customer() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     fleet.instances_mut()[0]
         .sidecar
-        .reload_config(&sidecar_with_quota(8))?;
+        .reload_config(&sidecar_basic_quota(8))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !fleet.instances()[0]
         .envoy
