@@ -169,11 +169,13 @@ impl AdminService {
             .identities()
             .pseudonym(&request.customer);
         let tier_of = self.tier_of;
+        let identities = self.biller.store().identities().clone();
         let (stripe_id, tier) = self
             .biller
             .store()
             .read("read a Stripe customer", move |conn| {
-                Ok((customers::get(conn, &customer)?, tier_of(conn, &customer)?))
+                let stripe_id = customers::get(conn, &identities, &customer)?;
+                Ok((stripe_id, tier_of(conn, &customer)?))
             })
             .await?;
         Ok(StripeCustomer {

@@ -189,7 +189,7 @@ pub fn erase(
         records.insert(kind.to_owned(), u64::try_from(affected).unwrap_or(u64::MAX));
     };
 
-    let stripe_ids = stripe_ids(&tx, pseudonym)?;
+    let stripe_pseudonyms = stripe_pseudonyms(&tx, pseudonym)?;
     // Usage of minutes with a billed bucket was invoiced: it stays as
     // anonymous totals. The rest was never billed and goes entirely.
     let anonymized = tx.execute(
@@ -225,18 +225,26 @@ pub fn erase(
     count("customer_identity", usize::from(identity));
     let mut tier_state = 0;
     let mut metadata = 0;
-    for stripe_id in &stripe_ids {
+    let mut stripe_identities = 0;
+    for stripe_pseudonym in &stripe_pseudonyms {
+        // A Stripe customer that now bills another customer is theirs.
+        if Identities::stripe_in_use(&tx, stripe_pseudonym)? {
+            continue;
+        }
         tier_state += tx.execute(
-            "DELETE FROM stripe_tier_state WHERE stripe_customer_id = ?1",
-            [stripe_id],
+            "DELETE FROM stripe_tier_state WHERE stripe_pseudonym = ?1",
+            [stripe_pseudonym],
         )?;
         metadata += tx.execute(
-            "DELETE FROM stripe_tier_metadata_pending WHERE stripe_customer_id = ?1",
-            [stripe_id],
+            "DELETE FROM stripe_tier_metadata_pending WHERE stripe_pseudonym = ?1",
+            [stripe_pseudonym],
         )?;
+        let forgotten = Identities::forget_stripe(&tx, stripe_pseudonym).map_err(to_sql)?;
+        stripe_identities += usize::from(forgotten);
     }
     count("stripe_tier_state", tier_state);
     count("stripe_tier_metadata_pending", metadata);
+    count("stripe_identity", stripe_identities);
     let customer = request.customer.as_bytes();
     let sealed = keys::encrypt(&tx, keys, ERASURES_OWNER, customer, ERASED_AAD).map_err(to_sql)?;
     tx.execute(
@@ -286,19 +294,19 @@ pub fn erase(
     ))
 }
 
-/// Returns the Stripe customers the customer's usage went or was to go
-/// to.
-fn stripe_ids(conn: &Connection, customer: &str) -> rusqlite::Result<Vec<String>> {
-    let mut statement = conn.prepare(SELECT_STRIPE_IDS)?;
+/// Returns the pseudonyms of the Stripe customers the customer's usage
+/// went or was to go to.
+fn stripe_pseudonyms(conn: &Connection, customer: &str) -> rusqlite::Result<Vec<String>> {
+    let mut statement = conn.prepare(SELECT_STRIPE_PSEUDONYMS)?;
     let rows = statement.query_map([customer], |row| row.get(0))?;
     rows.collect()
 }
 
-const SELECT_STRIPE_IDS: &str = "
-SELECT stripe_customer_id FROM stripe_customer WHERE customer = ?1
+const SELECT_STRIPE_PSEUDONYMS: &str = "
+SELECT stripe_pseudonym FROM stripe_customer WHERE customer = ?1
 UNION
-SELECT stripe_customer_id FROM meter_event
-WHERE customer = ?1 AND stripe_customer_id IS NOT NULL";
+SELECT stripe_pseudonym FROM meter_event
+WHERE customer = ?1 AND stripe_pseudonym IS NOT NULL";
 
 const SELECT_ERASED: &str =
     "SELECT pseudonym, sealed, refuse_until_unix_s FROM erased_customer ORDER BY pseudonym";
@@ -613,7 +621,7 @@ mod tests {
              INSERT INTO billing_dirty VALUES ('{customer}', 120);
              INSERT INTO meter_bucket VALUES ('{customer}', 'api_requests', 60, 5, 1);
              INSERT INTO meter_event (identifier, customer, meter, minute_unix_s, value, state,
-                                      stripe_customer_id, created_unix_s)
+                                      stripe_pseudonym, created_unix_s)
                  VALUES ('id-{customer}', '{customer}', 'api_requests', 60, 5, 'sent',
                          '{stripe_id}', 1);
              INSERT INTO counter_outbox (customer, bucket_unix_s, admitted, requests)
@@ -622,6 +630,7 @@ mod tests {
              INSERT INTO stripe_tier_state VALUES ('{stripe_id}', 'pro', 1, 'evt_1', 1, 1,
                                                    NULL, NULL, 1);
              INSERT INTO stripe_tier_metadata_pending VALUES ('{stripe_id}', 'pro', 1, 0, 0);
+             INSERT OR IGNORE INTO stripe_identity VALUES ('{stripe_id}', x'00');
              INSERT INTO customer_identity VALUES ('{customer}', x'00');"
         ))
         .unwrap();
@@ -649,6 +658,39 @@ mod tests {
     }
 
     #[test]
+    fn stripe_customer_billing_another_customer_is_kept() {
+        let mut conn = open();
+        seed(&conn, "ab12", "cus_A");
+        seed(&conn, "globex", "cus_G");
+        // ab12's usage went to cus_G before cus_G was mapped to globex.
+        conn.execute_batch(
+            "INSERT INTO meter_event (identifier, customer, meter, minute_unix_s, value, state,
+                                      stripe_pseudonym, created_unix_s)
+                 VALUES ('id-old', 'ab12', 'api_requests', 120, 3, 'sent', 'cus_G', 1);",
+        )
+        .unwrap();
+
+        let (erasure, _) = erase(&mut conn, keys(), request("acme"), &mut |_, _, _| {
+            Ok(receipt(1))
+        })
+        .unwrap();
+
+        assert_eq!(erasure.records["stripe_identity"], 1);
+        assert_eq!(erasure.records["stripe_tier_state"], 1);
+        for table in ["stripe_identity", "stripe_tier_state"] {
+            let column = match table {
+                "stripe_identity" => "pseudonym",
+                _ => "stripe_pseudonym",
+            };
+            let kept = count(
+                &conn,
+                &format!("SELECT COUNT(*) FROM {table} WHERE {column} = 'cus_G'"),
+            );
+            assert_eq!(kept, 1, "{table}");
+        }
+    }
+
+    #[test]
     fn erasure_removes_every_trace_and_keeps_invoiced_totals() {
         let mut conn = open();
         seed(&conn, "ab12", "cus_A");
@@ -668,7 +710,15 @@ mod tests {
         assert_eq!(erasure.records["stripe_tier_state"], 1);
         assert_eq!(erasure.records["data_key"], 1);
         assert_eq!(erasure.records["customer_identity"], 1);
+        assert_eq!(erasure.records["stripe_identity"], 1);
         assert_eq!(count(&conn, "SELECT COUNT(*) FROM customer_identity"), 1);
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM stripe_identity WHERE pseudonym = 'cus_G'"
+            ),
+            1
+        );
         for table in [
             "usage_minute",
             "billing_dirty",
@@ -691,7 +741,14 @@ mod tests {
         assert_eq!(
             count(
                 &conn,
-                "SELECT COUNT(*) FROM stripe_tier_state WHERE stripe_customer_id = 'cus_A'"
+                "SELECT COUNT(*) FROM stripe_tier_state WHERE stripe_pseudonym = 'cus_A'"
+            ),
+            0
+        );
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM stripe_identity WHERE pseudonym = 'cus_A'"
             ),
             0
         );
@@ -861,7 +918,7 @@ mod tests {
     fn missing_tables_are_errors() {
         let conn = Connection::open_in_memory().unwrap();
 
-        assert!(stripe_ids(&conn, "acme").is_err());
+        assert!(stripe_pseudonyms(&conn, "acme").is_err());
         assert!(set_version(&conn, "er_1", 1).is_err());
         assert!(erased_customers(&conn, keys(), 1).is_err());
         assert!(store_ack(&conn, "i1", 1, 1).is_err());

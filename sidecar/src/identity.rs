@@ -12,6 +12,12 @@
 //! customer to the outside (usage listings, Redis keys, tier overrides
 //! pushed to the filter) reveals it from `customer_identity`.
 //!
+//! Stripe customer ids are kept the same way: the billing and webhook
+//! tables name a Stripe customer by its own pseudonym, and the id is
+//! stored once, in `stripe_identity`, encrypted under a data key of that
+//! Stripe customer, which an erasure of the customer billed to it
+//! destroys.
+//!
 //! NOTE: anyone with the key file and a copy of the database can still
 //! test whether a given customer id has rows in it, by computing its
 //! pseudonym. That is what a blind index allows by design.
@@ -23,7 +29,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::keys::{self, IndexKey, KeyError, KeyProvider};
 
-/// Table of the encrypted customer ids, created when missing.
+/// Tables of the encrypted customer and Stripe customer ids, created when
+/// missing.
 pub const SCHEMA: &str = "
 -- One row per customer with rows elsewhere: the customer id, encrypted
 -- under the data key of owner 'customer:<pseudonym>'.
@@ -31,16 +38,58 @@ CREATE TABLE IF NOT EXISTS customer_identity (
     pseudonym TEXT PRIMARY KEY NOT NULL,
     sealed BLOB NOT NULL
 ) WITHOUT ROWID, STRICT;
+
+-- One row per Stripe customer with rows elsewhere: its id (cus_...),
+-- encrypted under the data key of owner 'stripe:<pseudonym>'.
+CREATE TABLE IF NOT EXISTS stripe_identity (
+    pseudonym TEXT PRIMARY KEY NOT NULL,
+    sealed BLOB NOT NULL
+) WITHOUT ROWID, STRICT;
 ";
 
-/// Associated data of a sealed customer id, so a ciphertext moved to
-/// another table or column fails authentication.
-const SEALED_AAD: &[u8] = b"customer_identity.sealed";
+/// Where a kind of id is sealed: its table, the associated data of its
+/// ciphertexts (so one moved to another table fails authentication), and
+/// the prefix of its data key owners.
+struct Sealed {
+    table: &'static str,
+    aad: &'static [u8],
+    owner_prefix: &'static str,
+}
 
-/// Key in `sidecar_meta` recording that the tables hold pseudonyms.
+impl Sealed {
+    fn owner(&self, pseudonym: &str) -> String {
+        format!("{}{pseudonym}", self.owner_prefix)
+    }
+}
+
+/// Customer ids, in `customer_identity`.
+const CUSTOMER: Sealed = Sealed {
+    table: "customer_identity",
+    aad: b"customer_identity.sealed",
+    owner_prefix: "customer:",
+};
+
+/// Stripe customer ids, in `stripe_identity`.
+const STRIPE: Sealed = Sealed {
+    table: "stripe_identity",
+    aad: b"stripe_identity.sealed",
+    owner_prefix: "stripe:",
+};
+
+/// What the keyed hash of a Stripe customer id covers before the id. A
+/// customer id holds no space, so no customer id hashes to the same input.
+const STRIPE_HASH_PREFIX: &str = "stripe ";
+
+/// Key in `sidecar_meta` recording that the tables hold pseudonyms of
+/// customer ids.
 const META_KEY: &str = "customer_ids";
 
-/// Value of [`META_KEY`] once every customer id was replaced.
+/// Key in `sidecar_meta` recording that the tables hold pseudonyms of
+/// Stripe customer ids.
+const STRIPE_META_KEY: &str = "stripe_customer_ids";
+
+/// Value of [`META_KEY`] and [`STRIPE_META_KEY`] once every id was
+/// replaced.
 const META_PSEUDONYMS: &str = "pseudonyms";
 
 /// Tables and columns that name a customer by its pseudonym.
@@ -51,6 +100,14 @@ pub const CUSTOMER_COLUMNS: [(&str, &str); 6] = [
     ("meter_event", "customer"),
     ("counter_outbox", "customer"),
     ("stripe_customer", "customer"),
+];
+
+/// Tables and columns that name a Stripe customer by its pseudonym.
+pub const STRIPE_COLUMNS: [(&str, &str); 4] = [
+    ("stripe_customer", "stripe_pseudonym"),
+    ("meter_event", "stripe_pseudonym"),
+    ("stripe_tier_state", "stripe_pseudonym"),
+    ("stripe_tier_metadata_pending", "stripe_pseudonym"),
 ];
 
 /// Pseudonyms of customer ids and their encrypted originals; cheap to
@@ -70,40 +127,54 @@ impl std::fmt::Debug for Identities {
 impl Identities {
     /// Loads the index key (creating it on first use), and on the first
     /// open of a store written before pseudonyms replaces every stored
-    /// customer id with its pseudonym, all in one transaction.
+    /// customer id and Stripe customer id with its pseudonym, all in one
+    /// transaction.
     pub fn open(conn: &mut Connection, keys: Arc<dyn KeyProvider>) -> Result<Self, KeyError> {
         let tx = conn.transaction()?;
         let index_key = IndexKey::load_or_create(&tx, keys.as_ref())?;
         let identities = Identities { index_key, keys };
-        let done: Option<String> = tx
-            .query_row(
-                "SELECT value FROM sidecar_meta WHERE key = ?1",
-                [META_KEY],
-                |row| row.get(0),
-            )
-            .optional()?;
-        if done.as_deref() != Some(META_PSEUDONYMS) {
-            let replaced = identities.pseudonymize_all(&tx)?;
-            let pseudonym = |customer: &str| identities.pseudonym(customer);
-            crate::erasure::seal_ids_in_clear(&tx, identities.keys.as_ref(), &pseudonym)?;
-            if replaced > 0 {
-                tracing::info!(
-                    customers = replaced,
-                    "replaced stored customer ids with pseudonyms"
-                );
+        let mut pending = Vec::new();
+        for key in [META_KEY, STRIPE_META_KEY] {
+            if !converted(&tx, key)? {
+                pending.push(key);
             }
-            tx.execute(
-                "INSERT OR REPLACE INTO sidecar_meta (key, value) VALUES (?1, ?2)",
-                [META_KEY, META_PSEUDONYMS],
-            )?;
+        }
+        if pending.is_empty() {
             tx.commit()?;
-            // The pages as they were before the conversion, ids in clear,
-            // stay in the write-ahead log until a checkpoint truncates it.
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
             return Ok(identities);
         }
+        for key in pending {
+            identities.convert(&tx, key)?;
+            mark_converted(&tx, key)?;
+        }
         tx.commit()?;
+        // The pages as they were before the conversion, ids in clear,
+        // stay in the write-ahead log until a checkpoint truncates it.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(identities)
+    }
+
+    /// Replaces the ids in clear that the conversion recorded under `key`
+    /// in `sidecar_meta` covers: customer ids for [`META_KEY`], Stripe
+    /// customer ids for [`STRIPE_META_KEY`].
+    fn convert(&self, conn: &Connection, key: &str) -> Result<(), KeyError> {
+        let (columns, kind, record): (&[(&str, &str)], _, &RecordId<'_>) = match key {
+            META_KEY => (&CUSTOMER_COLUMNS, "customer", &|conn, id| {
+                self.record(conn, id)
+            }),
+            _ => (&STRIPE_COLUMNS, "Stripe customer", &|conn, id| {
+                self.record_stripe(conn, id)
+            }),
+        };
+        let replaced = pseudonymize_all(conn, columns, record)?;
+        if key == META_KEY {
+            let pseudonym = |customer: &str| self.pseudonym(customer);
+            crate::erasure::seal_ids_in_clear(conn, self.keys.as_ref(), &pseudonym)?;
+        }
+        if replaced > 0 {
+            tracing::info!(ids = replaced, "replaced stored {kind} ids with pseudonyms");
+        }
+        Ok(())
     }
 
     /// Returns the pseudonym of `customer`, without touching the store.
@@ -117,22 +188,7 @@ impl Identities {
     /// identity.
     pub fn record(&self, conn: &Connection, customer: &str) -> Result<String, KeyError> {
         let pseudonym = self.pseudonym(customer);
-        let known = conn
-            .prepare_cached("SELECT 1 FROM customer_identity WHERE pseudonym = ?1")?
-            .exists([&pseudonym])?;
-        if !known {
-            let sealed = keys::encrypt(
-                conn,
-                self.keys.as_ref(),
-                &key_owner(&pseudonym),
-                customer.as_bytes(),
-                SEALED_AAD,
-            )?;
-            conn.prepare_cached(
-                "INSERT INTO customer_identity (pseudonym, sealed) VALUES (?1, ?2)",
-            )?
-            .execute(params![pseudonym, sealed])?;
-        }
+        self.seal_once(conn, &CUSTOMER, &pseudonym, customer)?;
         Ok(pseudonym)
     }
 
@@ -140,20 +196,72 @@ impl Identities {
     /// readable identity: the customer was erased, or its data key is
     /// gone.
     pub fn reveal(&self, conn: &Connection, pseudonym: &str) -> Result<Option<String>, KeyError> {
+        self.unseal(conn, &CUSTOMER, pseudonym)
+    }
+
+    /// Returns the pseudonym of the Stripe customer id `stripe_id`, without
+    /// touching the store.
+    pub fn stripe_pseudonym(&self, stripe_id: &str) -> String {
+        self.index_key
+            .hash(&format!("{STRIPE_HASH_PREFIX}{stripe_id}"))
+    }
+
+    /// Returns the pseudonym of the Stripe customer id `stripe_id` and
+    /// stores its encrypted id when it has none yet, like [`Self::record`].
+    pub fn record_stripe(&self, conn: &Connection, stripe_id: &str) -> Result<String, KeyError> {
+        let pseudonym = self.stripe_pseudonym(stripe_id);
+        self.seal_once(conn, &STRIPE, &pseudonym, stripe_id)?;
+        Ok(pseudonym)
+    }
+
+    /// Returns the Stripe customer id of `pseudonym`, or `None` when it has
+    /// no readable identity: the customer billed to it was erased.
+    pub fn reveal_stripe(
+        &self,
+        conn: &Connection,
+        pseudonym: &str,
+    ) -> Result<Option<String>, KeyError> {
+        self.unseal(conn, &STRIPE, pseudonym)
+    }
+
+    fn seal_once(
+        &self,
+        conn: &Connection,
+        kind: &Sealed,
+        pseudonym: &str,
+        id: &str,
+    ) -> Result<(), KeyError> {
+        let table = kind.table;
+        let known = conn
+            .prepare_cached(&format!("SELECT 1 FROM {table} WHERE pseudonym = ?1"))?
+            .exists([pseudonym])?;
+        if !known {
+            let owner = kind.owner(pseudonym);
+            let sealed = keys::encrypt(conn, self.keys.as_ref(), &owner, id.as_bytes(), kind.aad)?;
+            conn.prepare_cached(&format!(
+                "INSERT INTO {table} (pseudonym, sealed) VALUES (?1, ?2)"
+            ))?
+            .execute(params![pseudonym, sealed])?;
+        }
+        Ok(())
+    }
+
+    fn unseal(
+        &self,
+        conn: &Connection,
+        kind: &Sealed,
+        pseudonym: &str,
+    ) -> Result<Option<String>, KeyError> {
+        let table = kind.table;
         let sealed: Option<Vec<u8>> = conn
-            .prepare_cached("SELECT sealed FROM customer_identity WHERE pseudonym = ?1")?
+            .prepare_cached(&format!("SELECT sealed FROM {table} WHERE pseudonym = ?1"))?
             .query_row([pseudonym], |row| row.get(0))
             .optional()?;
         let Some(sealed) = sealed else {
             return Ok(None);
         };
-        let plaintext = keys::decrypt(
-            conn,
-            self.keys.as_ref(),
-            &key_owner(pseudonym),
-            &sealed,
-            SEALED_AAD,
-        )?;
+        let owner = kind.owner(pseudonym);
+        let plaintext = keys::decrypt(conn, self.keys.as_ref(), &owner, &sealed, kind.aad)?;
         // The sidecar only seals valid UTF-8, and the tag authenticates it.
         Ok(plaintext.and_then(|bytes| String::from_utf8(bytes).ok()))
     }
@@ -164,6 +272,7 @@ impl Identities {
         Revealer {
             identities: self,
             known: HashMap::new(),
+            known_stripe: HashMap::new(),
         }
     }
 
@@ -177,48 +286,102 @@ impl Identities {
         Ok(deleted > 0)
     }
 
-    /// Replaces every customer id stored in clear by its pseudonym and
-    /// records its identity; returns how many customers it replaced.
-    ///
-    /// A temporary table maps each id to its pseudonym, so every table
-    /// takes one UPDATE, whatever the number of customers.
-    fn pseudonymize_all(&self, conn: &Connection) -> Result<u64, KeyError> {
-        let union = CUSTOMER_COLUMNS
-            .iter()
-            .map(|(table, column)| format!("SELECT {column} FROM {table}"))
-            .collect::<Vec<_>>()
-            .join(" UNION ");
-        let customers: Vec<String> = {
-            let mut statement = conn.prepare(&union)?;
-            let rows = statement.query_map([], |row| row.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        let create = "CREATE TEMP TABLE pseudonym_of (customer TEXT PRIMARY KEY, pseudonym TEXT)";
-        conn.execute_batch(create)?;
-        let insert = "INSERT INTO temp.pseudonym_of (customer, pseudonym) VALUES (?1, ?2)";
-        for customer in &customers {
-            let pseudonym = self.record(conn, customer)?;
-            conn.execute(insert, [customer, &pseudonym])?;
-        }
-        for (table, column) in CUSTOMER_COLUMNS {
-            conn.execute(
-                &format!(
-                    "UPDATE {table} SET {column} = map.pseudonym FROM temp.pseudonym_of AS map
-                     WHERE {table}.{column} = map.customer"
-                ),
-                [],
-            )?;
-        }
-        conn.execute_batch("DROP TABLE temp.pseudonym_of")?;
-        Ok(u64::try_from(customers.len()).unwrap_or(u64::MAX))
+    /// Returns whether a customer's mapping or meter event names the
+    /// Stripe customer of `pseudonym`.
+    pub fn stripe_in_use(conn: &Connection, pseudonym: &str) -> rusqlite::Result<bool> {
+        conn.prepare_cached(
+            "SELECT 1 FROM stripe_customer WHERE stripe_pseudonym = ?1
+             UNION ALL SELECT 1 FROM meter_event WHERE stripe_pseudonym = ?1",
+        )?
+        .exists([pseudonym])
+    }
+
+    /// Deletes the encrypted Stripe customer id of `pseudonym` and destroys
+    /// its data key. Returns whether there was an id.
+    pub fn forget_stripe(conn: &Connection, pseudonym: &str) -> Result<bool, KeyError> {
+        let deleted = conn.execute(
+            "DELETE FROM stripe_identity WHERE pseudonym = ?1",
+            [pseudonym],
+        )?;
+        keys::destroy(conn, &STRIPE.owner(pseudonym))?;
+        Ok(deleted > 0)
     }
 }
 
-/// Reveals customer ids, decrypting each pseudonym once.
+/// Stores the encrypted form of an id and returns its pseudonym, as
+/// [`Identities::record`] does.
+type RecordId<'a> = dyn Fn(&Connection, &str) -> Result<String, KeyError> + 'a;
+
+/// Returns whether the conversion recorded under `key` in `sidecar_meta`
+/// was done.
+fn converted(conn: &Connection, key: &str) -> rusqlite::Result<bool> {
+    let done: Option<String> = conn
+        .query_row(
+            "SELECT value FROM sidecar_meta WHERE key = ?1",
+            [key],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(done.as_deref() == Some(META_PSEUDONYMS))
+}
+
+/// Records in `sidecar_meta` that the conversion under `key` was done.
+fn mark_converted(conn: &Connection, key: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO sidecar_meta (key, value) VALUES (?1, ?2)",
+        [key, META_PSEUDONYMS],
+    )?;
+    Ok(())
+}
+
+/// Replaces every id stored in clear in `columns` by the pseudonym that
+/// `record` returns (which also stores the encrypted id); returns how many
+/// distinct ids it replaced.
+///
+/// A temporary table maps each id to its pseudonym, so every table takes
+/// one UPDATE, whatever the number of ids.
+fn pseudonymize_all(
+    conn: &Connection,
+    columns: &[(&str, &str)],
+    record: &RecordId<'_>,
+) -> Result<u64, KeyError> {
+    let union = columns
+        .iter()
+        .map(|(table, column)| format!("SELECT {column} FROM {table} WHERE {column} IS NOT NULL"))
+        .collect::<Vec<_>>()
+        .join(" UNION ");
+    let ids: Vec<String> = {
+        let mut statement = conn.prepare(&union)?;
+        let rows = statement.query_map([], |row| row.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let create = "CREATE TEMP TABLE pseudonym_of (id TEXT PRIMARY KEY, pseudonym TEXT)";
+    conn.execute_batch(create)?;
+    let insert = "INSERT INTO temp.pseudonym_of (id, pseudonym) VALUES (?1, ?2)";
+    for id in &ids {
+        let pseudonym = record(conn, id)?;
+        conn.execute(insert, [id, &pseudonym])?;
+    }
+    for (table, column) in columns {
+        conn.execute(
+            &format!(
+                "UPDATE {table} SET {column} = map.pseudonym FROM temp.pseudonym_of AS map
+                 WHERE {table}.{column} = map.id"
+            ),
+            [],
+        )?;
+    }
+    conn.execute_batch("DROP TABLE temp.pseudonym_of")?;
+    Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
+}
+
+/// Reveals customer and Stripe customer ids, decrypting each pseudonym
+/// once.
 #[derive(Debug)]
 pub struct Revealer<'a> {
     identities: &'a Identities,
     known: HashMap<String, Option<String>>,
+    known_stripe: HashMap<String, Option<String>>,
 }
 
 impl Revealer<'_> {
@@ -252,11 +415,27 @@ impl Revealer<'_> {
         self.known.insert(pseudonym.to_owned(), customer.clone());
         Ok(customer)
     }
+
+    /// As [`Identities::reveal_stripe`], from memory for a pseudonym seen
+    /// before.
+    pub fn reveal_stripe(
+        &mut self,
+        conn: &Connection,
+        pseudonym: &str,
+    ) -> Result<Option<String>, KeyError> {
+        if let Some(known) = self.known_stripe.get(pseudonym) {
+            return Ok(known.clone());
+        }
+        let stripe_id = self.identities.reveal_stripe(conn, pseudonym)?;
+        self.known_stripe
+            .insert(pseudonym.to_owned(), stripe_id.clone());
+        Ok(stripe_id)
+    }
 }
 
 /// Owner of a customer's data key, named by the customer's pseudonym.
 pub fn key_owner(pseudonym: &str) -> String {
-    format!("customer:{pseudonym}")
+    CUSTOMER.owner(pseudonym)
 }
 
 #[cfg(test)]
@@ -404,6 +583,42 @@ mod tests {
     }
 
     #[test]
+    fn failed_stripe_writes_are_errors() {
+        let (test, _conn, _identities) = store();
+        let path = test.dir.path().join("db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TABLE stripe_identity;
+             CREATE VIEW stripe_identity AS SELECT '' AS pseudonym, x'' AS sealed;",
+        )
+        .unwrap();
+        assert!(
+            Identities::forget_stripe(&conn, "p").is_err(),
+            "delete from a view"
+        );
+
+        conn.execute_batch("DROP TABLE stripe_customer").unwrap();
+        assert!(
+            Identities::stripe_in_use(&conn, "p").is_err(),
+            "no mapping table"
+        );
+    }
+
+    #[test]
+    fn failed_conversion_record_fails_the_open() {
+        let test = TestKeyFile::new();
+        let mut conn = crate::store::test_support::open_writer(&test.dir.path().join("db"));
+        conn.execute_batch(
+            "CREATE TRIGGER reject_meta BEFORE INSERT ON sidecar_meta
+             WHEN NEW.key = 'customer_ids'
+             BEGIN SELECT RAISE(ABORT, 'rejected'); END;",
+        )
+        .unwrap();
+
+        assert!(Identities::open(&mut conn, test_keys(&test)).is_err());
+    }
+
+    #[test]
     fn failed_replacement_fails_the_open() {
         let test = TestKeyFile::new();
         let mut conn = crate::store::test_support::open_writer(&test.dir.path().join("db"));
@@ -489,6 +704,21 @@ mod tests {
             identities.reveal(&conn, &globex).unwrap().as_deref(),
             Some("globex")
         );
+        let stripe_globex: String = conn
+            .query_row(
+                "SELECT stripe_pseudonym FROM stripe_customer WHERE customer = ?1",
+                [&globex],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(stripe_globex, identities.stripe_pseudonym("cus_G"));
+        assert_eq!(
+            identities
+                .reveal_stripe(&conn, &stripe_globex)
+                .unwrap()
+                .as_deref(),
+            Some("cus_G")
+        );
         let erased: String = conn
             .query_row("SELECT pseudonym FROM erased_customer", [], |row| {
                 row.get(0)
@@ -508,5 +738,153 @@ mod tests {
             )
             .unwrap();
         assert_eq!(raw, 1);
+    }
+
+    #[test]
+    fn stripe_ids_are_sealed_and_revealed() {
+        let (_test, conn, identities) = store();
+
+        let pseudonym = identities.record_stripe(&conn, "cus_Q1x").unwrap();
+        let again = identities.record_stripe(&conn, "cus_Q1x").unwrap();
+
+        assert_eq!(pseudonym, again);
+        assert_eq!(pseudonym, identities.stripe_pseudonym("cus_Q1x"));
+        assert_ne!(pseudonym, identities.pseudonym("cus_Q1x"));
+        let mut revealer = identities.revealer();
+        for _ in 0..2 {
+            assert_eq!(
+                revealer
+                    .reveal_stripe(&conn, &pseudonym)
+                    .unwrap()
+                    .as_deref(),
+                Some("cus_Q1x")
+            );
+        }
+        // A customer pseudonym names no Stripe customer.
+        assert_eq!(identities.reveal(&conn, &pseudonym).unwrap(), None);
+        let sealed: Vec<u8> = conn
+            .query_row("SELECT sealed FROM stripe_identity", [], |row| row.get(0))
+            .unwrap();
+        assert!(!sealed.windows(7).any(|window| window == b"cus_Q1x"));
+    }
+
+    #[test]
+    fn forgotten_stripe_id_reveals_nothing() {
+        let (_test, conn, identities) = store();
+        let mapped = identities.record_stripe(&conn, "cus_M").unwrap();
+        let billed = identities.record_stripe(&conn, "cus_B").unwrap();
+        let unused = identities.record_stripe(&conn, "cus_U").unwrap();
+        conn.execute(
+            "INSERT INTO stripe_customer VALUES ('p-acme', ?1, 1)",
+            [&mapped],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO meter_event (identifier, customer, meter, minute_unix_s, value, state,
+                                      stripe_pseudonym, created_unix_s)
+             VALUES ('e1', 'p-acme', 'api_requests', 60, 1, 'sent', ?1, 1)",
+            [&billed],
+        )
+        .unwrap();
+
+        assert!(Identities::stripe_in_use(&conn, &mapped).unwrap());
+        assert!(Identities::stripe_in_use(&conn, &billed).unwrap());
+        assert!(!Identities::stripe_in_use(&conn, &unused).unwrap());
+        assert!(Identities::forget_stripe(&conn, &unused).unwrap());
+        assert!(!Identities::forget_stripe(&conn, &unused).unwrap());
+
+        assert_eq!(identities.reveal_stripe(&conn, &unused).unwrap(), None);
+        let owners: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM data_key WHERE owner = ?1",
+                [format!("stripe:{unused}")],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(owners, 0, "the data key is destroyed");
+        assert_eq!(
+            identities.reveal_stripe(&conn, &mapped).unwrap().as_deref(),
+            Some("cus_M")
+        );
+    }
+
+    #[test]
+    fn store_with_pseudonymous_customers_gets_stripe_pseudonyms() {
+        let test = TestKeyFile::new();
+        let path = test.dir.path().join("db");
+        // The Stripe tables as schema version 3 had them, ids in clear,
+        // with the customers already named by pseudonym.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE stripe_customer (
+                 customer TEXT PRIMARY KEY NOT NULL,
+                 stripe_customer_id TEXT NOT NULL UNIQUE,
+                 updated_unix_s INTEGER NOT NULL) WITHOUT ROWID, STRICT;
+             CREATE TABLE stripe_tier_state (
+                 stripe_customer_id TEXT PRIMARY KEY NOT NULL, tier TEXT NOT NULL,
+                 version INTEGER NOT NULL CHECK (version >= 1), event_id TEXT NOT NULL,
+                 event_created_unix_s INTEGER NOT NULL, rank INTEGER NOT NULL,
+                 subscription_id TEXT, subscription_created_unix_s INTEGER,
+                 updated_unix_s INTEGER NOT NULL) WITHOUT ROWID, STRICT;
+             CREATE TABLE sidecar_meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)
+                 WITHOUT ROWID, STRICT;
+             INSERT INTO sidecar_meta VALUES ('customer_ids', 'pseudonyms');
+             INSERT INTO stripe_customer VALUES ('p-acme', 'cus_A7q', 1);
+             INSERT INTO stripe_tier_state VALUES ('cus_A7q', 'pro', 1, 'evt_1', 1, 1,
+                                                   NULL, NULL, 1);
+             INSERT INTO stripe_tier_state VALUES ('cus_N0map', 'basic', 1, 'evt_2', 1, 1,
+                                                   NULL, NULL, 1);
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        drop(conn);
+        let mut conn = crate::store::test_support::open_writer(&path);
+
+        let identities = Identities::open(&mut conn, test_keys(&test)).unwrap();
+
+        let mapped: (String, String) = conn
+            .query_row(
+                "SELECT customer, stripe_pseudonym FROM stripe_customer",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            mapped,
+            ("p-acme".to_owned(), identities.stripe_pseudonym("cus_A7q"))
+        );
+        let states: Vec<String> = conn
+            .prepare("SELECT stripe_pseudonym FROM stripe_tier_state ORDER BY tier")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            states,
+            [
+                identities.stripe_pseudonym("cus_N0map"),
+                identities.stripe_pseudonym("cus_A7q")
+            ]
+        );
+        assert_eq!(
+            identities
+                .reveal_stripe(&conn, &states[0])
+                .unwrap()
+                .as_deref(),
+            Some("cus_N0map")
+        );
+        let customers: i64 = conn
+            .query_row("SELECT COUNT(*) FROM customer_identity", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(customers, 0, "the customers were left alone");
+        drop(conn);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend(std::fs::read(test.dir.path().join("db-wal")).unwrap_or_default());
+        for id in [&b"cus_A7q"[..], b"cus_N0map"] {
+            assert!(!bytes.windows(id.len()).any(|window| window == id));
+        }
     }
 }

@@ -141,12 +141,14 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
     let doomed_token = key.mint(&TokenSpec::new(DOOMED, "basic"))?;
     let kept_token = key.mint(&TokenSpec::new(KEPT, "basic"))?;
     let mut admin = stack.sidecar.admin().await?;
-    admin
-        .set_stripe_customer(SetStripeCustomerRequest {
-            customer: DOOMED.into(),
-            stripe_customer_id: "cus_doomed".into(),
-        })
-        .await?;
+    for (customer, stripe_id) in [(DOOMED, "cus_doomed"), (KEPT, "cus_kept")] {
+        admin
+            .set_stripe_customer(SetStripeCustomerRequest {
+                customer: customer.into(),
+                stripe_customer_id: stripe_id.into(),
+            })
+            .await?;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let doomed = traffic(&stack, doomed_token.clone(), Arc::clone(&stop));
@@ -269,11 +271,11 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
     )?;
     ensure!(others > 0, "kept customer's rows are gone");
     drop(conn);
-    // No customer id is stored in clear, neither the erased one nor the
-    // kept one. The actor is stored in clear, so finding it shows the scan
-    // works.
+    // No customer id or Stripe customer id is stored in clear, neither the
+    // erased customer's nor the kept one's. The actor is stored in clear, so
+    // finding it shows the scan works.
     let bytes = store_bytes(stack.sidecar.data_dir())?;
-    for id in [DOOMED, KEPT] {
+    for id in [DOOMED, KEPT, "cus_doomed", "cus_kept"] {
         ensure!(
             !contains(&bytes, id),
             "the store files contain {id:?} in clear"
@@ -535,10 +537,12 @@ async fn old_backup_unreadable_after_rotation() -> anyhow::Result<()> {
     let data_dir = stack.sidecar.data_dir().to_path_buf();
     // The sidecar checkpoints the WAL when it stops, so the file is whole.
     let backup = std::fs::read(data_dir.join("usage.sqlite3"))?;
-    ensure!(
-        !contains(&backup, DOOMED),
-        "the backup contains the customer id in clear"
-    );
+    for id in [DOOMED, "cus_backup"] {
+        ensure!(
+            !contains(&backup, id),
+            "the backup contains {id:?} in clear"
+        );
+    }
     stack.sidecar.restart().await?;
     stack
         .sidecar

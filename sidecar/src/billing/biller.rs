@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::queue::{self, LedgerKey, QueuedEvent};
-use super::sink::{FileSink, MeterNames, SendOutcome, StripeSink, backoff};
+use super::sink::{FileSink, MeterNames, NamedEvent, SendOutcome, StripeSink, backoff};
 use crate::ledger::unix_now_s;
 use crate::metrics::Metrics;
 use crate::privacy::to_sql;
@@ -262,10 +262,11 @@ impl Biller {
         report: &mut RoundReport,
     ) -> Result<bool, StoreError> {
         // The file is read by the billing system that consumes it, so it
-        // names customers by id rather than by the store's pseudonyms.
-        // An event whose customer has no identity was deleted by an erasure
-        // after it was read, so it is left out. An identity that cannot be
-        // read stops the round, because marking its event sent would lose it.
+        // names customers and Stripe customers by id rather than by the
+        // store's pseudonyms. An event whose customer has no identity was
+        // deleted by an erasure after it was read, so it is left out. An
+        // identity that cannot be read stops the round, because marking its
+        // event sent would lose it.
         let identities = self.store.identities().clone();
         let read = events.clone();
         let named = self
@@ -273,12 +274,22 @@ impl Biller {
             .read("name the meter events' customers", move |conn| {
                 let mut revealer = identities.revealer();
                 let mut named = Vec::with_capacity(read.len());
-                for mut event in read {
+                for event in read {
                     let customer = revealer.reveal(conn, &event.customer).map_err(to_sql)?;
-                    if let Some(customer) = customer {
-                        event.customer = customer;
-                        named.push(event);
-                    }
+                    let Some(customer) = customer else {
+                        continue;
+                    };
+                    let stripe_customer_id = match &event.stripe_pseudonym {
+                        Some(pseudonym) => {
+                            revealer.reveal_stripe(conn, pseudonym).map_err(to_sql)?
+                        }
+                        None => None,
+                    };
+                    named.push(NamedEvent {
+                        event,
+                        customer,
+                        stripe_customer_id,
+                    });
                 }
                 Ok(named)
             })
@@ -300,7 +311,7 @@ impl Biller {
         }
         let ids: Vec<(i64, Option<String>)> = events
             .iter()
-            .map(|event| (event.id, event.stripe_customer_id.clone()))
+            .map(|event| (event.id, event.stripe_pseudonym.clone()))
             .collect();
         let now = unix_now_s();
         self.store
@@ -337,7 +348,7 @@ impl Biller {
                 report.parked += 1;
                 continue;
             }
-            if event.stripe_customer_id.is_none() {
+            if event.stripe_pseudonym.is_none() {
                 report.waiting += 1;
                 continue;
             }
@@ -357,6 +368,8 @@ impl Biller {
             );
         }
 
+        let ready = self.reveal_stripe_customers(ready).await?;
+
         // A sliding window: a new send starts as soon as one finishes,
         // until a transient failure stops new sends. The outcomes are
         // written once for the whole read, which costs one commit (and one
@@ -372,12 +385,10 @@ impl Biller {
             while !stopped && next < ready.len() && in_flight.len() < concurrency {
                 pacer.wait().await;
                 let sink = sink.clone();
-                let event = ready[next].clone();
+                let (event, stripe_customer_id) = ready[next].clone();
                 let index = next;
-                in_flight.spawn(async move {
-                    let customer = event.stripe_customer_id.clone().unwrap_or_default();
-                    (index, sink.send(&event, &customer).await)
-                });
+                in_flight
+                    .spawn(async move { (index, sink.send(&event, &stripe_customer_id).await) });
                 next += 1;
             }
             match in_flight.join_next().await {
@@ -397,15 +408,15 @@ impl Biller {
 
         let mut sent_ids = Vec::new();
         let mut retry = false;
-        for (event, outcome) in ready.iter().zip(outcomes) {
+        for ((event, _), outcome) in ready.iter().zip(outcomes) {
             match outcome {
                 None => {}
                 Some(SendOutcome::Accepted) => {
-                    sent_ids.push((event.id, event.stripe_customer_id.clone()));
+                    sent_ids.push((event.id, event.stripe_pseudonym.clone()));
                     self.count_sent(event, "accepted");
                 }
                 Some(SendOutcome::AlreadyRecorded) => {
-                    sent_ids.push((event.id, event.stripe_customer_id.clone()));
+                    sent_ids.push((event.id, event.stripe_pseudonym.clone()));
                     self.count_sent(event, "already_recorded");
                     info!(
                         identifier = event.identifier,
@@ -428,10 +439,10 @@ impl Biller {
                     self.metrics.meter_event_retries.inc();
                     let id = event.id;
                     let logged = reason.clone();
-                    let stripe_customer = event.stripe_customer_id.clone().unwrap_or_default();
+                    let stripe_pseudonym = event.stripe_pseudonym.clone().unwrap_or_default();
                     self.store
                         .write("count a meter event attempt", move |conn| {
-                            queue::record_attempt(conn, id, &stripe_customer, &logged)
+                            queue::record_attempt(conn, id, &stripe_pseudonym, &logged)
                         })
                         .await?;
                     warn!(
@@ -456,6 +467,42 @@ impl Biller {
         }
         report.failures = 0;
         Ok(false)
+    }
+
+    /// Pairs each event with the id of its Stripe customer, read from the
+    /// encrypted identity its pseudonym names. An event whose Stripe
+    /// customer has no readable id is left out: an erasure removed the
+    /// identity after the event was read, and deletes the event too.
+    async fn reveal_stripe_customers(
+        &self,
+        events: Vec<QueuedEvent>,
+    ) -> Result<Vec<(QueuedEvent, String)>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let identities = self.store.identities().clone();
+        self.store
+            .read("read the meter events' Stripe customers", move |conn| {
+                let mut revealer = identities.revealer();
+                let mut named = Vec::with_capacity(events.len());
+                for event in events {
+                    let Some(pseudonym) = &event.stripe_pseudonym else {
+                        continue;
+                    };
+                    let stripe_id = revealer.reveal_stripe(conn, pseudonym).map_err(to_sql)?;
+                    match stripe_id {
+                        Some(stripe_id) => named.push((event, stripe_id)),
+                        None => warn!(
+                            identifier = event.identifier,
+                            stripe_pseudonym = pseudonym,
+                            "failed to read the Stripe customer id of a meter event, so it stays \
+                             queued. Check stripe_identity and the key file"
+                        ),
+                    }
+                }
+                Ok(named)
+            })
+            .await
     }
 
     async fn park(&self, event: &QueuedEvent, reason: String) -> Result<(), StoreError> {

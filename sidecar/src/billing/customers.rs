@@ -65,7 +65,8 @@ pub fn set(
 
 /// Like [`set`], and runs `audit` in the same transaction once the mapping
 /// is stored, so the change and its audit entry commit together. With
-/// `identities`, the mapping names the customer by its pseudonym, and
+/// `identities`, the mapping names the customer and the Stripe customer by
+/// their pseudonyms and stores the Stripe customer's encrypted id, and
 /// [`SetOutcome::Taken`] names the holder by its customer id.
 pub fn set_audited(
     conn: &mut Connection,
@@ -81,10 +82,16 @@ pub fn set_audited(
         None => customer.to_owned(),
     };
     let customer = customer.as_str();
+    let stripe_key = match identities {
+        Some(identities) => identities
+            .record_stripe(&tx, stripe_customer_id)
+            .map_err(to_sql)?,
+        None => stripe_customer_id.to_owned(),
+    };
     let holder: Option<String> = tx
         .query_row(
-            "SELECT customer FROM stripe_customer WHERE stripe_customer_id = ?1",
-            [stripe_customer_id],
+            "SELECT customer FROM stripe_customer WHERE stripe_pseudonym = ?1",
+            [&stripe_key],
             |row| row.get(0),
         )
         .optional()?;
@@ -101,12 +108,12 @@ pub fn set_audited(
         return Ok(SetOutcome::Taken { by });
     }
     tx.execute(
-        "INSERT INTO stripe_customer (customer, stripe_customer_id, updated_unix_s)
+        "INSERT INTO stripe_customer (customer, stripe_pseudonym, updated_unix_s)
          VALUES (?1, ?2, ?3)
          ON CONFLICT (customer) DO UPDATE SET
-             stripe_customer_id = excluded.stripe_customer_id,
+             stripe_pseudonym = excluded.stripe_pseudonym,
              updated_unix_s = excluded.updated_unix_s",
-        params![customer, stripe_customer_id, now_unix_s],
+        params![customer, stripe_key, now_unix_s],
     )?;
     let unparked = super::queue::unpark_customer(&tx, customer)?;
     audit(&tx)?;
@@ -114,24 +121,24 @@ pub fn set_audited(
     Ok(SetOutcome::Stored { unparked })
 }
 
-/// Returns the Stripe customer of `customer`, if one is set.
-pub fn get(conn: &Connection, customer: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row(
-        "SELECT stripe_customer_id FROM stripe_customer WHERE customer = ?1",
-        [customer],
-        |row| row.get(0),
-    )
-    .optional()
-}
-
-/// Returns every customer with a Stripe customer, as the mapping stores
-/// it (the pseudonym in the sidecar's store), in that order.
-pub fn all(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
-    let mut statement = conn.prepare_cached(
-        "SELECT customer, stripe_customer_id FROM stripe_customer ORDER BY customer",
-    )?;
-    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    rows.collect()
+/// Returns the Stripe customer id of `customer` (its pseudonym in the
+/// sidecar's store), if one is set and its encrypted id is readable.
+pub fn get(
+    conn: &Connection,
+    identities: &Identities,
+    customer: &str,
+) -> rusqlite::Result<Option<String>> {
+    let stripe_pseudonym: Option<String> = conn
+        .query_row(
+            "SELECT stripe_pseudonym FROM stripe_customer WHERE customer = ?1",
+            [customer],
+            |row| row.get(0),
+        )
+        .optional()?;
+    match stripe_pseudonym {
+        Some(pseudonym) => identities.reveal_stripe(conn, &pseudonym).map_err(to_sql),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]

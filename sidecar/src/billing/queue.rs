@@ -39,8 +39,10 @@ pub struct QueuedEvent {
     pub value: i64,
     /// Earlier failed attempts.
     pub attempts: i64,
-    /// Stripe customer the usage is billed to, when one is set.
-    pub stripe_customer_id: Option<String>,
+    /// Pseudonym of the Stripe customer the usage is billed to, when one
+    /// is set; [`Identities::reveal_stripe`](crate::identity::Identities::reveal_stripe)
+    /// gives its id.
+    pub stripe_pseudonym: Option<String>,
 }
 
 /// A meter event that Stripe rejected for good.
@@ -72,7 +74,7 @@ pub struct QueueCounts {
 const INSERT_EVENT: &str = "
 INSERT INTO meter_event
     (identifier, customer, meter, minute_unix_s, value, correction, state, created_unix_s,
-     stripe_customer_id)
+     stripe_pseudonym)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8)
 ON CONFLICT (identifier) DO NOTHING";
 
@@ -202,12 +204,13 @@ fn close_meter(
     Ok(true)
 }
 
-/// Queues a corrective event for `stripe_customer_id` unless one with the
+/// Queues a corrective event for the Stripe customer of pseudonym
+/// `stripe_pseudonym` unless one with the
 /// same identifier exists; returns whether it was queued.
 pub fn queue_correction(
     conn: &Connection,
     key: &EventKey<'_>,
-    stripe_customer_id: &str,
+    stripe_pseudonym: &str,
     value: i64,
     now_unix_s: i64,
 ) -> rusqlite::Result<bool> {
@@ -221,7 +224,7 @@ pub fn queue_correction(
             value,
             1,
             now_unix_s,
-            stripe_customer_id
+            stripe_pseudonym
         ],
     )?;
     Ok(inserted == 1)
@@ -237,7 +240,7 @@ pub fn pending(
 ) -> rusqlite::Result<Vec<QueuedEvent>> {
     let mut statement = conn.prepare_cached(
         "SELECT e.id, e.identifier, e.customer, e.meter, e.minute_unix_s, e.value, e.attempts,
-                COALESCE(e.stripe_customer_id, c.stripe_customer_id)
+                COALESCE(e.stripe_pseudonym, c.stripe_pseudonym)
          FROM meter_event e LEFT JOIN stripe_customer c ON c.customer = e.customer
          WHERE e.state = 'pending' AND e.id > ?1
          ORDER BY e.id LIMIT ?2",
@@ -256,7 +259,7 @@ pub fn pending(
                     minute_unix_s: row.get(4)?,
                     value: row.get(5)?,
                     attempts: row.get(6)?,
-                    stripe_customer_id: row.get(7)?,
+                    stripe_pseudonym: row.get(7)?,
                 },
             ))
         },
@@ -289,11 +292,11 @@ pub fn mark_sent(
     {
         let mut statement = tx.prepare_cached(
             "UPDATE meter_event SET state = 'sent', sent_unix_s = ?2, reason = NULL,
-                 stripe_customer_id = COALESCE(?3, stripe_customer_id)
+                 stripe_pseudonym = COALESCE(?3, stripe_pseudonym)
              WHERE id = ?1",
         )?;
-        for (id, stripe_customer_id) in sent {
-            statement.execute(params![id, now_unix_s, stripe_customer_id])?;
+        for (id, stripe_pseudonym) in sent {
+            statement.execute(params![id, now_unix_s, stripe_pseudonym])?;
         }
     }
     tx.commit()
@@ -306,13 +309,13 @@ pub fn mark_sent(
 pub fn record_attempt(
     conn: &Connection,
     id: i64,
-    stripe_customer_id: &str,
+    stripe_pseudonym: &str,
     reason: &str,
 ) -> rusqlite::Result<()> {
     conn.execute(
-        "UPDATE meter_event SET attempts = attempts + 1, reason = ?2, stripe_customer_id = ?3
+        "UPDATE meter_event SET attempts = attempts + 1, reason = ?2, stripe_pseudonym = ?3
          WHERE id = ?1",
-        params![id, reason, stripe_customer_id],
+        params![id, reason, stripe_pseudonym],
     )?;
     Ok(())
 }
@@ -331,7 +334,7 @@ pub fn park(conn: &Connection, id: i64, reason: &str) -> rusqlite::Result<()> {
 /// customer changed; returns how many.
 pub fn unpark_customer(conn: &Connection, customer: &str) -> rusqlite::Result<usize> {
     conn.execute(
-        "UPDATE meter_event SET state = 'pending', stripe_customer_id = NULL
+        "UPDATE meter_event SET state = 'pending', stripe_pseudonym = NULL
          WHERE customer = ?1 AND state = 'parked' AND correction = 0",
         [customer],
     )
@@ -532,7 +535,7 @@ mod tests {
         assert_eq!(events[1].meter, Meter::EgressBytes);
         assert_eq!(events[1].value, 150);
         assert_eq!(events[0].minute_unix_s, MINUTE);
-        assert_eq!(events[0].stripe_customer_id, None);
+        assert_eq!(events[0].stripe_pseudonym, None);
     }
 
     #[tokio::test]
@@ -641,7 +644,7 @@ mod tests {
         );
         let events = all_pending(&store).await;
         assert_eq!(events.len(), 1);
-        assert_eq!(events[0].stripe_customer_id.as_deref(), Some("cus_A1"));
+        assert_eq!(events[0].stripe_pseudonym.as_deref(), Some("cus_A1"));
     }
 
     #[tokio::test]

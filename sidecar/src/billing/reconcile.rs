@@ -17,6 +17,7 @@ use super::prometheus;
 use super::queue::{self, Totals};
 use crate::ledger::{MINUTE_SECONDS, TimeRange, unix_now_s};
 use crate::metrics::Metrics;
+use crate::privacy::to_sql;
 use crate::store::StoreError;
 
 /// Drift above which reconciliation raises an alert: 1%.
@@ -150,7 +151,15 @@ pub async fn reconcile(
         .cloned()
         .collect();
     let stripe = match biller.stripe() {
-        Some(sink) => Some(stripe_values(sink, &keys, &destinations, range).await?),
+        Some(sink) => {
+            let pseudonyms = destinations.values().flatten().cloned().collect();
+            let stripe_ids = reveal_stripe_ids(biller, pseudonyms).await?;
+            let billed_to = BilledTo {
+                destinations: &destinations,
+                stripe_ids: &stripe_ids,
+            };
+            Some(stripe_values(sink, &keys, &billed_to, range).await?)
+        }
         None => None,
     };
 
@@ -272,18 +281,54 @@ async fn known_customers(
         .collect())
 }
 
-/// Usage sent per customer, Stripe customer, meter and hour.
+/// Usage sent per customer, Stripe customer pseudonym, meter and hour.
 type HourlyTotals = BTreeMap<(String, String, Meter, i64), i64>;
 
-/// Returns the Stripe customers each customer's usage in `range` was sent
-/// to.
+/// Reads the Stripe customer id of each pseudonym in `pseudonyms` from its
+/// encrypted identity. A pseudonym without a readable identity is left out
+/// with a warning: its usage cannot be looked up in Stripe.
+async fn reveal_stripe_ids(
+    biller: &Biller,
+    pseudonyms: BTreeSet<String>,
+) -> Result<BTreeMap<String, String>, StoreError> {
+    let identities = biller.store().identities().clone();
+    biller
+        .store()
+        .read("read the Stripe customers billed", move |conn| {
+            let mut ids = BTreeMap::new();
+            for pseudonym in pseudonyms {
+                match identities.reveal_stripe(conn, &pseudonym).map_err(to_sql)? {
+                    Some(id) => {
+                        ids.insert(pseudonym, id);
+                    }
+                    None => warn!(
+                        stripe_pseudonym = pseudonym,
+                        "failed to read the id of a Stripe customer that usage was billed to, so \
+                         it is left out of the comparison. Check stripe_identity and the key file"
+                    ),
+                }
+            }
+            Ok(ids)
+        })
+        .await
+}
+
+/// The Stripe customers each customer's usage was sent to, by pseudonym,
+/// and the id of each pseudonym.
+struct BilledTo<'a> {
+    destinations: &'a BTreeMap<String, BTreeSet<String>>,
+    stripe_ids: &'a BTreeMap<String, String>,
+}
+
+/// Returns the pseudonyms of the Stripe customers each customer's usage in
+/// `range` was sent to.
 fn billed_stripe_customers(
     conn: &rusqlite::Connection,
     range: TimeRange,
 ) -> rusqlite::Result<BTreeMap<String, BTreeSet<String>>> {
     let mut statement = conn.prepare_cached(
-        "SELECT DISTINCT customer, stripe_customer_id FROM meter_event
-         WHERE state = 'sent' AND stripe_customer_id IS NOT NULL
+        "SELECT DISTINCT customer, stripe_pseudonym FROM meter_event
+         WHERE state = 'sent' AND stripe_pseudonym IS NOT NULL
              AND minute_unix_s >= ?1 AND minute_unix_s < ?2",
     )?;
     let rows = statement.query_map([range.start_unix_s, range.end_unix_s], |row| {
@@ -304,9 +349,9 @@ fn billed_stripe_customers(
 /// Stripe customer, meter and hour: what Stripe should hold.
 fn billed_by_hour(conn: &rusqlite::Connection, hours: TimeRange) -> rusqlite::Result<HourlyTotals> {
     let mut statement = conn.prepare_cached(
-        "SELECT customer, stripe_customer_id, meter, minute_unix_s / 3600 * 3600, SUM(value)
+        "SELECT customer, stripe_pseudonym, meter, minute_unix_s / 3600 * 3600, SUM(value)
          FROM meter_event
-         WHERE state = 'sent' AND correction = 0 AND stripe_customer_id IS NOT NULL
+         WHERE state = 'sent' AND correction = 0 AND stripe_pseudonym IS NOT NULL
              AND minute_unix_s >= ?1 AND minute_unix_s < ?2
          GROUP BY 1, 2, 3, 4",
     )?;
@@ -337,7 +382,7 @@ fn unsettled_corrections(
     now_unix_s: i64,
 ) -> rusqlite::Result<BTreeSet<(String, String, Meter, i64)>> {
     let mut statement = conn.prepare_cached(
-        "SELECT DISTINCT customer, COALESCE(stripe_customer_id, ''), meter,
+        "SELECT DISTINCT customer, COALESCE(stripe_pseudonym, ''), meter,
                 minute_unix_s / 3600 * 3600
          FROM meter_event
          WHERE correction = 1 AND minute_unix_s >= ?1 AND minute_unix_s < ?2
@@ -395,12 +440,17 @@ async fn correct_hours(
 
     let targets: BTreeSet<(String, String, Meter)> = billed
         .keys()
-        .map(|(customer, stripe_customer, meter, _)| {
-            (customer.clone(), stripe_customer.clone(), *meter)
+        .map(|(customer, stripe_pseudonym, meter, _)| {
+            (customer.clone(), stripe_pseudonym.clone(), *meter)
         })
         .collect();
+    let pseudonyms = targets.iter().map(|(_, pseudonym, _)| pseudonym.clone());
+    let stripe_ids = reveal_stripe_ids(biller, pseudonyms.collect()).await?;
     let mut queued = 0;
-    for (customer, stripe_customer, meter) in targets {
+    for (customer, stripe_pseudonym, meter) in targets {
+        let Some(stripe_customer) = stripe_ids.get(&stripe_pseudonym) else {
+            continue;
+        };
         let event_name = sink.names().event_name(meter);
         let Some(meter_id) = meter_ids.get(event_name) else {
             return Err(ReconcileError::UnknownMeter {
@@ -437,14 +487,15 @@ async fn correct_hours(
 
         let mut hour = hours.start_unix_s;
         while hour < hours.end_unix_s {
-            let key = (customer.clone(), stripe_customer.clone(), meter, hour);
+            let key = (customer.clone(), stripe_pseudonym.clone(), meter, hour);
             let expected = billed.get(&key).copied().unwrap_or(0);
             let found = in_stripe.get(&hour).copied().unwrap_or(0);
             let missing = expected - found;
             if missing > 0 && !unsettled.contains(&key) {
                 let correction = Correction {
                     customer: &customer,
-                    stripe_customer: &stripe_customer,
+                    stripe_pseudonym: &stripe_pseudonym,
+                    stripe_customer,
                     meter,
                     hour,
                     stripe_value: found,
@@ -464,6 +515,7 @@ async fn correct_hours(
 #[derive(Debug, Clone, Copy)]
 struct Correction<'a> {
     customer: &'a str,
+    stripe_pseudonym: &'a str,
     stripe_customer: &'a str,
     meter: Meter,
     hour: i64,
@@ -498,7 +550,7 @@ async fn queue_correction(
     );
     let ledger = biller.ledger().clone();
     let customer = correction.customer.to_owned();
-    let stripe_customer = correction.stripe_customer.to_owned();
+    let stripe_pseudonym = correction.stripe_pseudonym.to_owned();
     let (meter, missing) = (correction.meter, correction.missing);
     let queued = biller
         .store()
@@ -512,7 +564,7 @@ async fn queue_correction(
                 part: 0,
                 correction: &tie,
             };
-            queue::queue_correction(conn, &key, &stripe_customer, missing, now)
+            queue::queue_correction(conn, &key, &stripe_pseudonym, missing, now)
         })
         .await?;
     if queued {
@@ -533,15 +585,18 @@ async fn queue_correction(
 async fn stripe_values(
     sink: &super::sink::StripeSink,
     keys: &BTreeSet<(String, Meter)>,
-    destinations: &BTreeMap<String, BTreeSet<String>>,
+    billed_to: &BilledTo<'_>,
     range: TimeRange,
 ) -> Result<Totals, ReconcileError> {
     let meter_ids = meter_ids(sink).await?;
     let mut values = Totals::new();
     for (customer, meter) in keys {
-        let Some(stripe_customers) = destinations.get(customer) else {
+        let Some(pseudonyms) = billed_to.destinations.get(customer) else {
             continue;
         };
+        let stripe_customers = pseudonyms
+            .iter()
+            .filter_map(|pseudonym| billed_to.stripe_ids.get(pseudonym));
         let event_name = sink.names().event_name(*meter);
         let Some(meter_id) = meter_ids.get(event_name) else {
             return Err(ReconcileError::UnknownMeter {

@@ -188,6 +188,18 @@ pub struct OutboxLine {
     pub stripe_customer_id: Option<String>,
 }
 
+/// A queued event with its customer and Stripe customer named by their ids,
+/// as the outbox file names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedEvent {
+    /// The event as queued, customers named by pseudonym.
+    pub event: QueuedEvent,
+    /// Customer id of the event's customer.
+    pub customer: String,
+    /// Id of the event's Stripe customer, when one is set.
+    pub stripe_customer_id: Option<String>,
+}
+
 /// Appends meter events to a JSON Lines file, one event per line.
 #[derive(Debug, Clone)]
 pub struct FileSink {
@@ -208,17 +220,18 @@ impl FileSink {
 
     /// Appends `events` and syncs the file; returns only once they are on
     /// disk, so the caller may mark them sent.
-    pub fn write(&self, events: &[QueuedEvent]) -> std::io::Result<()> {
+    pub fn write(&self, events: &[NamedEvent]) -> std::io::Result<()> {
         let mut text = String::new();
-        for event in events {
+        for named in events {
+            let event = &named.event;
             let line = OutboxLine {
                 identifier: event.identifier.clone(),
                 event_name: self.names.event_name(event.meter).to_owned(),
                 timestamp: event.minute_unix_s,
-                customer: event.customer.clone(),
+                customer: named.customer.clone(),
                 meter: event.meter.name().to_owned(),
                 value: event.value,
-                stripe_customer_id: event.stripe_customer_id.clone(),
+                stripe_customer_id: named.stripe_customer_id.clone(),
             };
             text.push_str(&serde_json::to_string(&line).map_err(std::io::Error::other)?);
             text.push('\n');
@@ -290,15 +303,19 @@ pub fn backoff(failures: u32, base: Duration, cap: Duration) -> Duration {
 mod tests {
     use super::*;
 
-    fn event(identifier: &str, value: i64) -> QueuedEvent {
-        QueuedEvent {
-            id: 1,
-            identifier: identifier.into(),
+    fn event(identifier: &str, value: i64) -> NamedEvent {
+        NamedEvent {
+            event: QueuedEvent {
+                id: 1,
+                identifier: identifier.into(),
+                customer: "p-acme".into(),
+                meter: Meter::ApiRequests,
+                minute_unix_s: 1_700_000_040,
+                value,
+                attempts: 0,
+                stripe_pseudonym: None,
+            },
             customer: "acme".into(),
-            meter: Meter::ApiRequests,
-            minute_unix_s: 1_700_000_040,
-            value,
-            attempts: 0,
             stripe_customer_id: None,
         }
     }

@@ -9,11 +9,12 @@ use super::StoreError;
 
 /// Schema version stored in `PRAGMA user_version`.
 ///
-/// Version 3 names customers by pseudonym. The conversion of a version 2
-/// store needs the keys, so [`Identities::open`](crate::identity::Identities::open)
-/// does it. The version stops an older sidecar from opening the store,
-/// because it would write ids in clear.
-pub(super) const SCHEMA_VERSION: i64 = 3;
+/// Version 3 names customers by pseudonym, and version 4 Stripe customers
+/// too. Converting the values needs the keys, so
+/// [`Identities::open`](crate::identity::Identities::open) does it. The
+/// version stops an older sidecar from opening the store, because it would
+/// write ids in clear, and would send pseudonyms to Stripe as customer ids.
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// Changes from schema version 1: response body bytes per ledger row. The
 /// billing tables are created by [`SCHEMA`] like every other table.
@@ -21,6 +22,23 @@ const MIGRATE_FROM_1: &str = "
 ALTER TABLE usage_minute
     ADD COLUMN egress_bytes INTEGER NOT NULL DEFAULT 0 CHECK (egress_bytes >= 0);
 ";
+
+/// Columns that held Stripe customer ids up to schema version 3, renamed
+/// since they hold pseudonyms: (table, old name, new name).
+const RENAMED_STRIPE_COLUMNS: [(&str, &str, &str); 4] = [
+    ("stripe_customer", "stripe_customer_id", "stripe_pseudonym"),
+    ("meter_event", "stripe_customer_id", "stripe_pseudonym"),
+    (
+        "stripe_tier_state",
+        "stripe_customer_id",
+        "stripe_pseudonym",
+    ),
+    (
+        "stripe_tier_metadata_pending",
+        "stripe_customer_id",
+        "stripe_pseudonym",
+    ),
+];
 
 /// How long a statement waits for another connection's lock, for example
 /// while the reader and the writer both touch the WAL during a checkpoint.
@@ -87,9 +105,9 @@ CREATE TABLE IF NOT EXISTS meter_event (
     value INTEGER NOT NULL CHECK (value > 0),
     correction INTEGER NOT NULL DEFAULT 0 CHECK (correction IN (0, 1)),
     state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'parked')),
-    -- The Stripe customer the event was sent to, set when it is sent or
-    -- first retried, and for corrections when they are queued.
-    stripe_customer_id TEXT,
+    -- Pseudonym of the Stripe customer the event was sent to, set when it
+    -- is sent or first retried, and for corrections when they are queued.
+    stripe_pseudonym TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
     created_unix_s INTEGER NOT NULL,
@@ -99,10 +117,11 @@ CREATE TABLE IF NOT EXISTS meter_event (
 CREATE INDEX IF NOT EXISTS meter_event_by_state ON meter_event (state, id);
 CREATE INDEX IF NOT EXISTS meter_event_by_minute ON meter_event (minute_unix_s);
 
--- The Stripe customer that each customer's usage is billed to.
+-- The Stripe customer that each customer's usage is billed to, by
+-- pseudonym; stripe_identity holds its id.
 CREATE TABLE IF NOT EXISTS stripe_customer (
     customer TEXT PRIMARY KEY NOT NULL,
-    stripe_customer_id TEXT NOT NULL UNIQUE,
+    stripe_pseudonym TEXT NOT NULL UNIQUE,
     updated_unix_s INTEGER NOT NULL
 ) WITHOUT ROWID, STRICT;
 
@@ -154,6 +173,16 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let tx = conn.transaction().map_err(open_error)?;
     if found == 1 {
         tx.execute_batch(MIGRATE_FROM_1).map_err(open_error)?;
+    }
+    for (table, old, new) in RENAMED_STRIPE_COLUMNS {
+        let exists = tx
+            .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")
+            .and_then(|mut statement| statement.exists([table, old]))
+            .map_err(open_error)?;
+        if exists {
+            tx.execute_batch(&format!("ALTER TABLE {table} RENAME COLUMN {old} TO {new}"))
+                .map_err(open_error)?;
+        }
     }
     tx.execute_batch(SCHEMA).map_err(open_error)?;
     tx.execute_batch(crate::billing::webhook::SCHEMA)

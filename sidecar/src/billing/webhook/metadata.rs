@@ -91,11 +91,12 @@ impl WebhookHandler {
     /// dropped during a send.
     async fn write_due(&self, stop: &mut watch::Receiver<bool>) -> Option<Duration> {
         let now_ms = unix_now_ms();
+        let identities = self.inner.store.identities().clone();
         let due = self
             .inner
             .store
             .write("read pending tier metadata", move |conn| {
-                state::due_metadata(conn, now_ms, BATCH_SIZE)
+                state::due_metadata(conn, Some(&identities), now_ms, BATCH_SIZE)
             })
             .await;
         let due = match due {
@@ -366,6 +367,7 @@ mod tests {
     #[test]
     fn idempotency_keys_are_ours_and_differ_per_attempt() {
         let pending = PendingMetadata {
+            stripe_key: "cus_1".into(),
             stripe_customer_id: "cus_1".into(),
             tier: "pro".into(),
             version: 3,

@@ -26,11 +26,11 @@ CREATE TABLE IF NOT EXISTS stripe_webhook_event (
 CREATE INDEX IF NOT EXISTS stripe_webhook_event_by_received
     ON stripe_webhook_event (received_unix_s);
 
--- Tier of each Stripe customer and the event that set it. An event replaces
+-- Tier of each Stripe customer, by pseudonym, and the event that set it. An event replaces
 -- the row only when (event_created_unix_s, rank) is greater. version grows
 -- by one at each change of tier.
 CREATE TABLE IF NOT EXISTS stripe_tier_state (
-    stripe_customer_id TEXT PRIMARY KEY NOT NULL,
+    stripe_pseudonym TEXT PRIMARY KEY NOT NULL,
     tier TEXT NOT NULL,
     version INTEGER NOT NULL CHECK (version >= 1),
     event_id TEXT NOT NULL,
@@ -41,10 +41,10 @@ CREATE TABLE IF NOT EXISTS stripe_tier_state (
     updated_unix_s INTEGER NOT NULL
 ) WITHOUT ROWID, STRICT;
 
--- Tier to write to metadata[tier] of a Stripe customer; one row per
--- customer, replaced by each newer version.
+-- Tier to write to metadata[tier] of a Stripe customer, by pseudonym; one
+-- row per customer, replaced by each newer version.
 CREATE TABLE IF NOT EXISTS stripe_tier_metadata_pending (
-    stripe_customer_id TEXT PRIMARY KEY NOT NULL,
+    stripe_pseudonym TEXT PRIMARY KEY NOT NULL,
     tier TEXT NOT NULL,
     version INTEGER NOT NULL,
     attempts INTEGER NOT NULL CHECK (attempts >= 0),
@@ -64,7 +64,7 @@ pub(super) const EVENT_RETENTION_S: i64 = 30 * 86_400;
 pub fn tier_overrides(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
     let mut statement = conn.prepare_cached(
         "SELECT m.customer, s.tier FROM stripe_tier_state AS s \
-         JOIN stripe_customer AS m ON m.stripe_customer_id = s.stripe_customer_id \
+         JOIN stripe_customer AS m ON m.stripe_pseudonym = s.stripe_pseudonym \
          ORDER BY m.customer",
     )?;
     let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
@@ -184,8 +184,9 @@ pub(super) fn record(conn: &mut Connection, delivery: &Delivery) -> rusqlite::Re
 }
 
 /// Like [`record`], and appends each change of tier to the audit log of
-/// `privacy` in the same transaction. With `identities`, a new mapping
-/// names the customer by its pseudonym.
+/// `privacy` in the same transaction. With `identities`, the tables name
+/// customers and Stripe customers by their pseudonyms, and the Stripe
+/// customer's encrypted id is stored.
 pub(super) fn record_audited(
     conn: &mut Connection,
     delivery: &Delivery,
@@ -207,25 +208,38 @@ pub(super) fn record_audited(
         return Ok(Recorded::Duplicate);
     }
 
-    let tier = match &delivery.tier {
-        Some(update) => apply_tier(&tx, update, delivery)?,
-        None => TierOutcome::None,
+    let stored_key = |stripe_customer_id: &str| match identities {
+        Some(identities) => identities
+            .record_stripe(&tx, stripe_customer_id)
+            .map_err(to_sql),
+        None => Ok(stripe_customer_id.to_owned()),
     };
+    let tier = match &delivery.tier {
+        Some(update) => {
+            let stripe_key = stored_key(&update.stripe_customer_id)?;
+            let tier = apply_tier(&tx, update, &stripe_key, delivery)?;
+            (tier, Some(stripe_key))
+        }
+        None => (TierOutcome::None, None),
+    };
+    let (tier, tier_stripe_key) = tier;
     let mapping = match &delivery.mapping {
         Some((customer, stripe_customer_id)) => {
+            let stripe_key = stored_key(stripe_customer_id)?;
             let names = identities;
-            insert_mapping(
-                &tx,
-                names,
-                customer,
-                stripe_customer_id,
-                delivery.received_unix_s,
-            )?
+            insert_mapping(&tx, names, customer, &stripe_key, delivery.received_unix_s)?
         }
         None => MappingOutcome::None,
     };
-    if let (Some(privacy), TierOutcome::Changed { tier, version }) = (privacy, &tier) {
-        audit_tier_change(&tx, privacy, identities.is_some(), delivery, tier, *version)?;
+    if let (Some(privacy), TierOutcome::Changed { tier, version }, Some(stripe_key)) =
+        (privacy, &tier, &tier_stripe_key)
+    {
+        let change = TierChange {
+            stripe_key,
+            tier,
+            version: *version,
+        };
+        audit_tier_change(&tx, privacy, identities.is_some(), delivery, &change)?;
     }
     if let (Some(privacy), MappingOutcome::Inserted, Some((customer, _))) =
         (privacy, &mapping, &delivery.mapping)
@@ -253,6 +267,13 @@ pub(super) fn record_audited(
     Ok(Recorded::Applied { tier, mapping })
 }
 
+/// A change of tier, with the Stripe customer as the tables name it.
+struct TierChange<'a> {
+    stripe_key: &'a str,
+    tier: &'a str,
+    version: i64,
+}
+
 /// Appends a change of tier to the audit log, with the customer's hash when
 /// the Stripe customer is mapped to one. `pseudonyms` is true when the
 /// mapping names customers by pseudonym, which is the hash already.
@@ -261,16 +282,12 @@ fn audit_tier_change(
     privacy: &Privacy,
     pseudonyms: bool,
     delivery: &Delivery,
-    tier: &str,
-    version: i64,
+    change: &TierChange<'_>,
 ) -> rusqlite::Result<()> {
-    let Some(update) = &delivery.tier else {
-        return Ok(());
-    };
     let customer: Option<String> = tx
         .query_row(
-            "SELECT customer FROM stripe_customer WHERE stripe_customer_id = ?1",
-            [&update.stripe_customer_id],
+            "SELECT customer FROM stripe_customer WHERE stripe_pseudonym = ?1",
+            [change.stripe_key],
             |row| row.get(0),
         )
         .optional()?;
@@ -288,20 +305,23 @@ fn audit_tier_change(
             details: serde_json::json!({
                 "event_id": delivery.event_id,
                 "event_type": delivery.event_type,
-                "tier": tier,
-                "version": version,
+                "tier": change.tier,
+                "version": change.version,
             }),
         },
     )?;
     Ok(())
 }
 
+/// Applies `update` to the tier state of the Stripe customer stored as
+/// `stripe_key`.
 fn apply_tier(
     tx: &Transaction<'_>,
     update: &TierUpdate,
+    stripe_key: &str,
     delivery: &Delivery,
 ) -> rusqlite::Result<TierOutcome> {
-    let stored = load_state(tx, &update.stripe_customer_id)?;
+    let stored = load_state(tx, stripe_key)?;
     if let Some(stored) = &stored
         && !supersedes(update, stored)
     {
@@ -318,17 +338,17 @@ fn apply_tier(
     };
     let subscription = update.subscription.as_ref();
     tx.execute(
-        "INSERT INTO stripe_tier_state (stripe_customer_id, tier, version, event_id, \
+        "INSERT INTO stripe_tier_state (stripe_pseudonym, tier, version, event_id, \
          event_created_unix_s, rank, subscription_id, subscription_created_unix_s, \
          updated_unix_s) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-         ON CONFLICT (stripe_customer_id) DO UPDATE SET tier = excluded.tier, \
+         ON CONFLICT (stripe_pseudonym) DO UPDATE SET tier = excluded.tier, \
          version = excluded.version, event_id = excluded.event_id, \
          event_created_unix_s = excluded.event_created_unix_s, rank = excluded.rank, \
          subscription_id = excluded.subscription_id, \
          subscription_created_unix_s = excluded.subscription_created_unix_s, \
          updated_unix_s = excluded.updated_unix_s",
         params![
-            update.stripe_customer_id,
+            stripe_key,
             update.tier,
             version,
             delivery.event_id,
@@ -345,18 +365,18 @@ fn apply_tier(
 
     if update.subscription.is_some() {
         tx.execute(
-            "INSERT INTO stripe_tier_metadata_pending (stripe_customer_id, tier, version, \
+            "INSERT INTO stripe_tier_metadata_pending (stripe_pseudonym, tier, version, \
              attempts, next_attempt_unix_ms) VALUES (?1, ?2, ?3, 0, 0) \
-             ON CONFLICT (stripe_customer_id) DO UPDATE SET tier = excluded.tier, \
+             ON CONFLICT (stripe_pseudonym) DO UPDATE SET tier = excluded.tier, \
              version = excluded.version, attempts = 0, next_attempt_unix_ms = 0",
-            params![update.stripe_customer_id, update.tier, version],
+            params![stripe_key, update.tier, version],
         )?;
     } else {
         // The tier came from the customer's metadata, which Stripe already
         // contains, and a pending write of an older tier would overwrite it.
         tx.execute(
-            "DELETE FROM stripe_tier_metadata_pending WHERE stripe_customer_id = ?1",
-            [&update.stripe_customer_id],
+            "DELETE FROM stripe_tier_metadata_pending WHERE stripe_pseudonym = ?1",
+            [stripe_key],
         )?;
     }
     Ok(TierOutcome::Changed {
@@ -389,14 +409,11 @@ fn supersedes(update: &TierUpdate, stored: &TierState) -> bool {
     }
 }
 
-fn load_state(
-    tx: &Transaction<'_>,
-    stripe_customer_id: &str,
-) -> rusqlite::Result<Option<TierState>> {
+fn load_state(tx: &Transaction<'_>, stripe_key: &str) -> rusqlite::Result<Option<TierState>> {
     tx.query_row(
         "SELECT tier, version, event_created_unix_s, rank, subscription_id, \
-         subscription_created_unix_s FROM stripe_tier_state WHERE stripe_customer_id = ?1",
-        [stripe_customer_id],
+         subscription_created_unix_s FROM stripe_tier_state WHERE stripe_pseudonym = ?1",
+        [stripe_key],
         |row| {
             let subscription_id: Option<String> = row.get(4)?;
             let subscription_created: Option<i64> = row.get(5)?;
@@ -417,17 +434,19 @@ fn load_state(
     .optional()
 }
 
+/// Maps `customer` to the Stripe customer stored as `stripe_key` when
+/// neither has a mapping yet.
 fn insert_mapping(
     tx: &Transaction<'_>,
     identities: Option<&Identities>,
     customer: &str,
-    stripe_customer_id: &str,
+    stripe_key: &str,
     now_unix_s: i64,
 ) -> rusqlite::Result<MappingOutcome> {
     let existing: Option<String> = tx
         .query_row(
-            "SELECT customer FROM stripe_customer WHERE stripe_customer_id = ?1",
-            [stripe_customer_id],
+            "SELECT customer FROM stripe_customer WHERE stripe_pseudonym = ?1",
+            [stripe_key],
             |row| row.get(0),
         )
         .optional()?;
@@ -452,9 +471,9 @@ fn insert_mapping(
     };
 
     let inserted = tx.execute(
-        "INSERT INTO stripe_customer (customer, stripe_customer_id, updated_unix_s) \
+        "INSERT INTO stripe_customer (customer, stripe_pseudonym, updated_unix_s) \
          VALUES (?1, ?2, ?3) ON CONFLICT (customer) DO NOTHING",
-        params![name, stripe_customer_id, now_unix_s],
+        params![name, stripe_key, now_unix_s],
     )?;
     Ok(if inserted == 0 {
         MappingOutcome::CustomerTaken
@@ -466,6 +485,9 @@ fn insert_mapping(
 /// A tier waiting to be written to a Stripe customer's metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct PendingMetadata {
+    /// The Stripe customer as the table names it.
+    pub stripe_key: String,
+    /// The Stripe customer id to write to.
     pub stripe_customer_id: String,
     pub tier: String,
     pub version: i64,
@@ -474,25 +496,50 @@ pub(super) struct PendingMetadata {
 }
 
 /// Returns up to `limit` pending writes due at `now_unix_ms`, oldest due
-/// first.
+/// first. With `identities`, the table names Stripe customers by pseudonym
+/// and each id is read from its encrypted identity; a write whose identity
+/// is gone (the customer billed to it was erased) is left out.
 pub(super) fn due_metadata(
     conn: &Connection,
+    identities: Option<&Identities>,
     now_unix_ms: i64,
     limit: u32,
 ) -> rusqlite::Result<Vec<PendingMetadata>> {
     let mut statement = conn.prepare_cached(
-        "SELECT stripe_customer_id, tier, version, attempts FROM stripe_tier_metadata_pending \
+        "SELECT stripe_pseudonym, tier, version, attempts FROM stripe_tier_metadata_pending \
          WHERE next_attempt_unix_ms <= ?1 ORDER BY next_attempt_unix_ms LIMIT ?2",
     )?;
     let rows = statement.query_map(params![now_unix_ms, limit], |row| {
         Ok(PendingMetadata {
+            stripe_key: row.get(0)?,
             stripe_customer_id: row.get(0)?,
             tier: row.get(1)?,
             version: row.get(2)?,
             attempts: row.get(3)?,
         })
     })?;
-    rows.collect()
+    let pending = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    let Some(identities) = identities else {
+        return Ok(pending);
+    };
+    let mut revealed = Vec::with_capacity(pending.len());
+    for mut write in pending {
+        match identities
+            .reveal_stripe(conn, &write.stripe_key)
+            .map_err(to_sql)?
+        {
+            Some(stripe_customer_id) => {
+                write.stripe_customer_id = stripe_customer_id;
+                revealed.push(write);
+            }
+            None => tracing::warn!(
+                stripe_pseudonym = write.stripe_key,
+                "failed to read the Stripe customer id of a pending tier metadata write, so it \
+                 is skipped. Check stripe_identity and the key file"
+            ),
+        }
+    }
+    Ok(revealed)
 }
 
 /// Returns when the next pending write is due, in Unix milliseconds.
@@ -512,8 +559,8 @@ pub(super) fn finish_metadata(
 ) -> rusqlite::Result<()> {
     conn.execute(
         "DELETE FROM stripe_tier_metadata_pending \
-         WHERE stripe_customer_id = ?1 AND version = ?2",
-        params![pending.stripe_customer_id, pending.version],
+         WHERE stripe_pseudonym = ?1 AND version = ?2",
+        params![pending.stripe_key, pending.version],
     )?;
     Ok(())
 }
@@ -527,12 +574,8 @@ pub(super) fn retry_metadata(
 ) -> rusqlite::Result<()> {
     conn.execute(
         "UPDATE stripe_tier_metadata_pending SET attempts = attempts + 1, \
-         next_attempt_unix_ms = ?3 WHERE stripe_customer_id = ?1 AND version = ?2",
-        params![
-            pending.stripe_customer_id,
-            pending.version,
-            next_attempt_unix_ms
-        ],
+         next_attempt_unix_ms = ?3 WHERE stripe_pseudonym = ?1 AND version = ?2",
+        params![pending.stripe_key, pending.version, next_attempt_unix_ms],
     )?;
     Ok(())
 }
@@ -545,7 +588,7 @@ pub(super) mod tests {
     pub(in super::super) const MAPPING_SCHEMA: &str = "
         CREATE TABLE IF NOT EXISTS stripe_customer (
             customer TEXT PRIMARY KEY NOT NULL,
-            stripe_customer_id TEXT NOT NULL UNIQUE,
+            stripe_pseudonym TEXT NOT NULL UNIQUE,
             updated_unix_s INTEGER NOT NULL
         ) WITHOUT ROWID, STRICT;
     ";
@@ -591,7 +634,7 @@ pub(super) mod tests {
 
     fn stored_tier(conn: &Connection) -> Option<(String, i64)> {
         conn.query_row(
-            "SELECT tier, version FROM stripe_tier_state WHERE stripe_customer_id = 'cus_1'",
+            "SELECT tier, version FROM stripe_tier_state WHERE stripe_pseudonym = 'cus_1'",
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
@@ -600,7 +643,7 @@ pub(super) mod tests {
     }
 
     fn pending(conn: &Connection) -> Vec<PendingMetadata> {
-        due_metadata(conn, i64::MAX, 10).unwrap()
+        due_metadata(conn, None, i64::MAX, 10).unwrap()
     }
 
     #[test]
@@ -620,6 +663,7 @@ pub(super) mod tests {
         assert_eq!(
             pending(&conn),
             vec![PendingMetadata {
+                stripe_key: "cus_1".into(),
                 stripe_customer_id: "cus_1".into(),
                 tier: "pro".into(),
                 version: 1,
@@ -767,8 +811,8 @@ pub(super) mod tests {
 
         retry_metadata(&conn, &sent, 5_000).unwrap();
 
-        assert_eq!(due_metadata(&conn, 4_999, 10).unwrap(), vec![]);
-        assert_eq!(due_metadata(&conn, 5_000, 10).unwrap()[0].attempts, 1);
+        assert_eq!(due_metadata(&conn, None, 4_999, 10).unwrap(), vec![]);
+        assert_eq!(due_metadata(&conn, None, 5_000, 10).unwrap()[0].attempts, 1);
         assert_eq!(next_metadata_due(&conn).unwrap(), Some(5_000));
     }
 

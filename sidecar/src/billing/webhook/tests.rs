@@ -118,12 +118,12 @@ impl Fixture {
     }
 
     async fn tier(&self, stripe_customer_id: &str) -> Option<String> {
-        let id = stripe_customer_id.to_owned();
+        let pseudonym = self.store.identities().stripe_pseudonym(stripe_customer_id);
         self.store
             .read("read a tier", move |conn| {
                 conn.query_row(
-                    "SELECT tier FROM stripe_tier_state WHERE stripe_customer_id = ?1",
-                    [id],
+                    "SELECT tier FROM stripe_tier_state WHERE stripe_pseudonym = ?1",
+                    [pseudonym],
                     |row| row.get(0),
                 )
                 .optional()
