@@ -40,6 +40,9 @@ const MAX_PARKED_LIMIT: u32 = 1_000;
 /// of the oldest event Stripe accepts.
 const MAX_RECONCILE_SECONDS: i64 = 35 * 86_400;
 
+/// Stream entry id before every erasure notice.
+const FIRST_NOTICE_CURSOR: &str = "0-0";
+
 /// Handler of `veo.admin.v1.Admin`.
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -54,6 +57,8 @@ pub struct AdminService {
     recent: Option<Arc<std::sync::Mutex<crate::remote::RecentUsage>>>,
     /// Counters shared through Redis, when configured.
     shared: Option<crate::counters::shared::SharedCounters>,
+    /// Last erasure notice read from the shared counters.
+    notice_cursor: Arc<std::sync::Mutex<String>>,
 }
 
 impl AdminService {
@@ -73,6 +78,7 @@ impl AdminService {
             privacy: None,
             recent: None,
             shared: None,
+            notice_cursor: Arc::new(std::sync::Mutex::new(FIRST_NOTICE_CURSOR.to_owned())),
         }
     }
 

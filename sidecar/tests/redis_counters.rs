@@ -427,6 +427,55 @@ async fn every_key_has_a_ttl() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Proves erasure notices reach every sidecar in order, each read once
+/// after the last one seen, and the stream has a TTL.
+#[tokio::test]
+async fn erasure_notices_are_read_in_order() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = RedisServer::start(dir.path()).await?;
+    let side_a = counters(&server, "side-a")?;
+    let side_b = counters(&server, "side-b")?;
+    let retention = Duration::from_secs(3600);
+
+    side_a.announce_erasure("acme", "er_1", retention).await?;
+    side_b.announce_erasure("globex", "er_2", retention).await?;
+    let all = side_b.erasure_notices("0-0", 10).await?;
+
+    let read: Vec<(&str, &str, &str)> = all
+        .iter()
+        .map(|notice| {
+            (
+                notice.customer.as_str(),
+                notice.sidecar_id.as_str(),
+                notice.erasure_id.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        read,
+        [("acme", "side-a", "er_1"), ("globex", "side-b", "er_2")]
+    );
+    let now_ms = unix_now()? * 1_000;
+    for notice in &all {
+        ensure!(
+            (now_ms - 5_000..=now_ms + 5_000).contains(&notice.at_unix_ms),
+            "notice time {} is not now ({now_ms})",
+            notice.at_unix_ms
+        );
+    }
+    let after_first = side_a.erasure_notices(&all[0].entry_id, 10).await?;
+    assert_eq!(after_first, all[1..]);
+    let after_last = side_a.erasure_notices(&all[1].entry_id, 10).await?;
+    assert_eq!(after_last, []);
+    let one = side_a.erasure_notices("0-0", 1).await?;
+    assert_eq!(one, all[..1]);
+    let ttl: i64 = server
+        .query(redis::cmd("TTL").arg("{veo-test:erasures}"))
+        .await?;
+    ensure!((3_590..=3_600).contains(&ttl), "stream TTL {ttl}");
+    Ok(())
+}
+
 /// Proves an exchange fails fast while Redis is down at construction, and
 /// the next one after Redis starts succeeds.
 #[tokio::test]

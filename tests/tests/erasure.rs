@@ -18,6 +18,8 @@ use veo_proto::admin::{
 };
 use veo_tests::artifacts::sidecar_binary;
 use veo_tests::plugin::{PluginConfig, SYNC_INTERVAL_MS};
+use veo_tests::sidecar::Sidecar;
+use veo_tests::sync_api::{minute_ago, send_batch, usage_record};
 use veo_tests::tokens::{SigningKey, TokenSpec};
 use veo_tests::{Stack, StackOptions};
 
@@ -746,6 +748,81 @@ async fn removed_newest_audit_entry_is_detected() -> anyhow::Result<()> {
     ensure!(
         text.contains("entry 2"),
         "the check does not name entry 2: {text}"
+    );
+    Ok(())
+}
+
+/// Proves an erasure on one sidecar reaches another sidecar sharing its
+/// Redis: the other deletes the customer's ledger rows, drops its later
+/// usage and records an erasure of its own, while other customers keep
+/// theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_reaches_sidecars_sharing_redis() -> anyhow::Result<()> {
+    let dir = veo_tests::stack::temp_dir()?;
+    let redis = veo_tests::redis::RedisServer::start(&dir.path().join("redis")).await?;
+    let toml = format!(
+        "[counters]\nbackend = \"redis\"\nredis_url = \"{}\"\nflush_interval_ms = 100\n\
+         [privacy]\ntoken_lifetime_seconds = 3600\n",
+        redis.url()
+    );
+    let mut sidecars = Vec::new();
+    for name in ["first", "second"] {
+        let sidecar_dir = dir.path().join(name);
+        std::fs::create_dir_all(&sidecar_dir)?;
+        sidecars.push(Sidecar::start_with_config(&sidecar_dir, &toml).await?);
+    }
+    let minute = minute_ago(1);
+    for sidecar in &sidecars {
+        let usage = vec![
+            usage_record(DOOMED, minute, 5, 100),
+            usage_record(KEPT, minute, 3, 60),
+        ];
+        send_batch(sidecar, "envoy-1", 1, usage).await?;
+    }
+    let (first, second) = (&sidecars[0], &sidecars[1]);
+    ensure!(
+        second.usage(DOOMED).await?.admitted == 5,
+        "usage not stored"
+    );
+
+    let requested = EraseCustomerRequest {
+        customer: DOOMED.into(),
+    };
+    first.admin().await?.erase_customer(requested).await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while second.usage(DOOMED).await?.admitted > 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the second sidecar kept the erased customer's usage for 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    assert_eq!(second.usage(KEPT).await?.admitted, 3);
+    let late = vec![usage_record(DOOMED, minute, 4, 10)];
+    send_batch(second, "envoy-1", 2, late).await?;
+    assert_eq!(second.usage(DOOMED).await?.admitted, 0);
+    // The second sidecar was asked nothing, so its one audit entry is the
+    // erasure it made from the notice.
+    let verified = second
+        .admin()
+        .await?
+        .verify_audit_log(VerifyAuditLogRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(verified.entries, 1);
+    ensure!(verified.intact, "audit log: {}", verified.problem);
+    ensure!(
+        second
+            .log()
+            .contains("erased a customer that another sidecar erased"),
+        "the second sidecar logged no erasure from a notice"
+    );
+    ensure!(
+        !first
+            .log()
+            .contains("erased a customer that another sidecar erased"),
+        "the first sidecar applied its own notice"
     );
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::Status;
 use tracing::{info, warn};
@@ -36,6 +37,18 @@ const MAX_ACTOR_BYTES: usize = 128;
 /// Maximum length of a customer id in a token's customer claim, in bytes,
 /// as the filter accepts it.
 const MAX_TOKEN_CUSTOMER_BYTES: usize = 128;
+
+/// Erasure notices read from the shared counters at a time.
+const NOTICES_PER_READ: usize = 100;
+
+/// Whether an erasure is announced to the other sidecars sharing the
+/// counters: yes when requested here, no when it applies another
+/// sidecar's notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Announce {
+    Yes,
+    No,
+}
 
 /// Checks that `customer` is an id a token can carry (1 to 128 printable
 /// ASCII characters without spaces), so a mistyped id is rejected instead
@@ -305,12 +318,22 @@ impl AdminService {
         request: EraseCustomerRequest,
         actor: String,
     ) -> Result<Erasure, Status> {
-        let privacy = self.privacy()?.clone();
         check_token_customer(&request.customer)?;
-        let subject_hash = privacy.subject(&request.customer);
+        self.erase(request.customer, actor, Announce::Yes).await
+    }
+
+    /// Erases `customer`, and with `announce` tells the other sidecars
+    /// sharing the counters to erase it too.
+    async fn erase(
+        &self,
+        customer: String,
+        actor: String,
+        announce: Announce,
+    ) -> Result<Erasure, Status> {
+        let privacy = self.privacy()?.clone();
+        let subject_hash = privacy.subject(&customer);
         let now_s = unix_now_s();
-        let request_customer = request.customer.clone();
-        let customer = request.customer;
+        let request_customer = customer.clone();
         let hash = subject_hash.clone();
         let refuse_until_unix_s = now_s.saturating_add(privacy.token_lifetime_s);
         let keys_for_tx = privacy.clone();
@@ -358,7 +381,12 @@ impl AdminService {
             .await
             .map_err(ServiceError::from)?;
         if performed {
-            self.clear_counters(&request_customer, now_s).await?;
+            let notice = match announce {
+                Announce::Yes => Some(erasure.erasure_id.as_str()),
+                Announce::No => None,
+            };
+            self.clear_counters(&request_customer, notice, now_s)
+                .await?;
             let version = self.reload_erased().await?;
             // After the reload, so that batches stored from now on leave
             // the customer out and do not bring the series back.
@@ -390,10 +418,17 @@ impl AdminService {
         }
     }
 
-    /// Drops the customer's counts kept in memory and in Redis. Counts that
-    /// Redis cannot remove now stay queued in the store, and
+    /// Drops the customer's counts kept in memory and in Redis, and with
+    /// `notice` (the erasure id) announces the erasure to the other
+    /// sidecars. Counts that Redis cannot remove now, or an announcement it
+    /// cannot take, stay queued in the store, and
     /// [`AdminService::retry_counter_cleanup`] tries again.
-    async fn clear_counters(&self, customer: &str, now_s: i64) -> Result<(), Status> {
+    async fn clear_counters(
+        &self,
+        customer: &str,
+        notice: Option<&str>,
+        now_s: i64,
+    ) -> Result<(), Status> {
         if let Some(recent) = &self.recent {
             recent
                 .lock()
@@ -403,8 +438,18 @@ impl AdminService {
         let Some(shared) = &self.shared else {
             return Ok(());
         };
-        let result = shared.erase_customer(customer, now_s).await;
-        let pseudonym = self.privacy()?.subject(customer);
+        let privacy = self.privacy()?;
+        let mut result = shared.erase_customer(customer, now_s).await;
+        if let (Ok(_), Some(erasure_id)) = (&result, notice) {
+            let retention = Duration::from_secs(privacy.token_lifetime_s.unsigned_abs());
+            if let Err(err) = shared
+                .announce_erasure(customer, erasure_id, retention)
+                .await
+            {
+                result = Err(err);
+            }
+        }
+        let pseudonym = privacy.subject(customer);
         let cleared = result.is_ok();
         self.store()
             .write("record an erased customer's counters", move |conn| {
@@ -417,10 +462,15 @@ impl AdminService {
             .await
             .map_err(ServiceError::from)?;
         match result {
-            Ok(removed) => info!(removed, "erased customer's counts removed from Redis"),
+            Ok(removed) => info!(
+                removed,
+                announced = notice.is_some(),
+                "erased customer's counts removed from Redis"
+            ),
             Err(err) => warn!(
                 error = %err,
-                "failed to remove an erased customer's counts from Redis; retrying every 10 s"
+                "failed to remove an erased customer's counts from Redis or to announce the \
+                 erasure to the other sidecars; retrying every 10 s"
             ),
         }
         Ok(())
@@ -445,9 +495,65 @@ impl AdminService {
                 erasure_id,
                 "retrying the removal of an erased customer's Redis counts"
             );
-            self.clear_counters(&customer, unix_now_s()).await?;
+            self.clear_counters(&customer, Some(&erasure_id), unix_now_s())
+                .await?;
         }
         Ok(())
+    }
+
+    /// Erases here the customers that other sidecars sharing the counters
+    /// erased since the last call, reading at most 100 notices. A notice
+    /// older than the token lifetime is skipped, because by then the
+    /// customer may have come back.
+    pub async fn apply_erasure_notices(&self) -> Result<(), Status> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let lifetime_ms = self.privacy()?.token_lifetime_s.saturating_mul(1_000);
+        let after = self.cursor().clone();
+        let notices = shared
+            .erasure_notices(&after, NOTICES_PER_READ)
+            .await
+            .map_err(|err| {
+                Status::unavailable(format!("failed to read the erasure notices: {err}"))
+            })?;
+        for notice in notices {
+            let now_ms = unix_now_s().saturating_mul(1_000);
+            let own = notice.sidecar_id == shared.sidecar_id();
+            let stale = notice.at_unix_ms < now_ms.saturating_sub(lifetime_ms);
+            if !own && !stale {
+                match check_token_customer(&notice.customer) {
+                    Ok(()) => {
+                        let actor = format!("sidecar:{}", notice.sidecar_id);
+                        let erasure = self
+                            .erase(notice.customer.clone(), actor, Announce::No)
+                            .await?;
+                        info!(
+                            erasure_id = erasure.erasure_id,
+                            notice = notice.entry_id,
+                            origin_sidecar = notice.sidecar_id,
+                            origin_erasure_id = notice.erasure_id,
+                            "erased a customer that another sidecar erased"
+                        );
+                    }
+                    Err(err) => warn!(
+                        notice = notice.entry_id,
+                        origin_sidecar = notice.sidecar_id,
+                        error = %Status::from(err).message(),
+                        "skipped an erasure notice with an invalid customer id"
+                    ),
+                }
+            }
+            *self.cursor() = notice.entry_id;
+        }
+        Ok(())
+    }
+
+    /// Locks the id of the last erasure notice read.
+    fn cursor(&self) -> std::sync::MutexGuard<'_, String> {
+        self.notice_cursor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Returns an erasure's progress.

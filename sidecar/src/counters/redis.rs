@@ -19,6 +19,7 @@
 //! | `{<prefix>:<shard>}:expiry` | sorted set | `<bucket>:<customer>` scored by bucket start, to find the buckets leaving the window | as `window` |
 //! | `{<prefix>:<shard>}:applied:<sidecar id>` | string | highest contribution id of that sidecar applied to this shard | the larger of `totals_ttl_seconds` and the window's TTL, renewed by every exchange of that sidecar on this shard |
 //! | `{<prefix>:<shard>}:m:<minute>` | hash | customer → requests admitted in the minute starting at `<minute>` (Unix seconds) | `totals_ttl_seconds`, renewed by every write |
+//! | `{<prefix>:erasures}` | stream | one entry per erasure: `customer`, `sidecar` (the sidecar that erased it) and `erasure` (its erasure id) | the retention the erasing sidecar gives, renewed by every entry; older entries are trimmed |
 //!
 //! Bucket starts and minutes are Unix seconds. Each exchange first subtracts
 //! from the window sums the buckets at or before `now - window_seconds`, then
@@ -80,6 +81,22 @@ const WINDOW_TTL_MARGIN_SECONDS: u64 = 60;
 
 /// Maximum minutes one [`RedisCounters::minute_totals`] call reads: one week.
 const MAX_MINUTES_PER_READ: i64 = 7 * 24 * 60;
+
+/// An erasure that a sidecar sharing the key prefix announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasureNotice {
+    /// Stream entry id, `<Unix milliseconds>-<sequence>`, which grows with
+    /// every entry.
+    pub entry_id: String,
+    /// Redis server time of the entry, in Unix milliseconds.
+    pub at_unix_ms: i64,
+    /// Erased customer id.
+    pub customer: String,
+    /// Id of the sidecar that erased the customer.
+    pub sidecar_id: String,
+    /// Erasure id at that sidecar.
+    pub erasure_id: String,
+}
 
 /// Settings of the Redis counters: server, key layout, TTL and timeout.
 #[derive(Debug, Clone)]
@@ -284,7 +301,8 @@ impl RedisCounters {
     /// `now_unix_s`. Returns the fields and entries removed.
     ///
     /// Other sidecars may still hold usage of the customer in their
-    /// outboxes; erase the customer on each of them too.
+    /// outboxes, so [`RedisCounters::announce_erasure`] tells them to
+    /// erase it too.
     ///
     /// # Errors
     ///
@@ -329,6 +347,132 @@ impl RedisCounters {
             }
         }
         Ok(removed)
+    }
+
+    /// Appends an erasure notice for `customer` to the stream that every
+    /// sidecar sharing the key prefix reads, and trims notices older than
+    /// `retention`, which is also the stream's TTL.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisCounters::exchange`].
+    pub async fn announce_erasure(
+        &self,
+        customer: &str,
+        erasure_id: &str,
+        retention: Duration,
+    ) -> Result<(), CounterError> {
+        let key = self.erasures_key();
+        let retention_ms = u64::try_from(retention.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let now_ms = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX);
+        let mut append = redis::cmd("XADD");
+        append
+            .arg(&key)
+            .arg("MINID")
+            .arg("~")
+            .arg(now_ms.saturating_sub(retention_ms))
+            .arg("*")
+            .arg("customer")
+            .arg(customer)
+            .arg("sidecar")
+            .arg(&self.sidecar_id)
+            .arg("erasure")
+            .arg(erasure_id);
+        let mut expire = redis::cmd("PEXPIRE");
+        expire.arg(&key).arg(retention_ms);
+        self.bounded(async {
+            let mut connection = self.link.connection().await?;
+            for command in [&append, &expire] {
+                self.commands_sent.fetch_add(1, Ordering::Relaxed);
+                if let Err(err) = connection.query(command).await {
+                    return Err(self.link.fail(&err).await);
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Returns up to `count` erasure notices after the stream entry
+    /// `after_entry_id` (`0-0` for all), oldest first, this sidecar's own
+    /// included.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisCounters::exchange`], and [`CounterError::Rejected`] for a
+    /// reply that is not a stream range.
+    pub async fn erasure_notices(
+        &self,
+        after_entry_id: &str,
+        count: usize,
+    ) -> Result<Vec<ErasureNotice>, CounterError> {
+        let mut range = redis::cmd("XRANGE");
+        range
+            .arg(self.erasures_key())
+            .arg(format!("({after_entry_id}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count.max(1));
+        let reply = self
+            .bounded(async {
+                let mut connection = self.link.connection().await?;
+                self.commands_sent.fetch_add(1, Ordering::Relaxed);
+                match connection.query(&range).await {
+                    Ok(reply) => Ok(reply),
+                    Err(err) => Err(self.link.fail(&err).await),
+                }
+            })
+            .await?;
+        let rejected = |detail: String| CounterError::Rejected {
+            target: self.link.target().to_owned(),
+            detail,
+        };
+        let entries: redis::streams::StreamRangeReply = redis::from_redis_value(reply)
+            .map_err(|err| rejected(format!("unexpected erasure stream reply: {err}")))?;
+        let mut notices = Vec::with_capacity(entries.ids.len());
+        for entry in entries.ids {
+            let field = |name: &str| -> Result<String, CounterError> {
+                let value = entry.map.get(name).cloned().unwrap_or(Value::Nil);
+                redis::from_redis_value(value).map_err(|err| {
+                    rejected(format!(
+                        "erasure notice {} has no readable field {name}: {err}",
+                        entry.id
+                    ))
+                })
+            };
+            let at_unix_ms = entry
+                .id
+                .split_once('-')
+                .and_then(|(ms, _)| ms.parse().ok())
+                .unwrap_or(0);
+            notices.push(ErasureNotice {
+                at_unix_ms,
+                customer: field("customer")?,
+                sidecar_id: field("sidecar")?,
+                erasure_id: field("erasure")?,
+                entry_id: entry.id,
+            });
+        }
+        Ok(notices)
+    }
+
+    /// Returns this sidecar's id.
+    pub fn sidecar_id(&self) -> &str {
+        &self.sidecar_id
+    }
+
+    /// Key of the erasure notice stream. Its hash tag is its own, so it
+    /// may live in any cluster slot.
+    fn erasures_key(&self) -> String {
+        format!("{{{}:erasures}}", self.key_prefix)
     }
 
     /// Sends one `PING` to check that Redis responds. The exchange loop calls

@@ -18,7 +18,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
-use super::redis::RedisCounters;
+use super::redis::{ErasureNotice, RedisCounters};
 use super::{Contribution, CounterError, Exchange, WindowTotals};
 use crate::ledger::unix_now_s;
 use crate::remote::{Counts, RecentUsage};
@@ -134,6 +134,46 @@ impl SharedCounters {
             .backend
             .erase_customer(customer, now_unix_s)
             .await
+    }
+
+    /// Tells every sidecar sharing the counters that `customer` was
+    /// erased, as [`RedisCounters::announce_erasure`].
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisCounters::announce_erasure`].
+    pub async fn announce_erasure(
+        &self,
+        customer: &str,
+        erasure_id: &str,
+        retention: Duration,
+    ) -> Result<(), crate::counters::CounterError> {
+        self.inner
+            .backend
+            .announce_erasure(customer, erasure_id, retention)
+            .await
+    }
+
+    /// Returns up to `count` erasure notices after the stream entry
+    /// `after_entry_id`, oldest first, including this sidecar's own.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisCounters::erasure_notices`].
+    pub async fn erasure_notices(
+        &self,
+        after_entry_id: &str,
+        count: usize,
+    ) -> Result<Vec<ErasureNotice>, crate::counters::CounterError> {
+        self.inner
+            .backend
+            .erasure_notices(after_entry_id, count)
+            .await
+    }
+
+    /// Returns the id this sidecar writes its counts under.
+    pub fn sidecar_id(&self) -> &str {
+        self.inner.backend.sidecar_id()
     }
 
     /// Returns whether the last exchange failed.

@@ -3,7 +3,7 @@
 //! instances.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -14,6 +14,9 @@ use crate::keys::{KeyProvider, LocalKeyFile};
 use crate::privacy::Privacy;
 use crate::pushes::Pushes;
 use crate::store::Store;
+
+/// Interval at which the erasure notices of other sidecars are read.
+const NOTICE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Interval at which erased customers whose tokens have expired are
 /// dropped from the set pushed to the instances, and failed removals of
@@ -60,10 +63,33 @@ pub(super) async fn load(admin: &AdminService) -> Result<(), ServerError> {
 }
 
 /// Drops, every 10 s, erased customers whose tokens have expired and
-/// retries removing erased customers' counts from Redis.
+/// retries removing erased customers' counts from Redis. With Redis, reads
+/// every 2 s the erasures that other sidecars announced and applies them.
 pub(super) async fn reload_erased(admin: AdminService) {
+    let mut last_reload = Instant::now();
+    let mut notices_failing = false;
     loop {
-        tokio::time::sleep(ERASED_RELOAD_INTERVAL).await;
+        tokio::time::sleep(NOTICE_INTERVAL).await;
+        match admin.apply_erasure_notices().await {
+            Ok(()) => {
+                if notices_failing {
+                    info!("erasure notices of the other sidecars are read again");
+                }
+                notices_failing = false;
+            }
+            Err(err) => {
+                // Once per outage: Redis being down is logged by the
+                // shared counters already.
+                if !notices_failing {
+                    warn!(error = %err.message(), "failed to apply the erasure notices of the other sidecars; retrying every 2 s");
+                }
+                notices_failing = true;
+            }
+        }
+        if last_reload.elapsed() < ERASED_RELOAD_INTERVAL {
+            continue;
+        }
+        last_reload = Instant::now();
         if let Err(err) = admin.reload_erased().await {
             warn!(error = %err.message(), "failed to reload the erased customers; keeping the set in force");
         }
