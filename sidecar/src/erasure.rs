@@ -227,7 +227,8 @@ pub fn erase(
     let mut metadata = 0;
     let mut stripe_identities = 0;
     for stripe_pseudonym in &stripe_pseudonyms {
-        // A Stripe customer that now bills another customer is theirs.
+        // A Stripe customer that another customer's mapping or meter event
+        // names is kept for that customer.
         if Identities::stripe_in_use(&tx, stripe_pseudonym)? {
             continue;
         }

@@ -15,8 +15,9 @@
 //! Stripe customer ids are kept the same way: the billing and webhook
 //! tables name a Stripe customer by its own pseudonym, and the id is
 //! stored once, in `stripe_identity`, encrypted under a data key of that
-//! Stripe customer, which an erasure of the customer billed to it
-//! destroys.
+//! Stripe customer. Erasing the customer billed to it destroys that key,
+//! unless another customer's mapping or meter event still names the
+//! Stripe customer.
 //!
 //! NOTE: anyone with the key file and a copy of the database can still
 //! test whether a given customer id has rows in it, by computing its
@@ -76,9 +77,10 @@ const STRIPE: Sealed = Sealed {
     owner_prefix: "stripe:",
 };
 
-/// What the keyed hash of a Stripe customer id covers before the id. A
-/// customer id holds no space, so no customer id hashes to the same input.
-const STRIPE_HASH_PREFIX: &str = "stripe ";
+/// What the keyed hash of a Stripe customer id covers before the id. The
+/// sidecar accepts no customer id with a control character, so no customer
+/// id hashes to the same input.
+const STRIPE_HASH_PREFIX: &str = "stripe\0";
 
 /// Key in `sidecar_meta` recording that the tables hold pseudonyms of
 /// customer ids.
@@ -828,6 +830,23 @@ mod tests {
                  updated_unix_s INTEGER NOT NULL) WITHOUT ROWID, STRICT;
              CREATE TABLE sidecar_meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)
                  WITHOUT ROWID, STRICT;
+             CREATE TABLE meter_event (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT, identifier TEXT NOT NULL UNIQUE,
+                 customer TEXT NOT NULL, meter TEXT NOT NULL, minute_unix_s INTEGER NOT NULL,
+                 value INTEGER NOT NULL CHECK (value > 0),
+                 correction INTEGER NOT NULL DEFAULT 0 CHECK (correction IN (0, 1)),
+                 state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'parked')),
+                 stripe_customer_id TEXT, attempts INTEGER NOT NULL DEFAULT 0, reason TEXT,
+                 created_unix_s INTEGER NOT NULL, sent_unix_s INTEGER) STRICT;
+             CREATE TABLE stripe_tier_metadata_pending (
+                 stripe_customer_id TEXT PRIMARY KEY NOT NULL, tier TEXT NOT NULL,
+                 version INTEGER NOT NULL, attempts INTEGER NOT NULL CHECK (attempts >= 0),
+                 next_attempt_unix_ms INTEGER NOT NULL) WITHOUT ROWID, STRICT;
+             INSERT INTO meter_event (identifier, customer, meter, minute_unix_s, value, state,
+                                      stripe_customer_id, created_unix_s)
+                 VALUES ('e1', 'p-acme', 'api_requests', 60, 5, 'sent', 'cus_A7q', 1),
+                        ('e2', 'p-acme', 'api_requests', 120, 5, 'pending', NULL, 1);
+             INSERT INTO stripe_tier_metadata_pending VALUES ('cus_N0map', 'basic', 1, 0, 0);
              INSERT INTO sidecar_meta VALUES ('customer_ids', 'pseudonyms');
              INSERT INTO stripe_customer VALUES ('p-acme', 'cus_A7q', 1);
              INSERT INTO stripe_tier_state VALUES ('cus_A7q', 'pro', 1, 'evt_1', 1, 1,
@@ -874,6 +893,22 @@ mod tests {
                 .as_deref(),
             Some("cus_N0map")
         );
+        let events: Vec<Option<String>> = conn
+            .prepare("SELECT stripe_pseudonym FROM meter_event ORDER BY id")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(events, [Some(identities.stripe_pseudonym("cus_A7q")), None]);
+        let pending: String = conn
+            .query_row(
+                "SELECT stripe_pseudonym FROM stripe_tier_metadata_pending",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(pending, identities.stripe_pseudonym("cus_N0map"));
         let customers: i64 = conn
             .query_row("SELECT COUNT(*) FROM customer_identity", [], |row| {
                 row.get(0)

@@ -462,6 +462,59 @@ async fn future_minute_is_not_parked() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A meter event whose Stripe customer id cannot be read from the store is
+/// parked with the reason, and setting the customer's Stripe customer again
+/// bills it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_stripe_id_parks_until_remapped() -> anyhow::Result<()> {
+    let dir = temp_dir()?;
+    let stripe = start_stripe().await?;
+    let mut sidecar = start_with_stripe(dir.path(), &stripe, &stripe.base_url()).await?;
+    let stripe_id = stripe.create_customer(&[]);
+    map(&sidecar, "lost", &stripe_id).await?;
+    sidecar.stop();
+    let store = rusqlite::Connection::open(sidecar.data_dir().join("usage.sqlite3"))?;
+    ensure!(
+        store.execute("DELETE FROM stripe_identity", [])? == 1,
+        "no Stripe identity stored"
+    );
+    drop(store);
+    sidecar.restart().await?;
+
+    let usage = vec![usage_record("lost", minute_ago(2), 3, 0)];
+    send_batch(&sidecar, "i1", 1, usage).await?;
+    let mut admin = sidecar.admin().await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let parked = loop {
+        let listed = admin
+            .list_parked_meter_events(ListParkedMeterEventsRequest { limit: 10 })
+            .await?
+            .into_inner()
+            .events;
+        if !listed.is_empty() || Instant::now() > deadline {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ensure!(!parked.is_empty(), "no event parked within 20 s");
+    ensure!(
+        parked
+            .iter()
+            .all(|event| event.reason.contains("stripe_identity")),
+        "{parked:?}"
+    );
+    assert_eq!(stripe.usage_sum(&stripe_id, "api_requests"), 0);
+
+    map(&sidecar, "lost", &stripe_id).await?;
+    let billed = eventually(Duration::from_secs(20), || {
+        stripe.usage_sum(&stripe_id, "api_requests") == 3
+    })
+    .await;
+    sidecar.stop();
+    ensure!(billed, "the remapped customer's usage was not billed");
+    Ok(())
+}
+
 /// Sends raw bytes to `address` and returns the status code of the reply,
 /// or `None` when the connection closed without one.
 async fn raw_status(address: SocketAddr, request: &[u8]) -> anyhow::Result<Option<u16>> {

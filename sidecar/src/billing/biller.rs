@@ -368,7 +368,20 @@ impl Biller {
             );
         }
 
-        let ready = self.reveal_stripe_customers(ready).await?;
+        let (ready, unreadable) = self.reveal_stripe_customers(ready).await?;
+        for event in unreadable {
+            let reason = "the Stripe customer's id is missing from stripe_identity or its data \
+                          key is gone; set the customer's Stripe customer again to queue it"
+                .to_owned();
+            warn!(
+                identifier = event.identifier,
+                customer_pseudonym = event.customer,
+                reason,
+                "parked a meter event whose Stripe customer cannot be read"
+            );
+            self.park(&event, reason).await?;
+            report.parked += 1;
+        }
 
         // A sliding window: a new send starts as soon as one finishes,
         // until a transient failure stops new sends. The outcomes are
@@ -470,37 +483,32 @@ impl Biller {
     }
 
     /// Pairs each event with the id of its Stripe customer, read from the
-    /// encrypted identity its pseudonym names. An event whose Stripe
-    /// customer has no readable id is left out: an erasure removed the
-    /// identity after the event was read, and deletes the event too.
+    /// encrypted identity its pseudonym names. Also returns the events whose
+    /// Stripe customer has no identity row or data key, which can never be
+    /// sent as they are.
     async fn reveal_stripe_customers(
         &self,
         events: Vec<QueuedEvent>,
-    ) -> Result<Vec<(QueuedEvent, String)>, StoreError> {
+    ) -> Result<(Vec<(QueuedEvent, String)>, Vec<QueuedEvent>), StoreError> {
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let identities = self.store.identities().clone();
         self.store
             .read("read the meter events' Stripe customers", move |conn| {
                 let mut revealer = identities.revealer();
                 let mut named = Vec::with_capacity(events.len());
+                let mut unreadable = Vec::new();
                 for event in events {
                     let Some(pseudonym) = &event.stripe_pseudonym else {
                         continue;
                     };
-                    let stripe_id = revealer.reveal_stripe(conn, pseudonym).map_err(to_sql)?;
-                    match stripe_id {
+                    match revealer.reveal_stripe(conn, pseudonym).map_err(to_sql)? {
                         Some(stripe_id) => named.push((event, stripe_id)),
-                        None => warn!(
-                            identifier = event.identifier,
-                            stripe_pseudonym = pseudonym,
-                            "failed to read the Stripe customer id of a meter event, so it stays \
-                             queued. Check stripe_identity and the key file"
-                        ),
+                        None => unreadable.push(event),
                     }
                 }
-                Ok(named)
+                Ok((named, unreadable))
             })
             .await
     }

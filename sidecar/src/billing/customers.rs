@@ -121,8 +121,8 @@ pub fn set_audited(
     Ok(SetOutcome::Stored { unparked })
 }
 
-/// Returns the Stripe customer id of `customer` (its pseudonym in the
-/// sidecar's store), if one is set and its encrypted id is readable.
+/// Returns the Stripe customer id of `customer`, given as the pseudonym the
+/// store names it by, if one is set and its encrypted id is readable.
 pub fn get(
     conn: &Connection,
     identities: &Identities,

@@ -205,8 +205,8 @@ fn close_meter(
 }
 
 /// Queues a corrective event for the Stripe customer of pseudonym
-/// `stripe_pseudonym` unless one with the
-/// same identifier exists; returns whether it was queued.
+/// `stripe_pseudonym` unless one with the same identifier exists; returns
+/// whether it was queued.
 pub fn queue_correction(
     conn: &Connection,
     key: &EventKey<'_>,

@@ -208,16 +208,27 @@ pub(super) fn record_audited(
         return Ok(Recorded::Duplicate);
     }
 
+    // The Stripe customer's encrypted id is stored only once a row names
+    // it, so an ignored event (stale, or a mapping to an erased customer)
+    // keeps nothing.
     let stored_key = |stripe_customer_id: &str| match identities {
+        Some(identities) => identities.stripe_pseudonym(stripe_customer_id),
+        None => stripe_customer_id.to_owned(),
+    };
+    let record_identity = |stripe_customer_id: &str| match identities {
         Some(identities) => identities
             .record_stripe(&tx, stripe_customer_id)
+            .map(drop)
             .map_err(to_sql),
-        None => Ok(stripe_customer_id.to_owned()),
+        None => Ok(()),
     };
     let tier = match &delivery.tier {
         Some(update) => {
-            let stripe_key = stored_key(&update.stripe_customer_id)?;
+            let stripe_key = stored_key(&update.stripe_customer_id);
             let tier = apply_tier(&tx, update, &stripe_key, delivery)?;
+            if tier != TierOutcome::Stale {
+                record_identity(&update.stripe_customer_id)?;
+            }
             (tier, Some(stripe_key))
         }
         None => (TierOutcome::None, None),
@@ -225,9 +236,14 @@ pub(super) fn record_audited(
     let (tier, tier_stripe_key) = tier;
     let mapping = match &delivery.mapping {
         Some((customer, stripe_customer_id)) => {
-            let stripe_key = stored_key(stripe_customer_id)?;
+            let stripe_key = stored_key(stripe_customer_id);
             let names = identities;
-            insert_mapping(&tx, names, customer, &stripe_key, delivery.received_unix_s)?
+            let mapped =
+                insert_mapping(&tx, names, customer, &stripe_key, delivery.received_unix_s)?;
+            if mapped == MappingOutcome::Inserted {
+                record_identity(stripe_customer_id)?;
+            }
+            mapped
         }
         None => MappingOutcome::None,
     };
@@ -497,8 +513,9 @@ pub(super) struct PendingMetadata {
 
 /// Returns up to `limit` pending writes due at `now_unix_ms`, oldest due
 /// first. With `identities`, the table names Stripe customers by pseudonym
-/// and each id is read from its encrypted identity; a write whose identity
-/// is gone (the customer billed to it was erased) is left out.
+/// and each id is read from its encrypted identity. A write whose identity
+/// row or data key is missing can never be sent, so it is deleted with an
+/// error line.
 pub(super) fn due_metadata(
     conn: &Connection,
     identities: Option<&Identities>,
@@ -532,11 +549,19 @@ pub(super) fn due_metadata(
                 write.stripe_customer_id = stripe_customer_id;
                 revealed.push(write);
             }
-            None => tracing::warn!(
-                stripe_pseudonym = write.stripe_key,
-                "failed to read the Stripe customer id of a pending tier metadata write, so it \
-                 is skipped. Check stripe_identity and the key file"
-            ),
+            None => {
+                conn.execute(
+                    "DELETE FROM stripe_tier_metadata_pending WHERE stripe_pseudonym = ?1",
+                    [&write.stripe_key],
+                )?;
+                tracing::error!(
+                    stripe_pseudonym = write.stripe_key,
+                    tier = write.tier,
+                    "dropped a pending tier metadata write: the Stripe customer's id is missing \
+                     from stripe_identity or its data key is gone. Set metadata.tier on the \
+                     Stripe customer by hand"
+                );
+            }
         }
     }
     Ok(revealed)
@@ -840,6 +865,81 @@ pub(super) mod tests {
             .query_row("SELECT COUNT(*) FROM stripe_customer", [], |row| row.get(0))
             .unwrap();
         assert_eq!(mapped, 0);
+    }
+
+    /// Opens a full store with identities, in `dir`.
+    fn store_with_identities(dir: &std::path::Path) -> (Connection, Identities) {
+        let mut conn = crate::store::test_support::open_writer(&dir.join("db"));
+        let keys = crate::keys::LocalKeyFile::open_or_create(&dir.join("keys.json")).unwrap();
+        let identities = Identities::open(&mut conn, std::sync::Arc::new(keys)).unwrap();
+        (conn, identities)
+    }
+
+    fn count(conn: &Connection, table: &str) -> i64 {
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| {
+            row.get(0)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn ignored_mappings_store_no_stripe_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, identities) = store_with_identities(dir.path());
+        let gone = identities.pseudonym("gone");
+        conn.execute(
+            "INSERT INTO erased_customer VALUES (?1, x'00', 9999999999)",
+            [&gone],
+        )
+        .unwrap();
+        let mut first = delivery("evt_1", "pro", 100, Rank::Live);
+        first.tier = None;
+        first.mapping = Some(("gone".into(), "cus_erased".into()));
+        let mut second = delivery("evt_2", "pro", 100, Rank::Live);
+        second.tier = None;
+        second.mapping = Some(("acme".into(), "cus_first".into()));
+        let mut third = delivery("evt_3", "pro", 100, Rank::Live);
+        third.tier = None;
+        third.mapping = Some(("acme".into(), "cus_second".into()));
+
+        for delivery in [&first, &second, &third] {
+            record_audited(&mut conn, delivery, None, Some(&identities)).unwrap();
+        }
+
+        let stored: Vec<String> = conn
+            .prepare("SELECT pseudonym FROM stripe_identity")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(stored, [identities.stripe_pseudonym("cus_first")]);
+    }
+
+    #[test]
+    fn unreadable_pending_write_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, identities) = store_with_identities(dir.path());
+        record_audited(
+            &mut conn,
+            &delivery("evt_1", "pro", 100, Rank::Live),
+            None,
+            Some(&identities),
+        )
+        .unwrap();
+        let revealed = due_metadata(&conn, Some(&identities), i64::MAX, 10).unwrap();
+        assert_eq!(revealed.len(), 1);
+        assert_eq!(revealed[0].stripe_customer_id, "cus_1");
+        assert_eq!(revealed[0].stripe_key, identities.stripe_pseudonym("cus_1"));
+
+        conn.execute("DELETE FROM stripe_identity", []).unwrap();
+
+        assert_eq!(
+            due_metadata(&conn, Some(&identities), i64::MAX, 10).unwrap(),
+            vec![]
+        );
+        assert_eq!(count(&conn, "stripe_tier_metadata_pending"), 0);
+        assert_eq!(count(&conn, "stripe_tier_state"), 1);
     }
 
     #[test]
