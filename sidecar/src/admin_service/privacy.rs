@@ -319,17 +319,20 @@ impl AdminService {
         actor: String,
     ) -> Result<Erasure, Status> {
         check_token_customer(&request.customer)?;
-        self.erase(request.customer, actor, Announce::Yes).await
+        let (erasure, _) = self.erase(request.customer, actor, Announce::Yes).await?;
+        Ok(erasure)
     }
 
     /// Erases `customer`, and with `announce` tells the other sidecars
-    /// sharing the counters to erase it too.
+    /// sharing the counters to erase it too. Returns the erasure's progress
+    /// and whether this call erased the customer, which is false when an
+    /// erasure of the customer is still in force.
     async fn erase(
         &self,
         customer: String,
         actor: String,
         announce: Announce,
-    ) -> Result<Erasure, Status> {
+    ) -> Result<(Erasure, bool), Status> {
         let privacy = self.privacy()?.clone();
         let subject_hash = privacy.subject(&customer);
         let now_s = unix_now_s();
@@ -402,7 +405,8 @@ impl AdminService {
             self.mapping_changed.notify_one();
             info!(erasure_id = erasure.erasure_id, "customer erased");
         }
-        self.erasure_progress(&erasure.erasure_id).await
+        let progress = self.erasure_progress(&erasure.erasure_id).await?;
+        Ok((progress, performed))
     }
 
     /// Removes the erased customer's `veo_customer_usage_total` series, so
@@ -525,16 +529,18 @@ impl AdminService {
                 match check_token_customer(&notice.customer) {
                     Ok(()) => {
                         let actor = format!("sidecar:{}", notice.sidecar_id);
-                        let erasure = self
+                        let (erasure, performed) = self
                             .erase(notice.customer.clone(), actor, Announce::No)
                             .await?;
-                        info!(
-                            erasure_id = erasure.erasure_id,
-                            notice = notice.entry_id,
-                            origin_sidecar = notice.sidecar_id,
-                            origin_erasure_id = notice.erasure_id,
-                            "erased a customer that another sidecar erased"
-                        );
+                        if performed {
+                            info!(
+                                erasure_id = erasure.erasure_id,
+                                notice = notice.entry_id,
+                                origin_sidecar = notice.sidecar_id,
+                                origin_erasure_id = notice.erasure_id,
+                                "erased a customer that another sidecar erased"
+                            );
+                        }
                     }
                     Err(err) => warn!(
                         notice = notice.entry_id,
