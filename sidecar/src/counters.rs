@@ -81,7 +81,7 @@ pub enum CounterError {
         target: String,
     },
     /// The store returned an error or a reply of the wrong shape.
-    #[error("Redis at {target} rejected the counter update: {detail}")]
+    #[error("Redis at {target} returned an error or an unexpected reply: {detail}")]
     Rejected {
         /// Address or cluster seed list, without credentials.
         target: String,

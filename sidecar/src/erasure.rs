@@ -72,7 +72,11 @@ CREATE TABLE IF NOT EXISTS erasure_counters_pending (
     -- erased_customer.sealed.
     sealed BLOB NOT NULL,
     erasure_id TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    -- 1 when the erasure is to be announced to the other sidecars sharing
+    -- the counters once the counts are removed, 0 when it applied another
+    -- sidecar's announcement.
+    announce INTEGER NOT NULL DEFAULT 1 CHECK (announce IN (0, 1))
 ) WITHOUT ROWID, STRICT;
 
 -- Last version of the erased-customer set each filter instance applied.
@@ -138,6 +142,23 @@ pub struct EraseRequest<'a> {
     /// Whether counters shared through Redis hold counts of the customer,
     /// which stay queued for removal until [`counters_cleared`].
     pub shared_counters: bool,
+    /// Whether the erasure is to be announced to the other sidecars sharing
+    /// the counters once the counts are removed.
+    pub announce: bool,
+}
+
+/// An erased customer whose Redis counts are still to be removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingCounters {
+    /// Customer id.
+    pub customer: String,
+    /// The erasure.
+    pub erasure_id: String,
+    /// When the erasure was requested, in milliseconds since the Unix
+    /// epoch.
+    pub requested_unix_ms: i64,
+    /// Whether the erasure is to be announced once the counts are removed.
+    pub announce: bool,
 }
 
 /// Appends an erasure's audit entry inside its transaction, given the
@@ -182,6 +203,13 @@ pub fn erase(
     let counting = "SELECT COUNT(*) FROM erasure WHERE subject_hash = ?1";
     let previous: u64 = tx.query_row(counting, [request.subject_hash], |row| row.get(0))?;
     if in_force && let Some(existing) = by_subject(&tx, request.subject_hash)? {
+        // A later erasure of the customer elsewhere extends the refusal.
+        tx.execute(
+            "UPDATE erased_customer SET refuse_until_unix_s = ?2
+             WHERE pseudonym = ?1 AND refuse_until_unix_s < ?2",
+            params![pseudonym, request.refuse_until_unix_s],
+        )?;
+        tx.commit()?;
         return Ok((existing, false));
     }
     let mut records = BTreeMap::new();
@@ -260,10 +288,13 @@ pub fn erase(
     if request.shared_counters {
         let sealed =
             keys::encrypt(&tx, keys, ERASURES_OWNER, customer, COUNTERS_AAD).map_err(to_sql)?;
-        let queue =
-            "INSERT OR REPLACE INTO erasure_counters_pending (pseudonym, sealed, erasure_id)
-                     VALUES (?1, ?2, ?3)";
-        tx.execute(queue, params![pseudonym, sealed, erasure_id])?;
+        let queue = "INSERT OR REPLACE INTO erasure_counters_pending
+                         (pseudonym, sealed, erasure_id, announce)
+                     VALUES (?1, ?2, ?3, ?4)";
+        tx.execute(
+            queue,
+            params![pseudonym, sealed, erasure_id, request.announce],
+        )?;
     }
     let receipt = record(&tx, &erasure_id, &mut records)?;
     // A map of strings to integers always serializes.
@@ -493,15 +524,27 @@ fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<
 pub fn counters_pending(
     conn: &Connection,
     keys: &dyn KeyProvider,
-) -> rusqlite::Result<Vec<(String, String)>> {
-    let select =
-        "SELECT pseudonym, sealed, erasure_id FROM erasure_counters_pending ORDER BY pseudonym";
+) -> rusqlite::Result<Vec<PendingCounters>> {
+    let select = "SELECT p.sealed, p.erasure_id, p.announce, COALESCE(e.requested_unix_ms, 0)
+                  FROM erasure_counters_pending AS p
+                  LEFT JOIN erasure AS e ON e.erasure_id = p.erasure_id
+                  ORDER BY p.pseudonym";
     let mut statement = conn.prepare(select)?;
-    let rows = statement.query_map([], |row| Ok((row.get(1)?, row.get(2)?)))?;
+    let read = |row: &rusqlite::Row<'_>| {
+        let columns: (Vec<u8>, String, bool, i64) =
+            (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+        Ok(columns)
+    };
+    let rows = statement.query_map([], read)?;
     let mut pending = Vec::new();
     for row in rows {
-        let (sealed, erasure_id): (Vec<u8>, String) = row?;
-        pending.push((unseal(conn, keys, &sealed, COUNTERS_AAD)?, erasure_id));
+        let (sealed, erasure_id, announce, requested_unix_ms) = row?;
+        pending.push(PendingCounters {
+            customer: unseal(conn, keys, &sealed, COUNTERS_AAD)?,
+            erasure_id,
+            requested_unix_ms,
+            announce,
+        });
     }
     Ok(pending)
 }
@@ -648,6 +691,7 @@ mod tests {
             now_unix_ms: 5_000,
             refuse_until_unix_s: 90_000,
             shared_counters: false,
+            announce: true,
         }
     }
 
@@ -887,7 +931,12 @@ mod tests {
 
         assert_eq!(
             counters_pending(&conn, keys()).unwrap(),
-            [("acme".to_owned(), "er_ab12".to_owned())]
+            [PendingCounters {
+                customer: "acme".into(),
+                erasure_id: "er_ab12".into(),
+                requested_unix_ms: 5_000,
+                announce: true,
+            }]
         );
         assert!(counters_pending_for(&conn, "er_ab12").unwrap());
         counters_failed(&conn, "ab12").unwrap();
@@ -897,6 +946,44 @@ mod tests {
         );
         counters_cleared(&conn, "ab12").unwrap();
         assert!(!counters_pending_for(&conn, "er_ab12").unwrap());
+    }
+
+    #[test]
+    fn erasure_in_force_extends_refusal() {
+        let mut conn = open();
+        let refused_until =
+            |conn: &Connection| count(conn, "SELECT refuse_until_unix_s FROM erased_customer");
+        // Only the first call erases, so only it appends an entry.
+        let mut record = |_: &Connection, _: &str, _: &mut BTreeMap<String, u64>| Ok(receipt(1));
+        erase(&mut conn, keys(), request("acme"), &mut record).unwrap();
+
+        for (refuse_until_unix_s, expected) in [(120_000, 120_000), (100_000, 120_000)] {
+            let later = EraseRequest {
+                refuse_until_unix_s,
+                announce: false,
+                ..request("acme")
+            };
+            let (erasure, performed) = erase(&mut conn, keys(), later, &mut record).unwrap();
+
+            assert!(!performed);
+            assert_eq!(erasure.erasure_id, "er_ab12");
+            assert_eq!(refused_until(&conn), expected);
+        }
+    }
+
+    #[test]
+    fn propagated_erasure_is_not_announced() {
+        let mut conn = open();
+        let propagated = EraseRequest {
+            shared_counters: true,
+            announce: false,
+            ..request("acme")
+        };
+        erase(&mut conn, keys(), propagated, &mut |_, _, _| Ok(receipt(1))).unwrap();
+
+        let pending = counters_pending(&conn, keys()).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert!(!pending[0].announce);
     }
 
     #[test]
@@ -1047,7 +1134,12 @@ mod tests {
         );
         assert_eq!(
             counters_pending(&conn, keys()).unwrap(),
-            [("acme".to_owned(), "er_1".to_owned())]
+            [PendingCounters {
+                customer: "acme".into(),
+                erasure_id: "er_1".into(),
+                requested_unix_ms: 0,
+                announce: true,
+            }]
         );
         assert_eq!(
             count(

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, ensure};
-use veo_sidecar::counters::redis::{RedisCounters, RedisSettings, RedisTarget};
+use veo_sidecar::counters::redis::{
+    ErasureSource, NoticeEntry, RedisCounters, RedisSettings, RedisTarget,
+};
 use veo_sidecar::counters::{Contribution, CounterError, Exchange, ExchangeResult, WindowTotals};
 use veo_tests::{RedisCluster, RedisServer};
 
@@ -428,7 +430,8 @@ async fn every_key_has_a_ttl() -> anyhow::Result<()> {
 }
 
 /// Proves erasure notices reach every sidecar in order, each read once
-/// after the last one seen, and the stream has a TTL.
+/// after the last one seen, an entry that is not a notice is returned as
+/// such, and the stream has a TTL.
 #[tokio::test]
 async fn erasure_notices_are_read_in_order() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -436,36 +439,56 @@ async fn erasure_notices_are_read_in_order() -> anyhow::Result<()> {
     let side_a = counters(&server, "side-a")?;
     let side_b = counters(&server, "side-b")?;
     let retention = Duration::from_secs(3600);
+    let source = |erasure_id, erased_at_unix_ms| ErasureSource {
+        erasure_id,
+        erased_at_unix_ms,
+    };
 
-    side_a.announce_erasure("acme", "er_1", retention).await?;
-    side_b.announce_erasure("globex", "er_2", retention).await?;
+    side_a
+        .announce_erasure("acme", &source("er_1", 1_000), retention)
+        .await?;
+    let _: String = server
+        .query(
+            redis::cmd("XADD")
+                .arg("{veo-test:erasures}")
+                .arg("*")
+                .arg("customer")
+                .arg("no-sidecar"),
+        )
+        .await?;
+    side_b
+        .announce_erasure("globex", &source("er_2", 2_000), retention)
+        .await?;
     let all = side_b.erasure_notices("0-0", 10).await?;
 
-    let read: Vec<(&str, &str, &str)> = all
+    assert_eq!(all.len(), 3);
+    let read: Vec<(&str, &str, &str, i64)> = all
         .iter()
-        .map(|notice| {
-            (
+        .filter_map(|entry| match entry {
+            NoticeEntry::Notice(notice) => Some((
                 notice.customer.as_str(),
                 notice.sidecar_id.as_str(),
                 notice.erasure_id.as_str(),
-            )
+                notice.erased_at_unix_ms,
+            )),
+            NoticeEntry::Malformed { .. } => None,
         })
         .collect();
     assert_eq!(
         read,
-        [("acme", "side-a", "er_1"), ("globex", "side-b", "er_2")]
+        [
+            ("acme", "side-a", "er_1", 1_000),
+            ("globex", "side-b", "er_2", 2_000)
+        ]
     );
-    let now_ms = unix_now()? * 1_000;
-    for notice in &all {
-        ensure!(
-            (now_ms - 5_000..=now_ms + 5_000).contains(&notice.at_unix_ms),
-            "notice time {} is not now ({now_ms})",
-            notice.at_unix_ms
-        );
-    }
-    let after_first = side_a.erasure_notices(&all[0].entry_id, 10).await?;
+    ensure!(
+        matches!(&all[1], NoticeEntry::Malformed { detail, .. } if detail.contains("erased_at_ms")),
+        "{:?}",
+        all[1]
+    );
+    let after_first = side_a.erasure_notices(all[0].entry_id(), 10).await?;
     assert_eq!(after_first, all[1..]);
-    let after_last = side_a.erasure_notices(&all[1].entry_id, 10).await?;
+    let after_last = side_a.erasure_notices(all[2].entry_id(), 10).await?;
     assert_eq!(after_last, []);
     let one = side_a.erasure_notices("0-0", 1).await?;
     assert_eq!(one, all[..1]);
@@ -473,6 +496,23 @@ async fn erasure_notices_are_read_in_order() -> anyhow::Result<()> {
         .query(redis::cmd("TTL").arg("{veo-test:erasures}"))
         .await?;
     ensure!((3_590..=3_600).contains(&ttl), "stream TTL {ttl}");
+    Ok(())
+}
+
+/// Proves a key of another type at the notice stream's name is an error
+/// that names the key.
+#[tokio::test]
+async fn notice_stream_of_another_type_is_an_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = RedisServer::start(dir.path()).await?;
+    let side_a = counters(&server, "side-a")?;
+    let _: String = server
+        .query(redis::cmd("SET").arg("{veo-test:erasures}").arg("x"))
+        .await?;
+
+    let err = side_a.erasure_notices("0-0", 10).await.unwrap_err();
+
+    ensure!(err.to_string().contains("WRONGTYPE"), "{err}");
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use veo_proto::sync::ErasedCustomer;
 use super::AdminService;
 use crate::assets::{self, PutOutcome};
 use crate::audit::{self, NewEntry};
+use crate::counters::redis::{ErasureNotice, ErasureSource, NoticeEntry};
 use crate::erasure::{self, EraseRequest};
 use crate::keys;
 use crate::ledger::unix_now_s;
@@ -41,13 +42,19 @@ const MAX_TOKEN_CUSTOMER_BYTES: usize = 128;
 /// Erasure notices read from the shared counters at a time.
 const NOTICES_PER_READ: usize = 100;
 
-/// Whether an erasure is announced to the other sidecars sharing the
-/// counters: yes when requested here, no when it applies another
-/// sidecar's notice.
+/// Where an erasure comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Announce {
-    Yes,
-    No,
+enum Origin {
+    /// A request to this sidecar. It is announced to the other sidecars
+    /// sharing the counters, and the customer's tokens are refused from now.
+    Request,
+    /// Another sidecar's notice. It is not announced again, and the
+    /// customer's tokens are refused from that sidecar's erasure on.
+    Notice {
+        /// When the other sidecar erased the customer, in Unix
+        /// milliseconds.
+        erased_at_unix_ms: i64,
+    },
 }
 
 /// Checks that `customer` is an id a token can carry (1 to 128 printable
@@ -319,26 +326,33 @@ impl AdminService {
         actor: String,
     ) -> Result<Erasure, Status> {
         check_token_customer(&request.customer)?;
-        let (erasure, _) = self.erase(request.customer, actor, Announce::Yes).await?;
+        let (erasure, _) = self.erase(request.customer, actor, Origin::Request).await?;
         Ok(erasure)
     }
 
-    /// Erases `customer`, and with `announce` tells the other sidecars
-    /// sharing the counters to erase it too. Returns the erasure's progress
+    /// Erases `customer`. An erasure requested here is announced to the
+    /// other sidecars sharing the counters. Returns the erasure's progress
     /// and whether this call erased the customer, which is false when an
-    /// erasure of the customer is still in force.
+    /// erasure of the customer is still in force (its refusal period is
+    /// then extended to this one's).
     async fn erase(
         &self,
         customer: String,
         actor: String,
-        announce: Announce,
+        origin: Origin,
     ) -> Result<(Erasure, bool), Status> {
         let privacy = self.privacy()?.clone();
         let subject_hash = privacy.subject(&customer);
         let now_s = unix_now_s();
         let request_customer = customer.clone();
         let hash = subject_hash.clone();
-        let refuse_until_unix_s = now_s.saturating_add(privacy.token_lifetime_s);
+        let (announce, refused_from_s) = match origin {
+            Origin::Request => (true, now_s),
+            Origin::Notice { erased_at_unix_ms } => {
+                (false, erased_at_unix_ms.div_euclid(1_000).min(now_s))
+            }
+        };
+        let refuse_until_unix_s = refused_from_s.saturating_add(privacy.token_lifetime_s);
         let keys_for_tx = privacy.clone();
         let shared_counters = self.shared.is_some();
         let (erasure, performed) = self
@@ -353,6 +367,7 @@ impl AdminService {
                         now_unix_ms: now_s.saturating_mul(1_000),
                         refuse_until_unix_s,
                         shared_counters,
+                        announce,
                     },
                     &mut |tx, erasure_id, records| {
                         let destroyed = keys::destroy(tx, &key_owner(&hash)).map_err(to_sql)?;
@@ -384,10 +399,10 @@ impl AdminService {
             .await
             .map_err(ServiceError::from)?;
         if performed {
-            let notice = match announce {
-                Announce::Yes => Some(erasure.erasure_id.as_str()),
-                Announce::No => None,
-            };
+            let notice = announce.then(|| ErasureSource {
+                erasure_id: &erasure.erasure_id,
+                erased_at_unix_ms: erasure.requested_unix_ms,
+            });
             self.clear_counters(&request_customer, notice, now_s)
                 .await?;
             let version = self.reload_erased().await?;
@@ -423,14 +438,15 @@ impl AdminService {
     }
 
     /// Drops the customer's counts kept in memory and in Redis, and with
-    /// `notice` (the erasure id) announces the erasure to the other
-    /// sidecars. Counts that Redis cannot remove now, or an announcement it
-    /// cannot take, stay queued in the store, and
-    /// [`AdminService::retry_counter_cleanup`] tries again.
+    /// `notice` announces the erasure to the other sidecars. Counts that
+    /// Redis cannot remove now, or an announcement it cannot take, stay
+    /// queued in the store, and [`AdminService::retry_counter_cleanup`]
+    /// tries again. An erasure older than the token lifetime is no longer
+    /// announced, because the other sidecars would skip its notice.
     async fn clear_counters(
         &self,
         customer: &str,
-        notice: Option<&str>,
+        notice: Option<ErasureSource<'_>>,
         now_s: i64,
     ) -> Result<(), Status> {
         if let Some(recent) = &self.recent {
@@ -443,13 +459,23 @@ impl AdminService {
             return Ok(());
         };
         let privacy = self.privacy()?;
+        let lifetime_ms = privacy.token_lifetime_s.saturating_mul(1_000);
+        let oldest_announced_ms = now_s.saturating_mul(1_000).saturating_sub(lifetime_ms);
+        let notice = match notice {
+            Some(source) if source.erased_at_unix_ms < oldest_announced_ms => {
+                warn!(
+                    erasure_id = source.erasure_id,
+                    "not announcing an erasure older than privacy.token_lifetime_seconds; erase \
+                     the customer by hand on the sidecars sharing the counters"
+                );
+                None
+            }
+            notice => notice,
+        };
         let mut result = shared.erase_customer(customer, now_s).await;
-        if let (Ok(_), Some(erasure_id)) = (&result, notice) {
+        if let (Ok(_), Some(source)) = (&result, &notice) {
             let retention = Duration::from_secs(privacy.token_lifetime_s.unsigned_abs());
-            if let Err(err) = shared
-                .announce_erasure(customer, erasure_id, retention)
-                .await
-            {
+            if let Err(err) = shared.announce_erasure(customer, source, retention).await {
                 result = Err(err);
             }
         }
@@ -494,63 +520,85 @@ impl AdminService {
             })
             .await
             .map_err(ServiceError::from)?;
-        for (customer, erasure_id) in pending {
+        for pending in pending {
             info!(
-                erasure_id,
+                erasure_id = pending.erasure_id,
                 "retrying the removal of an erased customer's Redis counts"
             );
-            self.clear_counters(&customer, Some(&erasure_id), unix_now_s())
+            let notice = pending.announce.then(|| ErasureSource {
+                erasure_id: &pending.erasure_id,
+                erased_at_unix_ms: pending.requested_unix_ms,
+            });
+            self.clear_counters(&pending.customer, notice, unix_now_s())
                 .await?;
         }
         Ok(())
     }
 
     /// Erases here the customers that other sidecars sharing the counters
-    /// erased since the last call, reading at most 100 notices. A notice
-    /// older than the token lifetime is skipped, because by then the
-    /// customer may have come back.
+    /// erased since the last call, reading at most 100 notices. A notice of
+    /// an erasure older than the token lifetime is skipped, because by then
+    /// the customer may have come back, and so is an entry that is not a
+    /// notice.
     pub async fn apply_erasure_notices(&self) -> Result<(), Status> {
         let Some(shared) = &self.shared else {
             return Ok(());
         };
         let lifetime_ms = self.privacy()?.token_lifetime_s.saturating_mul(1_000);
         let after = self.cursor().clone();
-        let notices = shared
+        let entries = shared
             .erasure_notices(&after, NOTICES_PER_READ)
             .await
             .map_err(|err| {
                 Status::unavailable(format!("failed to read the erasure notices: {err}"))
             })?;
-        for notice in notices {
-            let now_ms = unix_now_s().saturating_mul(1_000);
-            let own = notice.sidecar_id == shared.sidecar_id();
-            let stale = notice.at_unix_ms < now_ms.saturating_sub(lifetime_ms);
-            if !own && !stale {
-                match check_token_customer(&notice.customer) {
-                    Ok(()) => {
-                        let actor = format!("sidecar:{}", notice.sidecar_id);
-                        let (erasure, performed) = self
-                            .erase(notice.customer.clone(), actor, Announce::No)
-                            .await?;
-                        if performed {
-                            info!(
-                                erasure_id = erasure.erasure_id,
-                                notice = notice.entry_id,
-                                origin_sidecar = notice.sidecar_id,
-                                origin_erasure_id = notice.erasure_id,
-                                "erased a customer that another sidecar erased"
-                            );
-                        }
+        for entry in entries {
+            let entry_id = entry.entry_id().to_owned();
+            match entry {
+                NoticeEntry::Notice(notice) => {
+                    let now_ms = unix_now_s().saturating_mul(1_000);
+                    let own = notice.sidecar_id == shared.sidecar_id();
+                    let stale = notice.erased_at_unix_ms < now_ms.saturating_sub(lifetime_ms);
+                    if !own && !stale {
+                        self.apply_notice(&notice).await?;
                     }
-                    Err(err) => warn!(
-                        notice = notice.entry_id,
-                        origin_sidecar = notice.sidecar_id,
-                        error = %Status::from(err).message(),
-                        "skipped an erasure notice with an invalid customer id"
-                    ),
                 }
+                NoticeEntry::Malformed { entry_id, detail } => warn!(
+                    notice = entry_id,
+                    error = detail,
+                    "skipped an entry of the erasure notice stream that is not a notice; \
+                     remove it with XDEL"
+                ),
             }
-            *self.cursor() = notice.entry_id;
+            *self.cursor() = entry_id;
+        }
+        Ok(())
+    }
+
+    /// Erases the customer of another sidecar's `notice`.
+    async fn apply_notice(&self, notice: &ErasureNotice) -> Result<(), Status> {
+        if let Err(err) = check_token_customer(&notice.customer) {
+            warn!(
+                notice = notice.entry_id,
+                origin_sidecar = notice.sidecar_id,
+                error = %Status::from(err).message(),
+                "skipped an erasure notice with an invalid customer id"
+            );
+            return Ok(());
+        }
+        let actor = format!("sidecar:{}", notice.sidecar_id);
+        let origin = Origin::Notice {
+            erased_at_unix_ms: notice.erased_at_unix_ms,
+        };
+        let (erasure, performed) = self.erase(notice.customer.clone(), actor, origin).await?;
+        if performed {
+            info!(
+                erasure_id = erasure.erasure_id,
+                notice = notice.entry_id,
+                origin_sidecar = notice.sidecar_id,
+                origin_erasure_id = notice.erasure_id,
+                "erased a customer that another sidecar erased"
+            );
         }
         Ok(())
     }

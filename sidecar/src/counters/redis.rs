@@ -19,7 +19,7 @@
 //! | `{<prefix>:<shard>}:expiry` | sorted set | `<bucket>:<customer>` scored by bucket start, to find the buckets leaving the window | as `window` |
 //! | `{<prefix>:<shard>}:applied:<sidecar id>` | string | highest contribution id of that sidecar applied to this shard | the larger of `totals_ttl_seconds` and the window's TTL, renewed by every exchange of that sidecar on this shard |
 //! | `{<prefix>:<shard>}:m:<minute>` | hash | customer → requests admitted in the minute starting at `<minute>` (Unix seconds) | `totals_ttl_seconds`, renewed by every write |
-//! | `{<prefix>:erasures}` | stream | one entry per erasure: `customer`, `sidecar` (the sidecar that erased it) and `erasure` (its erasure id) | the retention the erasing sidecar gives, renewed by every entry; older entries are trimmed |
+//! | `{<prefix>:erasures}` | stream | one entry per erasure: `customer`, `sidecar` (the sidecar that erased it), `erasure` (its erasure id) and `erased_at_ms` (when, in Unix milliseconds) | the retention the erasing sidecar gives, renewed by every entry; older entries are trimmed |
 //!
 //! Bucket starts and minutes are Unix seconds. Each exchange first subtracts
 //! from the window sums the buckets at or before `now - window_seconds`, then
@@ -71,6 +71,7 @@ use super::{CounterError, Exchange, ExchangeResult, WindowTotals};
 const EXCHANGE_LUA: &str = include_str!("redis/exchange.lua");
 const MINUTE_TOTALS_LUA: &str = include_str!("redis/minute_totals.lua");
 const ERASE_LUA: &str = include_str!("redis/erase.lua");
+const ANNOUNCE_LUA: &str = include_str!("redis/announce.lua");
 /// Minute totals keys one erasure script call clears: one day, so that one
 /// call blocks Redis for a few milliseconds at most.
 const ERASE_MINUTES_PER_CALL: i64 = 24 * 60;
@@ -88,14 +89,75 @@ pub struct ErasureNotice {
     /// Stream entry id, `<Unix milliseconds>-<sequence>`, which grows with
     /// every entry.
     pub entry_id: String,
-    /// Redis server time of the entry, in Unix milliseconds.
-    pub at_unix_ms: i64,
+    /// When the customer was erased at the announcing sidecar, in Unix
+    /// milliseconds.
+    pub erased_at_unix_ms: i64,
     /// Erased customer id.
     pub customer: String,
     /// Id of the sidecar that erased the customer.
     pub sidecar_id: String,
     /// Erasure id at that sidecar.
     pub erasure_id: String,
+}
+
+/// The erasure an announcement tells of.
+#[derive(Debug, Clone, Copy)]
+pub struct ErasureSource<'a> {
+    /// Erasure id at the announcing sidecar.
+    pub erasure_id: &'a str,
+    /// When the customer was erased, in Unix milliseconds.
+    pub erased_at_unix_ms: i64,
+}
+
+/// An entry of the erasure notice stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoticeEntry {
+    /// A notice with every field.
+    Notice(ErasureNotice),
+    /// An entry that lacks a field or holds one that does not parse.
+    Malformed {
+        /// Stream entry id.
+        entry_id: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+impl NoticeEntry {
+    /// Returns the stream entry id.
+    pub fn entry_id(&self) -> &str {
+        match self {
+            Self::Notice(notice) => &notice.entry_id,
+            Self::Malformed { entry_id, .. } => entry_id,
+        }
+    }
+}
+
+/// Reads one stream entry as an erasure notice.
+fn parse_notice(entry: redis::streams::StreamId) -> NoticeEntry {
+    let field = |name: &str| -> Result<String, String> {
+        let value = entry.map.get(name).cloned().unwrap_or(Value::Nil);
+        redis::from_redis_value(value).map_err(|err| format!("field {name}: {err}"))
+    };
+    let parsed = (|| {
+        let erased_at = field("erased_at_ms")?;
+        Ok::<_, String>(ErasureNotice {
+            entry_id: entry.id.clone(),
+            erased_at_unix_ms: erased_at
+                .parse()
+                .map_err(|_| format!("field erased_at_ms: {erased_at:?} is not an integer"))?,
+            customer: field("customer")?,
+            sidecar_id: field("sidecar")?,
+            erasure_id: field("erasure")?,
+        })
+    })();
+    match parsed {
+        Ok(notice) => NoticeEntry::Notice(notice),
+        Err(detail) => NoticeEntry::Malformed {
+            entry_id: entry.id,
+            detail,
+        },
+    }
 }
 
 /// Settings of the Redis counters: server, key layout, TTL and timeout.
@@ -350,8 +412,9 @@ impl RedisCounters {
     }
 
     /// Appends an erasure notice for `customer` to the stream that every
-    /// sidecar sharing the key prefix reads, and trims notices older than
-    /// `retention`, which is also the stream's TTL.
+    /// sidecar sharing the key prefix reads, trims notices older than
+    /// `retention`, and sets the stream's TTL to `retention`, all in one
+    /// script so the stream never lacks its TTL.
     ///
     /// # Errors
     ///
@@ -359,10 +422,9 @@ impl RedisCounters {
     pub async fn announce_erasure(
         &self,
         customer: &str,
-        erasure_id: &str,
+        erasure: &ErasureSource<'_>,
         retention: Duration,
     ) -> Result<(), CounterError> {
-        let key = self.erasures_key();
         let retention_ms = u64::try_from(retention.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
@@ -373,50 +435,48 @@ impl RedisCounters {
                 .as_millis(),
         )
         .unwrap_or(u64::MAX);
-        let mut append = redis::cmd("XADD");
+        let mut append = redis::cmd("EVAL");
         append
-            .arg(&key)
-            .arg("MINID")
-            .arg("~")
+            .arg(ANNOUNCE_LUA)
+            .arg(1)
+            .arg(self.erasures_key())
             .arg(now_ms.saturating_sub(retention_ms))
-            .arg("*")
-            .arg("customer")
+            .arg(retention_ms)
             .arg(customer)
-            .arg("sidecar")
             .arg(&self.sidecar_id)
-            .arg("erasure")
-            .arg(erasure_id);
-        let mut expire = redis::cmd("PEXPIRE");
-        expire.arg(&key).arg(retention_ms);
+            .arg(erasure.erasure_id)
+            .arg(erasure.erased_at_unix_ms);
         self.bounded(async {
             let mut connection = self.link.connection().await?;
-            for command in [&append, &expire] {
-                self.commands_sent.fetch_add(1, Ordering::Relaxed);
-                if let Err(err) = connection.query(command).await {
-                    return Err(self.link.fail(&err).await);
-                }
+            self.commands_sent.fetch_add(1, Ordering::Relaxed);
+            match connection.query(&append).await {
+                Ok(_) => Ok(()),
+                Err(err) => Err(self.link.fail(&err).await),
             }
-            Ok(())
         })
         .await
     }
 
-    /// Returns up to `count` erasure notices after the stream entry
-    /// `after_entry_id` (`0-0` for all), oldest first, this sidecar's own
-    /// included.
+    /// Returns up to `count` entries of the erasure notice stream after the
+    /// entry `after_entry_id` (`0-0` for all), oldest first, this sidecar's
+    /// own included. An entry that lacks a field is returned as
+    /// [`NoticeEntry::Malformed`], so one bad entry does not hide the
+    /// others.
     ///
     /// # Errors
     ///
     /// As [`RedisCounters::exchange`], and [`CounterError::Rejected`] for a
-    /// reply that is not a stream range.
+    /// reply that is not a stream range, for example when the key holds
+    /// another type.
     pub async fn erasure_notices(
         &self,
         after_entry_id: &str,
         count: usize,
-    ) -> Result<Vec<ErasureNotice>, CounterError> {
+    ) -> Result<Vec<NoticeEntry>, CounterError> {
+        let key = self.erasures_key();
         let mut range = redis::cmd("XRANGE");
         range
-            .arg(self.erasures_key())
+            .arg(&key)
             .arg(format!("({after_entry_id}"))
             .arg("+")
             .arg("COUNT")
@@ -431,37 +491,14 @@ impl RedisCounters {
                 }
             })
             .await?;
-        let rejected = |detail: String| CounterError::Rejected {
-            target: self.link.target().to_owned(),
-            detail,
-        };
-        let entries: redis::streams::StreamRangeReply = redis::from_redis_value(reply)
-            .map_err(|err| rejected(format!("unexpected erasure stream reply: {err}")))?;
-        let mut notices = Vec::with_capacity(entries.ids.len());
-        for entry in entries.ids {
-            let field = |name: &str| -> Result<String, CounterError> {
-                let value = entry.map.get(name).cloned().unwrap_or(Value::Nil);
-                redis::from_redis_value(value).map_err(|err| {
-                    rejected(format!(
-                        "erasure notice {} has no readable field {name}: {err}",
-                        entry.id
-                    ))
-                })
-            };
-            let at_unix_ms = entry
-                .id
-                .split_once('-')
-                .and_then(|(ms, _)| ms.parse().ok())
-                .unwrap_or(0);
-            notices.push(ErasureNotice {
-                at_unix_ms,
-                customer: field("customer")?,
-                sidecar_id: field("sidecar")?,
-                erasure_id: field("erasure")?,
-                entry_id: entry.id,
-            });
-        }
-        Ok(notices)
+        let entries: redis::streams::StreamRangeReply =
+            redis::from_redis_value(reply).map_err(|err| CounterError::Rejected {
+                target: self.link.target().to_owned(),
+                detail: format!(
+                    "failed to read the erasure notice stream {key}: {err}; it must be a stream"
+                ),
+            })?;
+        Ok(entries.ids.into_iter().map(parse_notice).collect())
     }
 
     /// Returns this sidecar's id.

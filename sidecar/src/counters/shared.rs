@@ -18,7 +18,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
-use super::redis::{ErasureNotice, RedisCounters};
+use super::redis::{ErasureSource, NoticeEntry, RedisCounters};
 use super::{Contribution, CounterError, Exchange, WindowTotals};
 use crate::ledger::unix_now_s;
 use crate::remote::{Counts, RecentUsage};
@@ -145,16 +145,16 @@ impl SharedCounters {
     pub async fn announce_erasure(
         &self,
         customer: &str,
-        erasure_id: &str,
+        erasure: &ErasureSource<'_>,
         retention: Duration,
     ) -> Result<(), crate::counters::CounterError> {
         self.inner
             .backend
-            .announce_erasure(customer, erasure_id, retention)
+            .announce_erasure(customer, erasure, retention)
             .await
     }
 
-    /// Returns up to `count` erasure notices after the stream entry
+    /// Returns up to `count` entries of the erasure notice stream after
     /// `after_entry_id`, oldest first, including this sidecar's own.
     ///
     /// # Errors
@@ -164,7 +164,7 @@ impl SharedCounters {
         &self,
         after_entry_id: &str,
         count: usize,
-    ) -> Result<Vec<ErasureNotice>, crate::counters::CounterError> {
+    ) -> Result<Vec<NoticeEntry>, crate::counters::CounterError> {
         self.inner
             .backend
             .erasure_notices(after_entry_id, count)

@@ -40,6 +40,14 @@ const RENAMED_STRIPE_COLUMNS: [(&str, &str, &str); 4] = [
     ),
 ];
 
+/// Columns added to existing tables after their first release: (table,
+/// column, definition).
+const ADDED_COLUMNS: [(&str, &str, &str); 1] = [(
+    "erasure_counters_pending",
+    "announce",
+    "INTEGER NOT NULL DEFAULT 1 CHECK (announce IN (0, 1))",
+)];
+
 /// How long a statement waits for another connection's lock, for example
 /// while the reader and the writer both touch the WAL during a checkpoint.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -184,6 +192,23 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
                 .map_err(open_error)?;
         }
     }
+    for (table, column, definition) in ADDED_COLUMNS {
+        let exists = |name: &str| {
+            tx.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")
+                .and_then(|mut statement| statement.exists([table, name]))
+        };
+        // A table that is not there yet gets the column from its schema.
+        let table_exists = tx
+            .prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1")
+            .and_then(|mut statement| statement.exists([table]))
+            .map_err(open_error)?;
+        if table_exists && !exists(column).map_err(open_error)? {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+            ))
+            .map_err(open_error)?;
+        }
+    }
     tx.execute_batch(SCHEMA).map_err(open_error)?;
     tx.execute_batch(crate::billing::webhook::SCHEMA)
         .map_err(open_error)?;
@@ -308,6 +333,32 @@ mod tests {
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn pending_counter_removals_gain_announce() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE erasure_counters_pending (
+                 pseudonym TEXT PRIMARY KEY NOT NULL, sealed BLOB NOT NULL,
+                 erasure_id TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)
+                 WITHOUT ROWID, STRICT;
+             INSERT INTO erasure_counters_pending VALUES ('p', x'00', 'er_1', 0);
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        drop(conn);
+
+        let conn = open_writer(&path).unwrap();
+
+        let announce: i64 = conn
+            .query_row("SELECT announce FROM erasure_counters_pending", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(announce, 1);
     }
 
     #[test]
