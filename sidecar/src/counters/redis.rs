@@ -136,16 +136,18 @@ impl NoticeEntry {
 /// Reads one stream entry as an erasure notice.
 fn parse_notice(entry: redis::streams::StreamId) -> NoticeEntry {
     let field = |name: &str| -> Result<String, String> {
-        let value = entry.map.get(name).cloned().unwrap_or(Value::Nil);
-        redis::from_redis_value(value).map_err(|err| format!("field {name}: {err}"))
+        let Some(value) = entry.map.get(name) else {
+            return Err(format!("missing field {name}"));
+        };
+        redis::from_redis_value(value.clone()).map_err(|err| format!("invalid field {name}: {err}"))
     };
     let parsed = (|| {
         let erased_at = field("erased_at_ms")?;
         Ok::<_, String>(ErasureNotice {
             entry_id: entry.id.clone(),
-            erased_at_unix_ms: erased_at
-                .parse()
-                .map_err(|_| format!("field erased_at_ms: {erased_at:?} is not an integer"))?,
+            erased_at_unix_ms: erased_at.parse().map_err(|_| {
+                format!("invalid field erased_at_ms: {erased_at:?} is not an integer")
+            })?,
             customer: field("customer")?,
             sidecar_id: field("sidecar")?,
             erasure_id: field("erasure")?,
