@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS stripe_identity (
 ) WITHOUT ROWID, STRICT;
 ";
 
-/// Where a kind of id is sealed: its table, the associated data of its
+/// Storage of one kind of sealed id: its table, the associated data of its
 /// ciphertexts (so one moved to another table fails authentication), and
 /// the prefix of its data key owners.
 struct Sealed {
@@ -77,7 +77,7 @@ const STRIPE: Sealed = Sealed {
     owner_prefix: "stripe:",
 };
 
-/// What the keyed hash of a Stripe customer id covers before the id. The
+/// Prefix of the input of a Stripe customer id's keyed hash. The
 /// sidecar accepts no customer id with a control character, so no customer
 /// id hashes to the same input.
 const STRIPE_HASH_PREFIX: &str = "stripe\0";

@@ -42,7 +42,7 @@ const MAX_TOKEN_CUSTOMER_BYTES: usize = 128;
 /// Erasure notices read from the shared counters at a time.
 const NOTICES_PER_READ: usize = 100;
 
-/// Where an erasure comes from.
+/// Source of an erasure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
     /// A request to this sidecar. It is announced to the other sidecars

@@ -100,7 +100,7 @@ pub struct ErasureNotice {
     pub erasure_id: String,
 }
 
-/// The erasure an announcement tells of.
+/// The erasure that an announcement names.
 #[derive(Debug, Clone, Copy)]
 pub struct ErasureSource<'a> {
     /// Erasure id at the announcing sidecar.
@@ -114,11 +114,11 @@ pub struct ErasureSource<'a> {
 pub enum NoticeEntry {
     /// A notice with every field.
     Notice(ErasureNotice),
-    /// An entry that lacks a field or holds one that does not parse.
+    /// An entry with a missing field or a field that does not parse.
     Malformed {
         /// Stream entry id.
         entry_id: String,
-        /// What is wrong with it.
+        /// Description of the problem.
         detail: String,
     },
 }
@@ -365,7 +365,7 @@ impl RedisCounters {
     /// `now_unix_s`. Returns the fields and entries removed.
     ///
     /// Other sidecars may still hold usage of the customer in their
-    /// outboxes, so [`RedisCounters::announce_erasure`] tells them to
+    /// outboxes, so [`RedisCounters::announce_erasure`] asks them to
     /// erase it too.
     ///
     /// # Errors
@@ -468,7 +468,7 @@ impl RedisCounters {
     /// # Errors
     ///
     /// As [`RedisCounters::exchange`], and [`CounterError::Rejected`] for a
-    /// reply that is not a stream range, for example when the key holds
+    /// reply that is not a stream range, for example when the key has
     /// another type.
     pub async fn erasure_notices(
         &self,
