@@ -139,6 +139,15 @@ impl AdminService {
             })
             .await?;
         match outcome {
+            SetOutcome::Erased => Err(ServiceError::invalid(
+                "customer",
+                format!(
+                    "{:?} was erased, and no data about it is stored while its tokens are \
+                     refused (privacy.token_lifetime_seconds after the erasure); map it after \
+                     that",
+                    request.customer
+                ),
+            )),
             SetOutcome::Taken { by } => Err(ServiceError::invalid(
                 "stripe_customer_id",
                 format!(
@@ -148,10 +157,12 @@ impl AdminService {
             )),
             SetOutcome::Stored { unparked } => {
                 info!(
-                    customer = request.customer,
-                    stripe_customer_id = request.stripe_customer_id,
-                    unparked,
-                    "Stripe customer set"
+                    customer_pseudonym = self
+                        .biller
+                        .store()
+                        .identities()
+                        .pseudonym(&request.customer),
+                    unparked, "Stripe customer set"
                 );
                 self.biller.waker().notify_one();
                 self.mapping_changed.notify_one();

@@ -145,6 +145,10 @@ pub struct EraseRequest<'a> {
     /// Whether the erasure is to be announced to the other sidecars sharing
     /// the counters once the counts are removed.
     pub announce: bool,
+    /// Whether an erasure of the customer still in force is refused until
+    /// `refuse_until_unix_s` when that is later, as for another sidecar's
+    /// notice of a later erasure.
+    pub extends_refusal: bool,
 }
 
 /// An erased customer whose Redis counts are still to be removed.
@@ -203,13 +207,14 @@ pub fn erase(
     let counting = "SELECT COUNT(*) FROM erasure WHERE subject_hash = ?1";
     let previous: u64 = tx.query_row(counting, [request.subject_hash], |row| row.get(0))?;
     if in_force && let Some(existing) = by_subject(&tx, request.subject_hash)? {
-        // A later erasure of the customer elsewhere extends the refusal.
-        tx.execute(
-            "UPDATE erased_customer SET refuse_until_unix_s = ?2
-             WHERE pseudonym = ?1 AND refuse_until_unix_s < ?2",
-            params![pseudonym, request.refuse_until_unix_s],
-        )?;
-        tx.commit()?;
+        if request.extends_refusal {
+            tx.execute(
+                "UPDATE erased_customer SET refuse_until_unix_s = ?2
+                 WHERE pseudonym = ?1 AND refuse_until_unix_s < ?2",
+                params![pseudonym, request.refuse_until_unix_s],
+            )?;
+            tx.commit()?;
+        }
         return Ok((existing, false));
     }
     let mut records = BTreeMap::new();
@@ -692,6 +697,7 @@ mod tests {
             refuse_until_unix_s: 90_000,
             shared_counters: false,
             announce: true,
+            extends_refusal: false,
         }
     }
 
@@ -957,10 +963,16 @@ mod tests {
         let mut record = |_: &Connection, _: &str, _: &mut BTreeMap<String, u64>| Ok(receipt(1));
         erase(&mut conn, keys(), request("acme"), &mut record).unwrap();
 
-        for (refuse_until_unix_s, expected) in [(120_000, 120_000), (100_000, 120_000)] {
+        let cases = [
+            (true, 120_000, 120_000),
+            (true, 100_000, 120_000),
+            (false, 150_000, 120_000),
+        ];
+        for (extends_refusal, refuse_until_unix_s, expected) in cases {
             let later = EraseRequest {
                 refuse_until_unix_s,
                 announce: false,
+                extends_refusal,
                 ..request("acme")
             };
             let (erasure, performed) = erase(&mut conn, keys(), later, &mut record).unwrap();

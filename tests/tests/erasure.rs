@@ -241,6 +241,21 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!(mapping.stripe_customer_id, "");
+    let remapped = admin
+        .set_stripe_customer(SetStripeCustomerRequest {
+            customer: DOOMED.into(),
+            stripe_customer_id: "cus_doomed".into(),
+        })
+        .await;
+    let Err(rejected) = remapped else {
+        bail!("the erased customer was mapped to a Stripe customer again");
+    };
+    assert_eq!(rejected.code(), tonic::Code::InvalidArgument);
+    ensure!(
+        rejected.message().contains("was erased"),
+        "{}",
+        rejected.message()
+    );
 
     // Erasing again returns the same receipt.
     let again = admin

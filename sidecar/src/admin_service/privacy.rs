@@ -333,8 +333,8 @@ impl AdminService {
     /// Erases `customer`. An erasure requested here is announced to the
     /// other sidecars sharing the counters. Returns the erasure's progress
     /// and whether this call erased the customer, which is false when an
-    /// erasure of the customer is still in force (its refusal period is
-    /// then extended to this one's).
+    /// erasure of the customer is still in force. A notice then extends
+    /// that erasure's refusal period to its own.
     async fn erase(
         &self,
         customer: String,
@@ -368,6 +368,7 @@ impl AdminService {
                         refuse_until_unix_s,
                         shared_counters,
                         announce,
+                        extends_refusal: !announce,
                     },
                     &mut |tx, erasure_id, records| {
                         let destroyed = keys::destroy(tx, &key_owner(&hash)).map_err(to_sql)?;

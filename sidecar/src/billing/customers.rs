@@ -48,6 +48,9 @@ pub enum SetOutcome {
         /// The customer that has it.
         by: String,
     },
+    /// The customer was erased and its tokens are still refused, so no
+    /// new data about it is stored.
+    Erased,
 }
 
 /// Stores `stripe_customer_id` as the Stripe customer of `customer` and
@@ -77,9 +80,19 @@ pub fn set_audited(
     audit: impl FnOnce(&Connection) -> rusqlite::Result<()>,
 ) -> rusqlite::Result<SetOutcome> {
     let tx = conn.transaction()?;
+    let pseudonym = match identities {
+        Some(identities) => identities.pseudonym(customer),
+        None => customer.to_owned(),
+    };
+    let erased = tx
+        .prepare_cached("SELECT 1 FROM erased_customer WHERE pseudonym = ?1")?
+        .exists([&pseudonym])?;
+    if erased {
+        return Ok(SetOutcome::Erased);
+    }
     let customer = match identities {
         Some(identities) => identities.record(&tx, customer).map_err(to_sql)?,
-        None => customer.to_owned(),
+        None => pseudonym,
     };
     let customer = customer.as_str();
     let stripe_key = match identities {
@@ -144,6 +157,30 @@ pub fn get(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn erased_customer_is_not_mapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::test_support::open_writer(&dir.path().join("db"));
+        conn.execute(
+            "INSERT INTO erased_customer VALUES ('gone', x'00', 9999999999)",
+            [],
+        )
+        .unwrap();
+
+        assert_eq!(
+            set(&mut conn, "gone", "cus_1", 1).unwrap(),
+            SetOutcome::Erased
+        );
+        assert_eq!(
+            set(&mut conn, "kept", "cus_2", 1).unwrap(),
+            SetOutcome::Stored { unparked: 0 }
+        );
+        let mapped: i64 = conn
+            .query_row("SELECT COUNT(*) FROM stripe_customer", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(mapped, 1);
+    }
 
     #[test]
     fn stripe_ids_are_checked() {
