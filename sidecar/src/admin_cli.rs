@@ -7,9 +7,10 @@ use tonic::Request;
 use veo_proto::admin::admin_client::AdminClient;
 use veo_proto::admin::{
     AssetRegions, DeleteAssetRegionsRequest, EraseCustomerRequest, Erasure, ErasureState,
-    GetAssetRegionsRequest, GetErasureRequest, ListAssetRegionsRequest,
+    GetAssetRegionsRequest, GetErasureRequest, GetStripeCustomerRequest, ListAssetRegionsRequest,
     ListParkedMeterEventsRequest, ReconcileReport, ReconcileRequest, SetAssetRegionsRequest,
-    SetStripeCustomerRequest, TierRegions, VerifyAuditLogRequest, VerifyAuditLogResponse,
+    SetStripeCustomerRequest, StripeCustomer, TierRegions, VerifyAuditLogRequest,
+    VerifyAuditLogResponse,
 };
 use veo_proto::usage::usage_client::UsageClient;
 use veo_proto::usage::{GetUsageRequest, Granularity, ListTopCustomersRequest};
@@ -127,6 +128,22 @@ fn asset_line(entry: &AssetRegions) -> String {
         } else {
             &entry.storage_region
         }
+    )
+}
+
+/// Formats a customer's Stripe customer and billed tier.
+fn stripe_customer_text(stored: &StripeCustomer) -> String {
+    let billed_to = match stored.stripe_customer_id.as_str() {
+        "" => "no Stripe customer".to_owned(),
+        id => id.to_owned(),
+    };
+    let tier = match stored.tier.as_str() {
+        "" => "none".to_owned(),
+        tier => tier.to_owned(),
+    };
+    format!(
+        "customer {} is billed to {billed_to}; tier from billing: {tier}\n",
+        stored.customer
     )
 }
 
@@ -282,6 +299,15 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
                 "customer {} is billed to {}\n",
                 stored.customer, stored.stripe_customer_id
             ))
+        }
+        Command::StripeCustomer { sidecar, customer } => {
+            let stored = connect(&sidecar)
+                .await?
+                .get_stripe_customer(GetStripeCustomerRequest { customer })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            Ok(stripe_customer_text(&stored))
         }
         Command::Usage {
             sidecar,

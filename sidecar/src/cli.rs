@@ -121,6 +121,15 @@ pub enum Command {
         /// Stripe customer id.
         stripe_customer_id: String,
     },
+    /// Prints the Stripe customer a customer's usage is billed to, and the
+    /// tier billing gave it.
+    StripeCustomer {
+        /// gRPC URL of the sidecar.
+        #[arg(long, default_value = DEFAULT_SIDECAR_URL, value_name = "URL")]
+        sidecar: String,
+        /// Customer id, as in the token's customer claim.
+        customer: String,
+    },
     /// Prints one customer's admitted and refused requests and response
     /// bytes per bucket, with the totals.
     Usage {

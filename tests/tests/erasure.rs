@@ -256,6 +256,19 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
         "{}",
         rejected.message()
     );
+    // The operator command reads the mappings back.
+    let address = stack.sidecar.address().to_string();
+    for (customer, expected) in [
+        (KEPT, "is billed to cus_kept"),
+        (DOOMED, "no Stripe customer"),
+    ] {
+        let output = Command::new(sidecar_binary()?)
+            .args(["stripe-customer", "--sidecar", &address, customer])
+            .output()?;
+        let printed = String::from_utf8_lossy(&output.stdout);
+        ensure!(output.status.success(), "{printed}");
+        ensure!(printed.contains(expected), "{customer}: {printed}");
+    }
 
     // Erasing again returns the same receipt.
     let again = admin
