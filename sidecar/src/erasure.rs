@@ -519,7 +519,7 @@ fn pair<A: rusqlite::types::FromSql, B: rusqlite::types::FromSql>(
 }
 
 /// Returns whether `table` has a column named `column`.
-fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+pub(crate) fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
     let select = "SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2";
     conn.prepare(select)?.exists([table, column])
 }
@@ -733,11 +733,11 @@ mod tests {
                 "stripe_identity" => "pseudonym",
                 _ => "stripe_pseudonym",
             };
-            let kept = count(
+            let remaining = count(
                 &conn,
                 &format!("SELECT COUNT(*) FROM {table} WHERE {column} = 'cus_G'"),
             );
-            assert_eq!(kept, 1, "{table}");
+            assert_eq!(remaining, 1, "{table}");
         }
     }
 

@@ -337,7 +337,7 @@ fn mark_converted(conn: &Connection, key: &str) -> rusqlite::Result<()> {
 }
 
 /// Replaces every id stored in clear in `columns` by the pseudonym that
-/// `record` returns (which also stores the encrypted id); returns how many
+/// `record` returns, which also stores the encrypted id. Returns how many
 /// distinct ids it replaced.
 ///
 /// A temporary table maps each id to its pseudonym, so every table takes

@@ -490,8 +490,8 @@ async fn erasure_notices_are_read_in_order() -> anyhow::Result<()> {
     assert_eq!(after_first, all[1..]);
     let after_last = side_a.erasure_notices(all[2].entry_id(), 10).await?;
     assert_eq!(after_last, []);
-    let one = side_a.erasure_notices("0-0", 1).await?;
-    assert_eq!(one, all[..1]);
+    let first_only = side_a.erasure_notices("0-0", 1).await?;
+    assert_eq!(first_only, all[..1]);
     let ttl: i64 = server
         .query(redis::cmd("TTL").arg("{veo-test:erasures}"))
         .await?;

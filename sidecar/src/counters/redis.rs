@@ -365,8 +365,8 @@ impl RedisCounters {
     /// `now_unix_s`. Returns the fields and entries removed.
     ///
     /// Other sidecars may still hold usage of the customer in their
-    /// outboxes, so [`RedisCounters::announce_erasure`] asks them to
-    /// erase it too.
+    /// outboxes, so [`RedisCounters::announce_erasure`] announces the
+    /// erasure to them.
     ///
     /// # Errors
     ///

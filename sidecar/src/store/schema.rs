@@ -6,6 +6,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use super::StoreError;
+use crate::erasure::has_column;
 
 /// Schema version stored in `PRAGMA user_version`.
 ///
@@ -183,26 +184,18 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
         tx.execute_batch(MIGRATE_FROM_1).map_err(open_error)?;
     }
     for (table, old, new) in RENAMED_STRIPE_COLUMNS {
-        let exists = tx
-            .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")
-            .and_then(|mut statement| statement.exists([table, old]))
-            .map_err(open_error)?;
-        if exists {
+        if has_column(&tx, table, old).map_err(open_error)? {
             tx.execute_batch(&format!("ALTER TABLE {table} RENAME COLUMN {old} TO {new}"))
                 .map_err(open_error)?;
         }
     }
     for (table, column, definition) in ADDED_COLUMNS {
-        let exists = |name: &str| {
-            tx.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")
-                .and_then(|mut statement| statement.exists([table, name]))
-        };
         // A table that is not there yet gets the column from its schema.
         let table_exists = tx
             .prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1")
             .and_then(|mut statement| statement.exists([table]))
             .map_err(open_error)?;
-        if table_exists && !exists(column).map_err(open_error)? {
+        if table_exists && !has_column(&tx, table, column).map_err(open_error)? {
             tx.execute_batch(&format!(
                 "ALTER TABLE {table} ADD COLUMN {column} {definition}"
             ))

@@ -886,10 +886,10 @@ pub(super) mod tests {
     fn ignored_mappings_store_no_stripe_id() {
         let dir = tempfile::tempdir().unwrap();
         let (mut conn, identities) = store_with_identities(dir.path());
-        let gone = identities.pseudonym("gone");
+        let erased = identities.pseudonym("gone");
         conn.execute(
             "INSERT INTO erased_customer VALUES (?1, x'00', 9999999999)",
-            [&gone],
+            [&erased],
         )
         .unwrap();
         let mut first = delivery("evt_1", "pro", 100, Rank::Live);
