@@ -49,6 +49,9 @@ pub enum CommandError {
     /// The keys could not be rotated.
     #[error("failed to rotate the keys: {0}")]
     Rotate(String),
+    /// A notice key could not be written.
+    #[error("{0}; --out must name a new file in an existing directory")]
+    NoticeKey(#[from] crate::counters::redis::NoticeKeyError),
     /// The audit log fails its check.
     #[error("{0}")]
     Broken(String),
@@ -515,6 +518,14 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
                 .map_err(call_error)?
                 .into_inner();
             Ok(erasure_text(&erasure))
+        }
+        Command::NewNoticeKey { out } => {
+            crate::counters::redis::NoticeKey::create(&out)?;
+            Ok(format!(
+                "wrote a new notice key to {}; copy it to every sidecar sharing the key prefix \
+                 and set counters.notice_key_file to it\n",
+                out.display()
+            ))
         }
         Command::RotateKeys {
             data_dir,

@@ -229,6 +229,13 @@ pub enum Command {
         /// Erasure id, as printed by erase-customer.
         erasure_id: String,
     },
+    /// Writes a new random key for sealing erasure notices in Redis
+    /// (`counters.notice_key_file`), with mode 0600.
+    NewNoticeKey {
+        /// File to write; it must not exist yet.
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
     /// Adds a key-encryption key, re-wraps every data key with it and
     /// retires the old keys. Runs on a stopped sidecar's data directory;
     /// no data is re-encrypted.

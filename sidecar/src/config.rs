@@ -13,7 +13,7 @@ use redis::IntoConnectionInfo;
 
 use crate::allowance::AllowanceSettings;
 use crate::cli::Flags;
-use crate::counters::redis::{RedisSettings, RedisTarget};
+use crate::counters::redis::{NoticeKey, RedisSettings, RedisTarget};
 use file::{FileConfig, FileCounters, FileTier};
 use veo_proto::sync::TierLimits;
 
@@ -581,6 +581,20 @@ fn counters_config(
             ));
         }
     }
+    let notice_key = match &file.notice_key_file {
+        Some(path) => Some(NoticeKey::read(path).map_err(|error| {
+            invalid(
+                file_origin.clone(),
+                "counters.notice_key_file",
+                format!("{:?}", path.display().to_string()),
+                format!(
+                    "{error}; `veo-sidecar new-notice-key --out FILE` writes a new key, and every \
+                     sidecar sharing the key prefix needs a copy of the same file"
+                ),
+            )
+        })?),
+        None => None,
+    };
     let number = |key: &'static str, value: Option<i64>, default: i64| Setting {
         key,
         origin: if value.is_some() {
@@ -621,6 +635,7 @@ fn counters_config(
             shards,
             totals_ttl_seconds,
             timeout: Duration::from_millis(timeout_ms),
+            notice_key,
         },
         flush_interval: Duration::from_millis(flush_ms),
         sidecar_id: file.sidecar_id,
@@ -841,6 +856,11 @@ mod tests {
                 "counters.key_prefix",
             ),
             (
+                "[counters]\nredis_url = \"redis://127.0.0.1/\"\nbackend = \"redis\"\n\
+                 notice_key_file = \"/nonexistent/notice.key\"",
+                "counters.notice_key_file",
+            ),
+            (
                 "[tiers.basic]\nquota_requests = -1",
                 "tiers.<name>.quota_requests",
             ),
@@ -899,6 +919,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.reload_tiers().unwrap()[0].quota_requests, 7);
+    }
+
+    #[test]
+    fn notice_key_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("notice.key");
+        NoticeKey::create(&key_file).unwrap();
+        let path = write_config(
+            &dir,
+            &format!(
+                "[counters]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6390/\"\n\
+                 notice_key_file = {:?}\n",
+                key_file.display().to_string()
+            ),
+        );
+
+        let config = Config::load(&flags_for(&path)).unwrap();
+
+        let CountersConfig::Redis(redis) = config.counters() else {
+            panic!("expected Redis counters");
+        };
+        assert_eq!(
+            redis.settings.notice_key,
+            Some(NoticeKey::read(&key_file).unwrap())
+        );
     }
 
     #[test]

@@ -55,6 +55,7 @@ mod index;
 mod local_file;
 mod provider;
 
+pub(crate) use cipher::{open as open_sealed, seal};
 pub use data_keys::{
     SYSTEM_OWNER_PREFIX, count_wrapped_under, decrypt, destroy, encrypt, rewrap_all,
 };

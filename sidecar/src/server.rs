@@ -334,8 +334,16 @@ async fn build_router(
             sidecar_id = %sidecar_id,
             shards = redis.settings.shards,
             flush_interval_ms = redis.flush_interval.as_millis(),
+            sealed_notices = redis.settings.notice_key.is_some(),
             "counters shared through Redis"
         );
+        if redis.settings.notice_key.is_none() {
+            warn!(
+                "erasure notices in Redis name the erased customer in clear, and any Redis client \
+                 can write one; set counters.notice_key_file on every sidecar sharing the key \
+                 prefix to seal them"
+            );
+        }
         let counters = SharedCounters::new(
             backend,
             store.clone(),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, ensure};
 use veo_sidecar::counters::redis::{
-    ErasureSource, NoticeEntry, RedisCounters, RedisSettings, RedisTarget,
+    ErasureSource, NoticeEntry, NoticeKey, RedisCounters, RedisSettings, RedisTarget,
 };
 use veo_sidecar::counters::{Contribution, CounterError, Exchange, ExchangeResult, WindowTotals};
 use veo_tests::{RedisCluster, RedisServer};
@@ -28,6 +28,7 @@ fn settings(target: RedisTarget, shards: u16) -> RedisSettings {
         shards,
         totals_ttl_seconds: 3600,
         timeout: TIMEOUT,
+        notice_key: None,
     }
 }
 
@@ -471,7 +472,7 @@ async fn erasure_notices_are_read_in_order() -> anyhow::Result<()> {
                 notice.erasure_id.as_str(),
                 notice.erased_at_unix_ms,
             )),
-            NoticeEntry::Malformed { .. } => None,
+            NoticeEntry::Unreadable { .. } => None,
         })
         .collect();
     assert_eq!(
@@ -482,7 +483,7 @@ async fn erasure_notices_are_read_in_order() -> anyhow::Result<()> {
         ]
     );
     ensure!(
-        matches!(&all[1], NoticeEntry::Malformed { detail, .. } if detail.contains("erased_at_ms")),
+        matches!(&all[1], NoticeEntry::Unreadable { detail, .. } if detail.contains("erased_at_ms")),
         "{:?}",
         all[1]
     );
@@ -496,6 +497,83 @@ async fn erasure_notices_are_read_in_order() -> anyhow::Result<()> {
         .query(redis::cmd("TTL").arg("{veo-test:erasures}"))
         .await?;
     ensure!((3_590..=3_600).contains(&ttl), "stream TTL {ttl}");
+    Ok(())
+}
+
+/// Proves that with a notice key the stream contains no customer id, that a
+/// sidecar with the same key reads the notice, and that one with another
+/// key, or an entry written in clear, is not applied.
+#[tokio::test]
+async fn sealed_notices_hold_no_customer_id() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = RedisServer::start(&dir.path().join("redis")).await?;
+    let keyed = |sidecar_id: &str, key_file: &str| -> anyhow::Result<RedisCounters> {
+        let path = dir.path().join(key_file);
+        if !path.exists() {
+            NoticeKey::create(&path)?;
+        }
+        let mut settings = settings(RedisTarget::Standalone(server.url()), 4);
+        settings.notice_key = Some(NoticeKey::read(&path)?);
+        Ok(RedisCounters::new(settings, sidecar_id.to_owned())?)
+    };
+    let side_a = keyed("side-a", "shared.key")?;
+    let side_b = keyed("side-b", "shared.key")?;
+    let stranger = keyed("side-c", "other.key")?;
+    let source = ErasureSource {
+        erasure_id: "er_1",
+        erased_at_unix_ms: 1_000,
+    };
+
+    side_a
+        .announce_erasure("acme-customer", &source, Duration::from_secs(3600))
+        .await?;
+    let _: String = server
+        .query(
+            redis::cmd("XADD")
+                .arg("{veo-test:erasures}")
+                .arg("*")
+                .arg("customer")
+                .arg("forged")
+                .arg("sidecar")
+                .arg("side-x")
+                .arg("erasure")
+                .arg("er_x")
+                .arg("erased_at_ms")
+                .arg(2_000),
+        )
+        .await?;
+    let raw: redis::Value = server
+        .query(
+            redis::cmd("XRANGE")
+                .arg("{veo-test:erasures}")
+                .arg("-")
+                .arg("+"),
+        )
+        .await?;
+    let read = side_b.erasure_notices("0-0", 10).await?;
+    let strange = stranger.erasure_notices("0-0", 10).await?;
+
+    ensure!(
+        !format!("{raw:?}").contains("acme-customer"),
+        "the stream holds the customer id: {raw:?}"
+    );
+    let NoticeEntry::Notice(notice) = &read[0] else {
+        anyhow::bail!("the shared key did not open the notice: {:?}", read[0]);
+    };
+    assert_eq!(
+        (notice.customer.as_str(), notice.sidecar_id.as_str()),
+        ("acme-customer", "side-a")
+    );
+    ensure!(
+        matches!(&read[1], NoticeEntry::Unreadable { detail, .. } if detail.contains("not sealed")),
+        "an entry in clear was read: {:?}",
+        read[1]
+    );
+    ensure!(
+        matches!(&strange[0], NoticeEntry::Unreadable { detail, .. } if detail.contains("does not open")),
+        "another key opened the notice: {:?}",
+        strange[0]
+    );
     Ok(())
 }
 

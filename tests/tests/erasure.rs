@@ -780,6 +780,26 @@ async fn removed_newest_audit_entry_is_detected() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Returns every key of `redis` with its fields, members and values, as
+/// text.
+async fn redis_contents(redis: &veo_tests::redis::RedisServer) -> anyhow::Result<String> {
+    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("*")).await?;
+    let mut contents = String::new();
+    for key in keys {
+        let kind: String = redis.query(redis::cmd("TYPE").arg(&key)).await?;
+        let read = match kind.as_str() {
+            "hash" => redis::cmd("HGETALL").arg(&key).clone(),
+            "zset" => redis::cmd("ZRANGE").arg(&key).arg(0).arg(-1).clone(),
+            "stream" => redis::cmd("XRANGE").arg(&key).arg("-").arg("+").clone(),
+            "string" => redis::cmd("GET").arg(&key).clone(),
+            other => bail!("Redis key {key} has the unexpected type {other}"),
+        };
+        let value: redis::Value = redis.query(&read).await?;
+        contents.push_str(&format!("{key}: {value:?}\n"));
+    }
+    Ok(contents)
+}
+
 /// Proves an erasure on one sidecar reaches another sidecar sharing its
 /// Redis: the other deletes the customer's ledger rows, drops its later
 /// usage and records an erasure of its own, while other customers keep
@@ -788,10 +808,22 @@ async fn removed_newest_audit_entry_is_detected() -> anyhow::Result<()> {
 async fn erasure_reaches_sidecars_sharing_redis() -> anyhow::Result<()> {
     let dir = veo_tests::stack::temp_dir()?;
     let redis = veo_tests::redis::RedisServer::start(&dir.path().join("redis")).await?;
+    let notice_key = dir.path().join("notice.key");
+    let output = Command::new(sidecar_binary()?)
+        .arg("new-notice-key")
+        .arg("--out")
+        .arg(&notice_key)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let toml = format!(
         "[counters]\nbackend = \"redis\"\nredis_url = \"{}\"\nflush_interval_ms = 100\n\
-         [privacy]\ntoken_lifetime_seconds = 3600\n",
-        redis.url()
+         notice_key_file = {:?}\n[privacy]\ntoken_lifetime_seconds = 3600\n",
+        redis.url(),
+        notice_key.display().to_string()
     );
     let mut sidecars = Vec::new();
     for name in ["first", "second"] {
@@ -827,6 +859,17 @@ async fn erasure_reaches_sidecars_sharing_redis() -> anyhow::Result<()> {
     }
 
     assert_eq!(second.usage(KEPT).await?.admitted, 3);
+    // The notice is sealed, so Redis names the erased customer nowhere,
+    // while the kept one's counts still name it.
+    let contents = redis_contents(&redis).await?;
+    ensure!(
+        contents.contains(KEPT),
+        "Redis lacks the kept customer: {contents}"
+    );
+    ensure!(
+        !contents.contains(DOOMED),
+        "Redis still names the erased customer: {contents}"
+    );
     let late = vec![usage_record(DOOMED, minute, 4, 10)];
     send_batch(second, "envoy-1", 2, late).await?;
     assert_eq!(second.usage(DOOMED).await?.admitted, 0);

@@ -564,11 +564,10 @@ impl AdminService {
                         self.apply_notice(&notice).await?;
                     }
                 }
-                NoticeEntry::Malformed { entry_id, detail } => warn!(
+                NoticeEntry::Unreadable { entry_id, detail } => warn!(
                     notice = entry_id,
                     error = detail,
-                    "skipped an entry of the erasure notice stream that is not a notice; \
-                     remove it with XDEL"
+                    "skipped an entry of the erasure notice stream that this sidecar cannot read"
                 ),
             }
             *self.cursor() = entry_id;

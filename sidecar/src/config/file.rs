@@ -56,6 +56,7 @@ pub(super) struct FileCounters {
     pub(super) timeout_ms: Option<i64>,
     pub(super) totals_ttl_seconds: Option<i64>,
     pub(super) sidecar_id: Option<String>,
+    pub(super) notice_key_file: Option<PathBuf>,
 }
 
 impl FileConfig {

@@ -19,7 +19,7 @@
 //! | `{<prefix>:<shard>}:expiry` | sorted set | `<bucket>:<customer>` scored by bucket start, to find the buckets leaving the window | as `window` |
 //! | `{<prefix>:<shard>}:applied:<sidecar id>` | string | highest contribution id of that sidecar applied to this shard | the larger of `totals_ttl_seconds` and the window's TTL, renewed by every exchange of that sidecar on this shard |
 //! | `{<prefix>:<shard>}:m:<minute>` | hash | customer → requests admitted in the minute starting at `<minute>` (Unix seconds) | `totals_ttl_seconds`, renewed by every write |
-//! | `{<prefix>:erasures}` | stream | one entry per erasure: `customer`, `sidecar` (the sidecar that erased it), `erasure` (its erasure id) and `erased_at_ms` (when, in Unix milliseconds) | the retention the erasing sidecar gives, renewed by every entry; older entries are trimmed |
+//! | `{<prefix>:erasures}` | stream | one entry per erasure: `customer`, `sidecar` (the sidecar that erased it), `erasure` (its erasure id) and `erased_at_ms` (when, in Unix milliseconds), or with a notice key the one field `sealed` that contains them encrypted | the retention the erasing sidecar gives, renewed by every entry; older entries are trimmed |
 //!
 //! Bucket starts and minutes are Unix seconds. Each exchange first subtracts
 //! from the window sums the buckets at or before `now - window_seconds`, then
@@ -53,6 +53,7 @@
 
 mod connection;
 mod keys;
+mod notice;
 mod plan;
 
 use std::collections::HashMap;
@@ -65,6 +66,7 @@ use tokio::sync::Mutex;
 
 use self::connection::{Connection, FailureKind, Link, classify};
 use self::keys::{MINUTE_SECONDS, ShardKeys, minute_start, shard_of};
+pub use self::notice::{ErasureNotice, ErasureSource, NoticeEntry, NoticeKey, NoticeKeyError};
 use self::plan::ScriptCall;
 use super::{CounterError, Exchange, ExchangeResult, WindowTotals};
 
@@ -83,85 +85,6 @@ const WINDOW_TTL_MARGIN_SECONDS: u64 = 60;
 /// Maximum minutes one [`RedisCounters::minute_totals`] call reads: one week.
 const MAX_MINUTES_PER_READ: i64 = 7 * 24 * 60;
 
-/// An erasure that a sidecar sharing the key prefix announced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ErasureNotice {
-    /// Stream entry id, `<Unix milliseconds>-<sequence>`, which grows with
-    /// every entry.
-    pub entry_id: String,
-    /// When the customer was erased at the announcing sidecar, in Unix
-    /// milliseconds.
-    pub erased_at_unix_ms: i64,
-    /// Erased customer id.
-    pub customer: String,
-    /// Id of the sidecar that erased the customer.
-    pub sidecar_id: String,
-    /// Erasure id at that sidecar.
-    pub erasure_id: String,
-}
-
-/// The erasure that an announcement names.
-#[derive(Debug, Clone, Copy)]
-pub struct ErasureSource<'a> {
-    /// Erasure id at the announcing sidecar.
-    pub erasure_id: &'a str,
-    /// When the customer was erased, in Unix milliseconds.
-    pub erased_at_unix_ms: i64,
-}
-
-/// An entry of the erasure notice stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NoticeEntry {
-    /// A notice with every field.
-    Notice(ErasureNotice),
-    /// An entry with a missing field or a field that does not parse.
-    Malformed {
-        /// Stream entry id.
-        entry_id: String,
-        /// Description of the problem.
-        detail: String,
-    },
-}
-
-impl NoticeEntry {
-    /// Returns the stream entry id.
-    pub fn entry_id(&self) -> &str {
-        match self {
-            Self::Notice(notice) => &notice.entry_id,
-            Self::Malformed { entry_id, .. } => entry_id,
-        }
-    }
-}
-
-/// Reads one stream entry as an erasure notice.
-fn parse_notice(entry: redis::streams::StreamId) -> NoticeEntry {
-    let field = |name: &str| -> Result<String, String> {
-        let Some(value) = entry.map.get(name) else {
-            return Err(format!("missing field {name}"));
-        };
-        redis::from_redis_value(value.clone()).map_err(|err| format!("invalid field {name}: {err}"))
-    };
-    let parsed = (|| {
-        let erased_at = field("erased_at_ms")?;
-        Ok::<_, String>(ErasureNotice {
-            entry_id: entry.id.clone(),
-            erased_at_unix_ms: erased_at.parse().map_err(|_| {
-                format!("invalid field erased_at_ms: {erased_at:?} is not an integer")
-            })?,
-            customer: field("customer")?,
-            sidecar_id: field("sidecar")?,
-            erasure_id: field("erasure")?,
-        })
-    })();
-    match parsed {
-        Ok(notice) => NoticeEntry::Notice(notice),
-        Err(detail) => NoticeEntry::Malformed {
-            entry_id: entry.id,
-            detail,
-        },
-    }
-}
-
 /// Settings of the Redis counters: server, key layout, TTL and timeout.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -177,6 +100,9 @@ pub struct RedisSettings {
     pub totals_ttl_seconds: u64,
     /// Bound on each call, connecting included.
     pub timeout: Duration,
+    /// Key that seals erasure notices; `None` writes and reads them in
+    /// clear.
+    pub notice_key: Option<NoticeKey>,
 }
 
 /// Redis deployment to connect to.
@@ -200,6 +126,7 @@ pub struct RedisCounters {
     shards: u16,
     totals_ttl_seconds: u64,
     timeout: Duration,
+    notice_key: Option<NoticeKey>,
     exchange_script: Script,
     minute_totals_script: Script,
     erase_script: Script,
@@ -251,6 +178,7 @@ impl RedisCounters {
             shards: settings.shards,
             totals_ttl_seconds: settings.totals_ttl_seconds,
             timeout: settings.timeout,
+            notice_key: settings.notice_key,
             exchange_script: Script::new(EXCHANGE_LUA),
             minute_totals_script: Script::new(MINUTE_TOTALS_LUA),
             erase_script: Script::new(ERASE_LUA),
@@ -414,9 +342,10 @@ impl RedisCounters {
     }
 
     /// Appends an erasure notice for `customer` to the stream that every
-    /// sidecar sharing the key prefix reads, trims notices older than
-    /// `retention`, and sets the stream's TTL to `retention`, all in one
-    /// script so the stream never lacks its TTL.
+    /// sidecar sharing the key prefix reads, sealed under the notice key
+    /// when there is one, trims notices older than `retention`, and sets
+    /// the stream's TTL to `retention`, all in one script so the stream
+    /// never lacks its TTL.
     ///
     /// # Errors
     ///
@@ -437,17 +366,28 @@ impl RedisCounters {
                 .as_millis(),
         )
         .unwrap_or(u64::MAX);
+        let key = self.erasures_key();
+        let fields = notice::entry_fields(
+            self.notice_key.as_ref(),
+            &key,
+            customer,
+            &self.sidecar_id,
+            erasure,
+        )
+        .map_err(|detail| CounterError::Rejected {
+            target: self.link.target().to_owned(),
+            detail: format!("failed to seal an erasure notice: {detail}"),
+        })?;
         let mut append = redis::cmd("EVAL");
         append
             .arg(ANNOUNCE_LUA)
             .arg(1)
-            .arg(self.erasures_key())
+            .arg(&key)
             .arg(now_ms.saturating_sub(retention_ms))
-            .arg(retention_ms)
-            .arg(customer)
-            .arg(&self.sidecar_id)
-            .arg(erasure.erasure_id)
-            .arg(erasure.erased_at_unix_ms);
+            .arg(retention_ms);
+        for (name, value) in fields {
+            append.arg(name).arg(value);
+        }
         self.bounded(async {
             let mut connection = self.link.connection().await?;
             self.commands_sent.fetch_add(1, Ordering::Relaxed);
@@ -461,8 +401,9 @@ impl RedisCounters {
 
     /// Returns up to `count` entries of the erasure notice stream after the
     /// entry `after_entry_id` (`0-0` for all), oldest first, this sidecar's
-    /// own included. An entry that lacks a field is returned as
-    /// [`NoticeEntry::Malformed`], so one bad entry does not hide the
+    /// own included. An entry this sidecar cannot read, such as one that
+    /// lacks a field or is sealed under another key, is returned as
+    /// [`NoticeEntry::Unreadable`], so one bad entry does not hide the
     /// others.
     ///
     /// # Errors
@@ -500,7 +441,12 @@ impl RedisCounters {
                     "failed to read the erasure notice stream {key}: {err}; it must be a stream"
                 ),
             })?;
-        Ok(entries.ids.into_iter().map(parse_notice).collect())
+        let notice_key = self.notice_key.as_ref();
+        Ok(entries
+            .ids
+            .into_iter()
+            .map(|entry| notice::parse(entry, notice_key, &key))
+            .collect())
     }
 
     /// Returns this sidecar's id.
@@ -662,6 +608,7 @@ mod tests {
             shards,
             totals_ttl_seconds: 3600,
             timeout: Duration::from_millis(200),
+            notice_key: None,
         }
     }
 

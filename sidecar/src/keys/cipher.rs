@@ -10,7 +10,7 @@ pub(super) const NONCE_LEN: usize = 12;
 
 /// Encrypts `plaintext` under `key` with a fresh random nonce, and returns
 /// the nonce followed by the ciphertext and tag.
-pub(super) fn seal(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+pub(crate) fn seal(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
     let mut nonce = [0; NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(KeyError::Random)?;
 
@@ -27,7 +27,7 @@ pub(super) fn seal(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u
 
 /// Decrypts what [`seal`] returned, or returns `None` when it is too short
 /// or fails authentication under `key` and `aad`.
-pub(super) fn open(key: &[u8; 32], sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn open(key: &[u8; 32], sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
     let (nonce, ciphertext) = sealed.split_first_chunk::<NONCE_LEN>()?;
     let payload = Payload {
         msg: ciphertext,

@@ -5,13 +5,9 @@
 -- KEYS[1]  notice stream
 -- ARGV[1]  oldest entry id kept, in Unix milliseconds (trimmed approximately)
 -- ARGV[2]  retention and TTL, in milliseconds
--- ARGV[3]  the customer
--- ARGV[4]  the announcing sidecar's id
--- ARGV[5]  its erasure id
--- ARGV[6]  when the customer was erased, in Unix milliseconds
+-- ARGV[3]  and after: the entry's fields and values, in pairs
 --
 -- Returns the new entry's id.
-local id = redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[1], '*',
-    'customer', ARGV[3], 'sidecar', ARGV[4], 'erasure', ARGV[5], 'erased_at_ms', ARGV[6])
+local id = redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[1], '*', unpack(ARGV, 3))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return id
