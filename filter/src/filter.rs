@@ -88,6 +88,8 @@ pub struct Filter {
     assets: RefCell<AssetTable>,
     /// Compare-and-swap token of the asset rules last applied.
     assets_cas: Cell<Option<u32>>,
+    /// Whether an asset region registry from the sidecar was applied.
+    assets_loaded: Cell<bool>,
     /// Erased customers the sync role published, read on the timer.
     erasures: RefCell<ErasureTable>,
     /// Compare-and-swap token of the erased customers last applied.
@@ -123,6 +125,7 @@ impl Filter {
             overrides_cas: Cell::new(None),
             assets: RefCell::new(AssetTable::default()),
             assets_cas: Cell::new(None),
+            assets_loaded: Cell::new(false),
             erasures: RefCell::new(ErasureTable::default()),
             erasures_cas: Cell::new(None),
             egress: EgressMeter::new(),

@@ -40,6 +40,19 @@ pub enum UnknownPolicy {
     Allow,
 }
 
+/// Policy for a request for an asset before the asset region registry
+/// first arrives from the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BeforeRegistry {
+    /// Reject with 503 and `retry-after: 1` (config value `"refuse"`),
+    /// because the registry may lock the asset.
+    #[default]
+    Refuse,
+    /// Decide by the configured rules alone (config value
+    /// `"configured_rules"`).
+    ConfiguredRules,
+}
+
 /// Reason of a 451 rejection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
@@ -68,6 +81,8 @@ pub struct Geo {
     pub cdn: Option<CdnSource>,
     /// Policy for an unknown client region.
     pub unknown_policy: UnknownPolicy,
+    /// Policy for a request for an asset before the first registry.
+    pub before_registry: BeforeRegistry,
     /// Lowercase name of the header that carries the storage region.
     pub storage_region_header: String,
     /// Region names in name order; a [`RegionId`] indexes this.

@@ -59,11 +59,14 @@ pub enum Counter {
     BacklogRequestsDropped,
     /// Response body bytes dropped with those records.
     BacklogBytesDropped,
+    /// Requests for an asset rejected with 503 because no asset region
+    /// registry had arrived from the sidecar yet.
+    GeoRegistryPending,
 }
 
 impl Counter {
     /// Every counter, in id order.
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 18] = [
         Counter::Requests,
         Counter::AuthFailures,
         Counter::TokenCacheHits,
@@ -81,6 +84,7 @@ impl Counter {
         Counter::BacklogRecordsMerged,
         Counter::BacklogRequestsDropped,
         Counter::BacklogBytesDropped,
+        Counter::GeoRegistryPending,
     ];
 
     /// Returns the metric name passed to Envoy.
@@ -103,6 +107,7 @@ impl Counter {
             Self::BacklogRecordsMerged => "veo.usage_backlog_merged_total",
             Self::BacklogRequestsDropped => "veo.usage_backlog_dropped_total",
             Self::BacklogBytesDropped => "veo.usage_backlog_dropped_bytes_total",
+            Self::GeoRegistryPending => "veo.geo_registry_pending_total",
         }
     }
 }

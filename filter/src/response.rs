@@ -57,6 +57,25 @@ pub fn unavailable_for_legal_reasons(asset: &str, rejection: Rejection) -> Local
     }
 }
 
+/// Builds the 503 reply for a request for `asset` before the asset region
+/// registry has arrived.
+pub fn asset_regions_pending(asset: &str) -> LocalReply {
+    let body = json!({
+        "error": "asset_regions_unavailable",
+        "asset": asset,
+        "message": "the asset region registry has not arrived from the sidecar yet; retry later",
+        "retry_after_seconds": 1,
+    });
+    LocalReply {
+        status: 503,
+        headers: vec![
+            ("content-type", "application/json".to_owned()),
+            ("retry-after", "1".to_owned()),
+        ],
+        body: body.to_string(),
+    }
+}
+
 /// Builds the 429 reply for a refused `decision`.
 pub fn too_many_requests(tier: &Tier, decision: &Decision) -> LocalReply {
     let retry_after = decision.retry_after_s;

@@ -459,12 +459,24 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
                         .into_inner(),
                 ],
                 None => {
-                    client
-                        .list_asset_regions(ListAssetRegionsRequest {})
-                        .await
-                        .map_err(call_error)?
-                        .into_inner()
-                        .assets
+                    let mut entries = Vec::new();
+                    let mut page_token = String::new();
+                    loop {
+                        let request = ListAssetRegionsRequest {
+                            page_size: 0,
+                            page_token,
+                        };
+                        let page = client
+                            .list_asset_regions(request)
+                            .await
+                            .map_err(call_error)?
+                            .into_inner();
+                        entries.extend(page.assets);
+                        if page.next_page_token.is_empty() {
+                            break entries;
+                        }
+                        page_token = page.next_page_token;
+                    }
                 }
             };
             Ok(entries.iter().map(asset_line).collect())

@@ -429,9 +429,11 @@ impl AdminRpc for AdminService {
 
     async fn list_asset_regions(
         &self,
-        _request: Request<ListAssetRegionsRequest>,
+        request: Request<ListAssetRegionsRequest>,
     ) -> Result<Response<ListAssetRegionsResponse>, Status> {
-        Ok(Response::new(AdminService::list_asset_regions(self).await?))
+        Ok(Response::new(
+            AdminService::list_asset_regions(self, request.into_inner()).await?,
+        ))
     }
 
     async fn delete_asset_regions(

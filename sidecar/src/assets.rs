@@ -34,6 +34,12 @@ const MAX_TIER_RULES: usize = 32;
 /// Most assets the registry holds; each one travels in every changed
 /// registry push to every instance.
 pub const MAX_ASSETS: usize = 100_000;
+/// Most bytes of region and tier names in one entry, so that the entry
+/// fits in its audit entry's details.
+const MAX_ENTRY_NAME_BYTES: usize = 16_384;
+/// Name of the region of clients whose region is unknown. The filter
+/// reserves it, so an entry must not name it.
+const UNKNOWN_REGION: &str = "unknown";
 
 /// Checks a registry entry from the admin API: the asset id, region names
 /// of lowercase letters, digits and `-` (such as `eu-west`), and tier
@@ -82,7 +88,42 @@ pub fn check(entry: &admin::AssetRegions) -> Result<(), ServiceError> {
     if !entry.storage_region.is_empty() {
         check_region("asset.storage_region", &entry.storage_region)?;
     }
+    let name_bytes: usize = entry.allowed_regions.iter().map(String::len).sum::<usize>()
+        + entry
+            .tier_regions
+            .iter()
+            .map(|rule| rule.tier.len() + rule.regions.iter().map(String::len).sum::<usize>())
+            .sum::<usize>();
+    if name_bytes > MAX_ENTRY_NAME_BYTES {
+        return Err(ServiceError::invalid(
+            "asset",
+            format!(
+                "names {name_bytes} bytes of regions and tiers, more than \
+                 {MAX_ENTRY_NAME_BYTES}; list fewer regions per tier"
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Returns `entry` as the registry stores it: each region list sorted
+/// without duplicates, and the tier rules in order of tier name.
+pub fn normalized(entry: &admin::AssetRegions) -> admin::AssetRegions {
+    let mut tier_regions: Vec<admin::TierRegions> = entry
+        .tier_regions
+        .iter()
+        .map(|rule| admin::TierRegions {
+            tier: rule.tier.clone(),
+            regions: sorted(&rule.regions),
+        })
+        .collect();
+    tier_regions.sort_by(|left, right| left.tier.cmp(&right.tier));
+    admin::AssetRegions {
+        asset: entry.asset.clone(),
+        allowed_regions: sorted(&entry.allowed_regions),
+        tier_regions,
+        storage_region: entry.storage_region.clone(),
+    }
 }
 
 fn check_regions(field: &str, regions: &[String]) -> Result<(), ServiceError> {
@@ -100,6 +141,15 @@ fn check_regions(field: &str, regions: &[String]) -> Result<(), ServiceError> {
 
 /// Checks one region name.
 pub fn check_region(field: &str, region: &str) -> Result<(), ServiceError> {
+    if region == UNKNOWN_REGION {
+        return Err(ServiceError::invalid(
+            field,
+            format!(
+                "{region:?} is reserved for clients whose region is unknown; name the region \
+                 whose countries the filter maps, such as \"eu-west\""
+            ),
+        ));
+    }
     let valid = !region.is_empty()
         && region.len() <= MAX_REGION_BYTES
         && region
@@ -188,6 +238,21 @@ pub fn get(conn: &Connection, asset: &str) -> rusqlite::Result<Option<admin::Ass
         from_row,
     )
     .optional()
+}
+
+/// Returns up to `limit` entries whose asset sorts after `after`, in
+/// ascending order of asset.
+pub fn list_page(
+    conn: &Connection,
+    after: &str,
+    limit: u32,
+) -> rusqlite::Result<Vec<admin::AssetRegions>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT asset, allowed_regions, tier_regions, storage_region
+         FROM asset_region WHERE asset > ?1 ORDER BY asset LIMIT ?2",
+    )?;
+    let rows = statement.query_map(params![after, limit], from_row)?;
+    rows.collect()
 }
 
 /// Returns every entry in ascending order of asset.
@@ -287,6 +352,21 @@ mod tests {
     }
 
     #[test]
+    fn pages_follow_asset_order() {
+        let conn = open();
+        for asset in ["a3", "a1", "a2"] {
+            put(&conn, &entry(asset), 1).unwrap();
+        }
+        let assets = |page: Vec<admin::AssetRegions>| -> Vec<String> {
+            page.into_iter().map(|entry| entry.asset).collect()
+        };
+
+        assert_eq!(assets(list_page(&conn, "", 2).unwrap()), ["a1", "a2"]);
+        assert_eq!(assets(list_page(&conn, "a2", 2).unwrap()), ["a3"]);
+        assert!(list_page(&conn, "a3", 2).unwrap().is_empty());
+    }
+
+    #[test]
     fn put_replaces_and_delete_removes() {
         let conn = open();
         put(&conn, &entry("a1"), 1).unwrap();
@@ -323,8 +403,50 @@ mod tests {
         assert!(field(bad.clone()).contains("listed twice"));
         bad = entry("a1");
         bad.storage_region = "-".repeat(65);
-        assert!(field(bad).starts_with("asset.storage_region"));
+        assert!(field(bad.clone()).starts_with("asset.storage_region"));
+        bad = entry("a1");
+        bad.storage_region = "unknown".into();
+        assert!(field(bad.clone()).contains("reserved"));
+        bad = entry("a1");
+        bad.allowed_regions = vec!["unknown".into()];
+        assert!(field(bad).starts_with("asset.allowed_regions[0]"));
         assert!(check(&entry("a1")).is_ok());
+    }
+
+    #[test]
+    fn oversized_entry_is_invalid() {
+        let regions: Vec<String> = (0..64).map(|index| format!("{index:0>64}")).collect();
+        let mut big = entry("a1");
+        big.allowed_regions.clone_from(&regions);
+        big.tier_regions = (0..4)
+            .map(|index| admin::TierRegions {
+                tier: format!("tier-{index}"),
+                regions: regions.clone(),
+            })
+            .collect();
+
+        let error = check(&big).unwrap_err().to_string();
+
+        assert!(error.contains("20504 bytes"), "{error}");
+        big.tier_regions.truncate(2);
+        assert!(check(&big).is_ok());
+    }
+
+    #[test]
+    fn normalized_entry_matches_stored_one() {
+        let conn = open();
+        let mut requested = entry("a1");
+        requested.tier_regions.insert(
+            0,
+            admin::TierRegions {
+                tier: "pro".into(),
+                regions: vec!["us-east".into(), "eu-west".into(), "us-east".into()],
+            },
+        );
+
+        put(&conn, &requested, 1).unwrap();
+
+        assert_eq!(normalized(&requested), get(&conn, "a1").unwrap().unwrap());
     }
 
     #[test]

@@ -502,6 +502,36 @@ fn counters_config(
         }
     };
     if backend == "embedded" {
+        let redis_keys = [
+            ("counters.redis_url", file.redis_url.is_some()),
+            (
+                "counters.redis_cluster_urls",
+                file.redis_cluster_urls.is_some(),
+            ),
+            ("counters.key_prefix", file.key_prefix.is_some()),
+            ("counters.shards", file.shards.is_some()),
+            (
+                "counters.flush_interval_ms",
+                file.flush_interval_ms.is_some(),
+            ),
+            ("counters.timeout_ms", file.timeout_ms.is_some()),
+            (
+                "counters.totals_ttl_seconds",
+                file.totals_ttl_seconds.is_some(),
+            ),
+            ("counters.sidecar_id", file.sidecar_id.is_some()),
+            ("counters.notice_key_file", file.notice_key_file.is_some()),
+        ];
+        if let Some((key, _)) = redis_keys.into_iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                file_origin.clone(),
+                key,
+                "(set)".into(),
+                "applies only to the Redis counters, and counters.backend is \"embedded\"; set \
+                 backend = \"redis\" to share the counters, or remove the key"
+                    .into(),
+            ));
+        }
         return Ok(CountersConfig::Embedded);
     }
 
@@ -836,6 +866,11 @@ mod tests {
             ("near_quota_fraction = 1.5", "near_quota_fraction"),
             ("sync_interval_near_ms = 5", "sync_interval_near_ms"),
             ("[counters]\nbackend = \"memcached\"", "counters.backend"),
+            ("[counters]\nshards = 0", "counters.shards"),
+            (
+                "[counters]\nredis_url = \"redis://127.0.0.1/\"",
+                "counters.redis_url",
+            ),
             ("[counters]\nbackend = \"redis\"", "counters.redis_url"),
             (
                 "[counters]\nbackend = \"redis\"\nredis_url = \"http://x\"",

@@ -176,6 +176,20 @@ impl Envoy {
         self.process.log()
     }
 
+    /// Waits until the filter has the sidecar's asset region registry, so
+    /// that requests for assets are decided rather than rejected with 503.
+    /// The sync role logs the registry it publishes.
+    pub async fn wait_for_asset_regions(&self) -> Result<(), HarnessError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !self.process.log().contains("asset regions in force") {
+            if Instant::now() > deadline {
+                return Err(self.process.not_ready(READY_TIMEOUT));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     /// Fails with the log's last lines when Envoy has exited.
     pub fn ensure_running(&mut self) -> Result<(), HarnessError> {
         self.process.ensure_running()

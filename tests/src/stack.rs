@@ -81,9 +81,13 @@ impl Stack {
             sidecar_port: sidecar.address().port(),
             plugin_config: config.to_json(),
         };
+        let geo = values.plugin_config.get("geo").is_some();
         let envoy = EnvoyProcess::spawn(dir.path(), &values, options.concurrency)?
             .wait_ready()
             .await?;
+        if geo {
+            envoy.wait_for_asset_regions().await?;
+        }
         Ok(Self {
             envoy,
             sidecar,

@@ -118,11 +118,34 @@ struct GeoStack {
 
 impl GeoStack {
     async fn start(config: &PluginConfig, xff_trusted_hops: u32) -> anyhow::Result<Self> {
+        let stack = Self::start_with_registry(config, xff_trusted_hops, &[]).await?;
+        stack.envoy.wait_for_asset_regions().await?;
+        Ok(stack)
+    }
+
+    /// Starts the sidecar, stores `registry` in it and stops it when the
+    /// registry is not empty, then starts Envoy without waiting for the
+    /// registry to reach it.
+    async fn start_with_registry(
+        config: &PluginConfig,
+        xff_trusted_hops: u32,
+        registry: &[AssetRegions],
+    ) -> anyhow::Result<Self> {
         let dir = temp_dir_named("veo-geo")?;
         let database = dir.path().join("countries.mmdb");
         mmdb::write_country_database(&database, &COUNTRIES)?;
         let upstream = EchoUpstream::start().await?;
-        let sidecar = Sidecar::start(dir.path()).await?;
+        let mut sidecar = Sidecar::start(dir.path()).await?;
+        if !registry.is_empty() {
+            let mut admin = sidecar.admin().await?;
+            for entry in registry {
+                let request = SetAssetRegionsRequest {
+                    asset: Some(entry.clone()),
+                };
+                admin.set_asset_regions(request).await?;
+            }
+            sidecar.stop();
+        }
         let values = BootstrapValues {
             node_id: format!("veo-geo-{}", std::process::id()),
             upstream_port: upstream.address().port(),
@@ -933,7 +956,7 @@ async fn registry_changes_reach_envoy() -> anyhow::Result<()> {
         .into_inner();
     assert_eq!(stored, entry, "GetAssetRegions");
     let listed = admin
-        .list_asset_regions(ListAssetRegionsRequest {})
+        .list_asset_regions(ListAssetRegionsRequest::default())
         .await
         .context("ListAssetRegions")?
         .into_inner();
@@ -964,6 +987,46 @@ async fn registry_changes_reach_envoy() -> anyhow::Result<()> {
         "127.0.0.4",
         "registry lock",
     )?;
+    // Two entries, listed one per page.
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_asset_regions(ListAssetRegionsRequest {
+                page_size: 1,
+                page_token,
+            })
+            .await
+            .context("ListAssetRegions page")?
+            .into_inner();
+        pages.push(
+            page.assets
+                .iter()
+                .map(|entry| entry.asset.clone())
+                .collect::<Vec<_>>(),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(
+        pages,
+        [
+            vec!["free-film".to_owned()],
+            vec!["reg-film".to_owned()],
+            vec![]
+        ],
+        "ListAssetRegions pages"
+    );
+    let oversized = admin
+        .list_asset_regions(ListAssetRegionsRequest {
+            page_size: 10_001,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(oversized.code(), tonic::Code::InvalidArgument);
 
     let deleted = admin
         .delete_asset_regions(DeleteAssetRegionsRequest {
@@ -994,5 +1057,74 @@ async fn registry_changes_reach_envoy() -> anyhow::Result<()> {
         json!(["us-east"]),
         "configured storage region after delete"
     );
+    Ok(())
+}
+
+/// Proves a lock that only the sidecar's registry contains applies from
+/// Envoy's start: while the sidecar is down, requests for assets get 503
+/// and other paths are served, and once the sidecar is back the lock
+/// decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_lock_applies_from_envoy_start() -> anyhow::Result<()> {
+    let key = SigningKey::generate("k1");
+    let lock = AssetRegions {
+        asset: "free-film".to_owned(),
+        allowed_regions: vec!["us-east".to_owned()],
+        tier_regions: Vec::new(),
+        storage_region: "us-east".to_owned(),
+    };
+    let mut stack = GeoStack::start_with_registry(&geo_config(&key, "refuse")?, 0, &[lock]).await?;
+    let token = key.mint(&TokenSpec::new("geo-start", "basic"))?;
+    let from_de = stack.client(GEOIP_DE);
+
+    let pending = from_de.get_with_token(FREE_ASSET, &token, &[]).await?;
+    assert_eq!(
+        pending.status, 503,
+        "asset before the registry: {}",
+        pending.body
+    );
+    assert_eq!(pending.header("retry-after"), Some("1"));
+    assert_eq!(pending.json()?["error"], "asset_regions_unavailable");
+    let other = from_de.get_with_token(OTHER_PATH, &token, &[]).await?;
+    assert_eq!(other.status, 200, "path without an asset: {}", other.body);
+
+    stack.sidecar.restart().await?;
+    let bound = Duration::from_millis(5 * SYNC_INTERVAL_MS + 5000);
+    let (reply, took) = poll_until(&from_de, &token, FREE_ASSET, bound, |reply| {
+        reply.status != 503
+    })
+    .await?;
+    println!(
+        "registry reached Envoy {} ms after the sidecar restarted",
+        took.as_millis()
+    );
+    assert_blocked(
+        &reply,
+        "free-film",
+        NOT_ALLOWED,
+        "127.0.0.4",
+        "registry lock",
+    )?;
+    // The workers add their counts to Envoy's stats on their timer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = stack
+            .envoy
+            .admin()
+            .stats("veo.geo_registry_pending_total")
+            .await?;
+        let counted = stats
+            .get("wasmcustom.veo.geo_registry_pending_total")
+            .copied()
+            .unwrap_or(0);
+        if counted >= 1 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no 503 counted after 5 s: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }

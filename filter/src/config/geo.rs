@@ -11,8 +11,8 @@ use super::{ConfigError, Tiers, is_header_name};
 use crate::filter::{CUSTOMER_HEADER, TIER_HEADER};
 use crate::geo::source::NO_COUNTRY_CODES;
 use crate::geo::{
-    AssetPattern, AssetRule, AssetTable, CdnSource, Geo, RegionId, UnknownPolicy, check_asset_id,
-    check_region_name,
+    AssetPattern, AssetRule, AssetTable, BeforeRegistry, CdnSource, Geo, RegionId, UnknownPolicy,
+    check_asset_id, check_region_name,
 };
 
 /// Default header of Envoy's geoip filter.
@@ -44,12 +44,24 @@ pub fn build_geo(raw: RawGeo, tiers: &Tiers) -> Result<Geo, ConfigError> {
             ));
         }
     };
+    let before_registry = match raw.before_registry.as_deref() {
+        None | Some("refuse") => BeforeRegistry::Refuse,
+        Some("configured_rules") => BeforeRegistry::ConfiguredRules,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "geo.before_registry",
+                other,
+                "must be \"refuse\" or \"configured_rules\"",
+            ));
+        }
+    };
     let patterns = build_patterns(raw.asset_patterns)?;
 
     let mut geo = Geo {
         geoip_header,
         cdn,
         unknown_policy,
+        before_registry,
         storage_region_header,
         regions,
         countries,
@@ -384,6 +396,11 @@ mod tests {
                 "unknown_country",
                 json!("deny"),
                 "`geo.unknown_country` = deny: must be \"refuse\" or \"allow\"",
+            ),
+            (
+                "before_registry",
+                json!("wait"),
+                "`geo.before_registry` = wait: must be \"refuse\" or \"configured_rules\"",
             ),
             (
                 "asset_patterns",

@@ -172,6 +172,9 @@ pub struct RawGeo {
     pub countries: Option<BTreeMap<String, String>>,
     /// Policy for a client whose region is unknown: "refuse" or "allow".
     pub unknown_country: Option<String>,
+    /// Policy for a request for an asset before the sidecar's asset region
+    /// registry first arrives: "refuse" or "configured_rules".
+    pub before_registry: Option<String>,
     /// Path patterns with one `{asset}` segment.
     pub asset_patterns: Vec<String>,
     /// Configured rules of region-locked assets.

@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use super::Filter;
 use crate::config::Tier;
-use crate::geo::{AssetTable, ClientRegion, Geo};
+use crate::geo::{AssetTable, BeforeRegistry, ClientRegion, Geo};
 use crate::host::{Host, LogLevel};
 use crate::metrics::Counter;
 use crate::response;
@@ -59,6 +59,16 @@ impl Filter {
         let Some(asset) = geo.asset_in(&path) else {
             return PASS;
         };
+        if !self.assets_loaded.get() {
+            // Until the registry arrives, read shared data on each request
+            // for an asset rather than wait for the next tick.
+            self.refresh_assets(host);
+            if !self.assets_loaded.get() && geo.before_registry == BeforeRegistry::Refuse {
+                self.metrics.add(Counter::GeoRegistryPending, 1);
+                self.send(host, &response::asset_regions_pending(&asset));
+                return Fence::Refused;
+            }
+        }
         let registry = self.assets.borrow();
         let Some(rule) = geo.rule(&registry, &asset) else {
             return PASS;
@@ -118,7 +128,7 @@ impl Filter {
     }
 
     /// Applies the asset region registry the sync role published since the
-    /// last tick. An empty registry leaves the configured rules alone.
+    /// last call. An empty registry leaves the configured rules alone.
     pub(super) fn refresh_assets(&self, host: &impl Host) {
         let Some(geo) = &self.config.geo else {
             return;
@@ -129,8 +139,10 @@ impl Filter {
         if value.cas == self.assets_cas.get() {
             return;
         }
+        let Some(bytes) = value.bytes else {
+            return;
+        };
         self.assets_cas.set(value.cas);
-        let bytes = value.bytes.unwrap_or_default();
         let Some(set) = decode_asset_regions(&bytes) else {
             host.log(
                 LogLevel::Error,
@@ -142,6 +154,7 @@ impl Filter {
         // The sync role logged what the table leaves out.
         let (table, _) = AssetTable::from_registry(&set, geo, &self.config.tiers);
         *self.assets.borrow_mut() = table;
+        self.assets_loaded.set(true);
     }
 }
 
@@ -167,14 +180,28 @@ mod tests {
 
     const NOW_MS: u64 = NOW_S * 1000;
 
+    /// Returns a worker with the geo section of [`geo_json`] that has read
+    /// an empty asset region registry, as after the first sync reply.
     fn geo_worker() -> Worker {
-        Worker::with_config(MemoryHost::new(NOW_MS), json!({"geo": geo_json()}))
+        with_empty_registry(Worker::with_config(
+            MemoryHost::new(NOW_MS),
+            json!({"geo": geo_json()}),
+        ))
     }
 
     fn geo_worker_with(key: &str, value: Value) -> Worker {
         let mut geo = geo_json();
         geo[key] = value;
-        Worker::with_config(MemoryHost::new(NOW_MS), json!({"geo": geo}))
+        with_empty_registry(Worker::with_config(
+            MemoryHost::new(NOW_MS),
+            json!({"geo": geo}),
+        ))
+    }
+
+    fn with_empty_registry(worker: Worker) -> Worker {
+        publish_registry(&worker.host, 1, Vec::new());
+        worker.filter.on_tick(&worker.host);
+        worker
     }
 
     fn bearer(customer: &str, tier: Option<&str>) -> String {
@@ -538,6 +565,39 @@ mod tests {
         // A registry-only asset, and a configured one the registry omits.
         assert_eq!(send(&worker, "acme", "/videos/a3/", &us), 451);
         assert_eq!(send(&worker, "acme", "/videos/a2/", &us), 200);
+    }
+
+    #[test]
+    fn asset_before_registry_gets_503() {
+        let worker = Worker::with_config(MemoryHost::new(NOW_MS), json!({"geo": geo_json()}));
+        let de = [("x-geoip-country", "DE")];
+
+        assert_eq!(send(&worker, "acme", "/videos/a1/", &de), 503);
+        let reply = worker.host.local_response().unwrap();
+        assert_eq!(reply.header("retry-after"), Some("1"));
+        assert_eq!(worker.reply_json()["error"], "asset_regions_unavailable");
+        assert_eq!(worker.reply_json()["asset"], "a1");
+        // A path without an asset does not depend on the registry.
+        assert_eq!(send(&worker, "acme", "/api/v1/videos", &de), 200);
+        assert_eq!(worker.counter("veo.geo_registry_pending_total"), 1);
+
+        // The first registry, even an empty one, ends the wait at once.
+        publish_registry(&worker.host, 7, vec![entry("a3", &["us-east"], "")]);
+        assert_eq!(send(&worker, "acme", "/videos/a1/", &de), 200);
+        assert_eq!(send(&worker, "acme", "/videos/a3/", &de), 451);
+    }
+
+    #[test]
+    fn configured_rules_apply_before_registry() {
+        let mut geo = geo_json();
+        geo["before_registry"] = json!("configured_rules");
+        let worker = Worker::with_config(MemoryHost::new(NOW_MS), json!({"geo": geo}));
+        let de = [("x-geoip-country", "DE")];
+        let us = [("x-geoip-country", "US")];
+
+        assert_eq!(send(&worker, "acme", "/videos/a1/", &de), 200);
+        assert_eq!(send(&worker, "acme", "/videos/a1/", &us), 451);
+        assert_eq!(worker.counter("veo.geo_registry_pending_total"), 0);
     }
 
     #[test]

@@ -11,7 +11,8 @@ use tracing::{info, warn};
 use veo_proto::admin::{
     AssetRegions, AuditReceipt, DeleteAssetRegionsRequest, DeleteAssetRegionsResponse,
     EraseCustomerRequest, ErasedRecords, Erasure, ErasureState, GetAssetRegionsRequest,
-    GetErasureRequest, ListAssetRegionsResponse, SetAssetRegionsRequest, VerifyAuditLogResponse,
+    GetErasureRequest, ListAssetRegionsRequest, ListAssetRegionsResponse, SetAssetRegionsRequest,
+    VerifyAuditLogResponse,
 };
 use veo_proto::sync::ErasedCustomer;
 
@@ -41,6 +42,13 @@ const MAX_TOKEN_CUSTOMER_BYTES: usize = 128;
 
 /// Erasure notices read from the shared counters at a time.
 const NOTICES_PER_READ: usize = 100;
+
+/// Registry entries per `ListAssetRegions` page when the request names no
+/// size.
+const DEFAULT_PAGE_SIZE: u32 = 1_000;
+
+/// Most registry entries per `ListAssetRegions` page.
+const MAX_PAGE_SIZE: u32 = 10_000;
 
 /// Source of an erasure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +143,7 @@ impl AdminService {
             .asset
             .ok_or_else(|| ServiceError::invalid("asset", "is missing; set the asset entry"))?;
         assets::check(&entry)?;
+        let entry = assets::normalized(&entry);
         let stored = entry.clone();
         let now_ms = unix_now_s().saturating_mul(1_000);
         let outcome = self
@@ -206,13 +215,41 @@ impl AdminService {
     }
 
     /// Lists the registry.
-    pub async fn list_asset_regions(&self) -> Result<ListAssetRegionsResponse, Status> {
+    pub async fn list_asset_regions(
+        &self,
+        request: ListAssetRegionsRequest,
+    ) -> Result<ListAssetRegionsResponse, Status> {
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            size @ 1..=MAX_PAGE_SIZE => size,
+            size => {
+                return Err(ServiceError::invalid(
+                    "page_size",
+                    format!("{size} is above {MAX_PAGE_SIZE}; ask for fewer entries per page"),
+                )
+                .into());
+            }
+        };
+        let after = request.page_token;
+        if !after.is_empty() {
+            validate::identifier("page_token", &after, MAX_ID_BYTES)?;
+        }
         let assets = self
             .store()
-            .read("list asset regions", |conn| assets::list(conn))
+            .read("list asset regions", move |conn| {
+                assets::list_page(conn, &after, page_size)
+            })
             .await
             .map_err(ServiceError::from)?;
-        Ok(ListAssetRegionsResponse { assets })
+        let full = u32::try_from(assets.len()).is_ok_and(|count| count == page_size);
+        let next_page_token = match assets.last() {
+            Some(last) if full => last.asset.clone(),
+            _ => String::new(),
+        };
+        Ok(ListAssetRegionsResponse {
+            assets,
+            next_page_token,
+        })
     }
 
     /// Removes a registry entry.

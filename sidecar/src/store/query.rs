@@ -6,22 +6,33 @@ use crate::ledger::{BucketTotal, CustomerTotal, Granularity, TimeRange};
 
 // Stored minutes are never negative, so integer division rounds down and
 // `(minute / width) * width` is the start of the UTC-aligned bucket.
+//
+// TOTAL sums as a float where SUM would fail on a sum beyond 2^63 - 1, which
+// forged usage batches could reach. Sums of integers stay exact up to 2^53.
 const USAGE_BUCKETS: &str = "
-SELECT (minute_unix_s / ?4) * ?4 AS bucket, SUM(admitted), SUM(refused), SUM(egress_bytes)
+SELECT (minute_unix_s / ?4) * ?4 AS bucket, TOTAL(admitted), TOTAL(refused), TOTAL(egress_bytes)
 FROM usage_minute
 WHERE customer = ?1 AND minute_unix_s >= ?2 AND minute_unix_s < ?3
 GROUP BY bucket
-HAVING SUM(admitted) + SUM(refused) + SUM(egress_bytes) > 0
+HAVING TOTAL(admitted) + TOTAL(refused) + TOTAL(egress_bytes) > 0
 ORDER BY bucket";
 
 const TOP_CUSTOMERS: &str = "
-SELECT customer, SUM(admitted) AS admitted, SUM(refused), SUM(egress_bytes)
+SELECT customer, TOTAL(admitted) AS admitted, TOTAL(refused), TOTAL(egress_bytes)
 FROM usage_minute
 WHERE minute_unix_s >= ?1 AND minute_unix_s < ?2
 GROUP BY customer
-HAVING SUM(admitted) + SUM(refused) + SUM(egress_bytes) > 0
+HAVING TOTAL(admitted) + TOTAL(refused) + TOTAL(egress_bytes) > 0
 ORDER BY admitted DESC, customer ASC
 LIMIT ?3";
+
+/// Reads column `index` of a TOTAL as a count, saturating at `u64::MAX`.
+fn count(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<u64> {
+    let total: f64 = row.get(index)?;
+    // `as` saturates, and the stored counts are never negative.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok(total as u64)
+}
 
 /// Returns `customer`'s non-empty buckets of `granularity` whose minutes
 /// start within `range`, in ascending order of start.
@@ -42,9 +53,9 @@ pub(super) fn usage_buckets(
         |row| {
             Ok(BucketTotal {
                 start_unix_s: row.get(0)?,
-                admitted: row.get(1)?,
-                refused: row.get(2)?,
-                egress_bytes: row.get(3)?,
+                admitted: count(row, 1)?,
+                refused: count(row, 2)?,
+                egress_bytes: count(row, 3)?,
             })
         },
     )?;
@@ -64,9 +75,9 @@ pub(super) fn top_customers(
         |row| {
             Ok(CustomerTotal {
                 customer: row.get(0)?,
-                admitted: row.get(1)?,
-                refused: row.get(2)?,
-                egress_bytes: row.get(3)?,
+                admitted: count(row, 1)?,
+                refused: count(row, 2)?,
+                egress_bytes: count(row, 3)?,
             })
         },
     )?;
@@ -136,6 +147,38 @@ mod tests {
         let top = top_customers(&conn, whole, 10).unwrap();
         assert_eq!(top.len(), 1);
         assert_eq!(top[0].egress_bytes, 512);
+    }
+
+    #[test]
+    fn sums_beyond_i64_saturate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = schema::open_writer(&dir.path().join("db")).unwrap();
+        let records = (0..3)
+            .map(|minute| UsageEntry {
+                customer: "c1".into(),
+                tier: "pro".into(),
+                minute_unix_s: MIDNIGHT + 60 * minute,
+                admitted: 1,
+                refused: 0,
+                egress_bytes: i64::MAX / 2,
+                quota: None,
+            })
+            .collect();
+        let batch = Batch {
+            instance_id: "a".into(),
+            sequence: 1,
+            records,
+        };
+        apply_batch(&mut conn, &batch, 0, None, None).unwrap();
+        let whole = range(MIDNIGHT, MIDNIGHT + DAY);
+
+        let days = usage_buckets(&conn, "c1", whole, Granularity::Day).unwrap();
+        let top = top_customers(&conn, whole, 10).unwrap();
+
+        assert_eq!(days[0].admitted, 3);
+        assert!(days[0].egress_bytes > u64::try_from(i64::MAX).unwrap());
+        assert_eq!(top[0].admitted, 3);
+        assert_eq!(top[0].egress_bytes, days[0].egress_bytes);
     }
 
     fn range(start_unix_s: i64, end_unix_s: i64) -> TimeRange {
