@@ -633,6 +633,16 @@ pub fn store_ack(
     conn.execute(UPSERT_ACK, values).map(drop)
 }
 
+/// Returns the highest version of the erased-customer set that an erasure
+/// recorded, 0 when none did.
+pub fn newest_version(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT COALESCE(MAX(erasures_version), 0) FROM erasure",
+        [],
+        |row| row.get(0),
+    )
+}
+
 /// Returns every stored acknowledgement as (instance, version, time).
 pub fn stored_acks(conn: &Connection) -> rusqlite::Result<Vec<(String, u64, i64)>> {
     let mut statement = conn
@@ -894,6 +904,7 @@ mod tests {
             Ok(receipt(1))
         })
         .unwrap();
+        assert_eq!(newest_version(&conn).unwrap(), 0);
 
         set_version(&conn, "er_ab12", 7).unwrap();
         set_version(&conn, "er_ab12", 9).unwrap();
@@ -902,6 +913,7 @@ mod tests {
             by_id(&conn, "er_ab12").unwrap().unwrap().erasures_version,
             7
         );
+        assert_eq!(newest_version(&conn).unwrap(), 7);
     }
 
     #[test]
@@ -1023,6 +1035,7 @@ mod tests {
         assert!(erased_customers(&conn, keys(), 1).is_err());
         assert!(store_ack(&conn, "i1", 1, 1).is_err());
         assert!(stored_acks(&conn).is_err());
+        assert!(newest_version(&conn).is_err());
         assert!(by_id(&conn, "er_1").is_err());
         assert!(counters_pending(&conn, keys()).is_err());
         assert!(counters_pending_for(&conn, "er_1").is_err());

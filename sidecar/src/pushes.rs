@@ -159,6 +159,21 @@ impl Pushes {
         }
     }
 
+    /// Moves both sets' versions above `version` when they are not yet.
+    /// The first versions come from the clock, which may be behind the
+    /// versions an earlier run reached, and an instance must never count as
+    /// having acknowledged a set it has not received.
+    pub fn move_versions_past(&self, version: u64) {
+        let floor = version.saturating_add(1);
+        let mut erasures = self
+            .erasures
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        erasures.version = erasures.version.max(floor);
+        let mut assets = self.assets.write().unwrap_or_else(PoisonError::into_inner);
+        assets.version = assets.version.max(floor);
+    }
+
     /// Returns the instances seen within [`INSTANCE_ACTIVE_SECONDS`] of
     /// `now_unix_s` that have not acknowledged `version`, in ascending
     /// order.
@@ -255,5 +270,25 @@ mod tests {
         ]);
 
         assert_eq!(pushes.pending_instances(2, 60), ["i2"]);
+    }
+
+    #[test]
+    fn versions_move_past_stored_acks() {
+        let pushes = Pushes::new(5);
+
+        pushes.load_acks(vec![(
+            "i1".into(),
+            InstanceAck {
+                erasures_version: 9,
+                last_seen_unix_s: 10,
+            },
+        )]);
+        pushes.move_versions_past(9);
+        pushes.move_versions_past(3);
+
+        let version = pushes.erasures_version();
+        assert_eq!(version, 10);
+        assert_eq!(pushes.assets_for(9).unwrap().version, 10);
+        assert_eq!(pushes.pending_instances(version, 60), ["i1"]);
     }
 }

@@ -119,6 +119,24 @@ fn build_cdn(
                 ),
             ));
         }
+        if range.prefix_len() == 0 {
+            return Err(ConfigError::invalid(
+                field,
+                &text,
+                "trusts every address, so any client could set its own country; list the \
+                 CDN's ranges",
+            ));
+        }
+        if let IpNet::V6(v6) = range
+            && v6.addr().to_ipv4_mapped().is_some()
+        {
+            return Err(ConfigError::invalid(
+                field,
+                &text,
+                "is an IPv4-mapped IPv6 range, which never matches because the filter compares \
+                 IPv4 clients as IPv4; write the IPv4 range",
+            ));
+        }
         trusted.push(range);
     }
     Ok(Some(CdnSource { header, trusted }))
@@ -391,6 +409,16 @@ mod tests {
                 "cdn_trusted_ranges",
                 json!(["173.245.48.1/20"]),
                 "network address 173.245.48.0/20",
+            ),
+            (
+                "cdn_trusted_ranges",
+                json!(["0.0.0.0/0"]),
+                "`geo.cdn_trusted_ranges[0]` = 0.0.0.0/0: trusts every address",
+            ),
+            (
+                "cdn_trusted_ranges",
+                json!(["::ffff:127.0.0.2/128"]),
+                "IPv4-mapped",
             ),
             (
                 "unknown_country",

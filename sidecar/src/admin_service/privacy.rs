@@ -329,16 +329,21 @@ impl AdminService {
         ))
     }
 
-    /// Loads the instances' acknowledgements kept in the store.
+    /// Loads the instances' acknowledgements kept in the store, and moves
+    /// the pushed sets' versions past every version stored.
     pub async fn load_acks(&self) -> Result<(), Status> {
         let privacy = self.privacy()?;
-        let stored = self
+        let (stored, newest_erasure) = self
             .store()
             .read("read erasure acknowledgements", |conn| {
-                erasure::stored_acks(conn)
+                Ok((erasure::stored_acks(conn)?, erasure::newest_version(conn)?))
             })
             .await
             .map_err(ServiceError::from)?;
+        let newest_ack = stored.iter().map(|(_, version, _)| *version).max();
+        privacy
+            .pushes
+            .move_versions_past(newest_ack.unwrap_or(0).max(newest_erasure));
         privacy.pushes.load_acks(
             stored
                 .into_iter()
