@@ -214,7 +214,7 @@ impl AdminService {
         })
     }
 
-    /// Lists the registry.
+    /// Returns one page of the registry, in order of asset.
     pub async fn list_asset_regions(
         &self,
         request: ListAssetRegionsRequest,
