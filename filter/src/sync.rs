@@ -226,10 +226,13 @@ impl Sync {
             );
             self.unacknowledged = Some(batch);
         }
+        // Poll now when waiting for the next tick would leave more than the
+        // heartbeat since the last reply.
         let heartbeat_ms = u64::try_from(HEARTBEAT.as_millis()).unwrap_or(u64::MAX);
-        let heartbeat_due = self
-            .last_reply_ms
-            .is_none_or(|at| host.now_ms().saturating_sub(at) >= heartbeat_ms);
+        let interval_ms = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
+        let heartbeat_due = self.last_reply_ms.is_none_or(|at| {
+            host.now_ms().saturating_sub(at).saturating_add(interval_ms) > heartbeat_ms
+        });
         let (message, poll) = match &self.unacknowledged {
             Some(batch) => (batch.encoded.clone(), false),
             None if self.poll_due || heartbeat_due => (self.poll_message(host), true),
@@ -1151,17 +1154,35 @@ mod tests {
         );
         instance.reply(token, &SyncResponse::default());
 
-        instance.sync_host.advance_ms(500);
-        instance.sync.on_tick(&instance.sync_host);
-        assert_eq!(
-            instance.sync_host.grpc_calls().len(),
-            1,
-            "no usage sends nothing"
-        );
-
-        instance.sync_host.advance_ms(500);
+        // The reply came 5 ms after the call, so the next tick, one
+        // interval after the call, is less than a second after the reply.
+        instance.sync_host.advance_ms(5);
+        instance.reply(token, &SyncResponse::default());
+        instance.sync_host.advance_ms(995);
         instance.sync.on_tick(&instance.sync_host);
         assert_eq!(instance.sync_host.grpc_calls().len(), 2, "heartbeat poll");
+    }
+
+    #[test]
+    fn idle_instance_with_short_interval_polls_once_a_second() {
+        let mut instance =
+            Instance::with_config(serde_json::json!({"sidecar": {"sync_interval_ms": 100}}));
+        let mut replied = 0;
+        for _ in 0..30 {
+            instance.sync.on_tick(&instance.sync_host);
+            if instance.sync_host.grpc_calls().len() > replied {
+                let (token, _) = instance.last_call();
+                instance.sync_host.advance_ms(5);
+                instance.reply(token, &SyncResponse::default());
+                replied += 1;
+                instance.sync_host.advance_ms(95);
+            } else {
+                instance.sync_host.advance_ms(100);
+            }
+        }
+
+        // 3 s of ticks: the first poll, then one about every second.
+        assert_eq!(instance.sync_host.grpc_calls().len(), 3);
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub enum CommandError {
     #[error("failed to rotate the keys: {0}")]
     Rotate(String),
     /// A notice key could not be written.
-    #[error("{0}; --out must name a new file in an existing directory")]
+    #[error("failed to write the notice key; --out must name a new file in an existing directory")]
     NoticeKey(#[from] crate::counters::redis::NoticeKeyError),
     /// The audit log fails its check.
     #[error("{0}")]

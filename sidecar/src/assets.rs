@@ -42,8 +42,8 @@ const MAX_ENTRY_NAME_BYTES: usize = 16_384;
 const UNKNOWN_REGION: &str = "unknown";
 
 /// Checks a registry entry from the admin API: the asset id, region names
-/// of lowercase letters, digits and `-` (such as `eu-west`), and tier
-/// names as `[tiers]` accepts them.
+/// of letters, digits, `_` and `-` (such as `eu-west`) as the filter
+/// accepts them, and tier names as `[tiers]` accepts them.
 pub fn check(entry: &admin::AssetRegions) -> Result<(), ServiceError> {
     validate::identifier("asset.asset", &entry.asset, MAX_ID_BYTES)?;
     if entry.asset.contains('/') {
@@ -154,15 +154,15 @@ pub fn check_region(field: &str, region: &str) -> Result<(), ServiceError> {
         && region.len() <= MAX_REGION_BYTES
         && region
             .bytes()
-            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-');
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
     if valid {
         Ok(())
     } else {
         Err(ServiceError::invalid(
             field,
             format!(
-                "{region:?} is not a region name: use 1 to {MAX_REGION_BYTES} lowercase \
-                 letters, digits or '-', such as \"eu-west\""
+                "{region:?} is not a region name: use 1 to {MAX_REGION_BYTES} letters, \
+                 digits, '_' or '-', as in the filter's `geo.countries`, such as \"eu-west\""
             ),
         ))
     }

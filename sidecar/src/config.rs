@@ -254,16 +254,17 @@ impl Config {
         let window_seconds: u32 = window.within(1, 3600, "seconds")?;
         let tiers = tiers_config(file.tiers, &file_origin, window_seconds)?;
         let billing = billing::billing_config(file.billing, &file_origin, flags, &data_dir)?;
-        for tier in billing
+        let price_tiers = billing
             .webhook
             .price_tiers
             .values()
-            .chain([&billing.webhook.canceled_tier])
-        {
+            .map(|tier| ("billing.prices", tier));
+        let canceled = ("billing.canceled_tier", &billing.webhook.canceled_tier);
+        for (key, tier) in price_tiers.chain([canceled]) {
             if !tiers.is_empty() && !tiers.iter().any(|known| &known.name == tier) {
                 return Err(ConfigError::Invalid {
                     origin: file_origin.clone(),
-                    key: "billing.prices",
+                    key,
                     value: format!("{tier:?}"),
                     reason: "names no tier of the [tiers.<name>] tables".into(),
                 });
@@ -618,8 +619,9 @@ fn counters_config(
                 "counters.notice_key_file",
                 format!("{:?}", path.display().to_string()),
                 format!(
-                    "{error}; `veo-sidecar new-notice-key --out FILE` writes a new key, and every \
-                     sidecar sharing the key prefix needs a copy of the same file"
+                    "{}; `veo-sidecar new-notice-key --out FILE` writes a new key, and every \
+                     sidecar sharing the key prefix needs a copy of the same file",
+                    crate::error_chain(&error)
                 ),
             )
         })?),
@@ -909,6 +911,10 @@ mod tests {
                 "tiers.<name>.quota_requests",
             ),
             ("[tiers.\"no way\"]\nquota_requests = 1", "tiers"),
+            (
+                "[tiers.basic]\nquota_requests = 5\n[billing]\ncanceled_tier = \"nosuch\"",
+                "billing.canceled_tier",
+            ),
         ];
 
         for (text, key) in cases {

@@ -28,3 +28,15 @@ pub mod store;
 pub mod sync_service;
 pub mod usage_service;
 pub mod validate;
+
+/// Formats an error followed by its chain of causes, separated by `: `.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
+}

@@ -1,6 +1,5 @@
 //! Command-line entry point of the `veo-sidecar` binary.
 
-use std::error::Error;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
@@ -20,7 +19,7 @@ fn main() -> ExitCode {
     let config = match Config::load(&flags) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("veo-sidecar: {}", chain(&err));
+            eprintln!("veo-sidecar: {}", veo_sidecar::error_chain(&err));
             return ExitCode::FAILURE;
         }
     };
@@ -39,7 +38,7 @@ fn main() -> ExitCode {
     match runtime.block_on(veo_sidecar::server::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            error!(error = %chain(&err), "sidecar failed");
+            error!(error = %veo_sidecar::error_chain(&err), "sidecar failed");
             ExitCode::FAILURE
         }
     }
@@ -61,7 +60,7 @@ fn run_command(command: veo_sidecar::cli::Command) -> ExitCode {
     match runtime.block_on(veo_sidecar::admin_cli::run(command)) {
         Ok(text) => print_out(&text),
         Err(err) => {
-            eprintln!("veo-sidecar: {}", chain(&err));
+            eprintln!("veo-sidecar: {}", veo_sidecar::error_chain(&err));
             ExitCode::FAILURE
         }
     }
@@ -93,16 +92,4 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-}
-
-/// Formats an error followed by its chain of causes.
-fn chain(err: &dyn Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(next) = cause {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        cause = next.source();
-    }
-    text
 }

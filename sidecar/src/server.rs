@@ -401,7 +401,10 @@ async fn reload_tiers_on_hangup(config: Config, sync: SyncService) {
                 sync.set_tiers(tiers);
             }
             Err(err) => {
-                error!(error = %err, "tier limits not reloaded; keeping the limits in force")
+                error!(
+                    error = %crate::error_chain(&err),
+                    "tier limits not reloaded; keeping the limits in force"
+                )
             }
         }
     }

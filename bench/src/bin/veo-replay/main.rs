@@ -6,6 +6,7 @@ mod run;
 
 use std::fs::File;
 use std::io::BufWriter;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,6 +41,17 @@ enum Command {
     /// Check a decisions file against the rolling-window quota rules; exit with status 1 on a
     /// violation.
     Check(run::CheckArgs),
+    /// Write a small country database in the MaxMind DB format for Envoy's
+    /// geoip filter, mapping single IPv4 addresses to countries, for trials on
+    /// loopback addresses.
+    GeoipDb {
+        /// Output file, such as countries.mmdb.
+        #[arg(long)]
+        out: PathBuf,
+        /// Entries as ADDRESS=COUNTRY, such as 127.0.0.4=DE.
+        #[arg(required = true, value_name = "ADDRESS=COUNTRY")]
+        entries: Vec<String>,
+    },
     /// Write a synthetic access log in the combined format.
     Generate {
         /// Output file.
@@ -126,6 +138,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(run::run(*args))
         }
         Command::Check(args) => run::check_file(&args),
+        Command::GeoipDb { out, entries } => {
+            let entries = entries
+                .iter()
+                .map(|entry| parse_country_entry(entry))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let borrowed: Vec<(Ipv4Addr, &str)> = entries
+                .iter()
+                .map(|(address, country)| (*address, country.as_str()))
+                .collect();
+            veo_tests::mmdb::write_country_database(&out, &borrowed)?;
+            println!("wrote {} with {} addresses", out.display(), borrowed.len());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Generate {
             out,
             seed,
@@ -154,6 +179,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Parses one `ADDRESS=COUNTRY` entry of `geoip-db`.
+fn parse_country_entry(entry: &str) -> anyhow::Result<(Ipv4Addr, String)> {
+    let Some((address, country)) = entry.split_once('=') else {
+        anyhow::bail!("invalid entry {entry:?}: write it as ADDRESS=COUNTRY, such as 127.0.0.4=DE");
+    };
+    let address: Ipv4Addr = address.trim().parse().map_err(|_| {
+        anyhow::anyhow!("invalid entry {entry:?}: {address:?} is not an IPv4 address")
+    })?;
+    let country = country.trim();
+    if country.len() != 2 || !country.bytes().all(|byte| byte.is_ascii_alphabetic()) {
+        anyhow::bail!(
+            "invalid entry {entry:?}: {country:?} is not a two-letter country code such as DE"
+        );
+    }
+    Ok((address, country.to_ascii_uppercase()))
 }
 
 #[cfg(test)]
@@ -202,5 +244,23 @@ mod tests {
         let missing = token_args(dir.path());
         let error = format!("{:#}", mint_token(&missing).unwrap_err());
         assert!(error.contains("signing-key.pem"), "{error}");
+    }
+
+    #[test]
+    fn country_entries_parse_or_name_the_problem() {
+        let parsed = parse_country_entry(" 127.0.0.4 = de ").unwrap();
+        assert_eq!(parsed, (Ipv4Addr::new(127, 0, 0, 4), "DE".to_owned()));
+
+        let cases = [
+            ("127.0.0.4", "ADDRESS=COUNTRY"),
+            ("1.2.3=DE", "not an IPv4 address"),
+            ("::1=DE", "not an IPv4 address"),
+            ("127.0.0.4=DEU", "two-letter"),
+            ("127.0.0.4=", "two-letter"),
+        ];
+        for (entry, expected) in cases {
+            let error = parse_country_entry(entry).unwrap_err().to_string();
+            assert!(error.contains(expected), "{entry}: {error}");
+        }
     }
 }

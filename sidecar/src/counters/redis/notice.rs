@@ -45,7 +45,7 @@ impl fmt::Debug for NoticeKey {
 #[derive(Debug, thiserror::Error)]
 pub enum NoticeKeyError {
     /// The file could not be read or written.
-    #[error("failed to read or write {path}: {source}", path = path.display())]
+    #[error("failed to read or write {path}", path = path.display())]
     Io {
         /// Path of the key file.
         path: PathBuf,
