@@ -831,3 +831,102 @@ async fn admin_rejects_bad_input_clearly() -> anyhow::Result<()> {
     assert!(unclear.is_empty(), "unclear errors: {unclear:#?}");
     Ok(())
 }
+
+/// Proves an event parked because its Stripe customer did not exist is
+/// billed once after that customer is created and mapped again, although
+/// Stripe replays the rejection saved under the event's first idempotency
+/// key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_event_bills_once_after_customer_exists() -> anyhow::Result<()> {
+    let dir = temp_dir()?;
+    let stripe = start_stripe().await?;
+    let mut sidecar = start_with_stripe(dir.path(), &stripe, &stripe.base_url()).await?;
+    let ghost = "cus_ghost1";
+    map(&sidecar, "ghost", ghost).await?;
+
+    let usage = vec![usage_record("ghost", minute_ago(2), 3, 0)];
+    send_batch(&sidecar, "i1", 1, usage).await?;
+    let mut admin = sidecar.admin().await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let parked = loop {
+        let listed = admin
+            .list_parked_meter_events(ListParkedMeterEventsRequest { limit: 10 })
+            .await?
+            .into_inner()
+            .events;
+        if !listed.is_empty() || Instant::now() > deadline {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ensure!(!parked.is_empty(), "no event parked within 20 s");
+    ensure!(
+        parked
+            .iter()
+            .all(|event| event.reason.contains("No such customer")),
+        "{parked:?}"
+    );
+
+    stripe.create_customer_with_id(ghost, &[])?;
+    map(&sidecar, "ghost", ghost).await?;
+    let billed = eventually(Duration::from_secs(20), || {
+        stripe.usage_sum(ghost, "api_requests") == 3
+    })
+    .await;
+    sidecar.stop();
+    ensure!(
+        billed,
+        "the parked usage was not billed: {} requests",
+        stripe.usage_sum(ghost, "api_requests")
+    );
+    let events = stripe.meter_events();
+    ensure!(
+        events.len() == 1,
+        "Stripe holds {} events: {events:?}",
+        events.len()
+    );
+    Ok(())
+}
+
+/// Proves a meter event whose first attempt got a 500 that Stripe saved
+/// under its idempotency key is billed once, with the next key, rather than
+/// retried against the saved 500 until Stripe forgets the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_server_error_bills_once() -> anyhow::Result<()> {
+    let dir = temp_dir()?;
+    let stripe = start_stripe().await?;
+    let mut sidecar = start_with_stripe(dir.path(), &stripe, &stripe.base_url()).await?;
+    let stripe_id = stripe.create_customer(&[]);
+    map(&sidecar, "flaky", &stripe_id).await?;
+    stripe.inject_failure(
+        METER_EVENTS,
+        InjectedFailure::SavedServerError,
+        FailureCount::Next(1),
+    );
+
+    let usage = vec![usage_record("flaky", minute_ago(2), 4, 0)];
+    send_batch(&sidecar, "i1", 1, usage).await?;
+    let billed = eventually(Duration::from_secs(30), || {
+        stripe.usage_sum(&stripe_id, "api_requests") == 4
+    })
+    .await;
+    sidecar.stop();
+    ensure!(
+        billed,
+        "the usage was not billed after the saved 500: {} requests, requests {:?}",
+        stripe.usage_sum(&stripe_id, "api_requests"),
+        stripe.request_counts()
+    );
+    ensure!(
+        stripe.request_count(METER_EVENTS, 500) == 1,
+        "{:?}",
+        stripe.request_counts()
+    );
+    let events = stripe.meter_events();
+    ensure!(
+        events.len() == 1,
+        "Stripe holds {} events: {events:?}",
+        events.len()
+    );
+    Ok(())
+}

@@ -407,7 +407,8 @@ impl Biller {
             match in_flight.join_next().await {
                 None => break,
                 Some(Ok((index, outcome))) => {
-                    stopped |= matches!(outcome, SendOutcome::Retry(_));
+                    stopped |=
+                        matches!(outcome, SendOutcome::Retry(_) | SendOutcome::RetryNewKey(_));
                     if let Some(slot) = outcomes.get_mut(index) {
                         *slot = Some(outcome);
                     }
@@ -449,21 +450,11 @@ impl Biller {
                 }
                 Some(SendOutcome::Retry(reason)) => {
                     retry = true;
-                    self.metrics.meter_event_retries.inc();
-                    let id = event.id;
-                    let logged = reason.clone();
-                    let stripe_pseudonym = event.stripe_pseudonym.clone().unwrap_or_default();
-                    self.store
-                        .write("count a meter event attempt", move |conn| {
-                            queue::record_attempt(conn, id, &stripe_pseudonym, &logged)
-                        })
-                        .await?;
-                    warn!(
-                        identifier = event.identifier,
-                        attempts = event.attempts + 1,
-                        reason,
-                        "failed to send a meter event; retrying after a backoff"
-                    );
+                    self.record_retry(event, reason, false).await?;
+                }
+                Some(SendOutcome::RetryNewKey(reason)) => {
+                    retry = true;
+                    self.record_retry(event, reason, true).await?;
                 }
             }
         }
@@ -511,6 +502,33 @@ impl Biller {
                 Ok((named, unreadable))
             })
             .await
+    }
+
+    /// Counts a failed attempt of `event` that the next round retries,
+    /// with the next idempotency key when `new_key` is set.
+    async fn record_retry(
+        &self,
+        event: &QueuedEvent,
+        reason: String,
+        new_key: bool,
+    ) -> Result<(), StoreError> {
+        self.metrics.meter_event_retries.inc();
+        let id = event.id;
+        let logged = reason.clone();
+        let stripe_pseudonym = event.stripe_pseudonym.clone().unwrap_or_default();
+        self.store
+            .write("count a meter event attempt", move |conn| {
+                queue::record_attempt(conn, id, &stripe_pseudonym, &logged, new_key)
+            })
+            .await?;
+        warn!(
+            identifier = event.identifier,
+            attempts = event.attempts + 1,
+            new_idempotency_key = new_key,
+            reason,
+            "failed to send a meter event; retrying after a backoff"
+        );
+        Ok(())
     }
 
     async fn park(&self, event: &QueuedEvent, reason: String) -> Result<(), StoreError> {

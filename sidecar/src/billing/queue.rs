@@ -39,10 +39,26 @@ pub struct QueuedEvent {
     pub value: i64,
     /// Earlier failed attempts.
     pub attempts: i64,
+    /// Idempotency keys given up on; see [`QueuedEvent::idempotency_key`].
+    pub key_generation: i64,
     /// Pseudonym of the Stripe customer the usage is billed to, when one
     /// is set; [`Identities::reveal_stripe`](crate::identity::Identities::reveal_stripe)
     /// gives its id.
     pub stripe_pseudonym: Option<String>,
+}
+
+impl QueuedEvent {
+    /// Returns the idempotency key of the next attempt: the identifier, with
+    /// `:k<generation>` appended once a key was given up on. A new key is
+    /// safe, because Stripe also rejects a second event with the same
+    /// identifier.
+    pub fn idempotency_key(&self) -> String {
+        if self.key_generation == 0 {
+            self.identifier.clone()
+        } else {
+            format!("{}:k{}", self.identifier, self.key_generation)
+        }
+    }
 }
 
 /// A meter event that Stripe rejected for good.
@@ -240,7 +256,7 @@ pub fn pending(
 ) -> rusqlite::Result<Vec<QueuedEvent>> {
     let mut statement = conn.prepare_cached(
         "SELECT e.id, e.identifier, e.customer, e.meter, e.minute_unix_s, e.value, e.attempts,
-                COALESCE(e.stripe_pseudonym, c.stripe_pseudonym)
+                COALESCE(e.stripe_pseudonym, c.stripe_pseudonym), e.key_generation
          FROM meter_event e LEFT JOIN stripe_customer c ON c.customer = e.customer
          WHERE e.state = 'pending' AND e.id > ?1
          ORDER BY e.id LIMIT ?2",
@@ -260,6 +276,7 @@ pub fn pending(
                     value: row.get(5)?,
                     attempts: row.get(6)?,
                     stripe_pseudonym: row.get(7)?,
+                    key_generation: row.get(8)?,
                 },
             ))
         },
@@ -305,17 +322,20 @@ pub fn mark_sent(
 /// Counts a failed attempt of an event that will be retried, and pins the
 /// Stripe customer it was tried with: a retry must repeat the request
 /// exactly, because Stripe rejects an idempotency key reused with other
-/// parameters.
+/// parameters. With `new_key` the retry uses the next idempotency key,
+/// because Stripe would replay the failure saved under this one.
 pub fn record_attempt(
     conn: &Connection,
     id: i64,
     stripe_pseudonym: &str,
     reason: &str,
+    new_key: bool,
 ) -> rusqlite::Result<()> {
     conn.execute(
-        "UPDATE meter_event SET attempts = attempts + 1, reason = ?2, stripe_pseudonym = ?3
+        "UPDATE meter_event SET attempts = attempts + 1, reason = ?2, stripe_pseudonym = ?3,
+             key_generation = key_generation + ?4
          WHERE id = ?1",
-        params![id, reason, stripe_pseudonym],
+        params![id, reason, stripe_pseudonym, i64::from(new_key)],
     )?;
     Ok(())
 }
@@ -331,10 +351,13 @@ pub fn park(conn: &Connection, id: i64, reason: &str) -> rusqlite::Result<()> {
 }
 
 /// Queues a customer's parked events again, for example after its Stripe
-/// customer changed; returns how many.
+/// customer changed; returns how many. Each gets the next idempotency key,
+/// because Stripe replays the rejection saved under the old one, and
+/// rejects that key with another Stripe customer.
 pub fn unpark_customer(conn: &Connection, customer: &str) -> rusqlite::Result<usize> {
     conn.execute(
-        "UPDATE meter_event SET state = 'pending', stripe_pseudonym = NULL
+        "UPDATE meter_event SET state = 'pending', stripe_pseudonym = NULL,
+             key_generation = key_generation + 1
          WHERE customer = ?1 AND state = 'parked' AND correction = 0",
         [customer],
     )
@@ -645,6 +668,38 @@ mod tests {
         let events = all_pending(&store).await;
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].stripe_pseudonym.as_deref(), Some("cus_A1"));
+        // Stripe replays the rejection saved under the first key.
+        assert_eq!(events[0].key_generation, 1);
+        assert_eq!(
+            events[0].idempotency_key(),
+            format!("{}:k1", events[0].identifier)
+        );
+    }
+
+    #[tokio::test]
+    async fn server_error_moves_to_the_next_key() {
+        let (_dir, store) = open();
+        apply(&store, 1, vec![entry("acme", MINUTE, 5, 0)]).await;
+        close(&store, MINUTE + 120).await;
+        let first = all_pending(&store).await[0].clone();
+        assert_eq!(first.idempotency_key(), first.identifier);
+
+        let id = first.id;
+        store
+            .write("retry", move |conn| {
+                record_attempt(conn, id, "cus_A1", "rate limited", false)?;
+                record_attempt(conn, id, "cus_A1", "Stripe returned 500", true)
+            })
+            .await
+            .unwrap();
+
+        let retried = all_pending(&store).await[0].clone();
+        assert_eq!(retried.attempts, 2);
+        assert_eq!(retried.key_generation, 1);
+        assert_eq!(
+            retried.idempotency_key(),
+            format!("{}:k1", first.identifier)
+        );
     }
 
     #[tokio::test]

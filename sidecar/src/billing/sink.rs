@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use stripe::StripeError;
+use stripe::{ApiErrorsType, StripeError};
 use stripe::{IdempotencyKey, RequestStrategy, StripeRequest};
 use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
 
@@ -49,9 +49,13 @@ pub enum SendOutcome {
     /// Stripe already has an event with this identifier, from an earlier
     /// attempt whose reply was lost.
     AlreadyRecorded,
-    /// A transient failure (rate limit, server error, network): send again
-    /// later, the same event with the same identifier.
+    /// A transient failure (rate limit, network): send again later, the
+    /// same event with the same identifier and idempotency key.
     Retry(String),
+    /// A failure that Stripe saved under the idempotency key (a 5xx), or a
+    /// key Stripe refuses to reuse: send the same event again later with
+    /// the next idempotency key.
+    RetryNewKey(String),
     /// Stripe rejected the event for a reason a retry cannot fix, such as
     /// an unknown customer or meter.
     Reject(String),
@@ -90,9 +94,9 @@ impl StripeSink {
 
     /// Sends one event billed to `stripe_customer_id`.
     ///
-    /// The identifier doubles as the idempotency key, so Stripe replays its
-    /// first response to a retry, and Stripe rejects a second event with
-    /// the same identifier.
+    /// The idempotency key is [`QueuedEvent::idempotency_key`], so Stripe
+    /// replays its first response to a retry, and Stripe rejects a second
+    /// event with the same identifier under any key.
     // NOTE: Stripe keeps idempotency keys and enforces identifier
     // uniqueness for at least 24 hours, per its API reference. An event
     // whose reply was lost and that is retried only after a longer outage
@@ -108,7 +112,7 @@ impl StripeSink {
         let request = CreateBillingMeterEvent::new(self.names.event_name(event.meter), payload)
             .identifier(event.identifier.clone())
             .timestamp(event.minute_unix_s);
-        let strategy = match IdempotencyKey::new(&event.identifier) {
+        let strategy = match IdempotencyKey::new(&event.idempotency_key()) {
             Ok(key) => RequestStrategy::Idempotent(key),
             Err(_) => RequestStrategy::Once,
         };
@@ -143,11 +147,17 @@ pub fn classify(err: &StripeError) -> SendOutcome {
                 400 if code == "resource_already_exists" || param == "identifier" => {
                     SendOutcome::AlreadyRecorded
                 }
+                // The key was first used with other parameters, such as
+                // another Stripe customer before a remap.
+                400 if errors.type_ == ApiErrorsType::IdempotencyError => {
+                    SendOutcome::RetryNewKey(reason)
+                }
                 409 | 429 => SendOutcome::Retry(reason),
                 // A 404 on the meter events endpoint means the URL is wrong
                 // (STRIPE_API_BASE), not the event: fix and retry.
                 404 => SendOutcome::Retry(reason),
-                status if *status >= 500 => SendOutcome::Retry(reason),
+                // Stripe replays a 5xx to every retry with the same key.
+                status if *status >= 500 => SendOutcome::RetryNewKey(reason),
                 // 401 and 403 are a wrong or restricted key: waiting for an
                 // operator to fix the key loses nothing, parking would.
                 401 | 403 => SendOutcome::Retry(reason),
@@ -314,10 +324,71 @@ mod tests {
                 value,
                 attempts: 0,
                 stripe_pseudonym: None,
+                key_generation: 0,
             },
             customer: "acme".into(),
             stripe_customer_id: None,
         }
+    }
+
+    fn api_error(type_: ApiErrorsType, code: Option<&str>) -> Box<stripe::ApiErrors> {
+        Box::new(stripe::ApiErrors {
+            advice_code: None,
+            charge: None,
+            code: code.map(|code| code.parse().unwrap()),
+            decline_code: None,
+            doc_url: None,
+            message: Some("test".into()),
+            network_advice_code: None,
+            network_decline_code: None,
+            param: None,
+            payment_intent: None,
+            payment_method: None,
+            payment_method_type: None,
+            request_log_url: None,
+            setup_intent: None,
+            source: None,
+            type_,
+        })
+    }
+
+    #[test]
+    fn failures_saved_under_the_key_need_a_new_key() {
+        let invalid = ApiErrorsType::InvalidRequestError;
+        let cases = [
+            (api_error(ApiErrorsType::ApiError, None), 500, "new key"),
+            (api_error(ApiErrorsType::ApiError, None), 503, "new key"),
+            (
+                api_error(ApiErrorsType::IdempotencyError, None),
+                400,
+                "new key",
+            ),
+            (api_error(ApiErrorsType::ApiError, None), 429, "same key"),
+            (
+                api_error(invalid.clone(), Some("resource_missing")),
+                400,
+                "reject",
+            ),
+            (
+                api_error(invalid, Some("resource_already_exists")),
+                400,
+                "recorded",
+            ),
+        ];
+
+        for (errors, status, expected) in cases {
+            let outcome = classify(&StripeError::Stripe(errors, status));
+            let kind = match outcome {
+                SendOutcome::RetryNewKey(_) => "new key",
+                SendOutcome::Retry(_) => "same key",
+                SendOutcome::Reject(_) => "reject",
+                SendOutcome::AlreadyRecorded => "recorded",
+                SendOutcome::Accepted => "accepted",
+            };
+            assert_eq!(kind, expected, "status {status}");
+        }
+        let timeout = classify(&StripeError::Timeout);
+        assert!(matches!(timeout, SendOutcome::Retry(_)), "{timeout:?}");
     }
 
     #[test]

@@ -43,11 +43,18 @@ const RENAMED_STRIPE_COLUMNS: [(&str, &str, &str); 4] = [
 
 /// Columns added to existing tables after their first release: (table,
 /// column, definition).
-const ADDED_COLUMNS: [(&str, &str, &str); 1] = [(
-    "erasure_counters_pending",
-    "announce",
-    "INTEGER NOT NULL DEFAULT 1 CHECK (announce IN (0, 1))",
-)];
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+    (
+        "erasure_counters_pending",
+        "announce",
+        "INTEGER NOT NULL DEFAULT 1 CHECK (announce IN (0, 1))",
+    ),
+    (
+        "meter_event",
+        "key_generation",
+        "INTEGER NOT NULL DEFAULT 0 CHECK (key_generation >= 0)",
+    ),
+];
 
 /// How long a statement waits for another connection's lock, for example
 /// while the reader and the writer both touch the WAL during a checkpoint.
@@ -118,6 +125,9 @@ CREATE TABLE IF NOT EXISTS meter_event (
     -- is sent or first retried, and for corrections when they are queued.
     stripe_pseudonym TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
+    -- Count of idempotency keys given up on: after a 5xx, which Stripe
+    -- replays to the same key, and after unparking.
+    key_generation INTEGER NOT NULL DEFAULT 0 CHECK (key_generation >= 0),
     reason TEXT,
     created_unix_s INTEGER NOT NULL,
     sent_unix_s INTEGER

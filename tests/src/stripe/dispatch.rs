@@ -89,7 +89,7 @@ fn respond(state: &mut State, request: &ApiRequest, request_id: String) -> ApiRe
         Some(InjectedFailure::ServerError) => {
             return ApiResponse::from_error(&ApiError::internal(), request_id);
         }
-        Some(InjectedFailure::LostReply) | None => {}
+        Some(InjectedFailure::LostReply | InjectedFailure::SavedServerError) | None => {}
     }
 
     let post = request.method == "POST";
@@ -100,7 +100,10 @@ fn respond(state: &mut State, request: &ApiRequest, request_id: String) -> ApiRe
     };
     // Stripe applies idempotency keys to POST requests only.
     let response = match request.idempotency_key.as_deref() {
-        Some(key) if post => respond_idempotent(state, request, &params, key, request_id),
+        Some(key) if post => {
+            let saved_error = failure == Some(InjectedFailure::SavedServerError);
+            respond_idempotent(state, request, &params, key, request_id, saved_error)
+        }
         _ => {
             let result = route(state, request, &params);
             ApiResponse::from_result(&result, request_id)
@@ -141,13 +144,15 @@ fn authenticate(state: &State, authorization: Option<&str>) -> Result<(), ApiErr
 }
 
 /// Replays the response saved under `key`, or runs the request and saves
-/// its response when Stripe would.
+/// its response when Stripe would. With `saved_error` a request that is
+/// not a replay gets a 500 instead of running, and the 500 is saved.
 fn respond_idempotent(
     state: &mut State,
     request: &ApiRequest,
     params: &Params,
     key: &str,
     request_id: String,
+    saved_error: bool,
 ) -> ApiResponse {
     if key.chars().count() > MAX_IDEMPOTENCY_KEY_LENGTH {
         let error = ApiError::invalid_body(format!(
@@ -188,7 +193,14 @@ fn respond_idempotent(
         };
     }
 
-    let result = route(state, request, params);
+    let result = if saved_error {
+        Err(ApiError {
+            saved_for_replay: true,
+            ..ApiError::internal()
+        })
+    } else {
+        route(state, request, params)
+    };
     let response = ApiResponse::from_result(&result, request_id);
     let saved = match &result {
         Ok(_) => true,

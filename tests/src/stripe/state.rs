@@ -34,6 +34,10 @@ pub enum InjectedFailure {
     /// key saved), but the client receives HTTP 500, as when a reply is
     /// lost on the way back.
     LostReply,
+    /// HTTP 500 with an `api_error` from an endpoint that started
+    /// executing: the request has no effect, but Stripe saves the 500 under
+    /// its idempotency key and replays it to every retry with that key.
+    SavedServerError,
 }
 
 /// How many requests an injected failure applies to.
