@@ -112,7 +112,7 @@ impl StripeSink {
         let request = CreateBillingMeterEvent::new(self.names.event_name(event.meter), payload)
             .identifier(event.identifier.clone())
             .timestamp(event.minute_unix_s);
-        let strategy = match IdempotencyKey::new(&event.idempotency_key()) {
+        let strategy = match IdempotencyKey::new(event.idempotency_key()) {
             Ok(key) => RequestStrategy::Idempotent(key),
             Err(_) => RequestStrategy::Once,
         };
