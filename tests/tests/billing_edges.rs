@@ -135,6 +135,73 @@ async fn outbox_torn_line_keeps_next_event() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A store commit that fails after an outbox write, here because another
+/// process holds the store's write lock longer than the sidecar waits,
+/// leaves the written events pending. The next write must not write them
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_failed_commit_writes_each_event_once() -> anyhow::Result<()> {
+    let dir = temp_dir()?;
+    let folder = dir.path().join("outbox");
+    let outbox = folder.join("meter_events.jsonl");
+    let config = CONFIG.replacen(
+        "[billing]\n",
+        &format!(
+            "[billing]\noutbox_file = {:?}\n",
+            outbox.display().to_string()
+        ),
+        1,
+    );
+    let mut sidecar = Sidecar::start_with_config(dir.path(), &config).await?;
+    let minute = minute_ago(3);
+    let usage = vec![
+        usage_record("ana", minute, 7, 0),
+        usage_record("bo", minute, 5, 0),
+    ];
+    send_batch(&sidecar, "i1", 1, usage).await?;
+
+    // The folder is missing, so the first writes fail and the events wait.
+    let failed = eventually(Duration::from_secs(15), || {
+        sidecar.log().contains("failed to write the outbox file")
+    })
+    .await;
+    ensure!(failed, "no outbox write failed: {}", sidecar.log());
+    let store = rusqlite::Connection::open(sidecar.data_dir().join("usage.sqlite3"))?;
+    store.execute_batch("BEGIN IMMEDIATE")?;
+    std::fs::create_dir_all(&folder)?;
+    let marked_failed = eventually(Duration::from_secs(20), || {
+        sidecar.log().contains("mark meter events sent")
+    })
+    .await;
+    store.execute_batch("ROLLBACK")?;
+    drop(store);
+    ensure!(
+        marked_failed,
+        "no commit failed after a write: {}",
+        sidecar.log()
+    );
+
+    // Rounds run every second; give the next ones time, then stop, which
+    // runs a last round.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    sidecar.stop();
+    let text = std::fs::read_to_string(&outbox)?;
+    let identifiers: Vec<String> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|line| line["identifier"].as_str().map(str::to_owned))
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = identifiers.iter().collect();
+    ensure!(
+        identifiers.len() == distinct.len(),
+        "the outbox holds an event twice:\n{text}"
+    );
+    let sums = outbox_sums(&outbox);
+    assert_eq!(sums.get(&("ana".into(), "api_requests".into())), Some(&7));
+    assert_eq!(sums.get(&("bo".into(), "api_requests".into())), Some(&5));
+    Ok(())
+}
+
 /// Late usage, duplicate batches, lost replies and repeated `kill -9`:
 /// Stripe ends with exactly the ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

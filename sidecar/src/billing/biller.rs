@@ -1,8 +1,10 @@
 //! The billing loop: every interval it closes the finished minute buckets
 //! into meter events and sends the queue to Stripe or the outbox file.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -91,6 +93,10 @@ pub struct Biller {
     destination: Destination,
     metrics: Metrics,
     wake: Arc<Notify>,
+    /// Whether the outbox file may hold events the store has not marked
+    /// sent: at start, and after a write or commit failed. The next write
+    /// first reads the file's identifiers and marks those events sent.
+    outbox_unchecked: Arc<AtomicBool>,
 }
 
 impl Biller {
@@ -109,6 +115,7 @@ impl Biller {
             destination,
             metrics,
             wake: Arc::new(Notify::new()),
+            outbox_unchecked: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -147,11 +154,6 @@ impl Biller {
     /// waits for the next start. Usage of those minutes that arrives later
     /// is billed as one more event per bucket.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        if let Destination::File(sink) = &self.destination
-            && let Err(err) = self.recover_outbox_file(sink).await
-        {
-            error!(path = %sink.path().display(), error = %err, "failed to read the outbox file; events already in it may be written again");
-        }
         let mut failures = 0u32;
         loop {
             let report = self.round(failures, false).await;
@@ -267,6 +269,25 @@ impl Biller {
         // deleted by an erasure after it was read, so it is left out. An
         // identity that cannot be read stops the round, because marking its
         // event sent would lose it.
+        let mut events = events;
+        if self.outbox_unchecked.load(Ordering::Acquire) {
+            match self.recover_outbox_file(sink).await {
+                Ok(written) => {
+                    events.retain(|event| !written.contains(&event.identifier));
+                    self.outbox_unchecked.store(false, Ordering::Release);
+                }
+                Err(err) => {
+                    report.failures = report.failures.saturating_add(1);
+                    error!(
+                        path = %sink.path().display(),
+                        error = %err,
+                        "failed to read the outbox file; writing no event until it can be read, \
+                         so that none is written twice"
+                    );
+                    return Ok(true);
+                }
+            }
+        }
         let identities = self.store.identities().clone();
         let read = events.clone();
         let named = self
@@ -296,6 +317,10 @@ impl Biller {
             .await?;
         let writer = sink.clone();
         let written = tokio::task::spawn_blocking(move || writer.write(&named)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            // Part of the events may be in the file.
+            self.outbox_unchecked.store(true, Ordering::Release);
+        }
         match written {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
@@ -314,11 +339,17 @@ impl Biller {
             .map(|event| (event.id, event.stripe_pseudonym.clone()))
             .collect();
         let now = unix_now_s();
-        self.store
+        let marked = self
+            .store
             .write("mark meter events sent", move |conn| {
                 queue::mark_sent(conn, &ids, now)
             })
-            .await?;
+            .await;
+        if marked.is_err() {
+            // The events are in the file but still pending in the store.
+            self.outbox_unchecked.store(true, Ordering::Release);
+        }
+        marked?;
         for event in &events {
             self.count_sent(event, "written");
         }
@@ -555,18 +586,19 @@ impl Biller {
             .inc_by(u64::try_from(event.value).unwrap_or(0));
     }
 
-    /// Marks events already in the outbox file as sent, so a crash between
-    /// the file write and the store's commit writes no event twice.
+    /// Marks events already in the outbox file as sent, so a crash or a
+    /// failed commit between the file write and the store's commit writes
+    /// no event twice. Returns the identifiers in the file.
     async fn recover_outbox_file(
         &self,
         sink: &FileSink,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<HashSet<String>, Box<dyn std::error::Error + Send + Sync>> {
         let reader = sink.clone();
         let written = tokio::task::spawn_blocking(move || reader.written_identifiers()).await??;
         if written.is_empty() {
-            return Ok(());
+            return Ok(written);
         }
-        let identifiers: Vec<String> = written.into_iter().collect();
+        let identifiers: Vec<String> = written.iter().cloned().collect();
         let now = unix_now_s();
         let recovered = self
             .store
@@ -577,10 +609,10 @@ impl Biller {
         if recovered > 0 {
             info!(
                 events = recovered,
-                "meter events found in the outbox file after a crash; marked sent"
+                "meter events found in the outbox file but not marked sent; marked sent now"
             );
         }
-        Ok(())
+        Ok(written)
     }
 }
 
