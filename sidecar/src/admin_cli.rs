@@ -670,6 +670,9 @@ pub fn reconcile_table(report: &ReconcileReport, start: i64, end: i64) -> String
         report.max_drift_ratio * 100.0,
         report.corrective_events
     );
+    for error in &report.stripe_errors {
+        let _ = writeln!(text, "no Stripe column: {error}");
+    }
     if !report.metrics_error.is_empty() {
         let _ = writeln!(text, "no Prometheus column: {}", report.metrics_error);
     }

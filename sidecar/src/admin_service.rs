@@ -284,6 +284,7 @@ impl AdminService {
             max_drift_ratio: report.max_drift_ratio,
             corrective_events: report.corrective_events,
             metrics_error: report.metrics_error.unwrap_or_default(),
+            stripe_errors: report.stripe_errors,
         })
     }
 

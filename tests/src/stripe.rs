@@ -96,6 +96,12 @@ impl FakeStripe {
         id
     }
 
+    /// Deletes customer `id`, as the Dashboard does; returns whether it
+    /// existed. Its meter events stay.
+    pub fn delete_customer(&self, id: &str) -> bool {
+        self.state().customers.remove(id).is_some()
+    }
+
     /// Creates a customer with the given id, for configurations written
     /// before the fake starts.
     pub fn create_customer_with_id(
@@ -234,6 +240,13 @@ impl FakeStripe {
         let mut state = self.state();
         let offset = unix_seconds.saturating_sub(state.now());
         state.clock_offset = state.clock_offset.saturating_add(offset);
+    }
+
+    /// Makes each meter event show in the summaries only `seconds` after it
+    /// was accepted, as Stripe's asynchronous aggregation does; 0 (the
+    /// default) shows it at once.
+    pub fn set_summary_lag(&self, seconds: i64) {
+        self.state().summary_lag_s = seconds.max(0);
     }
 
     /// Moves the fake's clock by `seconds`, which may be negative.

@@ -36,6 +36,8 @@ sync_interval_seconds = 1
 close_delay_seconds = 1
 max_concurrent_requests = {max_concurrent_requests}
 reconcile_interval_seconds = 0
+# The fake shows events in its summaries at once.
+summary_settle_seconds = 0
 
 [billing.prices]
 price_basic = "basic"

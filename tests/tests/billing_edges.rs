@@ -32,6 +32,8 @@ sync_interval_seconds = 1
 close_delay_seconds = 1
 max_concurrent_requests = 8
 reconcile_interval_seconds = 0
+# The fake shows events in its summaries at once.
+summary_settle_seconds = 0
 
 [billing.prices]
 price_basic = "basic"
@@ -50,9 +52,18 @@ async fn start_with_stripe(
     stripe: &FakeStripe,
     base: &str,
 ) -> anyhow::Result<Sidecar> {
+    start_with_config(dir, stripe, base, CONFIG).await
+}
+
+async fn start_with_config(
+    dir: &std::path::Path,
+    stripe: &FakeStripe,
+    base: &str,
+    config: &str,
+) -> anyhow::Result<Sidecar> {
     Sidecar::start_with_env(
         dir,
-        Some(CONFIG),
+        Some(config),
         &[
             ("STRIPE_API_KEY", API_KEY),
             ("STRIPE_API_BASE", base),
@@ -994,6 +1005,114 @@ async fn saved_server_error_bills_once() -> anyhow::Result<()> {
         events.len() == 1,
         "Stripe holds {} events: {events:?}",
         events.len()
+    );
+    Ok(())
+}
+
+/// Proves that reconciling with corrections while Stripe's summaries lag
+/// behind the events sent queues no correction, so the usage is billed
+/// once, and that the report agrees with the ledger once Stripe caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_summaries_get_no_correction() -> anyhow::Result<()> {
+    let dir = temp_dir()?;
+    let stripe = start_stripe().await?;
+    stripe.set_summary_lag(300);
+    let config = CONFIG.replace("summary_settle_seconds = 0", "summary_settle_seconds = 600");
+    let mut sidecar = start_with_config(dir.path(), &stripe, &stripe.base_url(), &config).await?;
+    let stripe_id = stripe.create_customer(&[]);
+    map(&sidecar, "lea", &stripe_id).await?;
+    let minute = minute_ago(2);
+    send_batch(&sidecar, "i1", 1, vec![usage_record("lea", minute, 6, 0)]).await?;
+    ensure!(
+        eventually(Duration::from_secs(20), || stripe
+            .usage_sum(&stripe_id, "api_requests")
+            == 6)
+        .await,
+        "usage never reached Stripe"
+    );
+
+    let mut admin = sidecar.admin().await?;
+    let request = ReconcileRequest {
+        start_unix_s: minute,
+        end_unix_s: minute + 60,
+        correct: true,
+    };
+    let lagging = admin.reconcile(request).await?.into_inner();
+    stripe.advance_clock(301);
+    let caught_up = admin.reconcile(request).await?.into_inner();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sidecar.stop();
+
+    assert_eq!(lagging.corrective_events, 0, "{lagging:?}");
+    assert_eq!(lagging.rows[0].stripe_value, Some(0), "{lagging:?}");
+    assert_eq!(caught_up.corrective_events, 0, "{caught_up:?}");
+    assert_eq!(caught_up.rows[0].stripe_value, Some(6), "{caught_up:?}");
+    assert_eq!(stripe.usage_sum(&stripe_id, "api_requests"), 6);
+    Ok(())
+}
+
+/// Proves one Stripe customer whose summaries Stripe does not return, here
+/// because it was deleted, neither stops the reconciliation of the others
+/// nor their corrections, and is named in the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_customer_does_not_stop_reconcile() -> anyhow::Result<()> {
+    let dir = temp_dir()?;
+    let stripe = start_stripe().await?;
+    let mut sidecar = start_with_stripe(dir.path(), &stripe, &stripe.base_url()).await?;
+    let gone = stripe.create_customer(&[]);
+    let kept = stripe.create_customer(&[]);
+    map(&sidecar, "gone", &gone).await?;
+    map(&sidecar, "kept", &kept).await?;
+    let minute = minute_ago(3);
+    let usage = vec![
+        usage_record("gone", minute, 4, 0),
+        usage_record("kept", minute, 9, 0),
+    ];
+    send_batch(&sidecar, "i1", 1, usage).await?;
+    ensure!(
+        eventually(Duration::from_secs(20), || {
+            stripe.usage_sum(&gone, "api_requests") == 4
+                && stripe.usage_sum(&kept, "api_requests") == 9
+        })
+        .await,
+        "usage never reached Stripe"
+    );
+    let kept_event = stripe
+        .meter_events()
+        .into_iter()
+        .find(|event| event.customer == kept)
+        .context("no event of the kept customer")?;
+    ensure!(
+        stripe.drop_event(&kept_event.identifier),
+        "event not dropped"
+    );
+    ensure!(stripe.delete_customer(&gone), "customer not deleted");
+
+    let mut admin = sidecar.admin().await?;
+    let report = admin
+        .reconcile(ReconcileRequest {
+            start_unix_s: minute,
+            end_unix_s: minute + 60,
+            correct: true,
+        })
+        .await?
+        .into_inner();
+    let billed = eventually(Duration::from_secs(20), || {
+        stripe.usage_sum(&kept, "api_requests") == 9
+    })
+    .await;
+    sidecar.stop();
+
+    assert_eq!(report.corrective_events, 1, "{report:?}");
+    assert_eq!(report.stripe_errors.len(), 1, "{report:?}");
+    ensure!(
+        report.stripe_errors[0].contains("No such customer"),
+        "{:?}",
+        report.stripe_errors
+    );
+    ensure!(
+        billed,
+        "the kept customer's missing usage was not corrected"
     );
     Ok(())
 }

@@ -57,7 +57,7 @@ async fn prometheus_usage_matches_ledger_then_shows_loss() -> anyhow::Result<()>
     let dir = temp_dir()?;
     let prometheus_address = free_address()?;
     let config = format!(
-        "[billing]\nregion = \"test\"\nreconcile_interval_seconds = 0\n\
+        "[billing]\nregion = \"test\"\nreconcile_interval_seconds = 0\nsummary_settle_seconds = 0\n\
          customer_usage_metrics = true\nprometheus_url = \"http://{prometheus_address}\"\n"
     );
     let mut sidecar = Sidecar::start_with_config(dir.path(), &config).await?;

@@ -40,6 +40,10 @@ pub struct BillingSettings {
     /// Time after a minute ends before its bucket is billed, so that the
     /// filters' batches for it have arrived.
     pub close_delay: Duration,
+    /// Seconds a sent meter event is given to show in Stripe's summaries,
+    /// which Stripe aggregates asynchronously, before reconciliation may
+    /// correct its hour.
+    pub summary_settle_s: i64,
     /// Maximum events sent to Stripe per second.
     pub max_events_per_second: u32,
     /// Maximum requests to Stripe in flight at once.
@@ -139,6 +143,12 @@ impl Biller {
     /// reads usage from, if one is configured.
     pub fn prometheus_url(&self) -> Option<&str> {
         self.settings.prometheus_url.as_deref()
+    }
+
+    /// Returns the seconds a sent event is given to show in Stripe's
+    /// summaries.
+    pub fn summary_settle_s(&self) -> i64 {
+        self.settings.summary_settle_s
     }
 
     /// Returns the Stripe sink when events go to Stripe.

@@ -60,6 +60,10 @@ pub struct Report {
     /// Reason the Prometheus column is empty although
     /// `billing.prometheus_url` is set.
     pub metrics_error: Option<String>,
+    /// Stripe's errors for the Stripe customers whose summaries could not
+    /// be read. Their rows compare with the events sent instead, and their
+    /// hours are not corrected.
+    pub stripe_errors: Vec<String>,
 }
 
 /// Errors of a reconciliation.
@@ -87,9 +91,6 @@ pub enum ReconcileError {
     },
 }
 
-/// Time a corrective event is given to show in Stripe's summaries before
-/// the hour it corrects may be corrected again: 10 minutes.
-pub const CORRECTION_SETTLE_S: i64 = 600;
 /// Seconds in one hour, the unit corrections are computed in.
 const HOUR_SECONDS: i64 = 3_600;
 
@@ -103,10 +104,12 @@ const HOUR_SECONDS: i64 = 3_600;
 /// event carries `sent - stripe` and falls within that hour. Its
 /// identifier is tied to the hour and the value Stripe reported. Stripe
 /// aggregates meter events asynchronously, so an hour with a correction
-/// that is queued, or was sent within the last [`CORRECTION_SETTLE_S`]
-/// seconds, is left alone while Stripe catches up. Usage still waiting in
-/// the queue shows as drift but is never corrected, because it is on its
-/// way.
+/// that is queued, or with any event sent within the last
+/// `billing.summary_settle_seconds` (10 minutes by default), is left alone
+/// while Stripe catches up.
+/// Usage still waiting in the queue shows as drift but is never corrected,
+/// because it is on its way. A Stripe customer whose summaries Stripe does
+/// not return is reported in [`Report::stripe_errors`] and skipped.
 pub async fn reconcile(
     biller: &Biller,
     metrics: &Metrics,
@@ -162,6 +165,10 @@ pub async fn reconcile(
         }
         None => None,
     };
+    let (stripe, unread, mut stripe_errors) = match stripe {
+        Some(read) => (Some(read.values), read.unread, read.errors),
+        None => (None, BTreeSet::new(), Vec::new()),
+    };
 
     let mut report = Report {
         metrics_error,
@@ -174,6 +181,7 @@ pub async fn reconcile(
         let stripe_value = stripe.as_ref().and_then(|values| values.get(&key).copied());
         let compared = match (&stripe, stripe_value) {
             (Some(_), Some(value)) => value,
+            (Some(_), None) if unread.contains(&key) => sent_value,
             (Some(_), None) => 0,
             (None, _) => sent_value,
         };
@@ -208,8 +216,15 @@ pub async fn reconcile(
     }
 
     if correct && let Some(sink) = biller.stripe() {
-        report.corrective_events = correct_hours(biller, sink, range).await?;
+        let (queued, errors) = correct_hours(biller, sink, range).await?;
+        report.corrective_events = queued;
+        for error in errors {
+            if !stripe_errors.contains(&error) {
+                stripe_errors.push(error);
+            }
+        }
     }
+    report.stripe_errors = stripe_errors;
 
     metrics.billing_drift_ratio.set(report.max_drift_ratio);
     if report.max_drift_ratio > ALERT_DRIFT_RATIO {
@@ -375,25 +390,23 @@ fn billed_by_hour(conn: &rusqlite::Connection, hours: TimeRange) -> rusqlite::Re
 }
 
 /// Returns the (customer, Stripe customer, meter, hour) keys with a
-/// correction that is queued or was sent within the settle time.
-fn unsettled_corrections(
+/// correction that is queued, or with any event sent within the settle
+/// time.
+fn unsettled_hours(
     conn: &rusqlite::Connection,
     hours: TimeRange,
-    now_unix_s: i64,
+    settled_before_unix_s: i64,
 ) -> rusqlite::Result<BTreeSet<(String, String, Meter, i64)>> {
     let mut statement = conn.prepare_cached(
         "SELECT DISTINCT customer, COALESCE(stripe_pseudonym, ''), meter,
                 minute_unix_s / 3600 * 3600
          FROM meter_event
-         WHERE correction = 1 AND minute_unix_s >= ?1 AND minute_unix_s < ?2
-             AND (state = 'pending' OR (state = 'sent' AND sent_unix_s > ?3))",
+         WHERE minute_unix_s >= ?1 AND minute_unix_s < ?2
+             AND ((correction = 1 AND state = 'pending')
+                 OR (state = 'sent' AND sent_unix_s > ?3))",
     )?;
     let rows = statement.query_map(
-        [
-            hours.start_unix_s,
-            hours.end_unix_s,
-            now_unix_s - CORRECTION_SETTLE_S,
-        ],
+        [hours.start_unix_s, hours.end_unix_s, settled_before_unix_s],
         |row| {
             Ok((
                 row.get::<_, String>(0)?,
@@ -414,17 +427,19 @@ fn unsettled_corrections(
 }
 
 /// Queues one corrective event per hour, Stripe customer and meter whose
-/// Stripe summary is below what was sent; returns how many.
+/// Stripe summary is below what was sent; returns how many, and the errors
+/// of the Stripe customers whose summaries could not be read.
 async fn correct_hours(
     biller: &Biller,
     sink: &super::sink::StripeSink,
     range: TimeRange,
-) -> Result<u64, ReconcileError> {
+) -> Result<(u64, Vec<String>), ReconcileError> {
     let hours = TimeRange {
         start_unix_s: range.start_unix_s.div_euclid(HOUR_SECONDS) * HOUR_SECONDS,
         end_unix_s: (range.end_unix_s + HOUR_SECONDS - 1).div_euclid(HOUR_SECONDS) * HOUR_SECONDS,
     };
     let now = unix_now_s();
+    let settle_s = biller.summary_settle_s();
     let store = biller.store();
     let billed = store
         .read("sum billed meter events per hour", move |conn| {
@@ -432,8 +447,8 @@ async fn correct_hours(
         })
         .await?;
     let unsettled = store
-        .read("list unsettled corrections", move |conn| {
-            unsettled_corrections(conn, hours, now)
+        .read("list unsettled hours", move |conn| {
+            unsettled_hours(conn, hours, now - settle_s)
         })
         .await?;
     let meter_ids = meter_ids(sink).await?;
@@ -447,6 +462,7 @@ async fn correct_hours(
     let pseudonyms = targets.iter().map(|(_, pseudonym, _)| pseudonym.clone());
     let stripe_ids = reveal_stripe_ids(biller, pseudonyms.collect()).await?;
     let mut queued = 0;
+    let mut errors = Vec::new();
     for (customer, stripe_pseudonym, meter) in targets {
         let Some(stripe_customer) = stripe_ids.get(&stripe_pseudonym) else {
             continue;
@@ -466,11 +482,14 @@ async fn correct_hours(
         .value_grouping_window(ListIdBillingMeterEventSummaryValueGroupingWindow::Hour)
         .limit(100)
         .send(sink.client())
-        .await
-        .map_err(|source| ReconcileError::Stripe {
-            what: format!("the hourly {event_name} summaries of {stripe_customer}"),
-            source,
-        })?;
+        .await;
+        let summaries = match summaries {
+            Ok(summaries) => summaries,
+            Err(err) => {
+                errors.push(summary_error(&stripe_pseudonym, event_name, &err));
+                continue;
+            }
+        };
         let mut in_stripe: BTreeMap<i64, i64> = BTreeMap::new();
         for summary in &summaries.data {
             *in_stripe.entry(summary.start_time).or_default() +=
@@ -508,7 +527,23 @@ async fn correct_hours(
             hour += HOUR_SECONDS;
         }
     }
-    Ok(queued)
+    Ok((queued, errors))
+}
+
+/// Describes, and logs, a failure to read a Stripe customer's summaries.
+/// It names the Stripe customer by pseudonym, like the other log lines.
+fn summary_error(stripe_pseudonym: &str, event_name: &str, err: &stripe::StripeError) -> String {
+    let message = format!(
+        "failed to read the {event_name} summaries of Stripe customer {stripe_pseudonym} (by \
+         pseudonym): {err}; it is left out, check that the Stripe customer exists"
+    );
+    warn!(
+        stripe_pseudonym,
+        event_name,
+        error = %err,
+        "failed to read a Stripe customer's meter event summaries; reconciling the others"
+    );
+    message
 }
 
 /// A corrective event to queue.
@@ -580,6 +615,14 @@ async fn queue_correction(
     Ok(queued)
 }
 
+/// Stripe's summaries per key, and the keys whose summaries could not be
+/// read with the errors.
+struct StripeValues {
+    values: Totals,
+    unread: BTreeSet<(String, Meter)>,
+    errors: Vec<String>,
+}
+
 /// Reads Stripe's summaries over `range` for every key, summed over the
 /// Stripe customers the customer's usage was sent to.
 async fn stripe_values(
@@ -587,16 +630,23 @@ async fn stripe_values(
     keys: &BTreeSet<(String, Meter)>,
     billed_to: &BilledTo<'_>,
     range: TimeRange,
-) -> Result<Totals, ReconcileError> {
+) -> Result<StripeValues, ReconcileError> {
     let meter_ids = meter_ids(sink).await?;
-    let mut values = Totals::new();
-    for (customer, meter) in keys {
+    let mut read = StripeValues {
+        values: Totals::new(),
+        unread: BTreeSet::new(),
+        errors: Vec::new(),
+    };
+    'keys: for (customer, meter) in keys {
         let Some(pseudonyms) = billed_to.destinations.get(customer) else {
             continue;
         };
-        let stripe_customers = pseudonyms
-            .iter()
-            .filter_map(|pseudonym| billed_to.stripe_ids.get(pseudonym));
+        let stripe_customers = pseudonyms.iter().filter_map(|pseudonym| {
+            billed_to
+                .stripe_ids
+                .get(pseudonym)
+                .map(|id| (pseudonym, id))
+        });
         let event_name = sink.names().event_name(*meter);
         let Some(meter_id) = meter_ids.get(event_name) else {
             return Err(ReconcileError::UnknownMeter {
@@ -604,7 +654,7 @@ async fn stripe_values(
             });
         };
         let mut total = 0.0;
-        for stripe_customer in stripe_customers {
+        for (pseudonym, stripe_customer) in stripe_customers {
             let list = ListIdBillingMeterEventSummary::new(
                 meter_id.as_str(),
                 stripe_customer.as_str(),
@@ -612,20 +662,28 @@ async fn stripe_values(
                 range.start_unix_s,
             )
             .send(sink.client())
-            .await
-            .map_err(|source| ReconcileError::Stripe {
-                what: format!("the {event_name} summary of {stripe_customer}"),
-                source,
-            })?;
+            .await;
+            let list = match list {
+                Ok(list) => list,
+                Err(err) => {
+                    let error = summary_error(pseudonym, event_name, &err);
+                    if !read.errors.contains(&error) {
+                        read.errors.push(error);
+                    }
+                    read.unread.insert((customer.clone(), *meter));
+                    continue 'keys;
+                }
+            };
             total += list
                 .data
                 .iter()
                 .map(|summary| summary.aggregated_value)
                 .sum::<f64>();
         }
-        values.insert((customer.clone(), *meter), total.round() as i64);
+        read.values
+            .insert((customer.clone(), *meter), total.round() as i64);
     }
-    Ok(values)
+    Ok(read)
 }
 
 /// Maps each Stripe meter's event name to its id.

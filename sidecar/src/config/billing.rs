@@ -28,6 +28,8 @@ pub const DEFAULT_MAX_CONCURRENT_REQUESTS: i64 = 8;
 pub const DEFAULT_WEBHOOK_TOLERANCE_SECONDS: i64 = 300;
 /// Default interval of the reconciliation job, in seconds (one day).
 pub const DEFAULT_RECONCILE_INTERVAL_SECONDS: i64 = 86_400;
+/// Default `billing.summary_settle_seconds`: 10 minutes.
+pub const DEFAULT_SUMMARY_SETTLE_SECONDS: i64 = 600;
 /// File name of the outbox file in the data directory.
 pub const OUTBOX_FILE: &str = "meter_events.jsonl";
 
@@ -44,6 +46,7 @@ pub(super) struct FileBilling {
     max_concurrent_requests: Option<i64>,
     outbox_file: Option<PathBuf>,
     reconcile_interval_seconds: Option<i64>,
+    summary_settle_seconds: Option<i64>,
     meter_event_names: Option<FileMeterNames>,
     webhook_secrets: Option<Vec<String>>,
     webhook_tolerance_seconds: Option<i64>,
@@ -223,6 +226,14 @@ pub(super) fn billing_config(
         3_600,
         "seconds",
     )?;
+    let summary_settle = int(
+        "billing.summary_settle_seconds",
+        file.summary_settle_seconds,
+        DEFAULT_SUMMARY_SETTLE_SECONDS,
+        0,
+        86_400,
+        "seconds",
+    )?;
     let rate = int(
         "billing.max_events_per_second",
         file.max_events_per_second,
@@ -340,6 +351,7 @@ pub(super) fn billing_config(
             region,
             interval: Duration::from_secs(interval.unsigned_abs()),
             close_delay: Duration::from_secs(close_delay.unsigned_abs()),
+            summary_settle_s: summary_settle,
             max_events_per_second: u32::try_from(rate).unwrap_or(1),
             max_concurrent_requests: usize::try_from(concurrency).unwrap_or(1),
             retry_base: Duration::from_millis(500),

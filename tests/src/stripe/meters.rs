@@ -130,7 +130,8 @@ pub(crate) fn retrieve(state: &State, id: &str, params: &Params) -> Result<Value
 /// Without `value_grouping_window` the list has one summary of the whole
 /// range. With `hour` or `day` it has one summary per window that contains
 /// events, newest first, as Stripe's list does. An event counts when its
-/// timestamp is in `[start_time, end_time)`.
+/// timestamp is in `[start_time, end_time)` and it was accepted at least the
+/// summary lag ago.
 pub(crate) fn event_summaries(
     state: &State,
     meter_id: &str,
@@ -146,10 +147,12 @@ pub(crate) fn event_summaries(
         ));
     }
 
+    let aggregated_before = state.now().saturating_sub(state.summary_lag_s);
     let events = state.events.iter().filter(|event| {
         event.event_name == meter.event_name
             && event.customer == query.customer
             && (query.start_time..query.end_time).contains(&event.timestamp)
+            && event.created <= aggregated_before
     });
     let windows: Vec<(i64, i64, u64)> = match query.window {
         None => {

@@ -97,6 +97,9 @@ pub(crate) struct State {
     failures: HashMap<String, VecDeque<FailureRule>>,
     /// Responses sent, by path and HTTP status.
     pub request_counts: BTreeMap<(String, u16), u64>,
+    /// Seconds after its acceptance before a meter event shows in the
+    /// summaries, which Stripe aggregates asynchronously.
+    pub summary_lag_s: i64,
 }
 
 impl State {
@@ -113,6 +116,7 @@ impl State {
             idempotency: HashMap::new(),
             failures: HashMap::new(),
             request_counts: BTreeMap::new(),
+            summary_lag_s: 0,
         }
     }
 
