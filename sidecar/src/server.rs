@@ -109,6 +109,12 @@ pub enum ServerError {
         /// The data directory.
         path: PathBuf,
     },
+    /// The data directory's path names something other than a directory.
+    #[error("data directory {} exists but is not a directory; give --data-dir (data_dir) a directory", path.display())]
+    NotADirectory {
+        /// The data directory.
+        path: PathBuf,
+    },
     /// The lock file of the data directory could not be opened.
     #[error("failed to open the lock file {}; check the data directory's permissions", path.display())]
     LockFile {
@@ -418,6 +424,11 @@ pub fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, Server
         path: path.clone(),
         source,
     };
+    if data_dir.exists() && !data_dir.is_dir() {
+        return Err(ServerError::NotADirectory {
+            path: data_dir.to_path_buf(),
+        });
+    }
     std::fs::create_dir_all(data_dir).map_err(lock_error)?;
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -515,6 +526,18 @@ mod tests {
 
         drop(first);
         assert!(lock_data_dir(&data_dir).is_ok());
+    }
+
+    #[test]
+    fn data_dir_that_is_a_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("afile");
+        std::fs::write(&data_dir, b"").unwrap();
+
+        let err = lock_data_dir(&data_dir).unwrap_err().to_string();
+
+        assert!(err.contains("is not a directory"), "{err}");
+        assert!(err.contains("afile"), "{err}");
     }
     use crate::cli::Flags;
     use crate::validate::{
