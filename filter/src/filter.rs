@@ -90,6 +90,8 @@ pub struct Filter {
     assets_cas: Cell<Option<u32>>,
     /// Whether an asset region registry from the sidecar was applied.
     assets_loaded: Cell<bool>,
+    /// Whether the 503 for a request before the first registry was logged.
+    registry_wait_logged: Cell<bool>,
     /// Erased customers the sync role published, read on the timer.
     erasures: RefCell<ErasureTable>,
     /// Compare-and-swap token of the erased customers last applied.
@@ -126,6 +128,7 @@ impl Filter {
             assets: RefCell::new(AssetTable::default()),
             assets_cas: Cell::new(None),
             assets_loaded: Cell::new(false),
+            registry_wait_logged: Cell::new(false),
             erasures: RefCell::new(ErasureTable::default()),
             erasures_cas: Cell::new(None),
             egress: EgressMeter::new(),

@@ -162,7 +162,11 @@ impl Pushes {
     /// Moves both sets' versions above `version` when they are not yet.
     /// The first versions come from the clock, which may be behind the
     /// versions an earlier run reached, and an instance must never count as
-    /// having acknowledged a set it has not received.
+    /// having acknowledged an erased-customer set it has not received.
+    // NOTE: registry versions are not stored, and instances compare them
+    // for equality only, so after a restart with the clock set back a new
+    // registry could still take the version an instance holds; it would keep
+    // the old registry until the next change.
     pub fn move_versions_past(&self, version: u64) {
         let floor = version.saturating_add(1);
         let mut erasures = self

@@ -1012,6 +1012,8 @@ async fn saved_server_error_bills_once() -> anyhow::Result<()> {
 /// Proves that reconciling with corrections while Stripe's summaries lag
 /// behind the events sent queues no correction, so the usage is billed
 /// once, and that the report agrees with the ledger once Stripe caught up.
+/// Only the fake's clock moves, so the second run is still within the
+/// settle time and says nothing about corrections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_summaries_get_no_correction() -> anyhow::Result<()> {
     let dir = temp_dir()?;
@@ -1045,7 +1047,6 @@ async fn lagging_summaries_get_no_correction() -> anyhow::Result<()> {
 
     assert_eq!(lagging.corrective_events, 0, "{lagging:?}");
     assert_eq!(lagging.rows[0].stripe_value, Some(0), "{lagging:?}");
-    assert_eq!(caught_up.corrective_events, 0, "{caught_up:?}");
     assert_eq!(caught_up.rows[0].stripe_value, Some(6), "{caught_up:?}");
     assert_eq!(stripe.usage_sum(&stripe_id, "api_requests"), 6);
     Ok(())

@@ -65,6 +65,14 @@ impl Filter {
             self.refresh_assets(host);
             if !self.assets_loaded.get() && geo.before_registry == BeforeRegistry::Refuse {
                 self.metrics.add(Counter::GeoRegistryPending, 1);
+                if !self.registry_wait_logged.replace(true) {
+                    host.log(
+                        LogLevel::Warn,
+                        "no asset region registry from the sidecar yet, so requests for assets \
+                         get 503 until it arrives; check that the sidecar is reachable, or set \
+                         geo.before_registry = \"configured_rules\"",
+                    );
+                }
                 self.send(host, &response::asset_regions_pending(&asset));
                 return Fence::Refused;
             }
@@ -577,11 +585,19 @@ mod tests {
         assert_eq!(reply.header("retry-after"), Some("1"));
         assert_eq!(worker.reply_json()["error"], "asset_regions_unavailable");
         assert_eq!(worker.reply_json()["asset"], "a1");
+        assert_eq!(send(&worker, "acme", "/live/a2", &de), 503);
         // A path without an asset does not depend on the registry.
         assert_eq!(send(&worker, "acme", "/api/v1/videos", &de), 200);
-        assert_eq!(worker.counter("veo.geo_registry_pending_total"), 1);
+        assert_eq!(worker.counter("veo.geo_registry_pending_total"), 2);
+        let waits = worker
+            .host
+            .logs()
+            .into_iter()
+            .filter(|(_, line)| line.contains("no asset region registry"))
+            .count();
+        assert_eq!(waits, 1, "logged once per worker");
 
-        // The first registry, even an empty one, ends the wait at once.
+        // The first registry ends the wait at once.
         publish_registry(&worker.host, 7, vec![entry("a3", &["us-east"], "")]);
         assert_eq!(send(&worker, "acme", "/videos/a1/", &de), 200);
         assert_eq!(send(&worker, "acme", "/videos/a3/", &de), 451);

@@ -291,8 +291,8 @@ impl Biller {
                     error!(
                         path = %sink.path().display(),
                         error = %err,
-                        "failed to read the outbox file; writing no event until it can be read, \
-                         so that none is written twice"
+                        "failed to read the outbox file or to mark the events it holds as sent; \
+                         writing no event until that works, so that none is written twice"
                     );
                     return Ok(true);
                 }

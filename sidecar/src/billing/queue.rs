@@ -152,15 +152,15 @@ fn close_meter(
     minute_unix_s: i64,
     now_unix_s: i64,
 ) -> rusqlite::Result<bool> {
-    let total: i64 = tx.query_row(
+    let total = saturating(tx.query_row(
         &format!(
-            "SELECT COALESCE(SUM({}), 0) FROM usage_minute
+            "SELECT TOTAL({}) FROM usage_minute
              WHERE customer = ?1 AND minute_unix_s = ?2",
             meter.ledger_column()
         ),
         params![customer, minute_unix_s],
         |row| row.get(0),
-    )?;
+    )?);
     let (billed, parts): (i64, i64) = tx
         .query_row(
             "SELECT billed, parts FROM meter_bucket
@@ -424,18 +424,31 @@ pub fn mark_sent_by_identifier(
 /// Usage per customer and meter, keyed by customer then meter.
 pub type Totals = BTreeMap<(String, Meter), i64>;
 
+/// Converts a `TOTAL()` to an integer, saturating at `i64::MAX`.
+///
+/// Sums use `TOTAL()`, a float, because `SUM()` fails on a sum beyond
+/// 2^63 - 1, which one forged batch can reach by spreading a minute's bytes
+/// over many tiers, and that failure would stop billing for everyone. Sums
+/// of integers stay exact up to 2^53.
+pub fn saturating(total: f64) -> i64 {
+    // `as` saturates and turns NaN into 0.
+    #[allow(clippy::cast_possible_truncation)]
+    let value = total as i64;
+    value
+}
+
 /// Sums the ledger per customer and meter over the minutes in `range`.
 pub fn ledger_totals(conn: &Connection, range: TimeRange) -> rusqlite::Result<Totals> {
     let mut statement = conn.prepare_cached(
-        "SELECT customer, COALESCE(SUM(admitted), 0), COALESCE(SUM(egress_bytes), 0)
+        "SELECT customer, TOTAL(admitted), TOTAL(egress_bytes)
          FROM usage_minute WHERE minute_unix_s >= ?1 AND minute_unix_s < ?2
          GROUP BY customer",
     )?;
     let rows = statement.query_map(params![range.start_unix_s, range.end_unix_s], |row| {
         Ok((
             row.get::<_, String>(0)?,
-            row.get::<_, i64>(1)?,
-            row.get::<_, i64>(2)?,
+            saturating(row.get(1)?),
+            saturating(row.get(2)?),
         ))
     })?;
     let mut totals = Totals::new();
@@ -455,7 +468,7 @@ pub fn ledger_totals(conn: &Connection, range: TimeRange) -> rusqlite::Result<To
 /// meter whose minute is in `range`, corrections included.
 pub fn sent_totals(conn: &Connection, range: TimeRange) -> rusqlite::Result<Totals> {
     let mut statement = conn.prepare_cached(
-        "SELECT customer, meter, SUM(value) FROM meter_event
+        "SELECT customer, meter, TOTAL(value) FROM meter_event
          WHERE state = 'sent' AND minute_unix_s >= ?1 AND minute_unix_s < ?2
          GROUP BY customer, meter",
     )?;
@@ -463,7 +476,7 @@ pub fn sent_totals(conn: &Connection, range: TimeRange) -> rusqlite::Result<Tota
         Ok((
             row.get::<_, String>(0)?,
             row.get::<_, String>(1)?,
-            row.get::<_, i64>(2)?,
+            saturating(row.get(2)?),
         ))
     })?;
     let mut totals = Totals::new();
@@ -559,6 +572,47 @@ mod tests {
         assert_eq!(events[1].value, 150);
         assert_eq!(events[0].minute_unix_s, MINUTE);
         assert_eq!(events[0].stripe_pseudonym, None);
+    }
+
+    #[tokio::test]
+    async fn bytes_beyond_i64_over_tiers_keep_billing() {
+        let (_dir, store) = open();
+        // One minute's bytes spread over three tiers sum beyond i64::MAX,
+        // and the minute sorts before the other customer's.
+        let forged: Vec<UsageEntry> = ["a", "b", "c"]
+            .into_iter()
+            .map(|tier| UsageEntry {
+                tier: tier.into(),
+                ..entry("forged", MINUTE - 60, 1, i64::MAX / 2)
+            })
+            .collect();
+        apply(&store, 1, forged).await;
+        apply(&store, 2, vec![entry("acme", MINUTE, 5, 0)]).await;
+
+        close(&store, MINUTE + 120).await;
+        let events = all_pending(&store).await;
+
+        let bytes = events
+            .iter()
+            .find(|event| event.meter == Meter::EgressBytes)
+            .unwrap();
+        assert_eq!(bytes.value, i64::MAX);
+        let acme = store.identities().pseudonym("acme");
+        assert!(
+            events
+                .iter()
+                .any(|event| event.customer == acme && event.value == 5)
+        );
+        let range = TimeRange {
+            start_unix_s: MINUTE - 60,
+            end_unix_s: MINUTE + 60,
+        };
+        let totals = store
+            .read("sum", move |conn| ledger_totals(conn, range))
+            .await
+            .unwrap();
+        let forged = store.identities().pseudonym("forged");
+        assert_eq!(totals[&(forged, Meter::EgressBytes)], i64::MAX);
     }
 
     #[tokio::test]

@@ -81,6 +81,15 @@ pub enum ReconcileError {
         #[source]
         source: stripe::StripeError,
     },
+    /// Stripe returned the summaries of none of the Stripe customers.
+    #[error(
+        "failed to read any meter event summaries from Stripe; check the key and the network, \
+         then retry. First failure: {first}"
+    )]
+    NoSummaries {
+        /// The first failure.
+        first: String,
+    },
     /// No Stripe meter has the configured event name.
     #[error(
         "no Stripe meter has the event name {event_name:?}; create it or fix billing.meter_event_names"
@@ -169,6 +178,15 @@ pub async fn reconcile(
         Some(read) => (Some(read.values), read.unread, read.errors),
         None => (None, BTreeSet::new(), Vec::new()),
     };
+    if let Some(first) = stripe_errors.first()
+        && stripe.as_ref().is_some_and(BTreeMap::is_empty)
+    {
+        // Not one Stripe customer could be read: a key or network
+        // problem rather than one customer's.
+        return Err(ReconcileError::NoSummaries {
+            first: first.clone(),
+        });
+    }
 
     let mut report = Report {
         metrics_error,
@@ -223,6 +241,13 @@ pub async fn reconcile(
                 stripe_errors.push(error);
             }
         }
+    }
+    if !stripe_errors.is_empty() {
+        error!(
+            stripe_customers = stripe_errors.len(),
+            "reconciliation read no summaries for some Stripe customers; their rows compare the \
+             ledger with the events sent, see the report"
+        );
     }
     report.stripe_errors = stripe_errors;
 
@@ -364,7 +389,7 @@ fn billed_stripe_customers(
 /// Stripe customer, meter and hour: what Stripe should hold.
 fn billed_by_hour(conn: &rusqlite::Connection, hours: TimeRange) -> rusqlite::Result<HourlyTotals> {
     let mut statement = conn.prepare_cached(
-        "SELECT customer, stripe_pseudonym, meter, minute_unix_s / 3600 * 3600, SUM(value)
+        "SELECT customer, stripe_pseudonym, meter, minute_unix_s / 3600 * 3600, TOTAL(value)
          FROM meter_event
          WHERE state = 'sent' AND correction = 0 AND stripe_pseudonym IS NOT NULL
              AND minute_unix_s >= ?1 AND minute_unix_s < ?2
@@ -376,7 +401,7 @@ fn billed_by_hour(conn: &rusqlite::Connection, hours: TimeRange) -> rusqlite::Re
             row.get::<_, String>(1)?,
             row.get::<_, String>(2)?,
             row.get::<_, i64>(3)?,
-            row.get::<_, i64>(4)?,
+            queue::saturating(row.get(4)?),
         ))
     })?;
     let mut totals = HourlyTotals::new();
@@ -463,6 +488,7 @@ async fn correct_hours(
     let stripe_ids = reveal_stripe_ids(biller, pseudonyms.collect()).await?;
     let mut queued = 0;
     let mut errors = Vec::new();
+    let mut unsettled_short = 0u64;
     for (customer, stripe_pseudonym, meter) in targets {
         let Some(stripe_customer) = stripe_ids.get(&stripe_pseudonym) else {
             continue;
@@ -486,7 +512,12 @@ async fn correct_hours(
         let summaries = match summaries {
             Ok(summaries) => summaries,
             Err(err) => {
-                errors.push(summary_error(&stripe_pseudonym, event_name, &err));
+                errors.push(summary_error(
+                    &stripe_pseudonym,
+                    stripe_customer,
+                    event_name,
+                    &err,
+                ));
                 continue;
             }
         };
@@ -510,6 +541,9 @@ async fn correct_hours(
             let expected = billed.get(&key).copied().unwrap_or(0);
             let found = in_stripe.get(&hour).copied().unwrap_or(0);
             let missing = expected - found;
+            if missing > 0 && unsettled.contains(&key) {
+                unsettled_short += 1;
+            }
             if missing > 0 && !unsettled.contains(&key) {
                 let correction = Correction {
                     customer: &customer,
@@ -527,23 +561,48 @@ async fn correct_hours(
             hour += HOUR_SECONDS;
         }
     }
+    if unsettled_short > 0 {
+        info!(
+            hours = unsettled_short,
+            settle_seconds = settle_s,
+            "left hours below what was sent uncorrected while Stripe's summaries settle; a later \
+             reconciliation corrects them"
+        );
+    }
     Ok((queued, errors))
 }
 
 /// Describes, and logs, a failure to read a Stripe customer's summaries.
-/// It names the Stripe customer by pseudonym, like the other log lines.
-fn summary_error(stripe_pseudonym: &str, event_name: &str, err: &stripe::StripeError) -> String {
-    let message = format!(
-        "failed to read the {event_name} summaries of Stripe customer {stripe_pseudonym} (by \
-         pseudonym): {err}; it is left out, check that the Stripe customer exists"
-    );
+/// The log line names the Stripe customer by pseudonym and leaves out
+/// Stripe's message, which may name it by id; the report, which the
+/// operator reads, has both.
+fn summary_error(
+    stripe_pseudonym: &str,
+    stripe_customer: &str,
+    event_name: &str,
+    err: &stripe::StripeError,
+) -> String {
+    let (status, reason) = match err {
+        stripe::StripeError::Stripe(errors, status) => (
+            status.to_string(),
+            errors
+                .message
+                .clone()
+                .unwrap_or_else(|| "no message".into()),
+        ),
+        other => ("no reply".to_owned(), other.to_string()),
+    };
     warn!(
         stripe_pseudonym,
         event_name,
-        error = %err,
+        status,
         "failed to read a Stripe customer's meter event summaries; reconciling the others"
     );
-    message
+    format!(
+        "failed to read the {event_name} summaries of Stripe customer {stripe_customer}: \
+         Stripe returned {status}: {reason}; it is left out, check that the Stripe customer \
+         exists"
+    )
 }
 
 /// A corrective event to queue.
@@ -666,7 +725,7 @@ async fn stripe_values(
             let list = match list {
                 Ok(list) => list,
                 Err(err) => {
-                    let error = summary_error(pseudonym, event_name, &err);
+                    let error = summary_error(pseudonym, stripe_customer, event_name, &err);
                     if !read.errors.contains(&error) {
                         read.errors.push(error);
                     }

@@ -204,8 +204,11 @@ async fn reload_overrides(
     }
 }
 
-/// Reconciles the previous UTC day every `interval`, correcting usage that
-/// Stripe is missing.
+/// Reconciles the two previous UTC days every `interval`, correcting usage
+/// that Stripe is missing. The day before yesterday comes again, because
+/// hours whose events were sent just before a run are left uncorrected
+/// while Stripe's summaries settle; corrections are tied to the hour, so
+/// the overlap corrects nothing twice.
 async fn reconcile_daily(
     biller: Biller,
     metrics: Metrics,
@@ -219,7 +222,7 @@ async fn reconcile_daily(
         }
         let today = unix_now_s() / 86_400 * 86_400;
         let range = TimeRange {
-            start_unix_s: today - 86_400,
+            start_unix_s: today - 2 * 86_400,
             end_unix_s: today,
         };
         if let Err(err) = reconcile::reconcile(&biller, &metrics, range, true).await {

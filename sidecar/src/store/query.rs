@@ -150,7 +150,7 @@ mod tests {
     }
 
     #[test]
-    fn sums_beyond_i64_saturate() {
+    fn sums_beyond_i64_do_not_fail() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = schema::open_writer(&dir.path().join("db")).unwrap();
         let records = (0..3)

@@ -12,10 +12,12 @@ use crate::erasure::has_column;
 ///
 /// Version 3 names customers by pseudonym, and version 4 Stripe customers
 /// too. Converting the values needs the keys, so
-/// [`Identities::open`](crate::identity::Identities::open) does it. The
-/// version stops an older sidecar from opening the store, because it would
-/// write ids in clear, and would send pseudonyms to Stripe as customer ids.
-pub(super) const SCHEMA_VERSION: i64 = 4;
+/// [`Identities::open`](crate::identity::Identities::open) does it. Version
+/// 5 adds `meter_event.key_generation`. The version stops an older sidecar
+/// from opening the store, because it would write ids in clear, would send
+/// pseudonyms to Stripe as customer ids, and would retry an event with an
+/// idempotency key whose failure Stripe replays.
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Changes from schema version 1: response body bytes per ledger row. The
 /// billing tables are created by [`SCHEMA`] like every other table.
@@ -362,6 +364,42 @@ mod tests {
             })
             .unwrap();
         assert_eq!(announce, 1);
+    }
+
+    #[test]
+    fn meter_events_gain_key_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meter_event (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT, identifier TEXT NOT NULL UNIQUE,
+                 customer TEXT NOT NULL, meter TEXT NOT NULL, minute_unix_s INTEGER NOT NULL,
+                 value INTEGER NOT NULL CHECK (value > 0),
+                 correction INTEGER NOT NULL DEFAULT 0 CHECK (correction IN (0, 1)),
+                 state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'parked')),
+                 stripe_pseudonym TEXT, attempts INTEGER NOT NULL DEFAULT 0, reason TEXT,
+                 created_unix_s INTEGER NOT NULL, sent_unix_s INTEGER) STRICT;
+             INSERT INTO meter_event (identifier, customer, meter, minute_unix_s, value, state,
+                 created_unix_s)
+             VALUES ('veo_req_1', 'p', 'api_requests', 60, 3, 'parked', 1);
+             PRAGMA user_version = 4;",
+        )
+        .unwrap();
+        drop(conn);
+
+        let conn = open_writer(&path).unwrap();
+
+        let generation: i64 = conn
+            .query_row("SELECT key_generation FROM meter_event", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(generation, 0);
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, 5);
     }
 
     #[test]

@@ -188,12 +188,13 @@ impl NoticeEntry {
     }
 }
 
-/// The values of a notice, as sealed.
+/// The values of a notice, as sealed. Owned, because a customer id may
+/// contain characters that JSON escapes.
 #[derive(Serialize, Deserialize)]
-struct Sealed<'a> {
-    customer: &'a str,
-    sidecar: &'a str,
-    erasure: &'a str,
+struct Sealed {
+    customer: String,
+    sidecar: String,
+    erasure: String,
     erased_at_ms: i64,
 }
 
@@ -218,9 +219,9 @@ pub(super) fn entry_fields(
         ]);
     };
     let values = Sealed {
-        customer,
-        sidecar: sidecar_id,
-        erasure: source.erasure_id,
+        customer: customer.to_owned(),
+        sidecar: sidecar_id.to_owned(),
+        erasure: source.erasure_id.to_owned(),
         erased_at_ms: source.erased_at_unix_ms,
     };
     let plaintext = serde_json::to_vec(&values).map_err(|err| err.to_string())?;
@@ -268,14 +269,18 @@ fn open(
     };
     let sealed: Vec<u8> = redis::from_redis_value(value.clone()).map_err(|_| unreadable())?;
     let plaintext = open_sealed(&key.0, &sealed, &aad(stream_key)).ok_or_else(unreadable)?;
-    let values: Sealed<'_> = serde_json::from_slice(&plaintext)
-        .map_err(|err| format!("the sealed entry opens but is not a notice: {err}"))?;
+    // The parser's message could quote the customer id, so it is left out.
+    let values: Sealed = serde_json::from_slice(&plaintext).map_err(|_| {
+        "the sealed entry opens but is not a notice of this version; run one version of \
+         veo-sidecar on every sidecar sharing the key prefix"
+            .to_owned()
+    })?;
     Ok(ErasureNotice {
         entry_id: entry_id.to_owned(),
         erased_at_unix_ms: values.erased_at_ms,
-        customer: values.customer.to_owned(),
-        sidecar_id: values.sidecar.to_owned(),
-        erasure_id: values.erasure.to_owned(),
+        customer: values.customer,
+        sidecar_id: values.sidecar,
+        erasure_id: values.erasure,
     })
 }
 
@@ -360,6 +365,19 @@ mod tests {
         assert_eq!(fields[0].0, SEALED_FIELD);
         assert!(!fields[0].1.windows(4).any(|window| window == b"acme"));
         assert_eq!(parse(entry(fields), Some(&key), STREAM), acme_notice());
+    }
+
+    #[test]
+    fn sealed_customer_with_escaped_characters_reads_back() {
+        let key = NoticeKey::from_bytes([3; 32]);
+        for customer in ["a\"b", "acme\\eu", "caf\u{e9}"] {
+            let fields = entry_fields(Some(&key), STREAM, customer, "side-a", &source()).unwrap();
+
+            let NoticeEntry::Notice(notice) = parse(entry(fields), Some(&key), STREAM) else {
+                panic!("{customer:?} did not read back");
+            };
+            assert_eq!(notice.customer, customer);
+        }
     }
 
     #[test]
