@@ -573,9 +573,9 @@ async fn correct_hours(
 }
 
 /// Describes, and logs, a failure to read a Stripe customer's summaries.
-/// The log line names the Stripe customer by pseudonym and leaves out
-/// Stripe's message, which may name it by id; the report, which the
-/// operator reads, has both.
+/// The log line names the Stripe customer by pseudonym only, because
+/// Stripe's message may name it by id. The report, which the operator
+/// reads, has both.
 fn summary_error(
     stripe_pseudonym: &str,
     stripe_customer: &str,

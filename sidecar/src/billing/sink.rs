@@ -353,7 +353,7 @@ mod tests {
     }
 
     #[test]
-    fn failures_saved_under_the_key_need_a_new_key() {
+    fn saved_failures_get_new_key() {
         let invalid = ApiErrorsType::InvalidRequestError;
         let cases = [
             (api_error(ApiErrorsType::ApiError, None), 500, "new key"),

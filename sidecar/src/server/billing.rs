@@ -205,10 +205,10 @@ async fn reload_overrides(
 }
 
 /// Reconciles the two previous UTC days every `interval`, correcting usage
-/// that Stripe is missing. The day before yesterday comes again, because
-/// hours whose events were sent just before a run are left uncorrected
-/// while Stripe's summaries settle; corrections are tied to the hour, so
-/// the overlap corrects nothing twice.
+/// that Stripe is missing. An hour whose events were sent just before a
+/// run is left uncorrected while Stripe's summaries settle, so each day is
+/// reconciled twice. Corrections are tied to the hour, so the overlap
+/// corrects nothing twice.
 async fn reconcile_daily(
     biller: Biller,
     metrics: Metrics,
