@@ -11,7 +11,7 @@ use anyhow::{Context, ensure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use veo_proto::admin::{
-    GetStripeCustomerRequest, ListParkedMeterEventsRequest, ReconcileRequest,
+    GetStripeCustomerRequest, ListParkedMeterEventsRequest, ParkedMeterEvent, ReconcileRequest,
     SetStripeCustomerRequest,
 };
 use veo_proto::sync::UsageRecord;
@@ -96,6 +96,25 @@ async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     check()
+}
+
+/// Waits up to 20 s for the sidecar to park a meter event, and returns the
+/// parked events.
+async fn await_parked(sidecar: &Sidecar) -> anyhow::Result<Vec<ParkedMeterEvent>> {
+    let mut admin = sidecar.admin().await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = admin
+            .list_parked_meter_events(ListParkedMeterEventsRequest { limit: 10 })
+            .await?
+            .into_inner()
+            .events;
+        if !listed.is_empty() {
+            return Ok(listed);
+        }
+        ensure!(Instant::now() < deadline, "no event parked within 20 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Sums the parseable lines of the outbox file per (customer, meter).
@@ -561,20 +580,7 @@ async fn unreadable_stripe_id_parks_until_remapped() -> anyhow::Result<()> {
 
     let usage = vec![usage_record("lost", minute_ago(2), 3, 0)];
     send_batch(&sidecar, "i1", 1, usage).await?;
-    let mut admin = sidecar.admin().await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let parked = loop {
-        let listed = admin
-            .list_parked_meter_events(ListParkedMeterEventsRequest { limit: 10 })
-            .await?
-            .into_inner()
-            .events;
-        if !listed.is_empty() || Instant::now() > deadline {
-            break listed;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    ensure!(!parked.is_empty(), "no event parked within 20 s");
+    let parked = await_parked(&sidecar).await?;
     ensure!(
         parked
             .iter()
@@ -924,20 +930,7 @@ async fn parked_event_bills_once_after_customer_exists() -> anyhow::Result<()> {
 
     let usage = vec![usage_record("ghost", minute_ago(2), 3, 0)];
     send_batch(&sidecar, "i1", 1, usage).await?;
-    let mut admin = sidecar.admin().await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let parked = loop {
-        let listed = admin
-            .list_parked_meter_events(ListParkedMeterEventsRequest { limit: 10 })
-            .await?
-            .into_inner()
-            .events;
-        if !listed.is_empty() || Instant::now() > deadline {
-            break listed;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    ensure!(!parked.is_empty(), "no event parked within 20 s");
+    let parked = await_parked(&sidecar).await?;
     ensure!(
         parked
             .iter()

@@ -309,6 +309,30 @@ pub fn backoff(failures: u32, base: Duration, cap: Duration) -> Duration {
     ceiling.mul_f64(0.5 + fraction / 2.0)
 }
 
+/// Returns Stripe's error body with `type_`, `code` and the message
+/// "test", for tests of error handling.
+#[cfg(test)]
+pub(crate) fn test_api_error(type_: ApiErrorsType, code: Option<&str>) -> Box<stripe::ApiErrors> {
+    Box::new(stripe::ApiErrors {
+        advice_code: None,
+        charge: None,
+        code: code.map(|code| code.parse().unwrap()),
+        decline_code: None,
+        doc_url: None,
+        message: Some("test".into()),
+        network_advice_code: None,
+        network_decline_code: None,
+        param: None,
+        payment_intent: None,
+        payment_method: None,
+        payment_method_type: None,
+        request_log_url: None,
+        setup_intent: None,
+        source: None,
+        type_,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,46 +355,37 @@ mod tests {
         }
     }
 
-    fn api_error(type_: ApiErrorsType, code: Option<&str>) -> Box<stripe::ApiErrors> {
-        Box::new(stripe::ApiErrors {
-            advice_code: None,
-            charge: None,
-            code: code.map(|code| code.parse().unwrap()),
-            decline_code: None,
-            doc_url: None,
-            message: Some("test".into()),
-            network_advice_code: None,
-            network_decline_code: None,
-            param: None,
-            payment_intent: None,
-            payment_method: None,
-            payment_method_type: None,
-            request_log_url: None,
-            setup_intent: None,
-            source: None,
-            type_,
-        })
-    }
-
     #[test]
     fn saved_failures_get_new_key() {
         let invalid = ApiErrorsType::InvalidRequestError;
         let cases = [
-            (api_error(ApiErrorsType::ApiError, None), 500, "new key"),
-            (api_error(ApiErrorsType::ApiError, None), 503, "new key"),
             (
-                api_error(ApiErrorsType::IdempotencyError, None),
+                test_api_error(ApiErrorsType::ApiError, None),
+                500,
+                "new key",
+            ),
+            (
+                test_api_error(ApiErrorsType::ApiError, None),
+                503,
+                "new key",
+            ),
+            (
+                test_api_error(ApiErrorsType::IdempotencyError, None),
                 400,
                 "new key",
             ),
-            (api_error(ApiErrorsType::ApiError, None), 429, "same key"),
             (
-                api_error(invalid.clone(), Some("resource_missing")),
+                test_api_error(ApiErrorsType::ApiError, None),
+                429,
+                "same key",
+            ),
+            (
+                test_api_error(invalid.clone(), Some("resource_missing")),
                 400,
                 "reject",
             ),
             (
-                api_error(invalid, Some("resource_already_exists")),
+                test_api_error(invalid, Some("resource_already_exists")),
                 400,
                 "recorded",
             ),

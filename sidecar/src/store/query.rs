@@ -94,20 +94,34 @@ mod tests {
     /// 2024-03-10T00:00:00Z, a midnight in UTC.
     const MIDNIGHT: i64 = 1_710_028_800;
 
+    /// Stores `(customer, minute, admitted, refused)` records without bytes.
     fn ledger(records: &[(&str, i64, i64, i64)]) -> (tempfile::TempDir, Connection) {
+        let with_bytes: Vec<_> = records
+            .iter()
+            .map(|&(customer, minute, admitted, refused)| (customer, minute, admitted, refused, 0))
+            .collect();
+        ledger_with_bytes(&with_bytes)
+    }
+
+    /// Stores `(customer, minute, admitted, refused, egress bytes)` records.
+    fn ledger_with_bytes(
+        records: &[(&str, i64, i64, i64, i64)],
+    ) -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = schema::open_writer(&dir.path().join("db")).unwrap();
         let records = records
             .iter()
-            .map(|&(customer, minute_unix_s, admitted, refused)| UsageEntry {
-                customer: customer.into(),
-                tier: "pro".into(),
-                minute_unix_s,
-                admitted,
-                refused,
-                egress_bytes: 0,
-                quota: None,
-            })
+            .map(
+                |&(customer, minute_unix_s, admitted, refused, egress_bytes)| UsageEntry {
+                    customer: customer.into(),
+                    tier: "pro".into(),
+                    minute_unix_s,
+                    admitted,
+                    refused,
+                    egress_bytes,
+                    quota: None,
+                },
+            )
             .collect();
         let batch = Batch {
             instance_id: "a".into(),
@@ -151,25 +165,12 @@ mod tests {
 
     #[test]
     fn sums_beyond_i64_do_not_fail() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = schema::open_writer(&dir.path().join("db")).unwrap();
-        let records = (0..3)
-            .map(|minute| UsageEntry {
-                customer: "c1".into(),
-                tier: "pro".into(),
-                minute_unix_s: MIDNIGHT + 60 * minute,
-                admitted: 1,
-                refused: 0,
-                egress_bytes: i64::MAX / 2,
-                quota: None,
-            })
-            .collect();
-        let batch = Batch {
-            instance_id: "a".into(),
-            sequence: 1,
-            records,
-        };
-        apply_batch(&mut conn, &batch, 0, None, None).unwrap();
+        let half = i64::MAX / 2;
+        let (_dir, conn) = ledger_with_bytes(&[
+            ("c1", MIDNIGHT, 1, 0, half),
+            ("c1", MIDNIGHT + 60, 1, 0, half),
+            ("c1", MIDNIGHT + 120, 1, 0, half),
+        ]);
         let whole = range(MIDNIGHT, MIDNIGHT + DAY);
 
         let days = usage_buckets(&conn, "c1", whole, Granularity::Day).unwrap();

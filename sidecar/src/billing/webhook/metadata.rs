@@ -311,26 +311,8 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        let api_error = || {
-            Box::new(stripe::ApiErrors {
-                advice_code: None,
-                charge: None,
-                code: None,
-                decline_code: None,
-                doc_url: None,
-                message: Some("test".into()),
-                network_advice_code: None,
-                network_decline_code: None,
-                param: None,
-                payment_intent: None,
-                payment_method: None,
-                payment_method_type: None,
-                request_log_url: None,
-                setup_intent: None,
-                source: None,
-                type_: stripe::ApiErrorsType::ApiError,
-            })
-        };
+        let api_error =
+            || crate::billing::sink::test_api_error(stripe::ApiErrorsType::ApiError, None);
         let cases = [
             (StripeError::Stripe(api_error(), 429), true),
             (StripeError::Stripe(api_error(), 500), true),
