@@ -1164,7 +1164,7 @@ mod tests {
     }
 
     #[test]
-    fn idle_instance_with_short_interval_polls_once_a_second() {
+    fn short_interval_polls_once_a_second() {
         let mut instance =
             Instance::with_config(serde_json::json!({"sidecar": {"sync_interval_ms": 100}}));
         let mut replied = 0;

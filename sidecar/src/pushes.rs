@@ -164,9 +164,9 @@ impl Pushes {
     /// versions an earlier run reached, and an instance must never count as
     /// having acknowledged an erased-customer set it has not received.
     // NOTE: registry versions are not stored, and instances compare them
-    // for equality only, so after a restart with the clock set back a new
-    // registry could still take the version an instance holds; it would keep
-    // the old registry until the next change.
+    // for equality only. After a restart with the clock set back, a new
+    // registry could take the version an instance has, and that instance
+    // would keep the old registry until the next change.
     pub fn move_versions_past(&self, version: u64) {
         let floor = version.saturating_add(1);
         let mut erasures = self

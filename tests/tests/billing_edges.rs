@@ -1006,7 +1006,7 @@ async fn saved_server_error_bills_once() -> anyhow::Result<()> {
 /// behind the events sent queues no correction, so the usage is billed
 /// once, and that the report agrees with the ledger once Stripe caught up.
 /// Only the fake's clock moves, so the second run is still within the
-/// settle time and says nothing about corrections.
+/// settle time, and its corrections are not checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_summaries_get_no_correction() -> anyhow::Result<()> {
     let dir = temp_dir()?;
@@ -1053,10 +1053,10 @@ async fn unreadable_customer_does_not_stop_reconcile() -> anyhow::Result<()> {
     let dir = temp_dir()?;
     let stripe = start_stripe().await?;
     let mut sidecar = start_with_stripe(dir.path(), &stripe, &stripe.base_url()).await?;
-    let gone = stripe.create_customer(&[]);
-    let kept = stripe.create_customer(&[]);
-    map(&sidecar, "gone", &gone).await?;
-    map(&sidecar, "kept", &kept).await?;
+    let deleted_id = stripe.create_customer(&[]);
+    let kept_id = stripe.create_customer(&[]);
+    map(&sidecar, "gone", &deleted_id).await?;
+    map(&sidecar, "kept", &kept_id).await?;
     let minute = minute_ago(3);
     let usage = vec![
         usage_record("gone", minute, 4, 0),
@@ -1065,8 +1065,8 @@ async fn unreadable_customer_does_not_stop_reconcile() -> anyhow::Result<()> {
     send_batch(&sidecar, "i1", 1, usage).await?;
     ensure!(
         eventually(Duration::from_secs(20), || {
-            stripe.usage_sum(&gone, "api_requests") == 4
-                && stripe.usage_sum(&kept, "api_requests") == 9
+            stripe.usage_sum(&deleted_id, "api_requests") == 4
+                && stripe.usage_sum(&kept_id, "api_requests") == 9
         })
         .await,
         "usage never reached Stripe"
@@ -1074,13 +1074,13 @@ async fn unreadable_customer_does_not_stop_reconcile() -> anyhow::Result<()> {
     let kept_event = stripe
         .meter_events()
         .into_iter()
-        .find(|event| event.customer == kept)
+        .find(|event| event.customer == kept_id)
         .context("no event of the kept customer")?;
     ensure!(
         stripe.drop_event(&kept_event.identifier),
         "event not dropped"
     );
-    ensure!(stripe.delete_customer(&gone), "customer not deleted");
+    ensure!(stripe.delete_customer(&deleted_id), "customer not deleted");
 
     let mut admin = sidecar.admin().await?;
     let report = admin
@@ -1092,7 +1092,7 @@ async fn unreadable_customer_does_not_stop_reconcile() -> anyhow::Result<()> {
         .await?
         .into_inner();
     let billed = eventually(Duration::from_secs(20), || {
-        stripe.usage_sum(&kept, "api_requests") == 9
+        stripe.usage_sum(&kept_id, "api_requests") == 9
     })
     .await;
     sidecar.stop();

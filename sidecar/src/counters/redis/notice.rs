@@ -1,11 +1,11 @@
 //! Erasure notices in the stream `{<prefix>:erasures}`: what an entry
-//! holds, sealing it under the notice key the sidecars share, and reading
+//! contains, sealing it under the notice key the sidecars share, and reading
 //! entries back.
 //!
 //! Without a notice key an entry has the fields `customer`, `sidecar`,
 //! `erasure` and `erased_at_ms` in clear. With one it has the single field
 //! `sealed`: the same four values as JSON, encrypted with AES-256-GCM under
-//! the key, with the stream's key name as associated data. Redis then holds
+//! the key, with the stream's key name as associated data. Redis then contains
 //! no customer id, and only a holder of the key can write a notice that
 //! other sidecars apply.
 
