@@ -117,6 +117,17 @@ async fn await_parked(sidecar: &Sidecar) -> anyhow::Result<Vec<ParkedMeterEvent>
     }
 }
 
+/// Fails unless the fake Stripe contains exactly one meter event.
+fn ensure_one_event(stripe: &FakeStripe) -> anyhow::Result<()> {
+    let events = stripe.meter_events();
+    ensure!(
+        events.len() == 1,
+        "Stripe contains {} events: {events:?}",
+        events.len()
+    );
+    Ok(())
+}
+
 /// Sums the parseable lines of the outbox file per (customer, meter).
 fn outbox_sums(path: &std::path::Path) -> BTreeMap<(String, String), i64> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -950,18 +961,12 @@ async fn parked_event_bills_once_after_customer_exists() -> anyhow::Result<()> {
         "the parked usage was not billed: {} requests",
         stripe.usage_sum(ghost, "api_requests")
     );
-    let events = stripe.meter_events();
-    ensure!(
-        events.len() == 1,
-        "Stripe holds {} events: {events:?}",
-        events.len()
-    );
-    Ok(())
+    ensure_one_event(&stripe)
 }
 
 /// Proves a meter event whose first attempt got a 500 that Stripe saved
 /// under its idempotency key is billed once, with the next key, rather than
-/// retried against the saved 500 until Stripe forgets the key.
+/// retried against the saved 500 until Stripe drops the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saved_server_error_bills_once() -> anyhow::Result<()> {
     let dir = temp_dir()?;
@@ -993,13 +998,7 @@ async fn saved_server_error_bills_once() -> anyhow::Result<()> {
         "{:?}",
         stripe.request_counts()
     );
-    let events = stripe.meter_events();
-    ensure!(
-        events.len() == 1,
-        "Stripe holds {} events: {events:?}",
-        events.len()
-    );
-    Ok(())
+    ensure_one_event(&stripe)
 }
 
 /// Proves that reconciling with corrections while Stripe's summaries lag
