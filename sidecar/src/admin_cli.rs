@@ -159,6 +159,9 @@ pub fn erasure_text(erasure: &Erasure) -> String {
         ErasureState::PendingSharedCounters => {
             "pending: Redis was unreachable; its counts are removed on a retry every 10 s"
         }
+        ErasureState::PendingPeers => {
+            "pending: some peer sidecars have not erased the customer yet; retrying"
+        }
         ErasureState::Unspecified => "unknown",
     };
     let _ = writeln!(text, "erasure {} {state}", erasure.erasure_id);
@@ -167,6 +170,16 @@ pub fn erasure_text(erasure: &Erasure) -> String {
     }
     for instance in &erasure.pending_instances {
         let _ = writeln!(text, "  waiting for instance {instance}");
+    }
+    for peer in &erasure.pending_peers {
+        let _ = match peer.attempts {
+            0 => writeln!(text, "  waiting for peer {}", peer.peer),
+            attempts => writeln!(
+                text,
+                "  waiting for peer {} ({attempts} failed attempts, last: {})",
+                peer.peer, peer.last_error
+            ),
+        };
     }
     if let Some(receipt) = &erasure.receipt {
         let _ = writeln!(
@@ -510,7 +523,13 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
             actor,
             customer,
         } => {
-            let request = with_actor(EraseCustomerRequest { customer }, &actor_or_user(actor))?;
+            let request = with_actor(
+                EraseCustomerRequest {
+                    customer,
+                    ..Default::default()
+                },
+                &actor_or_user(actor),
+            )?;
             let erasure = connect(&sidecar)
                 .await?
                 .erase_customer(request)

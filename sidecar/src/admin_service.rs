@@ -4,7 +4,7 @@
 
 mod privacy;
 
-pub use privacy::{ACTOR_METADATA, actor};
+pub use privacy::{ACTOR_METADATA, PeerOutcome, actor};
 
 use crate::audit::NewEntry;
 use crate::privacy::{Privacy, to_sql};

@@ -103,7 +103,15 @@ pub struct PrivacyConfig {
     /// Maximum lifetime of a token the issuer signs, in seconds. An erased
     /// customer's tokens are rejected this long after the erasure.
     pub token_lifetime_seconds: i64,
+    /// gRPC addresses (`http://HOST:PORT`) of the sidecars that keep their
+    /// own store and share no Redis with this one, such as those of the
+    /// other regions. An erasure asked of this sidecar is passed on to
+    /// each of them until it succeeds.
+    pub erasure_peers: Vec<String>,
 }
+
+/// Most peers an erasure is passed on to.
+const MAX_ERASURE_PEERS: usize = 32;
 
 /// Default longest token lifetime: one day.
 const DEFAULT_TOKEN_LIFETIME_S: i64 = 86_400;
@@ -291,6 +299,10 @@ impl Config {
                 .key_file
                 .unwrap_or_else(|| data_dir.join("keys.json")),
             token_lifetime_seconds,
+            erasure_peers: erasure_peers(
+                &file_origin,
+                file_privacy.erasure_peers.unwrap_or_default(),
+            )?,
         };
 
         Ok(Config {
@@ -718,6 +730,55 @@ fn parse_listen(text: &str, origin: Origin) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// Checks `privacy.erasure_peers` and returns each address in the form
+/// `http://host:port` (lowercase, no leading zeros), so that one peer
+/// written two ways is caught as listed twice: at most
+/// [`MAX_ERASURE_PEERS`] addresses, without credentials, path, query or
+/// fragment.
+fn erasure_peers(origin: &Origin, peers: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let invalid = |value: &str, reason: String| ConfigError::Invalid {
+        origin: origin.clone(),
+        key: "privacy.erasure_peers",
+        value: format!("{value:?}"),
+        reason,
+    };
+    if peers.len() > MAX_ERASURE_PEERS {
+        return Err(invalid(
+            &format!("{} addresses", peers.len()),
+            format!("list at most {MAX_ERASURE_PEERS} peer sidecars"),
+        ));
+    }
+    let mut canonical = Vec::with_capacity(peers.len());
+    for peer in &peers {
+        let uri: Option<tonic::codegen::http::Uri> = peer.parse().ok();
+        let address = uri.as_ref().and_then(|uri| {
+            let authority = uri.authority()?;
+            let plain = uri.scheme_str()?.eq_ignore_ascii_case("http")
+                && !authority.as_str().contains('@')
+                && !peer.contains(['?', '#'])
+                && uri.path() == "/";
+            let port = uri.port_u16().filter(|port| *port != 0)?;
+            let host = authority.host();
+            (plain && !host.is_empty()).then(|| format!("http://{}:{port}", host.to_lowercase()))
+        });
+        let Some(address) = address else {
+            return Err(invalid(
+                peer,
+                "expected the gRPC address of a peer sidecar as http://HOST:PORT with a port \
+                 from 1 to 65535 and no credentials, path or query, such as \
+                 http://sidecar.us-east.internal:50051; for TLS, route it through the mesh's \
+                 proxy"
+                    .into(),
+            ));
+        };
+        if canonical.contains(&address) {
+            return Err(invalid(peer, format!("names {address} a second time")));
+        }
+        canonical.push(address);
+    }
+    Ok(canonical)
+}
+
 fn require_path(key: &'static str, path: &Path, origin: Origin) -> Result<(), ConfigError> {
     if path.as_os_str().is_empty() {
         return Err(ConfigError::Invalid {
@@ -1024,6 +1085,49 @@ mod tests {
 
         assert!(message.contains("flag --ready-file"), "{message}");
         assert!(message.contains("directory"), "{message}");
+    }
+
+    #[test]
+    fn erasure_peers_are_checked() {
+        let load = |peers: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("sidecar.toml");
+            std::fs::write(&path, format!("[privacy]\nerasure_peers = {peers}\n")).unwrap();
+            let flags = Flags {
+                config: Some(path),
+                data_dir: Some(dir.path().join("data")),
+                ..Flags::default()
+            };
+            Config::load(&flags).map(|config| config.privacy().erasure_peers.clone())
+        };
+
+        let peers = load(r#"["http://10.0.0.2:50051/", "http://[::1]:50052"]"#).unwrap();
+        assert_eq!(peers, ["http://10.0.0.2:50051", "http://[::1]:50052"]);
+        for (peers, named) in [
+            (r#"["10.0.0.2:50051"]"#, "\"10.0.0.2:50051\""),
+            (r#"["https://a:1"]"#, "https://a:1"),
+            (r#"["http://a"]"#, "http://a"),
+            (r#"["http://a:1/veo"]"#, "http://a:1/veo"),
+            (
+                r#"["http://a:1", "HTTP://A:01/"]"#,
+                "names http://a:1 a second time",
+            ),
+            (r#"["http://user:secret@a:1"]"#, "no credentials"),
+            (r#"["http://a:0"]"#, "http://a:0"),
+            (r#"["http://a:1#frag"]"#, "http://a:1#frag"),
+            (r#"["http://a:1/?x=1"]"#, "http://a:1/?x=1"),
+        ] {
+            let message = load(peers).unwrap_err().to_string();
+            assert!(message.contains("privacy.erasure_peers"), "{message}");
+            assert!(message.contains(named), "{message}");
+        }
+        let many: Vec<String> = (0..=MAX_ERASURE_PEERS)
+            .map(|port| format!("\"http://a:{}\"", port + 1))
+            .collect();
+        let message = load(&format!("[{}]", many.join(",")))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("at most 32"), "{message}");
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! they are refused and usage sent for it is dropped. The erasure row
 //! stays too; it contains the keyed hash of the id and never the id.
 
+pub mod forward;
+
 use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -136,6 +138,11 @@ pub struct EraseRequest<'a> {
     pub subject_hash: &'a str,
     /// Time of the request, in milliseconds since the Unix epoch.
     pub now_unix_ms: i64,
+    /// When the customer was first erased, in milliseconds since the Unix
+    /// epoch: `now_unix_ms`, or the time of the peer sidecar's erasure
+    /// that was passed on here. An erasure of the customer from that time
+    /// on, in force or not, is returned instead of a new one.
+    pub first_erased_unix_ms: i64,
     /// Until when the customer's tokens are refused, in seconds since the
     /// Unix epoch.
     pub refuse_until_unix_s: i64,
@@ -149,6 +156,9 @@ pub struct EraseRequest<'a> {
     /// `refuse_until_unix_s` when that is later, as for another sidecar's
     /// notice of a later erasure.
     pub extends_refusal: bool,
+    /// Peer sidecars to pass the erasure on to, from
+    /// `privacy.erasure_peers`; empty for an erasure passed on here.
+    pub forward_to: &'a [String],
 }
 
 /// An erased customer whose Redis counts are still to be removed.
@@ -206,7 +216,15 @@ pub fn erase(
     drop(refusal);
     let counting = "SELECT COUNT(*) FROM erasure WHERE subject_hash = ?1";
     let previous: u64 = tx.query_row(counting, [request.subject_hash], |row| row.get(0))?;
-    if in_force && let Some(existing) = by_subject(&tx, request.subject_hash)? {
+    // A peer resending an erasure it passed on finds the one it made here,
+    // even once its refusal period has ended.
+    let covering = "SELECT 1 FROM erasure WHERE subject_hash = ?1 AND requested_unix_ms >= ?2";
+    let covered = tx
+        .prepare(covering)?
+        .exists(params![request.subject_hash, request.first_erased_unix_ms])?;
+    if (in_force || covered)
+        && let Some(existing) = by_subject(&tx, request.subject_hash)?
+    {
         if request.extends_refusal {
             tx.execute(
                 "UPDATE erased_customer SET refuse_until_unix_s = ?2
@@ -301,6 +319,14 @@ pub fn erase(
             params![pseudonym, sealed, erasure_id, request.announce],
         )?;
     }
+    forward::queue(
+        &tx,
+        keys,
+        request.customer,
+        &erasure_id,
+        request.first_erased_unix_ms,
+        request.forward_to,
+    )?;
     let receipt = record(&tx, &erasure_id, &mut records)?;
     // A map of strings to integers always serializes.
     let records_json = serde_json::json!(records).to_string();
@@ -311,7 +337,7 @@ pub fn erase(
         params![
             erasure_id,
             request.subject_hash,
-            request.now_unix_ms,
+            request.first_erased_unix_ms,
             records_json,
             i64::try_from(receipt.position).unwrap_or(i64::MAX),
             receipt.entry_hash,
@@ -322,7 +348,7 @@ pub fn erase(
         Erasure {
             erasure_id,
             subject_hash: request.subject_hash.to_owned(),
-            requested_unix_ms: request.now_unix_ms,
+            requested_unix_ms: request.first_erased_unix_ms,
             erasures_version: 0,
             records,
             receipt,
@@ -704,10 +730,12 @@ mod tests {
             customer,
             subject_hash: "ab12",
             now_unix_ms: 5_000,
+            first_erased_unix_ms: 5_000,
             refuse_until_unix_s: 90_000,
             shared_counters: false,
             announce: true,
             extends_refusal: false,
+            forward_to: &[],
         }
     }
 
@@ -846,6 +874,105 @@ mod tests {
     }
 
     #[test]
+    fn erasure_is_queued_once_for_each_peer() {
+        let mut conn = open();
+        let peers = ["http://a:1".to_owned(), "http://b:2".to_owned()];
+        let forwarded = EraseRequest {
+            forward_to: &peers,
+            ..request("acme")
+        };
+        let mut record = |_: &Connection, _: &str, _: &mut BTreeMap<String, u64>| Ok(receipt(1));
+        let (first, _) = erase(&mut conn, keys(), forwarded, &mut record).unwrap();
+        let (_, performed) = erase(&mut conn, keys(), forwarded, &mut record).unwrap();
+
+        assert!(!performed);
+        let due = forward::due(&conn, keys(), 5_000).unwrap();
+        let queued: Vec<(&str, &str, &str, i64)> = due
+            .iter()
+            .map(|row| {
+                (
+                    row.erasure_id.as_str(),
+                    row.peer.as_str(),
+                    row.customer.as_str(),
+                    row.erased_at_unix_ms,
+                )
+            })
+            .collect();
+        let id = first.erasure_id.as_str();
+        assert_eq!(
+            queued,
+            [
+                (id, "http://a:1", "acme", 5_000),
+                (id, "http://b:2", "acme", 5_000)
+            ]
+        );
+    }
+
+    #[test]
+    fn resent_erasure_of_a_peer_returns_the_first_after_its_refusal_period() {
+        let mut conn = open();
+        // The peer erased the customer long ago, so the refusal period has
+        // ended by the time its erasure arrives here.
+        let passed_on = EraseRequest {
+            now_unix_ms: 90_000_000,
+            first_erased_unix_ms: 5_000,
+            refuse_until_unix_s: 3_605,
+            ..request("acme")
+        };
+        let mut calls = 0;
+        let mut record = |_: &Connection, _: &str, _: &mut BTreeMap<String, u64>| {
+            calls += 1;
+            Ok(receipt(calls))
+        };
+        let (first, performed) = erase(&mut conn, keys(), passed_on, &mut record).unwrap();
+        assert!(performed);
+        assert_eq!(first.requested_unix_ms, 5_000);
+
+        let resent = EraseRequest {
+            now_unix_ms: 95_000_000,
+            ..passed_on
+        };
+        let (second, performed) = erase(&mut conn, keys(), resent, &mut record).unwrap();
+        assert!(!performed);
+        assert_eq!(second, first);
+        // A new request after the refusal period is a new erasure.
+        let new = EraseRequest {
+            now_unix_ms: 95_000_000,
+            first_erased_unix_ms: 95_000_000,
+            refuse_until_unix_s: 98_600,
+            ..request("acme")
+        };
+        let (third, performed) = erase(&mut conn, keys(), new, &mut record).unwrap();
+        assert!(performed);
+        assert_eq!(third.erasure_id, "er_ab12_2");
+        assert_eq!(calls, 2);
+    }
+
+    #[test]
+    fn failed_queueing_for_peers_rolls_the_erasure_back() {
+        let mut conn = open();
+        seed(&conn, "ab12", "cus_A");
+        conn.execute_batch("DROP TABLE erasure_forward").unwrap();
+        let peers = ["http://a:1".to_owned()];
+        let forwarded = EraseRequest {
+            forward_to: &peers,
+            ..request("acme")
+        };
+
+        let mut record = |_: &Connection, _: &str, _: &mut BTreeMap<String, u64>| Ok(receipt(1));
+        let result = erase(&mut conn, keys(), forwarded, &mut record);
+
+        assert!(result.is_err());
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM usage_minute"), 2);
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM erasure"), 0);
+        // With the table back, the same request erases the customer.
+        conn.execute_batch(forward::SCHEMA).unwrap();
+        let (_, performed) = erase(&mut conn, keys(), forwarded, &mut record).unwrap();
+        assert!(performed);
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM erasure_forward"), 1);
+    }
+
+    #[test]
     fn erasure_after_the_refusal_period_is_a_new_one() {
         let mut conn = open();
         let (first, _) = erase(&mut conn, keys(), request("acme"), &mut |_, _, _| {
@@ -855,6 +982,7 @@ mod tests {
         seed(&conn, "ab12", "cus_A");
         let later = EraseRequest {
             now_unix_ms: 90_000_000,
+            first_erased_unix_ms: 90_000_000,
             refuse_until_unix_s: 100_000,
             ..request("acme")
         };

@@ -29,13 +29,18 @@ pub mod sync_service;
 pub mod usage_service;
 pub mod validate;
 
-/// Formats an error followed by its chain of causes, separated by `: `.
+/// Formats an error followed by its chain of causes, separated by `: `. A
+/// cause whose text the message already ends with is left out, since many
+/// errors repeat their source's text in their own.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut cause = err.source();
     while let Some(next) = cause {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
+        let next_text = next.to_string();
+        if !text.ends_with(&next_text) {
+            text.push_str(": ");
+            text.push_str(&next_text);
+        }
         cause = next.source();
     }
     text

@@ -24,6 +24,9 @@ pub struct Privacy {
     /// Maximum lifetime of a token, in seconds: an erased customer's tokens
     /// are rejected this long.
     pub token_lifetime_s: i64,
+    /// Addresses of the peer sidecars that erasures asked of this one are
+    /// passed on to.
+    pub erasure_peers: Arc<[String]>,
 }
 
 impl std::fmt::Debug for Privacy {

@@ -179,12 +179,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         pushes,
     )
     .await?;
-    let erased_reload = tokio::spawn(privacy::reload_erased(
-        billing
-            .admin
-            .clone()
-            .with_counters(sync.recent(), shared.clone()),
-    ));
+    let admin = billing
+        .admin
+        .clone()
+        .with_counters(sync.recent(), shared.clone());
+    let forwarding = tokio::spawn(privacy::forward_erasures(admin.clone()));
+    let erased_reload = tokio::spawn(privacy::reload_erased(admin));
     let (stop_billing, billing_stopped) = tokio::sync::watch::channel(false);
     let billing_tasks = billing.spawn(
         &config,
@@ -281,10 +281,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     reload.abort();
     erased_reload.abort();
+    forwarding.abort();
     // The reload tasks keep a handle to the store; wait until they are gone
     // so that the store closes cleanly.
     let _ = reload.await;
     let _ = erased_reload.await;
+    let _ = forwarding.await;
     store.close().await;
     info!("stopped");
     Ok(())

@@ -13,7 +13,7 @@ use tonic::Request;
 use tonic::transport::Channel;
 use veo_proto::admin::admin_client::AdminClient;
 use veo_proto::admin::{
-    EraseCustomerRequest, ErasureState, GetErasureRequest, GetStripeCustomerRequest,
+    EraseCustomerRequest, Erasure, ErasureState, GetErasureRequest, GetStripeCustomerRequest,
     SetStripeCustomerRequest, VerifyAuditLogRequest,
 };
 use veo_tests::artifacts::sidecar_binary;
@@ -165,6 +165,7 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
 
     let mut request = Request::new(EraseCustomerRequest {
         customer: DOOMED.into(),
+        ..Default::default()
     });
     request
         .metadata_mut()
@@ -274,6 +275,7 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
     let again = admin
         .erase_customer(EraseCustomerRequest {
             customer: DOOMED.into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -326,6 +328,7 @@ async fn tampered_audit_log_is_detected() -> anyhow::Result<()> {
         admin
             .erase_customer(EraseCustomerRequest {
                 customer: customer.into(),
+                ..Default::default()
             })
             .await?;
     }
@@ -453,6 +456,7 @@ async fn erasure_clears_the_shared_counters() -> anyhow::Result<()> {
         .await?
         .erase_customer(EraseCustomerRequest {
             customer: "doomed".into(),
+            ..Default::default()
         })
         .await?;
 
@@ -477,6 +481,7 @@ async fn rotated_keys_keep_the_store_readable() -> anyhow::Result<()> {
         .await?
         .erase_customer(EraseCustomerRequest {
             customer: "c1".into(),
+            ..Default::default()
         })
         .await?;
     stack.sidecar.stop();
@@ -519,6 +524,7 @@ async fn rotated_keys_keep_the_store_readable() -> anyhow::Result<()> {
     let second = admin
         .erase_customer(EraseCustomerRequest {
             customer: "c2".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -580,6 +586,7 @@ async fn old_backup_unreadable_after_rotation() -> anyhow::Result<()> {
         .await?
         .erase_customer(EraseCustomerRequest {
             customer: DOOMED.into(),
+            ..Default::default()
         })
         .await?;
     stack.sidecar.stop();
@@ -680,6 +687,7 @@ async fn erasure_while_redis_is_down_finishes_when_it_returns() -> anyhow::Resul
     let erasure = admin
         .erase_customer(EraseCustomerRequest {
             customer: "doomed".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -725,6 +733,7 @@ async fn idle_envoy_applies_an_erasure() -> anyhow::Result<()> {
     let erasure = admin
         .erase_customer(EraseCustomerRequest {
             customer: "solo".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -752,6 +761,7 @@ async fn removed_newest_audit_entry_is_detected() -> anyhow::Result<()> {
         admin
             .erase_customer(EraseCustomerRequest {
                 customer: customer.into(),
+                ..Default::default()
             })
             .await?;
     }
@@ -847,6 +857,7 @@ async fn erasure_reaches_sidecars_sharing_redis() -> anyhow::Result<()> {
 
     let requested = EraseCustomerRequest {
         customer: DOOMED.into(),
+        ..Default::default()
     };
     first.admin().await?.erase_customer(requested).await?;
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -895,5 +906,237 @@ async fn erasure_reaches_sidecars_sharing_redis() -> anyhow::Result<()> {
             .contains("erased a customer that another sidecar erased"),
         "the first sidecar applied its own notice"
     );
+    Ok(())
+}
+
+/// Reads erasure `erasure_id` on `sidecar`.
+async fn erasure_on(sidecar: &Sidecar, erasure_id: &str) -> anyhow::Result<Erasure> {
+    let request = GetErasureRequest {
+        erasure_id: erasure_id.to_owned(),
+    };
+    Ok(sidecar
+        .admin()
+        .await?
+        .get_erasure(request)
+        .await?
+        .into_inner())
+}
+
+/// Writes a sidecar config file whose `privacy.erasure_peers` names `peers`.
+fn peer_config(peers: &[&Sidecar]) -> String {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|peer| format!("\"http://{}\"", peer.address()))
+        .collect();
+    format!(
+        "[privacy]\ntoken_lifetime_seconds = 3600\nerasure_peers = [{}]\n",
+        peers.join(", ")
+    )
+}
+
+/// A sidecar with its own store, such as one of another region, receives
+/// an erasure from the sidecar that listed it in `privacy.erasure_peers`,
+/// also when it was down at the time, and does not pass it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_reaches_peer_sidecars() -> anyhow::Result<()> {
+    let dir = veo_tests::stack::temp_dir()?;
+    let (first_dir, peer_dir) = (dir.path().join("first"), dir.path().join("peer"));
+    std::fs::create_dir_all(&first_dir)?;
+    std::fs::create_dir_all(&peer_dir)?;
+    let mut peer = Sidecar::start_with_config(&peer_dir, &peer_config(&[])).await?;
+    let first = Sidecar::start_with_config(&first_dir, &peer_config(&[&peer])).await?;
+    let minute = minute_ago(1);
+    for sidecar in [&first, &peer] {
+        let usage = vec![
+            usage_record(DOOMED, minute, 5, 100),
+            usage_record(KEPT, minute, 3, 60),
+        ];
+        send_batch(sidecar, "envoy-1", 1, usage).await?;
+    }
+
+    // The peer is down when the customer is erased, and lists the first
+    // sidecar as its own peer when it comes back.
+    peer.stop();
+    std::fs::write(peer_dir.join("sidecar.toml"), peer_config(&[&first]))?;
+    let erased = first
+        .admin()
+        .await?
+        .erase_customer(EraseCustomerRequest {
+            customer: DOOMED.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let peer_address = format!("http://{}", peer.address());
+    let waiting: Vec<&str> = erased
+        .pending_peers
+        .iter()
+        .map(|p| p.peer.as_str())
+        .collect();
+    assert_eq!(waiting, [peer_address.as_str()]);
+    assert_eq!(erased.state(), ErasureState::PendingPeers);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let progress = erasure_on(&first, &erased.erasure_id).await?;
+        if let Some(failed) = progress.pending_peers.first()
+            && failed.attempts > 0
+        {
+            ensure!(
+                failed.last_error.contains("connect"),
+                "unexpected error: {}",
+                failed.last_error
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no attempt to reach the peer in 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    peer.restart().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let progress = erasure_on(&first, &erased.erasure_id).await?;
+        if progress.pending_peers.is_empty() {
+            ensure!(
+                progress.state() != ErasureState::PendingPeers,
+                "no peer pending, yet the state is {:?}",
+                progress.state()
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the peer did not erase the customer within 30 s of its restart: {:?}",
+            progress.pending_peers
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(peer.usage(DOOMED).await?.admitted, 0);
+    assert_eq!(peer.usage(KEPT).await?.admitted, 3);
+    // The refusal period runs from the first sidecar's erasure, so usage
+    // arriving late is dropped on the peer too.
+    send_batch(
+        &peer,
+        "envoy-1",
+        2,
+        vec![usage_record(DOOMED, minute, 4, 10)],
+    )
+    .await?;
+    assert_eq!(peer.usage(DOOMED).await?.admitted, 0);
+
+    // Asking the peer again returns its erasure, which waits for no peer
+    // of its own: an erasure received from a peer is not passed on.
+    let on_peer = peer
+        .admin()
+        .await?
+        .erase_customer(EraseCustomerRequest {
+            customer: DOOMED.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        on_peer.pending_peers.is_empty(),
+        "the peer passed the erasure on: {:?}",
+        on_peer.pending_peers
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (sidecar, name) in [(&first, "first"), (&peer, "peer")] {
+        let verified = sidecar
+            .admin()
+            .await?
+            .verify_audit_log(VerifyAuditLogRequest {})
+            .await?
+            .into_inner();
+        ensure!(verified.intact, "{name} audit log: {}", verified.problem);
+        assert_eq!(
+            verified.entries, 1,
+            "{name} sidecar erased the customer once"
+        );
+    }
+    ensure!(
+        first.log().contains("peer sidecar erased the customer"),
+        "the first sidecar logged no erasure passed on"
+    );
+    Ok(())
+}
+
+/// A peer that accepts connections and never replies delays no other peer:
+/// the one that replies erases every customer within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peer_delays_no_other_peer() -> anyhow::Result<()> {
+    let dir = veo_tests::stack::temp_dir()?;
+    let (first_dir, peer_dir) = (dir.path().join("first"), dir.path().join("peer"));
+    std::fs::create_dir_all(&first_dir)?;
+    std::fs::create_dir_all(&peer_dir)?;
+    let peer = Sidecar::start_with_config(&peer_dir, &peer_config(&[])).await?;
+    // A silent peer whose address sorts first, so a sidecar that served
+    // its peers one after the other would reach it first.
+    let peer_port = peer.address().port().to_string();
+    let mut silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    for _ in 0..100 {
+        if silent.local_addr()?.port().to_string() < peer_port {
+            break;
+        }
+        silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    }
+    let silent_address = silent.local_addr()?;
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let toml = format!(
+        "[privacy]\ntoken_lifetime_seconds = 3600\nerasure_peers = [\"http://{silent_address}\", \
+         \"http://{}\"]\n",
+        peer.address()
+    );
+    let first = Sidecar::start_with_config(&first_dir, &toml).await?;
+    let customers = ["gone-1", "gone-2", "gone-3"];
+    let minute = minute_ago(1);
+    let usage = customers
+        .iter()
+        .map(|customer| usage_record(customer, minute, 2, 10))
+        .collect();
+    send_batch(&peer, "envoy-1", 1, usage).await?;
+
+    let started = Instant::now();
+    let mut erasure_ids = Vec::new();
+    for customer in customers {
+        let erased = first
+            .admin()
+            .await?
+            .erase_customer(EraseCustomerRequest {
+                customer: customer.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        erasure_ids.push(erased.erasure_id);
+    }
+    for customer in customers {
+        while peer.usage(customer).await?.admitted > 0 {
+            ensure!(
+                started.elapsed() < Duration::from_secs(8),
+                "the answering peer kept {customer} for 8 s behind the silent one"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let silent_peer = format!("http://{silent_address}");
+    for erasure_id in &erasure_ids {
+        let progress = erasure_on(&first, erasure_id).await?;
+        let waiting: Vec<&str> = progress
+            .pending_peers
+            .iter()
+            .map(|p| p.peer.as_str())
+            .collect();
+        assert_eq!(waiting, [silent_peer.as_str()]);
+    }
+    holder.abort();
     Ok(())
 }

@@ -175,6 +175,7 @@ async fn prometheus_usage_matches_ledger_then_shows_loss() -> anyhow::Result<()>
         .await?
         .erase_customer(EraseCustomerRequest {
             customer: "bob".into(),
+            ..Default::default()
         })
         .await
         .context("EraseCustomer")?;

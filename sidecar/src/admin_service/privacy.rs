@@ -11,8 +11,8 @@ use tracing::{info, warn};
 use veo_proto::admin::{
     AssetRegions, AuditReceipt, DeleteAssetRegionsRequest, DeleteAssetRegionsResponse,
     EraseCustomerRequest, ErasedRecords, Erasure, ErasureState, GetAssetRegionsRequest,
-    GetErasureRequest, ListAssetRegionsRequest, ListAssetRegionsResponse, SetAssetRegionsRequest,
-    VerifyAuditLogResponse,
+    GetErasureRequest, ListAssetRegionsRequest, ListAssetRegionsResponse, PendingPeer,
+    SetAssetRegionsRequest, VerifyAuditLogResponse,
 };
 use veo_proto::sync::ErasedCustomer;
 
@@ -20,7 +20,7 @@ use super::AdminService;
 use crate::assets::{self, PutOutcome};
 use crate::audit::{self, NewEntry};
 use crate::counters::redis::{ErasureNotice, ErasureSource, NoticeEntry};
-use crate::erasure::{self, EraseRequest};
+use crate::erasure::{self, EraseRequest, forward};
 use crate::keys;
 use crate::ledger::unix_now_s;
 use crate::privacy::{Privacy, key_owner, to_sql};
@@ -39,6 +39,13 @@ const MAX_ACTOR_BYTES: usize = 128;
 /// Maximum length of a customer id in a token's customer claim, in bytes,
 /// as the filter accepts it.
 const MAX_TOKEN_CUSTOMER_BYTES: usize = 128;
+
+/// How far ahead of this sidecar's clock a peer's erasure time may be, in
+/// seconds.
+const MAX_PEER_CLOCK_AHEAD_S: i64 = 60;
+
+/// Time allowed for a peer sidecar to erase a customer, in seconds.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Erasure notices read from the shared counters at a time.
 const NOTICES_PER_READ: usize = 100;
@@ -61,6 +68,14 @@ enum Origin {
     Notice {
         /// When the other sidecar erased the customer, in Unix
         /// milliseconds.
+        erased_at_unix_ms: i64,
+    },
+    /// A peer sidecar that passed its erasure on, one of whose
+    /// `privacy.erasure_peers` this sidecar is. It is announced to the
+    /// sidecars sharing this one's counters but not passed on again, and
+    /// the customer's tokens are refused from the peer's erasure on.
+    Peer {
+        /// When the peer erased the customer, in Unix milliseconds.
         erased_at_unix_ms: i64,
     },
 }
@@ -368,7 +383,21 @@ impl AdminService {
         actor: String,
     ) -> Result<Erasure, Status> {
         check_token_customer(&request.customer)?;
-        let (erasure, _) = self.erase(request.customer, actor, Origin::Request).await?;
+        let origin = match request.erased_at_unix_ms {
+            0 => Origin::Request,
+            erased_at_unix_ms => {
+                let latest_ms = unix_now_s().saturating_add(MAX_PEER_CLOCK_AHEAD_S) * 1_000;
+                if !(1..=latest_ms).contains(&erased_at_unix_ms) {
+                    return Err(Status::invalid_argument(format!(
+                        "erased_at_unix_ms = {erased_at_unix_ms} is not a past time in \
+                         milliseconds since the Unix epoch; leave it 0 unless passing on another \
+                         sidecar's erasure"
+                    )));
+                }
+                Origin::Peer { erased_at_unix_ms }
+            }
+        };
+        let (erasure, _) = self.erase(request.customer, actor, origin).await?;
         Ok(erasure)
     }
 
@@ -393,6 +422,18 @@ impl AdminService {
             Origin::Notice { erased_at_unix_ms } => {
                 (false, erased_at_unix_ms.div_euclid(1_000).min(now_s))
             }
+            Origin::Peer { erased_at_unix_ms } => {
+                (true, erased_at_unix_ms.div_euclid(1_000).min(now_s))
+            }
+        };
+        let forward_to = match origin {
+            Origin::Request => Arc::clone(&privacy.erasure_peers),
+            Origin::Notice { .. } | Origin::Peer { .. } => Vec::new().into(),
+        };
+        let now_ms = now_s.saturating_mul(1_000);
+        let first_erased_unix_ms = match origin {
+            Origin::Peer { erased_at_unix_ms } => erased_at_unix_ms.min(now_ms),
+            Origin::Request | Origin::Notice { .. } => now_ms,
         };
         let refuse_until_unix_s = refused_from_s.saturating_add(privacy.token_lifetime_s);
         let keys_for_tx = privacy.clone();
@@ -406,11 +447,13 @@ impl AdminService {
                     EraseRequest {
                         customer: &customer,
                         subject_hash: &hash,
-                        now_unix_ms: now_s.saturating_mul(1_000),
+                        now_unix_ms: now_ms,
+                        first_erased_unix_ms,
                         refuse_until_unix_s,
                         shared_counters,
                         announce,
-                        extends_refusal: !announce,
+                        extends_refusal: origin != Origin::Request,
+                        forward_to: &forward_to,
                     },
                     &mut |tx, erasure_id, records| {
                         let destroyed = keys::destroy(tx, &key_owner(&hash)).map_err(to_sql)?;
@@ -645,6 +688,123 @@ impl AdminService {
         Ok(())
     }
 
+    /// Returns the erasures due to be passed on, per peer; none without
+    /// peers.
+    pub async fn due_forwards(
+        &self,
+    ) -> Result<BTreeMap<String, Vec<forward::PendingForward>>, Status> {
+        let privacy = self.privacy()?;
+        let mut by_peer: BTreeMap<String, Vec<forward::PendingForward>> = BTreeMap::new();
+        if privacy.erasure_peers.is_empty() {
+            return Ok(by_peer);
+        }
+        let keys = Arc::clone(&privacy.keys);
+        let now_ms = unix_now_s().saturating_mul(1_000);
+        let due = self
+            .store()
+            .read("read the erasures to pass on", move |conn| {
+                forward::due(conn, keys.as_ref(), now_ms)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        for pending in due {
+            by_peer
+                .entry(pending.peer.clone())
+                .or_default()
+                .push(pending);
+        }
+        Ok(by_peer)
+    }
+
+    /// Passes the erasures `rows` on to `peer` in turn and notes which the
+    /// peer erased. It stops at the first failure, so a peer that fails is
+    /// asked once per call; the rest stay due. When the peer cannot be
+    /// reached at all, every row counts a failed attempt.
+    pub async fn forward_to_peer(
+        &self,
+        peer: &str,
+        rows: &[forward::PendingForward],
+    ) -> Result<PeerOutcome, Status> {
+        let mut outcome = PeerOutcome {
+            delivered: 0,
+            error: None,
+        };
+        let mut client = match connect_peer(peer).await {
+            Ok(client) => client,
+            Err(error) => {
+                for row in rows {
+                    self.record_forward(row, Err(error.clone())).await?;
+                }
+                outcome.error = Some(error);
+                return Ok(outcome);
+            }
+        };
+        let ledger = self.biller.ledger();
+        let actor = format!("sidecar:{}:{}", ledger.region, ledger.ledger_id);
+        for row in rows {
+            let result = erase_at_peer(&mut client, row, &actor).await;
+            let failure = result.as_ref().err().cloned();
+            self.record_forward(row, result).await?;
+            if let Some(error) = failure {
+                outcome.error = Some(error);
+                break;
+            }
+            outcome.delivered += 1;
+        }
+        Ok(outcome)
+    }
+
+    /// Stores the outcome of passing `row` on (the peer's erasure id or the
+    /// error) and logs a success.
+    async fn record_forward(
+        &self,
+        row: &forward::PendingForward,
+        result: Result<String, String>,
+    ) -> Result<(), Status> {
+        let (erasure_id, peer) = (row.erasure_id.clone(), row.peer.clone());
+        let error = result.as_ref().err().cloned();
+        let now_ms = unix_now_s().saturating_mul(1_000);
+        self.store()
+            .write("record an erasure passed on", move |conn| match &error {
+                None => forward::done(conn, &erasure_id, &peer),
+                Some(error) => forward::failed(conn, &erasure_id, &peer, error, now_ms),
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        if let Ok(peer_erasure_id) = result {
+            info!(
+                erasure_id = row.erasure_id,
+                peer = row.peer,
+                peer_erasure_id,
+                "peer sidecar erased the customer"
+            );
+        }
+        Ok(())
+    }
+
+    /// Drops the erasures waiting for peers that `privacy.erasure_peers` no
+    /// longer lists, with a warning for each.
+    pub async fn drop_unlisted_peers(&self) -> Result<(), Status> {
+        let peers = Arc::clone(&self.privacy()?.erasure_peers);
+        let dropped = self
+            .store()
+            .write("drop erasures of peers no longer listed", move |conn| {
+                forward::drop_unlisted(conn, &peers)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        for (erasure_id, peer) in dropped {
+            warn!(
+                erasure_id,
+                peer,
+                "privacy.erasure_peers no longer lists a peer that has not erased a customer; \
+                 erase it there by hand: it is the customer whose erase-customer returned this \
+                 erasure id"
+            );
+        }
+        Ok(())
+    }
+
     /// Locks the id of the last erasure notice read.
     fn cursor(&self) -> std::sync::MutexGuard<'_, String> {
         self.notice_cursor
@@ -688,8 +848,18 @@ impl AdminService {
             })
             .await
             .map_err(ServiceError::from)?;
+        let id = found.erasure_id.clone();
+        let pending_peers = self
+            .store()
+            .read("read the peers an erasure waits for", move |conn| {
+                forward::pending_for(conn, &id)
+            })
+            .await
+            .map_err(ServiceError::from)?;
         let state = if counters_pending {
             ErasureState::PendingSharedCounters
+        } else if !pending_peers.is_empty() {
+            ErasureState::PendingPeers
         } else if pending.is_empty() {
             ErasureState::Complete
         } else {
@@ -710,6 +880,14 @@ impl AdminService {
                 entry_hash: found.receipt.entry_hash,
                 subject_hash: found.subject_hash,
             }),
+            pending_peers: pending_peers
+                .into_iter()
+                .map(|peer| PendingPeer {
+                    peer: peer.peer,
+                    attempts: peer.attempts,
+                    last_error: peer.last_error,
+                })
+                .collect(),
         })
     }
 
@@ -740,4 +918,69 @@ impl AdminService {
             head_hash: verification.head_hash,
         })
     }
+}
+
+/// What one call of [`AdminService::forward_to_peer`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerOutcome {
+    /// Erasures the peer performed or already had.
+    pub delivered: usize,
+    /// The error that stopped the call, if any.
+    pub error: Option<String>,
+}
+
+/// Longest error text of a peer kept in the store, in bytes.
+const MAX_PEER_ERROR_BYTES: usize = 512;
+
+/// A client of a peer sidecar's admin API.
+type PeerClient = veo_proto::admin::admin_client::AdminClient<tonic::transport::Channel>;
+
+/// Connects to the peer sidecar at `peer`, within [`PEER_TIMEOUT`].
+async fn connect_peer(peer: &str) -> Result<PeerClient, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(peer.to_owned())
+        .map_err(|err| format!("invalid peer address: {err}"))?
+        .connect_timeout(PEER_TIMEOUT)
+        .timeout(PEER_TIMEOUT);
+    let channel = tokio::time::timeout(PEER_TIMEOUT, endpoint.connect())
+        .await
+        .map_err(|_| format!("no connection within {} s", PEER_TIMEOUT.as_secs()))?
+        .map_err(|err| format!("could not connect: {}", crate::error_chain(&err)))?;
+    Ok(PeerClient::new(channel))
+}
+
+/// Asks the peer sidecar of `row` to erase its customer, and returns the
+/// peer's erasure id or the error. The customer id is removed from the
+/// peer's error text, because that text is stored and logged.
+async fn erase_at_peer(
+    client: &mut PeerClient,
+    row: &forward::PendingForward,
+    actor: &str,
+) -> Result<String, String> {
+    let mut request = tonic::Request::new(EraseCustomerRequest {
+        customer: row.customer.clone(),
+        erased_at_unix_ms: row.erased_at_unix_ms,
+    });
+    let actor = actor
+        .parse()
+        .map_err(|_| format!("{actor:?} is not a valid actor name"))?;
+    request.metadata_mut().insert(ACTOR_METADATA, actor);
+    let status = match client.erase_customer(request).await {
+        Ok(reply) => return Ok(reply.into_inner().erasure_id),
+        Err(status) => status,
+    };
+    let mut message = status.message().replace(&row.customer, "<customer>");
+    if message.len() > MAX_PEER_ERROR_BYTES {
+        let mut end = MAX_PEER_ERROR_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    let hint = match status.code() {
+        tonic::Code::Unimplemented | tonic::Code::Internal | tonic::Code::Unknown => {
+            "; check that the address is the gRPC address (`listen`) of a veo-sidecar"
+        }
+        _ => "",
+    };
+    Err(format!("{:?}: {message}{hint}", status.code()))
 }

@@ -32,6 +32,7 @@ pub(super) struct FileConfig {
 pub(super) struct FilePrivacy {
     pub(super) key_file: Option<PathBuf>,
     pub(super) token_lifetime_seconds: Option<i64>,
+    pub(super) erasure_peers: Option<Vec<String>>,
 }
 
 /// One `[tiers.<name>]` table.

@@ -2,18 +2,22 @@
 //! asset region registry and the erased customers pushed to the filter
 //! instances.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use super::ServerError;
-use crate::admin_service::AdminService;
+use crate::admin_service::{AdminService, PeerOutcome};
 use crate::config::Config;
 use crate::keys::{KeyProvider, LocalKeyFile};
 use crate::privacy::Privacy;
 use crate::pushes::Pushes;
 use crate::store::Store;
+
+/// Interval at which the erasures due are passed on to the peer sidecars.
+const FORWARD_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Interval at which the erasure notices of other sidecars are read.
 const NOTICE_INTERVAL: Duration = Duration::from_secs(2);
@@ -49,6 +53,7 @@ pub(super) fn open(
         keys,
         identities: store.identities().clone(),
         token_lifetime_s: config.privacy().token_lifetime_seconds,
+        erasure_peers: config.privacy().erasure_peers.clone().into(),
     }
 }
 
@@ -59,6 +64,7 @@ pub(super) async fn load(admin: &AdminService) -> Result<(), ServerError> {
     admin.reload_assets().await.map_err(status)?;
     admin.reload_erased().await.map_err(status)?;
     admin.load_acks().await.map_err(status)?;
+    admin.drop_unlisted_peers().await.map_err(status)?;
     Ok(())
 }
 
@@ -95,6 +101,100 @@ pub(super) async fn reload_erased(admin: AdminService) {
         }
         if let Err(err) = admin.retry_counter_cleanup().await {
             warn!(error = %err.message(), "failed to retry removing erased customers' Redis counts");
+        }
+    }
+}
+
+/// Passes, every 2 s, the erasures that are due on to the peer sidecars of
+/// `privacy.erasure_peers`. Each peer gets a task of its own, and a peer
+/// whose task still runs is skipped, so a peer that is slow to answer
+/// delays neither the others nor any other work.
+pub(super) async fn forward_erasures(admin: AdminService) {
+    let mut running: tokio::task::JoinSet<(String, Result<PeerOutcome, tonic::Status>)> =
+        tokio::task::JoinSet::new();
+    let mut busy = HashSet::new();
+    let mut health: HashMap<String, PeerHealth> = HashMap::new();
+    let mut reading_failed = false;
+    loop {
+        tokio::time::sleep(FORWARD_INTERVAL).await;
+        while let Some(finished) = running.try_join_next() {
+            let Ok((peer, outcome)) = finished else {
+                continue;
+            };
+            busy.remove(&peer);
+            health.entry(peer.clone()).or_default().note(&peer, outcome);
+        }
+        let due = match admin.due_forwards().await {
+            Ok(due) => {
+                reading_failed = false;
+                due
+            }
+            Err(err) => {
+                if !reading_failed {
+                    warn!(error = %err.message(), "failed to read the erasures to pass on to the peer sidecars; retrying every 2 s");
+                }
+                reading_failed = true;
+                continue;
+            }
+        };
+        for (peer, rows) in due {
+            if !busy.insert(peer.clone()) {
+                continue;
+            }
+            let admin = admin.clone();
+            running.spawn(async move {
+                let outcome = admin.forward_to_peer(&peer, &rows).await;
+                (peer, outcome)
+            });
+        }
+    }
+}
+
+/// How often a peer that keeps failing is logged again.
+const PEER_WARN_INTERVAL: Duration = Duration::from_secs(3_600);
+
+/// Whether a peer sidecar is failing, for logging each outage once and
+/// then hourly, whatever the number of erasures waiting for it.
+#[derive(Debug, Default)]
+struct PeerHealth {
+    /// Failed calls since the peer last succeeded.
+    failures: u64,
+    /// When the outage was last logged.
+    logged_at: Option<Instant>,
+}
+
+impl PeerHealth {
+    fn note(&mut self, peer: &str, outcome: Result<PeerOutcome, tonic::Status>) {
+        let error = match outcome {
+            Ok(PeerOutcome { error: None, .. }) => {
+                if self.failures > 0 {
+                    info!(
+                        peer,
+                        failed_calls = self.failures,
+                        "peer sidecar erases customers again"
+                    );
+                }
+                *self = PeerHealth::default();
+                return;
+            }
+            Ok(PeerOutcome {
+                error: Some(error), ..
+            }) => error,
+            Err(status) => status.message().to_owned(),
+        };
+        self.failures += 1;
+        let due = self
+            .logged_at
+            .is_none_or(|logged| logged.elapsed() >= PEER_WARN_INTERVAL);
+        if due {
+            warn!(
+                peer,
+                failed_calls = self.failures,
+                error,
+                "failed to pass erasures on to a peer sidecar; retrying with a delay of up to 5 \
+                 minutes, and GetErasure lists the peer until it succeeds"
+            );
+            self.logged_at = Some(Instant::now());
         }
     }
 }

@@ -225,6 +225,8 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
         .map_err(open_error)?;
     tx.execute_batch(crate::erasure::SCHEMA)
         .map_err(open_error)?;
+    tx.execute_batch(crate::erasure::forward::SCHEMA)
+        .map_err(open_error)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(open_error)?;
     tx.commit().map_err(open_error)?;

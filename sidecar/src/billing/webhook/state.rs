@@ -954,6 +954,7 @@ pub(super) mod tests {
             identities: identities.clone(),
             keys,
             token_lifetime_s: 60,
+            erasure_peers: Vec::new().into(),
         };
         let mut first = delivery("evt_1", "pro", 100, Rank::Live);
         first.mapping = Some(("acme".into(), "cus_1".into()));
