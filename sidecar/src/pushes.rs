@@ -3,15 +3,36 @@
 //! customers. Each is a complete, versioned set sent to an instance while
 //! the version it reports differs. The instances' acknowledgements of the
 //! erased customers are tracked here too.
+//!
+//! The registry's version is derived from its content, so equal
+//! registries have equal versions, and no restart or clock step can give
+//! an instance's old registry the version of a new one. The erased
+//! customers' versions increase, since acknowledgements compare them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError, RwLock};
 
+use prost::Message;
+use sha2::{Digest, Sha256};
 use veo_proto::sync::{AssetRegion, AssetRegions, ErasedCustomer, Erasures};
 
 /// Seconds since its last sync after which an instance no longer counts as
 /// running, so an erasure stops waiting for its acknowledgement.
 pub const INSTANCE_ACTIVE_SECONDS: i64 = 300;
+
+/// Returns the version of a registry with `assets` in order of asset: the
+/// first 8 bytes of the SHA-256 of their encoding, or 1 in place of 0.
+/// prost encodes a message without map fields the same way every time.
+fn registry_version(assets: &[AssetRegion]) -> u64 {
+    let mut hash = Sha256::new();
+    for asset in assets {
+        hash.update(asset.encode_length_delimited_to_vec());
+    }
+    let digest = hash.finalize();
+    let mut first = [0; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first).max(1)
+}
 
 /// A complete set and its version.
 #[derive(Debug, Clone, Default)]
@@ -52,14 +73,15 @@ pub struct Pushes {
 }
 
 impl Pushes {
-    /// Creates empty sets whose first version is `first_version`. Starting
-    /// from the start time makes every instance receive the sets again
-    /// after a restart, even one that held an earlier sidecar's version.
+    /// Creates an empty registry and an empty erased-customer set whose
+    /// first version is `first_version`. Starting from the start time makes
+    /// every instance receive the erased customers again after a restart,
+    /// even one that held an earlier sidecar's version.
     pub fn new(first_version: u64) -> Pushes {
         let first = |version: u64| version.max(1);
         Pushes {
             assets: RwLock::new(Versioned {
-                version: first(first_version),
+                version: registry_version(&[]),
                 items: Vec::new(),
             }),
             erasures: RwLock::new(Versioned {
@@ -74,10 +96,13 @@ impl Pushes {
     /// Replaces the asset region registry; returns whether it changed.
     pub fn set_assets(&self, mut assets: Vec<AssetRegion>) -> bool {
         assets.sort_by(|a, b| a.asset.cmp(&b.asset));
-        self.assets
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .replace(assets)
+        let mut current = self.assets.write().unwrap_or_else(PoisonError::into_inner);
+        if current.items == assets {
+            return false;
+        }
+        current.version = registry_version(&assets);
+        current.items = assets;
+        true
     }
 
     /// Returns the registry when `known_version` is not the current one.
@@ -159,14 +184,10 @@ impl Pushes {
         }
     }
 
-    /// Moves both sets' versions above `version` when they are not yet.
-    /// The first versions come from the clock, which may be behind the
-    /// versions an earlier run reached, and an instance must never count as
-    /// having acknowledged an erased-customer set it has not received.
-    // NOTE: registry versions are not stored, and instances compare them
-    // for equality only. After a restart with the clock set back, a new
-    // registry could take the version an instance has, and that instance
-    // would keep the old registry until the next change.
+    /// Moves the erased-customer set's version above `version` when it is
+    /// not yet. The first version comes from the clock, which may be behind
+    /// the versions an earlier run reached, and an instance must never
+    /// count as having acknowledged a set it has not received.
     pub fn move_versions_past(&self, version: u64) {
         let floor = version.saturating_add(1);
         let mut erasures = self
@@ -174,8 +195,6 @@ impl Pushes {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         erasures.version = erasures.version.max(floor);
-        let mut assets = self.assets.write().unwrap_or_else(PoisonError::into_inner);
-        assets.version = assets.version.max(floor);
     }
 
     /// Returns the instances seen within [`INSTANCE_ACTIVE_SECONDS`] of
@@ -211,9 +230,8 @@ mod tests {
     fn sets_are_sent_while_the_version_differs() {
         let pushes = Pushes::new(7);
 
-        let first = pushes.assets_for(0).unwrap();
-        assert_eq!(first.version, 7);
-        assert!(pushes.assets_for(7).is_none());
+        let empty = pushes.assets_for(0).unwrap().version;
+        assert!(pushes.assets_for(empty).is_none());
         assert!(pushes.set_assets(vec![AssetRegion {
             asset: "a1".into(),
             ..AssetRegion::default()
@@ -222,7 +240,34 @@ mod tests {
             asset: "a1".into(),
             ..AssetRegion::default()
         }]));
-        assert_eq!(pushes.assets_for(7).unwrap().version, 8);
+        let with_one = pushes.assets_for(empty).unwrap().version;
+        assert_ne!(with_one, empty);
+        assert!(pushes.assets_for(with_one).is_none());
+    }
+
+    #[test]
+    fn registry_version_depends_on_content_only() {
+        let entry = |asset: &str, region: &str| AssetRegion {
+            asset: asset.into(),
+            allowed_regions: vec![region.into()],
+            ..AssetRegion::default()
+        };
+        // Two runs of the sidecar, started at different times.
+        let (first, second) = (Pushes::new(5), Pushes::new(1_000));
+        let version = |pushes: &Pushes| pushes.assets_for(0).unwrap().version;
+        assert_eq!(version(&first), version(&second));
+
+        first.set_assets(vec![entry("a1", "eu"), entry("a2", "us")]);
+        second.set_assets(vec![entry("a2", "us"), entry("a1", "eu")]);
+        assert_eq!(version(&first), version(&second));
+
+        second.set_assets(vec![entry("a1", "eu"), entry("a2", "ap")]);
+        assert_ne!(version(&first), version(&second));
+        // Back to the first content, back to its version.
+        let before = version(&first);
+        first.set_assets(vec![entry("a1", "eu")]);
+        first.set_assets(vec![entry("a1", "eu"), entry("a2", "us")]);
+        assert_eq!(version(&first), before);
     }
 
     #[test]
@@ -292,7 +337,6 @@ mod tests {
 
         let version = pushes.erasures_version();
         assert_eq!(version, 10);
-        assert_eq!(pushes.assets_for(9).unwrap().version, 10);
         assert_eq!(pushes.pending_instances(version, 60), ["i1"]);
     }
 }
