@@ -49,6 +49,9 @@ pub enum CommandError {
     /// The keys could not be rotated.
     #[error("failed to rotate the keys: {0}")]
     Rotate(String),
+    /// The erasures waiting for a peer could not be dropped.
+    #[error("failed to drop the erasures waiting for the peer: {0}")]
+    DropPeer(String),
     /// A notice key could not be written.
     #[error("failed to write the notice key; --out must name a new file in an existing directory")]
     NoticeKey(#[from] crate::counters::redis::NoticeKeyError),
@@ -236,6 +239,53 @@ fn rotate_keys(
                 let _ = writeln!(text, "kept {kek}: {left} data keys still wrapped under it");
             }
         }
+    }
+    Ok(text)
+}
+
+/// Drops the erasures waiting for `peer` in the stopped sidecar's store
+/// and returns what was dropped.
+fn drop_erasure_peer(
+    data_dir: &std::path::Path,
+    key_file: Option<std::path::PathBuf>,
+    peer: &str,
+    actor: &str,
+) -> Result<String, CommandError> {
+    let fail = |err: &dyn std::fmt::Display| CommandError::DropPeer(err.to_string());
+    let store = crate::store::store_path(data_dir);
+    if !store.is_file() {
+        return Err(CommandError::DropPeer(format!(
+            "no store at {}; give the --data-dir of a sidecar that has run",
+            store.display()
+        )));
+    }
+    let key_file = key_file.unwrap_or_else(|| data_dir.join("keys.json"));
+    if !key_file.is_file() {
+        return Err(CommandError::DropPeer(format!(
+            "no key file at {}; give the sidecar's privacy.key_file with --key-file",
+            key_file.display()
+        )));
+    }
+    // The lock keeps a running sidecar from passing them on meanwhile.
+    let _lock = crate::server::lock_data_dir(data_dir).map_err(|err| fail(&err))?;
+    let keys = crate::keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;
+    let mut conn = rusqlite::Connection::open(&store).map_err(|err| fail(&err))?;
+    let now_ms = crate::ledger::unix_now_s().saturating_mul(1_000);
+    let dropped = crate::erasure::forward::drop_peer(&mut conn, &keys, peer, actor, now_ms)
+        .map_err(|err| fail(&crate::error_chain(&err)))?;
+    if dropped.is_empty() {
+        return Ok(format!(
+            "no erasure waits for {peer}; `veo-sidecar erasure ERASURE_ID` lists the peers an \
+             erasure waits for\n"
+        ));
+    }
+    let mut text = format!(
+        "dropped {} erasures waiting for {peer}; erase their customers on its successor by \
+         hand:\n",
+        dropped.len()
+    );
+    for erasure_id in dropped {
+        let _ = writeln!(text, "  {erasure_id}");
     }
     Ok(text)
 }
@@ -565,6 +615,19 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
         } => tokio::task::spawn_blocking(move || rotate_keys(&data_dir, key_file, keep_old))
             .await
             .map_err(|err| CommandError::Rotate(err.to_string()))?,
+        Command::DropErasurePeer {
+            data_dir,
+            key_file,
+            actor,
+            peer,
+        } => {
+            let actor = actor_or_user(actor);
+            tokio::task::spawn_blocking(move || {
+                drop_erasure_peer(&data_dir, key_file, &peer, &actor)
+            })
+            .await
+            .map_err(|err| CommandError::DropPeer(err.to_string()))?
+        }
         Command::VerifyAuditLog { sidecar, data_dir } => {
             let result = match data_dir {
                 Some(dir) => {

@@ -250,6 +250,24 @@ pub enum Command {
         #[arg(long)]
         keep_old: bool,
     },
+    /// Drops the erasures waiting to be passed on to a peer sidecar that is
+    /// gone for good, and records it in the audit log. Runs on a stopped
+    /// sidecar's data directory; erase those customers on the peer's
+    /// successor by hand.
+    DropErasurePeer {
+        /// Data directory of the stopped sidecar.
+        #[arg(long, value_name = "DIR")]
+        data_dir: std::path::PathBuf,
+        /// Key file; `DATA_DIR/keys.json` by default, as `privacy.key_file`.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<std::path::PathBuf>,
+        /// Name recorded in the audit log; `cli:$USER` by default.
+        #[arg(long, value_name = "NAME")]
+        actor: Option<String>,
+        /// Address of the peer, as `GetErasure` lists it.
+        #[arg(value_name = "PEER")]
+        peer: String,
+    },
     /// Checks the audit log's hash chain, of a running sidecar or of the
     /// store in a data directory.
     VerifyAuditLog {

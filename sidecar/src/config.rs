@@ -103,10 +103,10 @@ pub struct PrivacyConfig {
     /// Maximum lifetime of a token the issuer signs, in seconds. An erased
     /// customer's tokens are rejected this long after the erasure.
     pub token_lifetime_seconds: i64,
-    /// gRPC addresses (`http://HOST:PORT`) of the sidecars that keep their
-    /// own store and share no Redis with this one, such as those of the
-    /// other regions. An erasure asked of this sidecar is passed on to
-    /// each of them until it succeeds.
+    /// gRPC addresses (`http://host:port`) of the peer sidecars that an
+    /// erasure asked of this sidecar is passed on to until each succeeds:
+    /// those with their own store, such as one of each other region, and
+    /// any that must get every erasure even after a long stop.
     pub erasure_peers: Vec<String>,
 }
 
@@ -757,15 +757,17 @@ fn erasure_peers(origin: &Origin, peers: Vec<String>) -> Result<Vec<String>, Con
                 && !authority.as_str().contains('@')
                 && !peer.contains(['?', '#'])
                 && uri.path() == "/";
-            let port = uri.port_u16().filter(|port| *port != 0)?;
-            let host = authority.host();
-            (plain && !host.is_empty()).then(|| format!("http://{}:{port}", host.to_lowercase()))
+            let digits = uri.port()?.as_str().bytes().all(|b| b.is_ascii_digit());
+            let port = uri.port_u16().filter(|port| *port != 0 && digits)?;
+            let host = peer_host(authority.host())?;
+            plain.then(|| format!("http://{host}:{port}"))
         });
         let Some(address) = address else {
             return Err(invalid(
                 peer,
-                "expected the gRPC address of a peer sidecar as http://HOST:PORT with a port \
-                 from 1 to 65535 and no credentials, path or query, such as \
+                "expected the gRPC address of a peer sidecar as http://HOST:PORT, with a DNS \
+                 name or an IP address as HOST, a port from 1 to 65535 and no credentials, \
+                 path or query, such as \
                  http://sidecar.us-east.internal:50051; for TLS, route it through the mesh's \
                  proxy"
                     .into(),
@@ -777,6 +779,42 @@ fn erasure_peers(origin: &Origin, peers: Vec<String>) -> Result<Vec<String>, Con
         canonical.push(address);
     }
     Ok(canonical)
+}
+
+/// Returns `host` in its standard form: an IP address as Rust writes it
+/// (IPv6 in brackets), or a DNS name in lowercase whose last label starts
+/// with a letter. Other forms that resolvers accept, such as `127.1`,
+/// `0x7f000001` or a trailing dot, give `None`, so one peer cannot be
+/// listed twice under two spellings.
+fn peer_host(host: &str) -> Option<String> {
+    if let Some(inner) = host
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+    {
+        return inner
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(|ip| format!("[{ip}]"));
+    }
+    if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
+        return Some(ip.to_string());
+    }
+    let name = host.to_ascii_lowercase();
+    let labels_ok = name.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    let last_ok = name
+        .rsplit('.')
+        .next()
+        .and_then(|label| label.bytes().next())
+        .is_some_and(|first| first.is_ascii_alphabetic());
+    (labels_ok && last_ok).then_some(name)
 }
 
 fn require_path(key: &'static str, path: &Path, origin: Origin) -> Result<(), ConfigError> {
@@ -1115,6 +1153,16 @@ mod tests {
             (r#"["http://user:secret@a:1"]"#, "no credentials"),
             (r#"["http://a:0"]"#, "http://a:0"),
             (r#"["http://a:1#frag"]"#, "http://a:1#frag"),
+            (r#"["http://127.1:5"]"#, "http://127.1:5"),
+            (r#"["http://2130706433:5"]"#, "http://2130706433:5"),
+            (r#"["http://0x7f000001:5"]"#, "http://0x7f000001:5"),
+            (r#"["http://a.:5"]"#, "http://a.:5"),
+            (r#"["http://a:+5"]"#, "http://a:+5"),
+            (r#"["http://[::1%25lo]:5"]"#, "http://[::1%25lo]:5"),
+            (
+                r#"["http://[::1]:5", "http://[0:0:0:0:0:0:0:1]:5"]"#,
+                "names http://[::1]:5 a second time",
+            ),
             (r#"["http://a:1/?x=1"]"#, "http://a:1/?x=1"),
         ] {
             let message = load(peers).unwrap_err().to_string();

@@ -14,8 +14,10 @@
 //!
 //! What stays: the customer id in `erased_customer`, encrypted under the
 //! data key of [`ERASURES_OWNER`], until its tokens have expired, so that
-//! they are refused and usage sent for it is dropped. The erasure row
-//! stays too; it contains the keyed hash of the id and never the id.
+//! they are refused and usage sent for it is dropped. It stays in
+//! `erasure_counters_pending` until Redis has dropped its counts, and in
+//! `erasure_forward` until every peer sidecar has erased it. The erasure
+//! row stays too; it contains the keyed hash of the id and never the id.
 
 pub mod forward;
 

@@ -183,7 +183,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         .admin
         .clone()
         .with_counters(sync.recent(), shared.clone());
-    let forwarding = tokio::spawn(privacy::forward_erasures(admin.clone()));
+    let (stop_forwarding, forwarding_stopped) = tokio::sync::watch::channel(false);
+    let forwarding = tokio::spawn(privacy::forward_erasures(admin.clone(), forwarding_stopped));
     let erased_reload = tokio::spawn(privacy::reload_erased(admin));
     let (stop_billing, billing_stopped) = tokio::sync::watch::channel(false);
     let billing_tasks = billing.spawn(
@@ -281,7 +282,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     reload.abort();
     erased_reload.abort();
-    forwarding.abort();
+    let _ = stop_forwarding.send(true);
     // The reload tasks keep a handle to the store; wait until they are gone
     // so that the store closes cleanly.
     let _ = reload.await;

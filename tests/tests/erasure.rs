@@ -1016,8 +1016,7 @@ async fn erasure_reaches_peer_sidecars() -> anyhow::Result<()> {
     }
     assert_eq!(peer.usage(DOOMED).await?.admitted, 0);
     assert_eq!(peer.usage(KEPT).await?.admitted, 3);
-    // The refusal period runs from the first sidecar's erasure, so usage
-    // arriving late is dropped on the peer too.
+    // Usage arriving late is dropped on the peer too.
     send_batch(
         &peer,
         "envoy-1",
@@ -1043,6 +1042,10 @@ async fn erasure_reaches_peer_sidecars() -> anyhow::Result<()> {
         "the peer passed the erasure on: {:?}",
         on_peer.pending_peers
     );
+    assert_eq!(
+        on_peer.requested_unix_ms, erased.requested_unix_ms,
+        "the peer's erasure dates from the first sidecar's"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     for (sidecar, name) in [(&first, "first"), (&peer, "peer")] {
         let verified = sidecar
@@ -1060,6 +1063,10 @@ async fn erasure_reaches_peer_sidecars() -> anyhow::Result<()> {
     ensure!(
         first.log().contains("peer sidecar erased the customer"),
         "the first sidecar logged no erasure passed on"
+    );
+    ensure!(
+        !peer.log().contains("peer sidecar erased the customer"),
+        "the peer passed the erasure back"
     );
     Ok(())
 }
@@ -1084,6 +1091,10 @@ async fn silent_peer_delays_no_other_peer() -> anyhow::Result<()> {
         silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     }
     let silent_address = silent.local_addr()?;
+    ensure!(
+        silent_address.port().to_string() < peer_port,
+        "found no free port that sorts before {peer_port} in 100 tries"
+    );
     let holder = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((stream, _)) = silent.accept().await {
@@ -1138,5 +1149,79 @@ async fn silent_peer_delays_no_other_peer() -> anyhow::Result<()> {
         assert_eq!(waiting, [silent_peer.as_str()]);
     }
     holder.abort();
+    Ok(())
+}
+
+/// Erasures waiting for a peer that the config no longer lists stay
+/// pending, and `drop-erasure-peer` on the stopped sidecar drops them with
+/// an audit entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasures_for_a_removed_peer_wait_until_dropped() -> anyhow::Result<()> {
+    let dir = veo_tests::stack::temp_dir()?;
+    // Nothing listens on the peer's port.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let gone_peer = format!("http://{gone}");
+    let toml = |peers: &str| {
+        format!("[privacy]\ntoken_lifetime_seconds = 3600\nerasure_peers = [{peers}]\n")
+    };
+    let mut sidecar =
+        Sidecar::start_with_config(dir.path(), &toml(&format!("{gone_peer:?}"))).await?;
+    let erased = sidecar
+        .admin()
+        .await?
+        .erase_customer(EraseCustomerRequest {
+            customer: DOOMED.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+
+    // The peer leaves the list: the erasure still waits for it.
+    sidecar.stop();
+    std::fs::write(dir.path().join("sidecar.toml"), toml(""))?;
+    sidecar.restart().await?;
+    let progress = erasure_on(&sidecar, &erased.erasure_id).await?;
+    let waiting: Vec<&str> = progress
+        .pending_peers
+        .iter()
+        .map(|p| p.peer.as_str())
+        .collect();
+    assert_eq!(waiting, [gone_peer.as_str()]);
+    ensure!(
+        sidecar
+            .log()
+            .contains("privacy.erasure_peers no longer lists"),
+        "no warning about the unlisted peer"
+    );
+
+    sidecar.stop();
+    let output = Command::new(sidecar_binary()?)
+        .arg("drop-erasure-peer")
+        .arg("--data-dir")
+        .arg(sidecar.data_dir())
+        .args(["--actor", "cli:ops", &gone_peer])
+        .output()?;
+    let printed = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(printed.contains(&erased.erasure_id), "{printed}");
+    sidecar.restart().await?;
+    let progress = erasure_on(&sidecar, &erased.erasure_id).await?;
+    ensure!(
+        progress.pending_peers.is_empty(),
+        "still waiting: {:?}",
+        progress.pending_peers
+    );
+    let verified = sidecar
+        .admin()
+        .await?
+        .verify_audit_log(VerifyAuditLogRequest {})
+        .await?
+        .into_inner();
+    ensure!(verified.intact, "audit log: {}", verified.problem);
+    assert_eq!(verified.entries, 2, "the erasure and the dropped peer");
     Ok(())
 }

@@ -47,6 +47,10 @@ const MAX_PEER_CLOCK_AHEAD_S: i64 = 60;
 /// Time allowed for a peer sidecar to erase a customer, in seconds.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How far inside the token lifetime the time of an old erasure's notice
+/// is put, in milliseconds, so that the other sidecars still apply it.
+const NOTICE_MARGIN_MS: i64 = 60_000;
+
 /// Erasure notices read from the shared counters at a time.
 const NOTICES_PER_READ: usize = 100;
 
@@ -431,8 +435,10 @@ impl AdminService {
             Origin::Notice { .. } | Origin::Peer { .. } => Vec::new().into(),
         };
         let now_ms = now_s.saturating_mul(1_000);
+        // A peer's time is kept as sent, up to a minute ahead of this
+        // clock, so that the same erasure sent again finds this one.
         let first_erased_unix_ms = match origin {
-            Origin::Peer { erased_at_unix_ms } => erased_at_unix_ms.min(now_ms),
+            Origin::Peer { erased_at_unix_ms } => erased_at_unix_ms,
             Origin::Request | Origin::Notice { .. } => now_ms,
         };
         let refuse_until_unix_s = refused_from_s.saturating_add(privacy.token_lifetime_s);
@@ -527,8 +533,11 @@ impl AdminService {
     /// `notice` announces the erasure to the other sidecars. Counts that
     /// Redis cannot remove now, or an announcement it cannot take, stay
     /// queued in the store, and [`AdminService::retry_counter_cleanup`]
-    /// tries again. An erasure older than the token lifetime is no longer
-    /// announced, because the other sidecars would skip its notice.
+    /// tries again. An erasure older than the token lifetime, after a
+    /// long Redis outage or passed on late by a peer, is announced with a
+    /// time a minute inside the lifetime instead. The other sidecars skip a
+    /// notice older than that, and they must still erase the customer. They
+    /// then refuse its tokens for about a minute.
     async fn clear_counters(
         &self,
         customer: &str,
@@ -546,18 +555,14 @@ impl AdminService {
         };
         let privacy = self.privacy()?;
         let lifetime_ms = privacy.token_lifetime_s.saturating_mul(1_000);
-        let oldest_announced_ms = now_s.saturating_mul(1_000).saturating_sub(lifetime_ms);
-        let notice = match notice {
-            Some(source) if source.erased_at_unix_ms < oldest_announced_ms => {
-                warn!(
-                    erasure_id = source.erasure_id,
-                    "not announcing an erasure older than privacy.token_lifetime_seconds; erase \
-                     the customer by hand on the sidecars sharing the counters"
-                );
-                None
-            }
-            notice => notice,
-        };
+        let oldest_applied_ms = now_s
+            .saturating_mul(1_000)
+            .saturating_sub(lifetime_ms)
+            .saturating_add(NOTICE_MARGIN_MS);
+        let notice = notice.map(|source| ErasureSource {
+            erased_at_unix_ms: source.erased_at_unix_ms.max(oldest_applied_ms),
+            ..source
+        });
         let mut result = shared.erase_customer(customer, now_s).await;
         if let (Ok(_), Some(source)) = (&result, &notice) {
             let retention = Duration::from_secs(privacy.token_lifetime_s.unsigned_abs());
@@ -688,16 +693,13 @@ impl AdminService {
         Ok(())
     }
 
-    /// Returns the erasures due to be passed on, per peer; none without
-    /// peers.
+    /// Returns the erasures due to be passed on, per peer, including those
+    /// of peers `privacy.erasure_peers` no longer lists.
     pub async fn due_forwards(
         &self,
     ) -> Result<BTreeMap<String, Vec<forward::PendingForward>>, Status> {
         let privacy = self.privacy()?;
         let mut by_peer: BTreeMap<String, Vec<forward::PendingForward>> = BTreeMap::new();
-        if privacy.erasure_peers.is_empty() {
-            return Ok(by_peer);
-        }
         let keys = Arc::clone(&privacy.keys);
         let now_ms = unix_now_s().saturating_mul(1_000);
         let due = self
@@ -728,6 +730,7 @@ impl AdminService {
         let mut outcome = PeerOutcome {
             delivered: 0,
             error: None,
+            failing: 0,
         };
         let mut client = match connect_peer(peer).await {
             Ok(client) => client,
@@ -736,7 +739,7 @@ impl AdminService {
                     self.record_forward(row, Err(error.clone())).await?;
                 }
                 outcome.error = Some(error);
-                return Ok(outcome);
+                return self.with_failing(peer, outcome).await;
             }
         };
         let ledger = self.biller.ledger();
@@ -751,6 +754,24 @@ impl AdminService {
             }
             outcome.delivered += 1;
         }
+        self.with_failing(peer, outcome).await
+    }
+
+    /// Sets the number of erasures for `peer` that have failed and still
+    /// wait in `outcome`.
+    async fn with_failing(
+        &self,
+        peer: &str,
+        mut outcome: PeerOutcome,
+    ) -> Result<PeerOutcome, Status> {
+        let peer = peer.to_owned();
+        outcome.failing = self
+            .store()
+            .read("count the erasures failing for a peer", move |conn| {
+                forward::failing(conn, &peer)
+            })
+            .await
+            .map_err(ServiceError::from)?;
         Ok(outcome)
     }
 
@@ -782,24 +803,28 @@ impl AdminService {
         Ok(())
     }
 
-    /// Drops the erasures waiting for peers that `privacy.erasure_peers` no
-    /// longer lists, with a warning for each.
-    pub async fn drop_unlisted_peers(&self) -> Result<(), Status> {
+    /// Warns about each peer that erasures wait for but
+    /// `privacy.erasure_peers` no longer lists. Those erasures are still
+    /// passed on to it, so a peer listed under another address by mistake
+    /// loses none. For a peer that is gone for good,
+    /// `veo-sidecar drop-erasure-peer` drops them.
+    pub async fn warn_unlisted_peers(&self) -> Result<(), Status> {
         let peers = Arc::clone(&self.privacy()?.erasure_peers);
-        let dropped = self
+        let unlisted = self
             .store()
-            .write("drop erasures of peers no longer listed", move |conn| {
-                forward::drop_unlisted(conn, &peers)
+            .read("read the peers erasures wait for", move |conn| {
+                forward::unlisted(conn, &peers)
             })
             .await
             .map_err(ServiceError::from)?;
-        for (erasure_id, peer) in dropped {
+        for (peer, waiting) in unlisted {
             warn!(
-                erasure_id,
                 peer,
-                "privacy.erasure_peers no longer lists a peer that has not erased a customer; \
-                 erase it there by hand: it is the customer whose erase-customer returned this \
-                 erasure id"
+                erasures = waiting,
+                "erasures wait for a peer sidecar that privacy.erasure_peers no longer lists; \
+                 they are still passed on to it. List it again, or, if it is gone for good, \
+                 stop this sidecar and run `veo-sidecar drop-erasure-peer` and erase those \
+                 customers by hand"
             );
         }
         Ok(())
@@ -920,16 +945,18 @@ impl AdminService {
     }
 }
 
-/// What one call of [`AdminService::forward_to_peer`] did.
+/// Outcome of one call of [`AdminService::forward_to_peer`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerOutcome {
     /// Erasures the peer performed or already had.
     pub delivered: usize,
     /// The error that stopped the call, if any.
     pub error: Option<String>,
+    /// Erasures for the peer that have failed and still wait, in erasures.
+    pub failing: u64,
 }
 
-/// Longest error text of a peer kept in the store, in bytes.
+/// Maximum length of a peer's error text kept in the store, in bytes.
 const MAX_PEER_ERROR_BYTES: usize = 512;
 
 /// A client of a peer sidecar's admin API.
@@ -964,11 +991,20 @@ async fn erase_at_peer(
         .parse()
         .map_err(|_| format!("{actor:?} is not a valid actor name"))?;
     request.metadata_mut().insert(ACTOR_METADATA, actor);
-    let status = match client.erase_customer(request).await {
-        Ok(reply) => return Ok(reply.into_inner().erasure_id),
-        Err(status) => status,
+    request.set_timeout(PEER_TIMEOUT);
+    // The channel's timeout covers the reply's headers only, so this
+    // bounds the whole call.
+    let status = match tokio::time::timeout(PEER_TIMEOUT, client.erase_customer(request)).await {
+        Ok(Ok(reply)) => return Ok(reply.into_inner().erasure_id),
+        Ok(Err(status)) => status,
+        Err(_) => {
+            return Err(format!(
+                "no reply within {} s; check that the peer runs and is not overloaded",
+                PEER_TIMEOUT.as_secs()
+            ));
+        }
     };
-    let mut message = status.message().replace(&row.customer, "<customer>");
+    let mut message = without_customer(status.message(), &row.customer);
     if message.len() > MAX_PEER_ERROR_BYTES {
         let mut end = MAX_PEER_ERROR_BYTES;
         while !message.is_char_boundary(end) {
@@ -983,4 +1019,39 @@ async fn erase_at_peer(
         _ => "",
     };
     Err(format!("{:?}: {message}{hint}", status.code()))
+}
+
+/// Replaces `customer` in `text` with `<customer>`, also where it is
+/// escaped once or twice as a Rust or JSON string would escape it.
+fn without_customer(text: &str, customer: &str) -> String {
+    let escaped_once = format!("{customer:?}");
+    let once = escaped_once.trim_matches('"').to_owned();
+    let escaped_twice = format!("{once:?}");
+    let twice = escaped_twice.trim_matches('"').to_owned();
+    let mut cleaned = text.to_owned();
+    // The longest form first, so that a shorter one inside it cannot
+    // leave part of it behind.
+    for form in [twice, once, customer.to_owned()] {
+        cleaned = cleaned.replace(&form, "<customer>");
+    }
+    cleaned
+}
+
+#[cfg(test)]
+mod peer_error_tests {
+    use super::without_customer;
+
+    #[test]
+    fn customer_is_removed_in_every_form() {
+        let customer = r#"id"with\quote"#;
+        for text in [
+            format!("customer {customer} rejected"),
+            format!("customer {customer:?} rejected"),
+            format!("customer {:?} rejected", format!("{customer:?}")),
+        ] {
+            let cleaned = without_customer(&text, customer);
+            assert!(!cleaned.contains("with"), "{cleaned}");
+            assert!(cleaned.contains("<customer>"), "{cleaned}");
+        }
+    }
 }

@@ -163,24 +163,67 @@ pub fn pending_for(conn: &Connection, erasure_id: &str) -> rusqlite::Result<Vec<
     statement.query_map([erasure_id], read)?.collect()
 }
 
-/// Drops the rows of peers that `peers` no longer lists and returns them
-/// as (erasure id, peer).
-pub fn drop_unlisted(
-    conn: &Connection,
-    peers: &[String],
-) -> rusqlite::Result<Vec<(String, String)>> {
-    let mut statement = conn.prepare("SELECT erasure_id, peer FROM erasure_forward")?;
-    let rows: Vec<(String, String)> = statement
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut dropped = Vec::new();
-    for (erasure_id, peer) in rows {
+/// Returns how many erasures for `peer` have failed at least once and
+/// still wait.
+pub fn failing(conn: &Connection, peer: &str) -> rusqlite::Result<u64> {
+    let count = "SELECT COUNT(*) FROM erasure_forward WHERE peer = ?1 AND attempts > 0";
+    conn.query_row(count, [peer], |row| row.get(0))
+}
+
+/// Returns the peers that erasures wait for but `peers` does not list,
+/// each with the number of erasures waiting, in order of address.
+pub fn unlisted(conn: &Connection, peers: &[String]) -> rusqlite::Result<Vec<(String, u64)>> {
+    let select = "SELECT peer, COUNT(*) FROM erasure_forward GROUP BY peer ORDER BY peer";
+    let mut statement = conn.prepare(select)?;
+    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let mut unlisted = Vec::new();
+    for row in rows {
+        let (peer, waiting): (String, u64) = row?;
         if !peers.contains(&peer) {
-            done(conn, &erasure_id, &peer)?;
-            dropped.push((erasure_id, peer));
+            unlisted.push((peer, waiting));
         }
     }
-    Ok(dropped)
+    Ok(unlisted)
+}
+
+/// Drops every erasure waiting for `peer` and appends an audit entry
+/// (`drop_erasure_peer`, by `actor`) that lists them, in one transaction.
+/// Returns the ids of the erasures dropped; none, and no entry, when no
+/// erasure waits for `peer`.
+pub fn drop_peer(
+    conn: &mut Connection,
+    keys: &dyn KeyProvider,
+    peer: &str,
+    actor: &str,
+    now_unix_ms: i64,
+) -> rusqlite::Result<Vec<String>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let erasure_ids: Vec<String> = tx
+        .prepare("SELECT erasure_id FROM erasure_forward WHERE peer = ?1 ORDER BY erasure_id")?
+        .query_map([peer], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if erasure_ids.is_empty() {
+        return Ok(erasure_ids);
+    }
+    tx.execute("DELETE FROM erasure_forward WHERE peer = ?1", [peer])?;
+    let entry = crate::audit::NewEntry {
+        at_unix_ms: now_unix_ms,
+        actor: actor.to_owned(),
+        action: "drop_erasure_peer".into(),
+        subject_hash: None,
+        records: u64::try_from(erasure_ids.len()).unwrap_or(u64::MAX),
+        details: serde_json::json!({"peer": peer, "erasure_ids": erasure_ids}),
+    };
+    let receipt = crate::audit::append(&tx, keys, &entry).map_err(to_sql)?;
+    super::record_head(
+        &tx,
+        &super::Receipt {
+            position: receipt.position,
+            entry_hash: receipt.entry_hash,
+        },
+    )?;
+    tx.commit()?;
+    Ok(erasure_ids)
 }
 
 #[cfg(test)]
@@ -276,16 +319,79 @@ mod tests {
     }
 
     #[test]
-    fn unlisted_peers_are_dropped() {
+    fn unlisted_peers_are_reported() {
         let (conn, file) = open();
         queue(&conn, &file.keys, "alice", "er_1", 5_000, &peers()).unwrap();
+        queue(&conn, &file.keys, "bob", "er_2", 6_000, &peers()).unwrap();
 
-        let dropped = drop_unlisted(&conn, &peers()[1..]).unwrap();
+        let unlisted_peers = unlisted(&conn, &peers()[1..]).unwrap();
 
-        assert_eq!(dropped, [("er_1".to_owned(), "http://a:1".to_owned())]);
-        let left = pending_for(&conn, "er_1").unwrap();
+        assert_eq!(unlisted_peers, [("http://a:1".to_owned(), 2)]);
+        assert!(unlisted(&conn, &peers()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn dropped_peer_is_audited() {
+        let (mut conn, file) = open();
+        queue(&conn, &file.keys, "alice", "er_1", 5_000, &peers()).unwrap();
+        queue(&conn, &file.keys, "bob", "er_2", 6_000, &peers()[..1]).unwrap();
+
+        let dropped = drop_peer(&mut conn, &file.keys, "http://a:1", "cli:ops", 7_000).unwrap();
+
+        assert_eq!(dropped, ["er_1", "er_2"]);
+        let left = due(&conn, &file.keys, 10_000).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].peer, "http://b:2");
+        let entries = crate::audit::entries(&conn, Some(&file.keys), 0, 10).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].action, "drop_erasure_peer");
+        assert_eq!(entries[0].actor, "cli:ops");
+        assert_eq!(entries[0].records, 2);
+        let head: String = conn
+            .query_row(
+                "SELECT value FROM sidecar_meta WHERE key = 'audit_head'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert!(head.contains(&entries[0].entry_hash), "{head}");
+        // A peer nothing waits for drops nothing and appends no entry.
+        let none = drop_peer(&mut conn, &file.keys, "http://c:3", "cli:ops", 8_000).unwrap();
+        assert!(none.is_empty());
+        assert_eq!(
+            crate::audit::entries(&conn, Some(&file.keys), 0, 10)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn failed_audit_entry_keeps_the_rows() {
+        let (mut conn, file) = open();
+        queue(&conn, &file.keys, "alice", "er_1", 5_000, &peers()).unwrap();
+
+        let result = drop_peer(&mut conn, &file.keys, "http://a:1", "", 7_000);
+
+        assert!(result.is_err());
+        assert_eq!(due(&conn, &file.keys, 10_000).unwrap().len(), 2);
+        // Without the table that records the last entry, nothing is kept.
+        conn.execute_batch("DROP TABLE sidecar_meta").unwrap();
+        let result = drop_peer(&mut conn, &file.keys, "http://a:1", "cli:ops", 7_000);
+        assert!(result.is_err());
+        assert_eq!(due(&conn, &file.keys, 10_000).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn failing_rows_are_counted_per_peer() {
+        let (conn, file) = open();
+        queue(&conn, &file.keys, "alice", "er_1", 5_000, &peers()).unwrap();
+        queue(&conn, &file.keys, "bob", "er_2", 6_000, &peers()).unwrap();
+
+        failed(&conn, "er_1", "http://a:1", "rejected", 7_000).unwrap();
+
+        assert_eq!(failing(&conn, "http://a:1").unwrap(), 1);
+        assert_eq!(failing(&conn, "http://b:2").unwrap(), 0);
     }
 
     #[test]
@@ -296,6 +402,9 @@ mod tests {
         assert!(queue(&conn, &file.keys, "alice", "er_1", 1, &peers()).is_err());
         assert!(due(&conn, &file.keys, 1).is_err());
         assert!(pending_for(&conn, "er_1").is_err());
-        assert!(drop_unlisted(&conn, &peers()).is_err());
+        assert!(unlisted(&conn, &peers()).is_err());
+        assert!(failing(&conn, "http://a:1").is_err());
+        let mut conn = conn;
+        assert!(drop_peer(&mut conn, &file.keys, "http://a:1", "cli:ops", 1).is_err());
     }
 }

@@ -2,7 +2,7 @@
 //! asset region registry and the erased customers pushed to the filter
 //! instances.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,7 @@ pub(super) async fn load(admin: &AdminService) -> Result<(), ServerError> {
     admin.reload_assets().await.map_err(status)?;
     admin.reload_erased().await.map_err(status)?;
     admin.load_acks().await.map_err(status)?;
-    admin.drop_unlisted_peers().await.map_err(status)?;
+    admin.warn_unlisted_peers().await.map_err(status)?;
     Ok(())
 }
 
@@ -105,24 +105,35 @@ pub(super) async fn reload_erased(admin: AdminService) {
     }
 }
 
-/// Passes, every 2 s, the erasures that are due on to the peer sidecars of
-/// `privacy.erasure_peers`. Each peer gets a task of its own, and a peer
-/// whose task still runs is skipped, so a peer that is slow to answer
-/// delays neither the others nor any other work.
-pub(super) async fn forward_erasures(admin: AdminService) {
-    let mut running: tokio::task::JoinSet<(String, Result<PeerOutcome, tonic::Status>)> =
-        tokio::task::JoinSet::new();
-    let mut busy = HashSet::new();
+/// Passes, every 2 s, the erasures that are due on to their peer
+/// sidecars, until `stop` turns true. Each peer gets a task of its own, and
+/// a peer whose task still runs is skipped, so a peer that is slow to
+/// reply delays neither the others nor any other work. On stop, the
+/// peers' tasks are cancelled and awaited, so none holds the store.
+pub(super) async fn forward_erasures(
+    admin: AdminService,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut running = tokio::task::JoinSet::new();
+    let mut busy: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut health: HashMap<String, PeerHealth> = HashMap::new();
     let mut reading_failed = false;
     loop {
-        tokio::time::sleep(FORWARD_INTERVAL).await;
-        while let Some(finished) = running.try_join_next() {
-            let Ok((peer, outcome)) = finished else {
-                continue;
+        tokio::select! {
+            () = tokio::time::sleep(FORWARD_INTERVAL) => {}
+            _ = stop.changed() => break,
+        }
+        while let Some(finished) = running.try_join_next_with_id() {
+            let (id, outcome) = match finished {
+                Ok((id, outcome)) => (id, outcome),
+                Err(err) => {
+                    let message = format!("passing erasures on stopped: {err}");
+                    (err.id(), Err(tonic::Status::internal(message)))
+                }
             };
-            busy.remove(&peer);
-            health.entry(peer.clone()).or_default().note(&peer, outcome);
+            if let Some(peer) = busy.remove(&id) {
+                health.entry(peer.clone()).or_default().note(&peer, outcome);
+            }
         }
         let due = match admin.due_forwards().await {
             Ok(due) => {
@@ -138,26 +149,28 @@ pub(super) async fn forward_erasures(admin: AdminService) {
             }
         };
         for (peer, rows) in due {
-            if !busy.insert(peer.clone()) {
+            if busy.values().any(|running_peer| running_peer == &peer) {
                 continue;
             }
             let admin = admin.clone();
-            running.spawn(async move {
-                let outcome = admin.forward_to_peer(&peer, &rows).await;
-                (peer, outcome)
-            });
+            let task_peer = peer.clone();
+            let handle =
+                running.spawn(async move { admin.forward_to_peer(&task_peer, &rows).await });
+            busy.insert(handle.id(), peer);
         }
     }
+    running.shutdown().await;
 }
 
 /// How often a peer that keeps failing is logged again.
 const PEER_WARN_INTERVAL: Duration = Duration::from_secs(3_600);
 
 /// Whether a peer sidecar is failing, for logging each outage once and
-/// then hourly, whatever the number of erasures waiting for it.
+/// then hourly, whatever the number of erasures waiting for it. An outage
+/// lasts while any erasure for the peer fails, also when others succeed.
 #[derive(Debug, Default)]
 struct PeerHealth {
-    /// Failed calls since the peer last succeeded.
+    /// Failed calls since the outage began.
     failures: u64,
     /// When the outage was last logged.
     logged_at: Option<Instant>,
@@ -166,15 +179,19 @@ struct PeerHealth {
 impl PeerHealth {
     fn note(&mut self, peer: &str, outcome: Result<PeerOutcome, tonic::Status>) {
         let error = match outcome {
-            Ok(PeerOutcome { error: None, .. }) => {
-                if self.failures > 0 {
+            Ok(PeerOutcome {
+                error: None,
+                failing,
+                ..
+            }) => {
+                if failing == 0 && self.failures > 0 {
                     info!(
                         peer,
                         failed_calls = self.failures,
                         "peer sidecar erases customers again"
                     );
+                    *self = PeerHealth::default();
                 }
-                *self = PeerHealth::default();
                 return;
             }
             Ok(PeerOutcome {
