@@ -194,6 +194,30 @@ pub fn erasure_text(erasure: &Erasure) -> String {
     text
 }
 
+/// Returns the store file and the key file of the sidecar whose data
+/// directory is `data_dir` (`key_file`, or `DATA_DIR/keys.json`), or an
+/// error naming the one that is missing.
+fn stopped_store_files(
+    data_dir: &std::path::Path,
+    key_file: Option<std::path::PathBuf>,
+) -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+    let store = crate::store::store_path(data_dir);
+    if !store.is_file() {
+        return Err(format!(
+            "no store at {}; give the --data-dir of a sidecar that has run",
+            store.display()
+        ));
+    }
+    let key_file = key_file.unwrap_or_else(|| data_dir.join("keys.json"));
+    if !key_file.is_file() {
+        return Err(format!(
+            "no key file at {}; give the sidecar's privacy.key_file with --key-file",
+            key_file.display()
+        ));
+    }
+    Ok((store, key_file))
+}
+
 /// Rotates the key-encryption key of the store in `data_dir`: a new key
 /// becomes current, every data key is wrapped with it, and unless
 /// `keep_old` the old keys leave the file once nothing is wrapped under
@@ -205,20 +229,8 @@ fn rotate_keys(
 ) -> Result<String, CommandError> {
     use crate::keys;
     let fail = |err: &dyn std::fmt::Display| CommandError::Rotate(err.to_string());
-    let store = crate::store::store_path(data_dir);
-    if !store.is_file() {
-        return Err(CommandError::Rotate(format!(
-            "no store at {}; give the --data-dir of a sidecar that has run",
-            store.display()
-        )));
-    }
-    let key_file = key_file.unwrap_or_else(|| data_dir.join("keys.json"));
-    if !key_file.is_file() {
-        return Err(CommandError::Rotate(format!(
-            "no key file at {}; give the sidecar's privacy.key_file with --key-file",
-            key_file.display()
-        )));
-    }
+    let (store, key_file) =
+        stopped_store_files(data_dir, key_file).map_err(CommandError::Rotate)?;
     // The lock keeps a running sidecar from using the keys meanwhile.
     let _lock = crate::server::lock_data_dir(data_dir).map_err(|err| fail(&err))?;
     let mut provider = keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;
@@ -252,20 +264,8 @@ fn drop_erasure_peer(
     actor: &str,
 ) -> Result<String, CommandError> {
     let fail = |err: &dyn std::fmt::Display| CommandError::DropPeer(err.to_string());
-    let store = crate::store::store_path(data_dir);
-    if !store.is_file() {
-        return Err(CommandError::DropPeer(format!(
-            "no store at {}; give the --data-dir of a sidecar that has run",
-            store.display()
-        )));
-    }
-    let key_file = key_file.unwrap_or_else(|| data_dir.join("keys.json"));
-    if !key_file.is_file() {
-        return Err(CommandError::DropPeer(format!(
-            "no key file at {}; give the sidecar's privacy.key_file with --key-file",
-            key_file.display()
-        )));
-    }
+    let (store, key_file) =
+        stopped_store_files(data_dir, key_file).map_err(CommandError::DropPeer)?;
     // The lock keeps a running sidecar from passing them on meanwhile.
     let _lock = crate::server::lock_data_dir(data_dir).map_err(|err| fail(&err))?;
     let keys = crate::keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;

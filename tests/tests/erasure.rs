@@ -909,6 +909,29 @@ async fn erasure_reaches_sidecars_sharing_redis() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Erases `customer` on `sidecar` and returns the erasure.
+async fn erase_on(sidecar: &Sidecar, customer: &str) -> anyhow::Result<Erasure> {
+    let request = EraseCustomerRequest {
+        customer: customer.to_owned(),
+        ..Default::default()
+    };
+    Ok(sidecar
+        .admin()
+        .await?
+        .erase_customer(request)
+        .await?
+        .into_inner())
+}
+
+/// Returns the addresses of the peers `erasure` waits for.
+fn pending_peer_names(erasure: &Erasure) -> Vec<String> {
+    erasure
+        .pending_peers
+        .iter()
+        .map(|pending| pending.peer.clone())
+        .collect()
+}
+
 /// Reads erasure `erasure_id` on `sidecar`.
 async fn erasure_on(sidecar: &Sidecar, erasure_id: &str) -> anyhow::Result<Erasure> {
     let request = GetErasureRequest {
@@ -958,22 +981,10 @@ async fn erasure_reaches_peer_sidecars() -> anyhow::Result<()> {
     // sidecar as its own peer when it comes back.
     peer.stop();
     std::fs::write(peer_dir.join("sidecar.toml"), peer_config(&[&first]))?;
-    let erased = first
-        .admin()
-        .await?
-        .erase_customer(EraseCustomerRequest {
-            customer: DOOMED.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let erased = erase_on(&first, DOOMED).await?;
     let peer_address = format!("http://{}", peer.address());
-    let waiting: Vec<&str> = erased
-        .pending_peers
-        .iter()
-        .map(|p| p.peer.as_str())
-        .collect();
-    assert_eq!(waiting, [peer_address.as_str()]);
+    let waiting = pending_peer_names(&erased);
+    assert_eq!(waiting, std::slice::from_ref(&peer_address));
     assert_eq!(erased.state(), ErasureState::PendingPeers);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -1028,15 +1039,7 @@ async fn erasure_reaches_peer_sidecars() -> anyhow::Result<()> {
 
     // Asking the peer again returns its erasure, which waits for no peer
     // of its own: an erasure received from a peer is not passed on.
-    let on_peer = peer
-        .admin()
-        .await?
-        .erase_customer(EraseCustomerRequest {
-            customer: DOOMED.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let on_peer = erase_on(&peer, DOOMED).await?;
     ensure!(
         on_peer.pending_peers.is_empty(),
         "the peer passed the erasure on: {:?}",
@@ -1118,15 +1121,7 @@ async fn silent_peer_delays_no_other_peer() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut erasure_ids = Vec::new();
     for customer in customers {
-        let erased = first
-            .admin()
-            .await?
-            .erase_customer(EraseCustomerRequest {
-                customer: customer.into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let erased = erase_on(&first, customer).await?;
         erasure_ids.push(erased.erasure_id);
     }
     for customer in customers {
@@ -1141,12 +1136,8 @@ async fn silent_peer_delays_no_other_peer() -> anyhow::Result<()> {
     let silent_peer = format!("http://{silent_address}");
     for erasure_id in &erasure_ids {
         let progress = erasure_on(&first, erasure_id).await?;
-        let waiting: Vec<&str> = progress
-            .pending_peers
-            .iter()
-            .map(|p| p.peer.as_str())
-            .collect();
-        assert_eq!(waiting, [silent_peer.as_str()]);
+        let waiting = pending_peer_names(&progress);
+        assert_eq!(waiting, std::slice::from_ref(&silent_peer));
     }
     holder.abort();
     Ok(())
@@ -1166,27 +1157,15 @@ async fn erasures_for_a_removed_peer_wait_until_dropped() -> anyhow::Result<()> 
     };
     let mut sidecar =
         Sidecar::start_with_config(dir.path(), &toml(&format!("{gone_peer:?}"))).await?;
-    let erased = sidecar
-        .admin()
-        .await?
-        .erase_customer(EraseCustomerRequest {
-            customer: DOOMED.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let erased = erase_on(&sidecar, DOOMED).await?;
 
     // The peer leaves the list: the erasure still waits for it.
     sidecar.stop();
     std::fs::write(dir.path().join("sidecar.toml"), toml(""))?;
     sidecar.restart().await?;
     let progress = erasure_on(&sidecar, &erased.erasure_id).await?;
-    let waiting: Vec<&str> = progress
-        .pending_peers
-        .iter()
-        .map(|p| p.peer.as_str())
-        .collect();
-    assert_eq!(waiting, [gone_peer.as_str()]);
+    let waiting = pending_peer_names(&progress);
+    assert_eq!(waiting, std::slice::from_ref(&gone_peer));
     ensure!(
         sidecar
             .log()
