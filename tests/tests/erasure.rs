@@ -1084,20 +1084,28 @@ async fn silent_peer_delays_no_other_peer() -> anyhow::Result<()> {
     std::fs::create_dir_all(&peer_dir)?;
     let peer = Sidecar::start_with_config(&peer_dir, &peer_config(&[])).await?;
     // A silent peer whose address sorts first, so a sidecar that served
-    // its peers one after the other would reach it first.
+    // its peers one after the other in order of address would reach it
+    // first: the first free port of the local range whose digits sort
+    // before the answering peer's.
     let peer_port = peer.address().port().to_string();
-    let mut silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    for _ in 0..100 {
-        if silent.local_addr()?.port().to_string() < peer_port {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let bounds: Vec<u16> = range
+        .split_whitespace()
+        .filter_map(|bound| bound.parse().ok())
+        .collect();
+    let (low, high) = match bounds[..] {
+        [low, high] => (low, high),
+        _ => bail!("unexpected ip_local_port_range: {range:?}"),
+    };
+    let mut silent = None;
+    for port in (low..=high).filter(|port| port.to_string() < peer_port) {
+        if let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            silent = Some(listener);
             break;
         }
-        silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     }
+    let silent = silent.with_context(|| format!("no free port sorts before {peer_port}"))?;
     let silent_address = silent.local_addr()?;
-    ensure!(
-        silent_address.port().to_string() < peer_port,
-        "found no free port that sorts before {peer_port} in 100 tries"
-    );
     let holder = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((stream, _)) = silent.accept().await {
