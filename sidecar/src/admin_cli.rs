@@ -236,7 +236,7 @@ fn rotate_keys(
     let mut provider = keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;
     let old = provider.kek_ids();
     let current = provider.rotate().map_err(|err| fail(&err))?;
-    let conn = rusqlite::Connection::open(&store).map_err(|err| fail(&err))?;
+    let conn = open_stopped_store(&store).map_err(|err| fail(&err))?;
     let rewrapped = keys::rewrap_all(&conn, &provider).map_err(|err| fail(&err))?;
     let mut text = format!(
         "key-encryption key {current} is current; {rewrapped} data keys re-wrapped with it\n"
@@ -255,39 +255,71 @@ fn rotate_keys(
     Ok(text)
 }
 
-/// Drops the erasures waiting for `peer` in the stopped sidecar's store
-/// and returns what was dropped.
+/// Hands the erasures waiting for `peer` in the stopped sidecar's store
+/// to `successor`, or drops them, and returns what was done.
 fn drop_erasure_peer(
     data_dir: &std::path::Path,
     key_file: Option<std::path::PathBuf>,
     peer: &str,
+    successor: Option<&str>,
     actor: &str,
 ) -> Result<String, CommandError> {
     let fail = |err: &dyn std::fmt::Display| CommandError::DropPeer(err.to_string());
+    let address = |argument: &'static str, value: &str| {
+        crate::config::canonical_peer_address(value).ok_or_else(|| CommandError::Argument {
+            argument,
+            value: value.to_owned(),
+            reason: "expected http://HOST:PORT, as in privacy.erasure_peers".into(),
+        })
+    };
+    let peer = address("PEER", peer)?;
+    let successor = successor.map(|to| address("--to", to)).transpose()?;
     let (store, key_file) =
         stopped_store_files(data_dir, key_file).map_err(CommandError::DropPeer)?;
     // The lock keeps a running sidecar from passing them on meanwhile.
     let _lock = crate::server::lock_data_dir(data_dir).map_err(|err| fail(&err))?;
     let keys = crate::keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;
-    let mut conn = rusqlite::Connection::open(&store).map_err(|err| fail(&err))?;
+    let mut conn = open_stopped_store(&store).map_err(|err| fail(&err))?;
     let now_ms = crate::ledger::unix_now_s().saturating_mul(1_000);
-    let dropped = crate::erasure::forward::drop_peer(&mut conn, &keys, peer, actor, now_ms)
-        .map_err(|err| fail(&crate::error_chain(&err)))?;
-    if dropped.is_empty() {
+    let erasure_ids = crate::erasure::forward::drop_peer(
+        &mut conn,
+        &keys,
+        &peer,
+        successor.as_deref(),
+        actor,
+        now_ms,
+    )
+    .map_err(|err| fail(&crate::error_chain(&err)))?;
+    if erasure_ids.is_empty() {
         return Ok(format!(
             "no erasure waits for {peer}; `veo-sidecar erasure ERASURE_ID` lists the peers an \
              erasure waits for\n"
         ));
     }
-    let mut text = format!(
-        "dropped {} erasures waiting for {peer}; erase their customers on its successor by \
-         hand:\n",
-        dropped.len()
-    );
-    for erasure_id in dropped {
+    let mut text = match &successor {
+        Some(successor) => format!(
+            "{} erasures waiting for {peer} now wait for {successor}; list it in \
+             privacy.erasure_peers:\n",
+            erasure_ids.len()
+        ),
+        None => format!(
+            "dropped {} erasures waiting for {peer}:\n",
+            erasure_ids.len()
+        ),
+    };
+    for erasure_id in erasure_ids {
         let _ = writeln!(text, "  {erasure_id}");
     }
     Ok(text)
+}
+
+/// Opens the store file of a stopped sidecar for a change, with deleted
+/// rows overwritten by zeros and a wait for locks, as the sidecar opens it.
+fn open_stopped_store(store: &std::path::Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(store)?;
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
 }
 
 /// Formats the result of an audit log check.
@@ -619,11 +651,12 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
             data_dir,
             key_file,
             actor,
+            to,
             peer,
         } => {
             let actor = actor_or_user(actor);
             tokio::task::spawn_blocking(move || {
-                drop_erasure_peer(&data_dir, key_file, &peer, &actor)
+                drop_erasure_peer(&data_dir, key_file, &peer, to.as_deref(), &actor)
             })
             .await
             .map_err(|err| CommandError::DropPeer(err.to_string()))?

@@ -250,10 +250,9 @@ pub enum Command {
         #[arg(long)]
         keep_old: bool,
     },
-    /// Drops the erasures waiting to be passed on to a peer sidecar that is
-    /// gone for good, and records it in the audit log. Runs on a stopped
-    /// sidecar's data directory; erase those customers on the peer's
-    /// successor by hand.
+    /// Hands the erasures waiting to be passed on to a peer sidecar that is
+    /// gone for good to its successor (`--to`), or drops them, and records
+    /// it in the audit log. Runs on a stopped sidecar's data directory.
     DropErasurePeer {
         /// Data directory of the stopped sidecar.
         #[arg(long, value_name = "DIR")]
@@ -264,6 +263,10 @@ pub enum Command {
         /// Name recorded in the audit log; `cli:$USER` by default.
         #[arg(long, value_name = "NAME")]
         actor: Option<String>,
+        /// Peer sidecar to pass the erasures on to instead, as
+        /// `http://HOST:PORT`; list it in `privacy.erasure_peers` too.
+        #[arg(long, value_name = "PEER")]
+        to: Option<String>,
         /// Address of the peer, as `GetErasure` lists it.
         #[arg(value_name = "PEER")]
         peer: String,

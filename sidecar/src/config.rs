@@ -750,18 +750,7 @@ fn erasure_peers(origin: &Origin, peers: Vec<String>) -> Result<Vec<String>, Con
     }
     let mut canonical = Vec::with_capacity(peers.len());
     for peer in &peers {
-        let uri: Option<tonic::codegen::http::Uri> = peer.parse().ok();
-        let address = uri.as_ref().and_then(|uri| {
-            let authority = uri.authority()?;
-            let plain = uri.scheme_str()?.eq_ignore_ascii_case("http")
-                && !authority.as_str().contains('@')
-                && !peer.contains(['?', '#'])
-                && uri.path() == "/";
-            let digits = uri.port()?.as_str().bytes().all(|b| b.is_ascii_digit());
-            let port = uri.port_u16().filter(|port| *port != 0 && digits)?;
-            let host = peer_host(authority.host())?;
-            plain.then(|| format!("http://{host}:{port}"))
-        });
+        let address = canonical_peer_address(peer);
         let Some(address) = address else {
             return Err(invalid(
                 peer,
@@ -779,6 +768,22 @@ fn erasure_peers(origin: &Origin, peers: Vec<String>) -> Result<Vec<String>, Con
         canonical.push(address);
     }
     Ok(canonical)
+}
+
+/// Returns the address of a peer sidecar in the form `http://host:port`
+/// (see [`peer_host`]), or `None` when it is not `http://HOST:PORT` with a
+/// port from 1 to 65535 and no credentials, path, query or fragment.
+pub fn canonical_peer_address(peer: &str) -> Option<String> {
+    let uri: tonic::codegen::http::Uri = peer.parse().ok()?;
+    let authority = uri.authority()?;
+    let plain = uri.scheme_str()?.eq_ignore_ascii_case("http")
+        && !authority.as_str().contains('@')
+        && !peer.contains(['?', '#'])
+        && uri.path() == "/";
+    let digits = uri.port()?.as_str().bytes().all(|b| b.is_ascii_digit());
+    let port = uri.port_u16().filter(|port| *port != 0 && digits)?;
+    let host = peer_host(authority.host())?;
+    plain.then(|| format!("http://{host}:{port}"))
 }
 
 /// Returns `host` in its standard form: an IP address as Rust writes it

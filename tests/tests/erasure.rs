@@ -1167,13 +1167,41 @@ async fn erasures_for_a_removed_peer_wait_until_dropped() -> anyhow::Result<()> 
         Sidecar::start_with_config(dir.path(), &toml(&format!("{gone_peer:?}"))).await?;
     let erased = erase_on(&sidecar, DOOMED).await?;
 
-    // The peer leaves the list: the erasure still waits for it.
+    // The peer leaves the list: the erasure still waits for it, and it is
+    // still tried.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let attempts_before = loop {
+        let progress = erasure_on(&sidecar, &erased.erasure_id).await?;
+        if let Some(pending) = progress.pending_peers.first()
+            && pending.attempts > 0
+        {
+            break pending.attempts;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the peer was not tried within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     sidecar.stop();
     std::fs::write(dir.path().join("sidecar.toml"), toml(""))?;
     sidecar.restart().await?;
     let progress = erasure_on(&sidecar, &erased.erasure_id).await?;
     let waiting = pending_peer_names(&progress);
     assert_eq!(waiting, std::slice::from_ref(&gone_peer));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let progress = erasure_on(&sidecar, &erased.erasure_id).await?;
+        let attempts = progress.pending_peers.first().map_or(0, |p| p.attempts);
+        if attempts > attempts_before {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the unlisted peer was not tried again within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     ensure!(
         sidecar
             .log()

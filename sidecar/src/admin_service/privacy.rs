@@ -47,10 +47,6 @@ const MAX_PEER_CLOCK_AHEAD_S: i64 = 60;
 /// Time allowed for a peer sidecar to erase a customer, in seconds.
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How far inside the token lifetime the time of an old erasure's notice
-/// is put, in milliseconds, so that the other sidecars still apply it.
-const NOTICE_MARGIN_MS: i64 = 60_000;
-
 /// Erasure notices read from the shared counters at a time.
 const NOTICES_PER_READ: usize = 100;
 
@@ -349,7 +345,7 @@ impl AdminService {
     }
 
     /// Loads the instances' acknowledgements kept in the store, and moves
-    /// the pushed sets' versions past every version stored.
+    /// the erased-customer set's version past every version stored.
     pub async fn load_acks(&self) -> Result<(), Status> {
         let privacy = self.privacy()?;
         let (stored, newest_erasure) = self
@@ -437,9 +433,13 @@ impl AdminService {
         let now_ms = now_s.saturating_mul(1_000);
         // A peer's time is kept as sent, up to a minute ahead of this
         // clock, so that the same erasure sent again finds this one.
+        // Another sidecar's notice keeps its time too, so a late notice of
+        // an erasure already applied here finds that erasure.
         let first_erased_unix_ms = match origin {
-            Origin::Peer { erased_at_unix_ms } => erased_at_unix_ms,
-            Origin::Request | Origin::Notice { .. } => now_ms,
+            Origin::Peer { erased_at_unix_ms } | Origin::Notice { erased_at_unix_ms } => {
+                erased_at_unix_ms
+            }
+            Origin::Request => now_ms,
         };
         let refuse_until_unix_s = refused_from_s.saturating_add(privacy.token_lifetime_s);
         let keys_for_tx = privacy.clone();
@@ -533,11 +533,9 @@ impl AdminService {
     /// `notice` announces the erasure to the other sidecars. Counts that
     /// Redis cannot remove now, or an announcement it cannot take, stay
     /// queued in the store, and [`AdminService::retry_counter_cleanup`]
-    /// tries again. An erasure older than the token lifetime, after a
-    /// long Redis outage or passed on late by a peer, is announced with a
-    /// time a minute inside the lifetime instead. The other sidecars skip a
-    /// notice older than that, and they must still erase the customer. They
-    /// then refuse its tokens for about a minute.
+    /// tries again. An erasure is announced with its own time, also when
+    /// that is older than the token lifetime: the other sidecars judge a
+    /// notice's age by when it was announced.
     async fn clear_counters(
         &self,
         customer: &str,
@@ -554,15 +552,6 @@ impl AdminService {
             return Ok(());
         };
         let privacy = self.privacy()?;
-        let lifetime_ms = privacy.token_lifetime_s.saturating_mul(1_000);
-        let oldest_applied_ms = now_s
-            .saturating_mul(1_000)
-            .saturating_sub(lifetime_ms)
-            .saturating_add(NOTICE_MARGIN_MS);
-        let notice = notice.map(|source| ErasureSource {
-            erased_at_unix_ms: source.erased_at_unix_ms.max(oldest_applied_ms),
-            ..source
-        });
         let mut result = shared.erase_customer(customer, now_s).await;
         if let (Ok(_), Some(source)) = (&result, &notice) {
             let retention = Duration::from_secs(privacy.token_lifetime_s.unsigned_abs());
@@ -649,7 +638,9 @@ impl AdminService {
                 NoticeEntry::Notice(notice) => {
                     let now_ms = unix_now_s().saturating_mul(1_000);
                     let own = notice.sidecar_id == shared.sidecar_id();
-                    let stale = notice.erased_at_unix_ms < now_ms.saturating_sub(lifetime_ms);
+                    // Judged by when the notice was announced, since an
+                    // erasure may be announced long after it was made.
+                    let stale = notice.announced_at_unix_ms() < now_ms.saturating_sub(lifetime_ms);
                     if !own && !stale {
                         self.apply_notice(&notice).await?;
                     }

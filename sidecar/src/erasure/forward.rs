@@ -1,6 +1,6 @@
 //! Erasures passed on to peer sidecars: the sidecars of
-//! `privacy.erasure_peers`, which keep their own store and share no Redis
-//! with this one.
+//! `privacy.erasure_peers`, such as those of the other regions, which keep
+//! their own store.
 //!
 //! An erasure asked of this sidecar queues one row per peer in its own
 //! transaction, so a crash cannot lose it. Each row stays until the peer
@@ -186,14 +186,16 @@ pub fn unlisted(conn: &Connection, peers: &[String]) -> rusqlite::Result<Vec<(St
     Ok(unlisted)
 }
 
-/// Drops every erasure waiting for `peer` and appends an audit entry
-/// (`drop_erasure_peer`, by `actor`) that lists them, in one transaction.
-/// Returns the ids of the erasures dropped; none, and no entry, when no
-/// erasure waits for `peer`.
+/// Drops every erasure waiting for `peer`, or with a `successor` hands
+/// them to it as new, and appends an audit entry (`drop_erasure_peer` or
+/// `move_erasure_peer`, by `actor`) that lists them, in one transaction.
+/// Returns the ids of the erasures; none, and no entry, when no erasure
+/// waits for `peer`.
 pub fn drop_peer(
     conn: &mut Connection,
     keys: &dyn KeyProvider,
     peer: &str,
+    successor: Option<&str>,
     actor: &str,
     now_unix_ms: i64,
 ) -> rusqlite::Result<Vec<String>> {
@@ -205,14 +207,33 @@ pub fn drop_peer(
     if erasure_ids.is_empty() {
         return Ok(erasure_ids);
     }
+    if let Some(successor) = successor {
+        // An erasure the successor already waits for keeps that row.
+        tx.execute(
+            "UPDATE OR IGNORE erasure_forward
+             SET peer = ?2, attempts = 0, last_error = '', next_attempt_unix_ms = 0
+             WHERE peer = ?1",
+            [peer, successor],
+        )?;
+    }
     tx.execute("DELETE FROM erasure_forward WHERE peer = ?1", [peer])?;
+    let (action, details) = match successor {
+        Some(successor) => (
+            "move_erasure_peer",
+            serde_json::json!({"peer": peer, "successor": successor, "erasure_ids": erasure_ids}),
+        ),
+        None => (
+            "drop_erasure_peer",
+            serde_json::json!({"peer": peer, "erasure_ids": erasure_ids}),
+        ),
+    };
     let entry = crate::audit::NewEntry {
         at_unix_ms: now_unix_ms,
         actor: actor.to_owned(),
-        action: "drop_erasure_peer".into(),
+        action: action.into(),
         subject_hash: None,
         records: u64::try_from(erasure_ids.len()).unwrap_or(u64::MAX),
-        details: serde_json::json!({"peer": peer, "erasure_ids": erasure_ids}),
+        details,
     };
     let receipt = crate::audit::append(&tx, keys, &entry).map_err(to_sql)?;
     super::record_head(
@@ -336,7 +357,8 @@ mod tests {
         queue(&conn, &file.keys, "alice", "er_1", 5_000, &peers()).unwrap();
         queue(&conn, &file.keys, "bob", "er_2", 6_000, &peers()[..1]).unwrap();
 
-        let dropped = drop_peer(&mut conn, &file.keys, "http://a:1", "cli:ops", 7_000).unwrap();
+        let dropped =
+            drop_peer(&mut conn, &file.keys, "http://a:1", None, "cli:ops", 7_000).unwrap();
 
         assert_eq!(dropped, ["er_1", "er_2"]);
         let left = due(&conn, &file.keys, 10_000).unwrap();
@@ -356,7 +378,7 @@ mod tests {
             .unwrap();
         assert!(head.contains(&entries[0].entry_hash), "{head}");
         // A peer nothing waits for drops nothing and appends no entry.
-        let none = drop_peer(&mut conn, &file.keys, "http://c:3", "cli:ops", 8_000).unwrap();
+        let none = drop_peer(&mut conn, &file.keys, "http://c:3", None, "cli:ops", 8_000).unwrap();
         assert!(none.is_empty());
         assert_eq!(
             crate::audit::entries(&conn, Some(&file.keys), 0, 10)
@@ -367,17 +389,45 @@ mod tests {
     }
 
     #[test]
+    fn moved_peer_hands_its_erasures_to_the_successor() {
+        let (mut conn, file) = open();
+        queue(&conn, &file.keys, "alice", "er_1", 5_000, &peers()).unwrap();
+        queue(&conn, &file.keys, "bob", "er_2", 6_000, &peers()[..1]).unwrap();
+        failed(&conn, "er_2", "http://a:1", "down", 6_500).unwrap();
+
+        let moved = drop_peer(
+            &mut conn,
+            &file.keys,
+            "http://a:1",
+            Some("http://b:2"),
+            "cli:ops",
+            7_000,
+        )
+        .unwrap();
+
+        assert_eq!(moved, ["er_1", "er_2"]);
+        let due_now = due(&conn, &file.keys, 7_000).unwrap();
+        let rows: Vec<(&str, &str, u64)> = due_now
+            .iter()
+            .map(|row| (row.erasure_id.as_str(), row.peer.as_str(), row.attempts))
+            .collect();
+        assert_eq!(rows, [("er_1", "http://b:2", 0), ("er_2", "http://b:2", 0)]);
+        let entries = crate::audit::entries(&conn, Some(&file.keys), 0, 10).unwrap();
+        assert_eq!(entries[0].action, "move_erasure_peer");
+    }
+
+    #[test]
     fn failed_audit_entry_keeps_the_rows() {
         let (mut conn, file) = open();
         queue(&conn, &file.keys, "alice", "er_1", 5_000, &peers()).unwrap();
 
-        let result = drop_peer(&mut conn, &file.keys, "http://a:1", "", 7_000);
+        let result = drop_peer(&mut conn, &file.keys, "http://a:1", None, "", 7_000);
 
         assert!(result.is_err());
         assert_eq!(due(&conn, &file.keys, 10_000).unwrap().len(), 2);
         // Without the table that records the last entry, nothing is kept.
         conn.execute_batch("DROP TABLE sidecar_meta").unwrap();
-        let result = drop_peer(&mut conn, &file.keys, "http://a:1", "cli:ops", 7_000);
+        let result = drop_peer(&mut conn, &file.keys, "http://a:1", None, "cli:ops", 7_000);
         assert!(result.is_err());
         assert_eq!(due(&conn, &file.keys, 10_000).unwrap().len(), 2);
     }
@@ -405,6 +455,6 @@ mod tests {
         assert!(unlisted(&conn, &peers()).is_err());
         assert!(failing(&conn, "http://a:1").is_err());
         let mut conn = conn;
-        assert!(drop_peer(&mut conn, &file.keys, "http://a:1", "cli:ops", 1).is_err());
+        assert!(drop_peer(&mut conn, &file.keys, "http://a:1", None, "cli:ops", 1).is_err());
     }
 }

@@ -109,7 +109,7 @@ pub(super) async fn reload_erased(admin: AdminService) {
 /// sidecars, until `stop` turns true. Each peer gets a task of its own, and
 /// a peer whose task still runs is skipped, so a peer that is slow to
 /// reply delays neither the others nor any other work. On stop, the
-/// peers' tasks are cancelled and awaited, so none holds the store.
+/// peers' tasks are cancelled and awaited.
 pub(super) async fn forward_erasures(
     admin: AdminService,
     mut stop: tokio::sync::watch::Receiver<bool>,

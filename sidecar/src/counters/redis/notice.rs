@@ -153,6 +153,19 @@ pub struct ErasureNotice {
     pub erasure_id: String,
 }
 
+impl ErasureNotice {
+    /// Returns when the notice was announced, in Unix milliseconds: the
+    /// time part of its stream entry id, which Redis sets, or the erasure
+    /// time when the id has no such part.
+    pub fn announced_at_unix_ms(&self) -> i64 {
+        self.entry_id
+            .split('-')
+            .next()
+            .and_then(|millis| millis.parse().ok())
+            .unwrap_or(self.erased_at_unix_ms)
+    }
+}
+
 /// The erasure that an announcement names.
 #[derive(Debug, Clone, Copy)]
 pub struct ErasureSource<'a> {
@@ -324,6 +337,20 @@ mod tests {
             erasure_id: "er_1",
             erased_at_unix_ms: 1_000,
         }
+    }
+
+    #[test]
+    fn announced_time_comes_from_the_entry_id() {
+        let mut notice = ErasureNotice {
+            entry_id: "1733400000123-4".into(),
+            erased_at_unix_ms: 5,
+            customer: "c".into(),
+            sidecar_id: "s".into(),
+            erasure_id: "er".into(),
+        };
+        assert_eq!(notice.announced_at_unix_ms(), 1_733_400_000_123);
+        notice.entry_id = "not-an-id".into();
+        assert_eq!(notice.announced_at_unix_ms(), 5);
     }
 
     /// Builds the stream entry `1-0` from `fields`, as XRANGE returns it.
