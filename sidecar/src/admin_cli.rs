@@ -274,6 +274,7 @@ fn drop_erasure_peer(
     };
     let peer = address("PEER", peer)?;
     let successor = successor.map(|to| address("--to", to)).transpose()?;
+
     let (store, key_file) =
         stopped_store_files(data_dir, key_file).map_err(CommandError::DropPeer)?;
     // The lock keeps a running sidecar from passing them on meanwhile.
@@ -290,6 +291,7 @@ fn drop_erasure_peer(
         now_ms,
     )
     .map_err(|err| fail(&crate::error_chain(&err)))?;
+
     if erasure_ids.is_empty() {
         return Ok(format!(
             "no erasure waits for {peer}; `veo-sidecar erasure ERASURE_ID` lists the peers an \

@@ -104,9 +104,9 @@ pub struct PrivacyConfig {
     /// customer's tokens are rejected this long after the erasure.
     pub token_lifetime_seconds: i64,
     /// gRPC addresses (`http://host:port`) of the peer sidecars that an
-    /// erasure asked of this sidecar is passed on to until each succeeds:
-    /// those with their own store, such as one of each other region, and
-    /// any that must get every erasure even after a long stop.
+    /// erasure asked of this sidecar is passed on to until each succeeds.
+    /// These are sidecars with their own store, such as one of each other
+    /// region, and any that must get every erasure even after a long stop.
     pub erasure_peers: Vec<String>,
 }
 

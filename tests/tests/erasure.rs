@@ -1083,10 +1083,10 @@ async fn silent_peer_delays_no_other_peer() -> anyhow::Result<()> {
     std::fs::create_dir_all(&first_dir)?;
     std::fs::create_dir_all(&peer_dir)?;
     let peer = Sidecar::start_with_config(&peer_dir, &peer_config(&[])).await?;
-    // A silent peer whose address sorts first, so a sidecar that served
-    // its peers one after the other in order of address would reach it
-    // first: the first free port of the local range whose digits sort
-    // before the answering peer's.
+    // A silent peer whose address sorts first, so that a sidecar serving
+    // its peers one after the other in order of address reaches it first.
+    // Its port is the first free one of the local range whose digits sort
+    // before the other peer's.
     let peer_port = peer.address().port().to_string();
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
     let bounds: Vec<u16> = range
