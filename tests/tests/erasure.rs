@@ -923,6 +923,18 @@ async fn erase_on(sidecar: &Sidecar, customer: &str) -> anyhow::Result<Erasure> 
         .into_inner())
 }
 
+/// Checks the audit log of `sidecar` and returns its number of entries.
+async fn verified_audit_entries(sidecar: &Sidecar) -> anyhow::Result<u64> {
+    let verified = sidecar
+        .admin()
+        .await?
+        .verify_audit_log(VerifyAuditLogRequest {})
+        .await?
+        .into_inner();
+    ensure!(verified.intact, "audit log: {}", verified.problem);
+    Ok(verified.entries)
+}
+
 /// Returns the addresses of the peers `erasure` waits for.
 fn pending_peer_names(erasure: &Erasure) -> Vec<String> {
     erasure
@@ -1051,15 +1063,9 @@ async fn erasure_reaches_peer_sidecars() -> anyhow::Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     for (sidecar, name) in [(&first, "first"), (&peer, "peer")] {
-        let verified = sidecar
-            .admin()
-            .await?
-            .verify_audit_log(VerifyAuditLogRequest {})
-            .await?
-            .into_inner();
-        ensure!(verified.intact, "{name} audit log: {}", verified.problem);
         assert_eq!(
-            verified.entries, 1,
+            verified_audit_entries(sidecar).await?,
+            1,
             "{name} sidecar erased the customer once"
         );
     }
@@ -1230,13 +1236,10 @@ async fn erasures_for_a_removed_peer_wait_until_dropped() -> anyhow::Result<()> 
         "still waiting: {:?}",
         progress.pending_peers
     );
-    let verified = sidecar
-        .admin()
-        .await?
-        .verify_audit_log(VerifyAuditLogRequest {})
-        .await?
-        .into_inner();
-    ensure!(verified.intact, "audit log: {}", verified.problem);
-    assert_eq!(verified.entries, 2, "the erasure and the dropped peer");
+    assert_eq!(
+        verified_audit_entries(&sidecar).await?,
+        2,
+        "the erasure and the dropped peer"
+    );
     Ok(())
 }
