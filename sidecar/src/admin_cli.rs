@@ -274,6 +274,13 @@ fn drop_erasure_peer(
     };
     let peer = address("PEER", peer)?;
     let successor = successor.map(|to| address("--to", to)).transpose()?;
+    if successor.as_ref() == Some(&peer) {
+        return Err(CommandError::Argument {
+            argument: "--to",
+            value: peer,
+            reason: "names the same peer as PEER; give the address of its successor".into(),
+        });
+    }
 
     let (store, key_file) =
         stopped_store_files(data_dir, key_file).map_err(CommandError::DropPeer)?;
@@ -300,19 +307,27 @@ fn drop_erasure_peer(
     }
     let mut text = match &successor {
         Some(successor) => format!(
-            "{} erasures waiting for {peer} now wait for {successor}; list it in \
+            "{} waiting for {peer} now wait for {successor}; list it in \
              privacy.erasure_peers:\n",
-            erasure_ids.len()
+            erasures(erasure_ids.len())
         ),
         None => format!(
-            "dropped {} erasures waiting for {peer}:\n",
-            erasure_ids.len()
+            "dropped {} waiting for {peer}:\n",
+            erasures(erasure_ids.len())
         ),
     };
     for erasure_id in erasure_ids {
         let _ = writeln!(text, "  {erasure_id}");
     }
     Ok(text)
+}
+
+/// Returns "1 erasure" or "N erasures".
+fn erasures(count: usize) -> String {
+    match count {
+        1 => "1 erasure".to_owned(),
+        count => format!("{count} erasures"),
+    }
 }
 
 /// Opens the store file of a stopped sidecar for a change, with deleted

@@ -1243,3 +1243,56 @@ async fn erasures_for_a_removed_peer_wait_until_dropped() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// A notice dated far ahead, from a wrong clock or a forged entry, is
+/// applied with its time held to a minute ahead, so it cannot stop a later
+/// erasure of the customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn future_notice_time_is_held_to_a_minute_ahead() -> anyhow::Result<()> {
+    let dir = veo_tests::stack::temp_dir()?;
+    let redis = veo_tests::redis::RedisServer::start(&dir.path().join("redis")).await?;
+    let toml = format!(
+        "[counters]\nbackend = \"redis\"\nredis_url = \"{}\"\nflush_interval_ms = 100\n\
+         [privacy]\ntoken_lifetime_seconds = 3600\n",
+        redis.url()
+    );
+    let sidecar = Sidecar::start_with_config(dir.path(), &toml).await?;
+    send_batch(
+        &sidecar,
+        "envoy-1",
+        1,
+        vec![usage_record(DOOMED, minute_ago(1), 5, 100)],
+    )
+    .await?;
+    let hour_ahead_ms = veo_tests::sidecar::unix_seconds().saturating_add(3_600) * 1_000;
+    let append = redis::cmd("XADD")
+        .arg("{veo:erasures}")
+        .arg("*")
+        .arg("customer")
+        .arg(DOOMED)
+        .arg("sidecar")
+        .arg("other-sidecar")
+        .arg("erasure")
+        .arg("er_other")
+        .arg("erased_at_ms")
+        .arg(hour_ahead_ms)
+        .clone();
+    let _: String = redis.query(&append).await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sidecar.usage(DOOMED).await?.admitted > 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the notice was not applied in 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let erasure = erase_on(&sidecar, DOOMED).await?;
+    let latest_ms = (veo_tests::sidecar::unix_seconds() + 61) * 1_000;
+    ensure!(
+        erasure.requested_unix_ms <= latest_ms,
+        "the erasure dates from {} ms, more than a minute ahead",
+        erasure.requested_unix_ms
+    );
+    Ok(())
+}

@@ -40,8 +40,8 @@ const MAX_ACTOR_BYTES: usize = 128;
 /// as the filter accepts it.
 const MAX_TOKEN_CUSTOMER_BYTES: usize = 128;
 
-/// How far ahead of this sidecar's clock a peer's erasure time may be, in
-/// seconds.
+/// How far ahead of this sidecar's clock a peer's or a notice's erasure
+/// time may be, in seconds.
 const MAX_PEER_CLOCK_AHEAD_S: i64 = 60;
 
 /// Time allowed for a peer sidecar to erase a customer, in seconds.
@@ -668,8 +668,11 @@ impl AdminService {
             return Ok(());
         }
         let actor = format!("sidecar:{}", notice.sidecar_id);
+        // A time far ahead, from a wrong clock or a forged notice, would
+        // make every later erasure of the customer here return this one.
+        let latest_ms = unix_now_s().saturating_add(MAX_PEER_CLOCK_AHEAD_S) * 1_000;
         let origin = Origin::Notice {
-            erased_at_unix_ms: notice.erased_at_unix_ms,
+            erased_at_unix_ms: notice.erased_at_unix_ms.min(latest_ms),
         };
         let (erasure, performed) = self.erase(notice.customer.clone(), actor, origin).await?;
         if performed {

@@ -190,7 +190,7 @@ pub fn unlisted(conn: &Connection, peers: &[String]) -> rusqlite::Result<Vec<(St
 /// them to it as new, and appends an audit entry (`drop_erasure_peer` or
 /// `move_erasure_peer`, by `actor`) that lists them, in one transaction.
 /// Returns the ids of the erasures; none, and no entry, when no erasure
-/// waits for `peer`.
+/// waits for `peer` or when `successor` is `peer` itself.
 pub fn drop_peer(
     conn: &mut Connection,
     keys: &dyn KeyProvider,
@@ -199,6 +199,9 @@ pub fn drop_peer(
     actor: &str,
     now_unix_ms: i64,
 ) -> rusqlite::Result<Vec<String>> {
+    if successor == Some(peer) {
+        return Ok(Vec::new());
+    }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let erasure_ids: Vec<String> = tx
         .prepare("SELECT erasure_id FROM erasure_forward WHERE peer = ?1 ORDER BY erasure_id")?
@@ -414,6 +417,11 @@ mod tests {
         assert_eq!(rows, [("er_1", "http://b:2", 0), ("er_2", "http://b:2", 0)]);
         let entries = crate::audit::entries(&conn, Some(&file.keys), 0, 10).unwrap();
         assert_eq!(entries[0].action, "move_erasure_peer");
+        // A peer moved to itself keeps its erasures.
+        let same = "http://b:2";
+        let moved = drop_peer(&mut conn, &file.keys, same, Some(same), "cli:ops", 8_000).unwrap();
+        assert!(moved.is_empty());
+        assert_eq!(due(&conn, &file.keys, 8_000).unwrap().len(), 2);
     }
 
     #[test]
