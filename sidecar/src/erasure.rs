@@ -911,7 +911,7 @@ mod tests {
     }
 
     #[test]
-    fn resent_erasure_of_a_peer_returns_the_first_after_its_refusal_period() {
+    fn late_peer_resend_returns_first() {
         let mut conn = open();
         // The peer erased the customer long ago, so the refusal period has
         // ended by the time its erasure arrives here.

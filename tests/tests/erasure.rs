@@ -1248,7 +1248,7 @@ async fn erasures_for_a_removed_peer_wait_until_dropped() -> anyhow::Result<()> 
 /// applied with its time held to a minute ahead, so it cannot stop a later
 /// erasure of the customer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn future_notice_time_is_held_to_a_minute_ahead() -> anyhow::Result<()> {
+async fn future_notice_time_is_capped() -> anyhow::Result<()> {
     let dir = veo_tests::stack::temp_dir()?;
     let redis = veo_tests::redis::RedisServer::start(&dir.path().join("redis")).await?;
     let toml = format!(
