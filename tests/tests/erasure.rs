@@ -1113,9 +1113,9 @@ async fn silent_peer_delays_no_other_peer() -> anyhow::Result<()> {
     let silent = silent.with_context(|| format!("no free port sorts before {peer_port}"))?;
     let silent_address = silent.local_addr()?;
     let holder = tokio::spawn(async move {
-        let mut held = Vec::new();
+        let mut connections = Vec::new();
         while let Ok((stream, _)) = silent.accept().await {
-            held.push(stream);
+            connections.push(stream);
         }
     });
     let toml = format!(
@@ -1164,13 +1164,13 @@ async fn silent_peer_delays_no_other_peer() -> anyhow::Result<()> {
 async fn erasures_for_a_removed_peer_wait_until_dropped() -> anyhow::Result<()> {
     let dir = veo_tests::stack::temp_dir()?;
     // Nothing listens on the peer's port.
-    let gone = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let gone_peer = format!("http://{gone}");
+    let unused_address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let absent_peer = format!("http://{unused_address}");
     let toml = |peers: &str| {
         format!("[privacy]\ntoken_lifetime_seconds = 3600\nerasure_peers = [{peers}]\n")
     };
     let mut sidecar =
-        Sidecar::start_with_config(dir.path(), &toml(&format!("{gone_peer:?}"))).await?;
+        Sidecar::start_with_config(dir.path(), &toml(&format!("{absent_peer:?}"))).await?;
     let erased = erase_on(&sidecar, DOOMED).await?;
 
     // The peer leaves the list: the erasure still waits for it, and it is
@@ -1194,7 +1194,7 @@ async fn erasures_for_a_removed_peer_wait_until_dropped() -> anyhow::Result<()> 
     sidecar.restart().await?;
     let progress = erasure_on(&sidecar, &erased.erasure_id).await?;
     let waiting = pending_peer_names(&progress);
-    assert_eq!(waiting, std::slice::from_ref(&gone_peer));
+    assert_eq!(waiting, std::slice::from_ref(&absent_peer));
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let progress = erasure_on(&sidecar, &erased.erasure_id).await?;
@@ -1220,7 +1220,7 @@ async fn erasures_for_a_removed_peer_wait_until_dropped() -> anyhow::Result<()> 
         .arg("drop-erasure-peer")
         .arg("--data-dir")
         .arg(sidecar.data_dir())
-        .args(["--actor", "cli:ops", &gone_peer])
+        .args(["--actor", "cli:ops", &absent_peer])
         .output()?;
     let printed = String::from_utf8_lossy(&output.stdout);
     ensure!(
@@ -1245,7 +1245,7 @@ async fn erasures_for_a_removed_peer_wait_until_dropped() -> anyhow::Result<()> 
 }
 
 /// A notice dated far ahead, from a wrong clock or a forged entry, is
-/// applied with its time held to a minute ahead, so it cannot stop a later
+/// applied with its time capped at a minute ahead, so it cannot stop a later
 /// erasure of the customer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn future_notice_time_is_capped() -> anyhow::Result<()> {

@@ -386,8 +386,7 @@ impl AdminService {
         let origin = match request.erased_at_unix_ms {
             0 => Origin::Request,
             erased_at_unix_ms => {
-                let latest_ms = unix_now_s().saturating_add(MAX_PEER_CLOCK_AHEAD_S) * 1_000;
-                if !(1..=latest_ms).contains(&erased_at_unix_ms) {
+                if !(1..=latest_erasure_time_ms()).contains(&erased_at_unix_ms) {
                     return Err(Status::invalid_argument(format!(
                         "erased_at_unix_ms = {erased_at_unix_ms} is not a past time in \
                          milliseconds since the Unix epoch; leave it 0 unless passing on another \
@@ -670,9 +669,8 @@ impl AdminService {
         let actor = format!("sidecar:{}", notice.sidecar_id);
         // A time far ahead, from a wrong clock or a forged notice, would
         // make every later erasure of the customer here return this one.
-        let latest_ms = unix_now_s().saturating_add(MAX_PEER_CLOCK_AHEAD_S) * 1_000;
         let origin = Origin::Notice {
-            erased_at_unix_ms: notice.erased_at_unix_ms.min(latest_ms),
+            erased_at_unix_ms: notice.erased_at_unix_ms.min(latest_erasure_time_ms()),
         };
         let (erasure, performed) = self.erase(notice.customer.clone(), actor, origin).await?;
         if performed {
@@ -721,52 +719,38 @@ impl AdminService {
         peer: &str,
         rows: &[forward::PendingForward],
     ) -> Result<PeerOutcome, Status> {
-        let mut outcome = PeerOutcome {
-            delivered: 0,
-            error: None,
-            failing: 0,
-        };
-        let mut client = match connect_peer(peer).await {
-            Ok(client) => client,
+        let error = match connect_peer(peer).await {
+            Ok(mut client) => {
+                let ledger = self.biller.ledger();
+                let actor = format!("sidecar:{}:{}", ledger.region, ledger.ledger_id);
+                let mut stopped_by = None;
+                for row in rows {
+                    let result = erase_at_peer(&mut client, row, &actor).await;
+                    stopped_by = result.as_ref().err().cloned();
+                    self.record_forward(row, result).await?;
+                    if stopped_by.is_some() {
+                        break;
+                    }
+                }
+                stopped_by
+            }
             Err(error) => {
                 for row in rows {
                     self.record_forward(row, Err(error.clone())).await?;
                 }
-                outcome.error = Some(error);
-                return self.with_failing(peer, outcome).await;
+                Some(error)
             }
         };
-        let ledger = self.biller.ledger();
-        let actor = format!("sidecar:{}:{}", ledger.region, ledger.ledger_id);
-        for row in rows {
-            let result = erase_at_peer(&mut client, row, &actor).await;
-            let failure = result.as_ref().err().cloned();
-            self.record_forward(row, result).await?;
-            if let Some(error) = failure {
-                outcome.error = Some(error);
-                break;
-            }
-            outcome.delivered += 1;
-        }
-        self.with_failing(peer, outcome).await
-    }
 
-    /// Sets the number of erasures for `peer` that have failed and still
-    /// wait in `outcome`.
-    async fn with_failing(
-        &self,
-        peer: &str,
-        mut outcome: PeerOutcome,
-    ) -> Result<PeerOutcome, Status> {
-        let peer = peer.to_owned();
-        outcome.failing = self
+        let owned_peer = peer.to_owned();
+        let failing = self
             .store()
             .read("count the erasures failing for a peer", move |conn| {
-                forward::failing(conn, &peer)
+                forward::failing(conn, &owned_peer)
             })
             .await
             .map_err(ServiceError::from)?;
-        Ok(outcome)
+        Ok(PeerOutcome { error, failing })
     }
 
     /// Stores the outcome of passing `row` on (the peer's erasure id or the
@@ -942,8 +926,6 @@ impl AdminService {
 /// Outcome of one call of [`AdminService::forward_to_peer`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerOutcome {
-    /// Erasures the peer performed or already had.
-    pub delivered: usize,
     /// The error that stopped the call, if any.
     pub error: Option<String>,
     /// Erasures for the peer that have failed and still wait, in erasures.
@@ -952,6 +934,14 @@ pub struct PeerOutcome {
 
 /// Maximum length of a peer's error text kept in the store, in bytes.
 const MAX_PEER_ERROR_BYTES: usize = 512;
+
+/// Returns the latest erasure time accepted from a peer or a notice, in
+/// Unix milliseconds: [`MAX_PEER_CLOCK_AHEAD_S`] ahead of this clock.
+fn latest_erasure_time_ms() -> i64 {
+    unix_now_s()
+        .saturating_add(MAX_PEER_CLOCK_AHEAD_S)
+        .saturating_mul(1_000)
+}
 
 /// A client of a peer sidecar's admin API.
 type PeerClient = veo_proto::admin::admin_client::AdminClient<tonic::transport::Channel>;

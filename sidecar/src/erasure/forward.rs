@@ -210,6 +210,7 @@ pub fn drop_peer(
     if erasure_ids.is_empty() {
         return Ok(erasure_ids);
     }
+
     if let Some(successor) = successor {
         // An erasure the successor already waits for keeps that row.
         tx.execute(
@@ -220,6 +221,7 @@ pub fn drop_peer(
         )?;
     }
     tx.execute("DELETE FROM erasure_forward WHERE peer = ?1", [peer])?;
+
     let (action, details) = match successor {
         Some(successor) => (
             "move_erasure_peer",

@@ -182,7 +182,6 @@ impl PeerHealth {
             Ok(PeerOutcome {
                 error: None,
                 failing,
-                ..
             }) => {
                 if failing == 0 && self.failures > 0 {
                     info!(
