@@ -1157,6 +1157,86 @@ async fn silent_peer_delays_no_other_peer() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A peer that sends the headers of its reply to an erasure and then
+/// stalls: each call to it fails after the whole-call limit of 10 s, and
+/// the erasure lists the peer with the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_peer_call_fails_after_ten_seconds() -> anyhow::Result<()> {
+    let dir = veo_tests::stack::temp_dir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let stalled_address = listener.local_addr()?;
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server_calls = Arc::clone(&calls);
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let calls = Arc::clone(&server_calls);
+            let service = hyper::service::service_fn(move |_request| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let reply = hyper::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(EndlessBody);
+                async move { reply }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    let toml = format!(
+        "[privacy]\ntoken_lifetime_seconds = 3600\nerasure_peers = [\"http://{stalled_address}\"]\n"
+    );
+    let sidecar = Sidecar::start_with_config(dir.path(), &toml).await?;
+    let started = Instant::now();
+    let erased = erase_on(&sidecar, DOOMED).await?;
+
+    let failed = loop {
+        let progress = erasure_on(&sidecar, &erased.erasure_id).await?;
+        let attempted = progress
+            .pending_peers
+            .iter()
+            .find(|pending| pending.attempts > 0)
+            .cloned();
+        if let Some(pending) = attempted {
+            break pending;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "no failed call to the stalled peer within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let elapsed = started.elapsed();
+    assert_eq!(failed.peer, format!("http://{stalled_address}"));
+    assert!(
+        failed.last_error.starts_with("no reply within 10 s"),
+        "{}",
+        failed.last_error
+    );
+    assert!(
+        elapsed >= Duration::from_secs(10),
+        "failed after {elapsed:?}"
+    );
+    assert!(calls.load(Ordering::SeqCst) >= 1);
+    server.abort();
+    Ok(())
+}
+
+/// A response body that never yields a frame.
+struct EndlessBody;
+
+impl hyper::body::Body for EndlessBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
 /// Erasures waiting for a peer that the config no longer lists stay
 /// pending, and `drop-erasure-peer` on the stopped sidecar drops them with
 /// an audit entry.

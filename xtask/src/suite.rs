@@ -32,8 +32,18 @@ pub fn run(extra_args: &[String]) -> Result<(), XtaskError> {
 }
 
 /// Installs the tools, builds the artifacts, then runs `veo-bench` with
-/// `args`.
+/// `args`. The throughput benchmark also gets wrk, unless `--wrk` names
+/// one.
 pub fn bench(args: &[String]) -> Result<(), XtaskError> {
+    let measurement = args
+        .first()
+        .is_some_and(|arg| ["memory", "billing", "failover"].contains(&arg.as_str()));
+    let own_wrk = args
+        .iter()
+        .any(|arg| arg == "--wrk" || arg.starts_with("--wrk="));
+    if !measurement && !own_wrk {
+        tools::ensure_wrk()?;
+    }
     let mut command = prepared_command(paths::release_binary("veo-bench").into_os_string())?;
     command.args(args);
     run::status(&mut command, "see the benchmark's output above")

@@ -176,22 +176,52 @@ struct PeerHealth {
     logged_at: Option<Instant>,
 }
 
+/// What a peer's latest call means for the log.
+#[derive(Debug, PartialEq, Eq)]
+enum PeerLog {
+    /// Nothing to log.
+    Quiet,
+    /// The peer fails, and the outage is new or was last logged an hour
+    /// ago or more.
+    Failing { failed_calls: u64, error: String },
+    /// The outage is over: nothing for the peer fails any more.
+    Recovered { failed_calls: u64 },
+}
+
 impl PeerHealth {
+    /// Notes the outcome of a call to `peer` and logs what is due.
     fn note(&mut self, peer: &str, outcome: Result<PeerOutcome, tonic::Status>) {
+        match self.record(outcome, Instant::now()) {
+            PeerLog::Quiet => {}
+            PeerLog::Failing {
+                failed_calls,
+                error,
+            } => warn!(
+                peer,
+                failed_calls,
+                error,
+                "failed to pass erasures on to a peer sidecar; retrying with a delay of up to 5 \
+                 minutes, and GetErasure lists the peer until it succeeds"
+            ),
+            PeerLog::Recovered { failed_calls } => {
+                info!(peer, failed_calls, "peer sidecar erases customers again")
+            }
+        }
+    }
+
+    /// Notes the outcome of a call that ended at `now`.
+    fn record(&mut self, outcome: Result<PeerOutcome, tonic::Status>, now: Instant) -> PeerLog {
         let error = match outcome {
             Ok(PeerOutcome {
                 error: None,
                 failing,
             }) => {
                 if failing == 0 && self.failures > 0 {
-                    info!(
-                        peer,
-                        failed_calls = self.failures,
-                        "peer sidecar erases customers again"
-                    );
+                    let failed_calls = self.failures;
                     *self = PeerHealth::default();
+                    return PeerLog::Recovered { failed_calls };
                 }
-                return;
+                return PeerLog::Quiet;
             }
             Ok(PeerOutcome {
                 error: Some(error), ..
@@ -201,16 +231,80 @@ impl PeerHealth {
         self.failures += 1;
         let due = self
             .logged_at
-            .is_none_or(|logged| logged.elapsed() >= PEER_WARN_INTERVAL);
-        if due {
-            warn!(
-                peer,
-                failed_calls = self.failures,
-                error,
-                "failed to pass erasures on to a peer sidecar; retrying with a delay of up to 5 \
-                 minutes, and GetErasure lists the peer until it succeeds"
-            );
-            self.logged_at = Some(Instant::now());
+            .is_none_or(|logged| now.saturating_duration_since(logged) >= PEER_WARN_INTERVAL);
+        if !due {
+            return PeerLog::Quiet;
         }
+        self.logged_at = Some(now);
+        PeerLog::Failing {
+            failed_calls: self.failures,
+            error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(error: &str) -> Result<PeerOutcome, tonic::Status> {
+        Ok(PeerOutcome {
+            error: Some(error.to_owned()),
+            failing: 1,
+        })
+    }
+
+    fn succeeded(failing: u64) -> Result<PeerOutcome, tonic::Status> {
+        Ok(PeerOutcome {
+            error: None,
+            failing,
+        })
+    }
+
+    fn failing(failed_calls: u64, error: &str) -> PeerLog {
+        PeerLog::Failing {
+            failed_calls,
+            error: error.to_owned(),
+        }
+    }
+
+    #[test]
+    fn an_outage_is_logged_once_then_hourly() {
+        let start = Instant::now();
+        let minute = Duration::from_secs(60);
+        let mut health = PeerHealth::default();
+        assert_eq!(
+            health.record(failed("refused"), start),
+            failing(1, "refused")
+        );
+        for calls in 1..60 {
+            let at = start + minute * calls;
+            assert_eq!(health.record(failed("refused"), at), PeerLog::Quiet);
+        }
+        let hour_later = start + PEER_WARN_INTERVAL;
+        assert_eq!(
+            health.record(failed("timed out"), hour_later),
+            failing(61, "timed out")
+        );
+        let status = Err(tonic::Status::internal("task stopped"));
+        assert_eq!(health.record(status, hour_later + minute), PeerLog::Quiet);
+    }
+
+    #[test]
+    fn recovery_is_logged_once_nothing_fails() {
+        let now = Instant::now();
+        let mut health = PeerHealth::default();
+        assert_eq!(health.record(succeeded(0), now), PeerLog::Quiet);
+        assert_eq!(health.record(failed("refused"), now), failing(1, "refused"));
+        assert_eq!(health.record(failed("refused"), now), PeerLog::Quiet);
+        // One erasure went through, but another still fails.
+        assert_eq!(health.record(succeeded(1), now), PeerLog::Quiet);
+        assert_eq!(
+            health.record(succeeded(0), now),
+            PeerLog::Recovered { failed_calls: 2 }
+        );
+        assert_eq!(health.record(succeeded(0), now), PeerLog::Quiet);
+        // A new outage is logged at once.
+        assert_eq!(health.record(failed("refused"), now), failing(1, "refused"));
     }
 }

@@ -82,6 +82,14 @@ struct Args {
     /// with the median requests/s.
     #[arg(long, default_value_t = 1)]
     rounds: u32,
+    /// Setups to run, as a comma-separated list of `no-filter`, `empty-wasm`, `host-calls`,
+    /// `cached` and `verify` [default: all]. The baseline, `no-filter`, always runs.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = clap::builder::PossibleValuesParser::new(setup::NAMES)
+    )]
+    setups: Vec<String>,
     /// Keep the working directory (configurations, logs, tokens) and print its path.
     #[arg(long)]
     keep_dir: bool,

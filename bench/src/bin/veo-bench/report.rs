@@ -78,11 +78,12 @@ pub fn render(args: &Args, load_before: &str, results: &[(&Setup, Vec<Outcome>)]
         };
         let m = &outcome.measurement;
         let vs_baseline = ratio(m.requests_per_second, baseline);
-        let vs_empty = if matches!(setup.filter, Filter::HostCalls | Filter::VeoEdge) {
-            format!("{:.2}x", ratio(m.requests_per_second, empty_wasm))
-        } else {
-            "-".to_string()
-        };
+        let vs_empty =
+            if matches!(setup.filter, Filter::HostCalls | Filter::VeoEdge) && empty_wasm > 0.0 {
+                format!("{:.2}x", ratio(m.requests_per_second, empty_wasm))
+            } else {
+                "-".to_string()
+            };
         let (hits, misses) = outcome.cache.map_or_else(
             || ("-".to_string(), "-".to_string()),
             |cache| (cache.hits.to_string(), cache.misses.to_string()),
@@ -214,5 +215,18 @@ mod tests {
         assert_eq!(row(&table, "calls")[3..5], ["0.64x", "0.80x"]);
         assert_eq!(row(&table, "veo")[3..6], ["0.60x", "0.75x", "500-700"]);
         assert!(!table.contains("INVALID"));
+    }
+
+    #[test]
+    fn empty_wasm_ratio_without_its_setup() {
+        let args = crate::Args::parse_from(["veo-bench", "--setups", "cached"]);
+        let setups = [setup("none", Filter::None), setup("veo", Filter::VeoEdge)];
+        let results: Vec<(&Setup, Vec<Outcome>)> = setups
+            .iter()
+            .zip([1000.0, 700.0])
+            .map(|(setup, rate)| (setup, vec![outcome(rate, setup.filter)]))
+            .collect();
+        let table = render(&args, "0.10", &results);
+        assert_eq!(row(&table, "veo")[3..5], ["0.70x", "-"]);
     }
 }

@@ -99,7 +99,14 @@ pub async fn run(args: &Args) -> anyhow::Result<bool> {
 
     // The upstream Envoy, if any, lives until this function returns.
     let (_upstream_envoy, upstream) = start_upstream(args, &envoy_bin, dir.path()).await?;
-    let setups = setups(&cached, &unique);
+    let setups: Vec<Setup> = setups(&cached, &unique)
+        .into_iter()
+        .filter(|setup| {
+            setup.filter == Filter::None
+                || args.setups.is_empty()
+                || args.setups.iter().any(|name| name == setup.name)
+        })
+        .collect();
 
     let mut rounds: Vec<Vec<Outcome>> = setups.iter().map(|_| Vec::new()).collect();
     for round in 1..=args.rounds.max(1) {
@@ -155,6 +162,9 @@ async fn start_upstream(
         UpstreamKind::Direct => Ok((None, Upstream::DirectResponse)),
     }
 }
+
+/// Names of the setups, in the order they run, for `--setups`.
+pub const NAMES: [&str; 5] = ["no-filter", "empty-wasm", "host-calls", "cached", "verify"];
 
 /// Returns the five setups: the baseline, the empty wasm filter, the host calls alone, the
 /// filter on the cached tokens, and the filter on the unique tokens.
@@ -332,4 +342,18 @@ async fn probe(address: SocketAddr, token: Option<&str>) -> anyhow::Result<u16> 
         .nth(1)
         .and_then(|status| status.parse().ok())
         .with_context(|| format!("invalid HTTP response from {address}: {text:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_names_match_accepted_names() {
+        let names: Vec<&str> = setups(Path::new("c"), Path::new("u"))
+            .iter()
+            .map(|setup| setup.name)
+            .collect();
+        assert_eq!(names, NAMES);
+    }
 }
