@@ -1019,6 +1019,9 @@ mod tests {
                 "[tiers.basic]\nquota_requests = 5\n[billing]\ncanceled_tier = \"nosuch\"",
                 "billing.canceled_tier",
             ),
+            ("[billing]\noutbox_file = \"\"", "billing.outbox_file"),
+            ("[billing]\noutbox_file = \"/tmp/\"", "billing.outbox_file"),
+            ("[billing]\noutbox_file = \"/\"", "billing.outbox_file"),
         ];
 
         for (text, key) in cases {

@@ -5,15 +5,16 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::error;
+use tracing::{error, warn};
 
-use crate::billing::webhook::WebhookHandler;
+use crate::billing::webhook::{WebhookHandler, WebhookReply};
 use crate::metrics::Metrics;
 
 /// Path of the webhook endpoint, to register in Stripe's dashboard.
@@ -61,9 +62,18 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<(TcpListener, SocketAd
 async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> impl IntoResponse {
-    let reply = state.webhooks.handle(&headers, &body).await;
+    let reply = match body {
+        Ok(body) => state.webhooks.handle(&headers, &body).await,
+        Err(BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_))) => {
+            state.webhooks.reject_too_large()
+        }
+        Err(rejection) => {
+            warn!(error = %rejection, "failed to read a Stripe webhook body");
+            WebhookReply::error(rejection.status(), &rejection.body_text())
+        }
+    };
     state
         .metrics
         .webhook_deliveries

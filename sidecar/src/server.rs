@@ -40,8 +40,9 @@ use shutdown::StopSignals;
 
 /// Maximum size of one encoded usage record inside a `SyncRequest`, in
 /// bytes: a 256-byte customer, a 64-byte tier, the latest minute, the
-/// maximum counts and quota, with their field tags and lengths.
-const MAX_ENCODED_RECORD_BYTES: usize = 358;
+/// maximum counts, quota and egress bytes, with their field tags and
+/// lengths.
+const MAX_ENCODED_RECORD_BYTES: usize = 367;
 
 /// Upper bound on the rest of an encoded `SyncRequest`, in bytes: a
 /// 256-byte instance id, the sequence and the creation time, with room to
@@ -544,8 +545,8 @@ mod tests {
     }
     use crate::cli::Flags;
     use crate::validate::{
-        MAX_ID_BYTES, MAX_MINUTE_UNIX_S, MAX_QUOTA_REQUESTS, MAX_QUOTA_WINDOW_MS,
-        MAX_REQUESTS_PER_RECORD, MAX_TIER_BYTES,
+        MAX_EGRESS_BYTES_PER_RECORD, MAX_ID_BYTES, MAX_MINUTE_UNIX_S, MAX_QUOTA_REQUESTS,
+        MAX_QUOTA_WINDOW_MS, MAX_REQUESTS_PER_RECORD, MAX_TIER_BYTES,
     };
 
     /// Returns a valid record with every field at its largest.
@@ -558,7 +559,7 @@ mod tests {
             refused_requests: MAX_REQUESTS_PER_RECORD,
             quota_requests: MAX_QUOTA_REQUESTS,
             quota_window_ms: MAX_QUOTA_WINDOW_MS,
-            egress_bytes: 0,
+            egress_bytes: MAX_EGRESS_BYTES_PER_RECORD,
         }
     }
 

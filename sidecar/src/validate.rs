@@ -39,6 +39,16 @@ pub fn sync_batch(request: SyncRequest, max_records: usize) -> Result<Batch, Ser
     }
     let sequence = i64::try_from(request.sequence)
         .map_err(|_| ServiceError::invalid("sequence", format!("must be at most {}", i64::MAX)))?;
+    // The store keeps the version an instance acknowledged as an SQLite
+    // integer.
+    if i64::try_from(request.erasures_version).is_err() {
+        let reason = format!(
+            "{} is more than the maximum {}; send the erasures_version of the last reply",
+            request.erasures_version,
+            i64::MAX
+        );
+        return Err(ServiceError::invalid("erasures_version", reason));
+    }
     if request.usage.len() > max_records {
         let reason = format!(
             "has {} records, more than the maximum {max_records}; send smaller batches",
@@ -273,6 +283,10 @@ mod tests {
         type Mutation = Box<dyn Fn(&mut SyncRequest)>;
         let cases: Vec<(&str, Mutation)> = vec![
             ("instance_id", Box::new(|r| r.instance_id.clear())),
+            (
+                "erasures_version",
+                Box::new(|r| r.erasures_version = 1 << 63),
+            ),
             ("instance_id", Box::new(|r| r.instance_id = "x".repeat(257))),
             (
                 "instance_id",

@@ -452,6 +452,13 @@ async fn webhooks_reject_forgeries_and_keep_newest_tier() -> anyhow::Result<()> 
         veo_tests::stripe::webhook::deliver(&url, &tampered, &signature).await?,
         400
     );
+    // A body over 1 MiB is not read, but it is counted as rejected.
+    let oversized = format!("{body}{}", " ".repeat(1 << 20));
+    let signature = sign(&oversized, WEBHOOK_SECRET, now);
+    assert_eq!(
+        veo_tests::stripe::webhook::deliver(&url, &oversized, &signature).await?,
+        413
+    );
 
     // The newer event twice at once, then the older one: pro stays.
     let (first, second) = tokio::join!(deliver(&billing, &newer), deliver(&billing, &newer));
@@ -472,7 +479,7 @@ async fn webhooks_reject_forgeries_and_keep_newest_tier() -> anyhow::Result<()> 
     assert_eq!(tier, "pro");
     let metrics = metrics_page(&billing).await?;
     assert!(
-        metrics.contains("veo_webhook_deliveries_total{outcome=\"rejected\"} 4"),
+        metrics.contains("veo_webhook_deliveries_total{outcome=\"rejected\"} 5"),
         "{metrics}"
     );
     assert!(

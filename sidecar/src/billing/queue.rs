@@ -152,15 +152,18 @@ fn close_meter(
     minute_unix_s: i64,
     now_unix_s: i64,
 ) -> rusqlite::Result<bool> {
-    let total = saturating(tx.query_row(
-        &format!(
-            "SELECT TOTAL({}) FROM usage_minute
-             WHERE customer = ?1 AND minute_unix_s = ?2",
-            meter.ledger_column()
-        ),
-        params![customer, minute_unix_s],
-        |row| row.get(0),
-    )?);
+    // The sum is computed here rather than in SQL, because `TOTAL()` is a
+    // float that is inexact past 2^53 and `SUM()` fails past 2^63 - 1. A
+    // bucket has one row per tier and instance, so there are few.
+    let mut statement = tx.prepare_cached(&format!(
+        "SELECT {} FROM usage_minute WHERE customer = ?1 AND minute_unix_s = ?2",
+        meter.ledger_column()
+    ))?;
+    let mut total: i64 = 0;
+    let mut rows = statement.query(params![customer, minute_unix_s])?;
+    while let Some(row) = rows.next()? {
+        total = total.saturating_add(row.get::<_, i64>(0)?.max(0));
+    }
     let (billed, parts): (i64, i64) = tx
         .query_row(
             "SELECT billed, parts FROM meter_bucket
@@ -572,6 +575,31 @@ mod tests {
         assert_eq!(events[1].value, 150);
         assert_eq!(events[0].minute_unix_s, MINUTE);
         assert_eq!(events[0].stripe_pseudonym, None);
+    }
+
+    #[tokio::test]
+    async fn bytes_beyond_two_to_53_are_billed_exactly() {
+        let (_dir, store) = open();
+        let tiers = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+        let records: Vec<UsageEntry> = tiers
+            .into_iter()
+            .enumerate()
+            .map(|(index, tier)| UsageEntry {
+                tier: tier.into(),
+                // Eight rows of 2^50 bytes and one of 1 byte: 2^53 + 1.
+                ..entry("acme", MINUTE, 1, if index < 8 { 1 << 50 } else { 1 })
+            })
+            .collect();
+        apply(&store, 1, records).await;
+
+        close(&store, MINUTE + 120).await;
+        let events = all_pending(&store).await;
+
+        let bytes = events
+            .iter()
+            .find(|event| event.meter == Meter::EgressBytes)
+            .unwrap();
+        assert_eq!(bytes.value, (1 << 53) + 1);
     }
 
     #[tokio::test]

@@ -170,7 +170,8 @@ impl WebhookHandler {
     ///   retries the delivery later.
     ///
     /// `body` must be the raw request body, because the signature covers
-    /// its exact bytes. The caller limits its size.
+    /// its exact bytes. The caller limits its size and replies to a larger
+    /// one with [`WebhookHandler::reject_too_large`].
     pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> WebhookReply {
         let settings = &self.inner.settings;
         if settings.secrets.is_empty() {
@@ -247,6 +248,14 @@ impl WebhookHandler {
                 )
             }
         }
+    }
+
+    /// Counts and logs a delivery whose body was over the size limit and
+    /// not read, and returns the 413 reply.
+    pub fn reject_too_large(&self) -> WebhookReply {
+        let reason = RejectReason::BodyTooLarge;
+        self.log_rejection(reason, &[], unix_now_s());
+        reply_error(StatusCode::PAYLOAD_TOO_LARGE, reason.message())
     }
 
     /// Returns the number of deliveries rejected with 400 since start.
@@ -553,6 +562,13 @@ fn reply_status(status: &'static str) -> WebhookReply {
         status: StatusCode::OK,
         body: serde_json::json!({ "status": status }).to_string(),
         outcome: status,
+    }
+}
+
+impl WebhookReply {
+    /// A reply with status `code` and the JSON body `{"error": message}`.
+    pub fn error(code: StatusCode, message: &str) -> Self {
+        reply_error(code, message)
     }
 }
 

@@ -346,6 +346,16 @@ pub(super) fn billing_config(
         ));
     }
 
+    if let Some(path) = &file.outbox_file
+        && let Some(reason) = outbox_file_problem(path)
+    {
+        return Err(invalid(
+            "billing.outbox_file",
+            format!("{:?}", path.display().to_string()),
+            reason,
+        ));
+    }
+
     Ok(BillingConfig {
         settings: BillingSettings {
             region,
@@ -374,6 +384,25 @@ pub(super) fn billing_config(
         },
         reconcile_interval: (reconcile > 0).then(|| Duration::from_secs(reconcile.unsigned_abs())),
     })
+}
+
+/// Returns why `path` cannot be the outbox file, or `None` when it can.
+/// The sidecar writes meter events to it and replaces it as a whole.
+fn outbox_file_problem(path: &std::path::Path) -> Option<&'static str> {
+    if path.as_os_str().is_empty() {
+        return Some(
+            "must be the path of a file; remove the key to use meter_events.jsonl in the data directory",
+        );
+    }
+    if path.file_name().is_none() || path.as_os_str().to_string_lossy().ends_with('/') {
+        return Some("must end with a file name, not a directory");
+    }
+    if path.is_dir() {
+        return Some(
+            "is a directory; give the path of a file in it, such as DIR/meter_events.jsonl",
+        );
+    }
+    None
 }
 
 /// Checks the base URL of a Prometheus server: `http` or `https`, a host,
@@ -524,6 +553,24 @@ mod tests {
             stripe_api_base: base.map(str::to_owned),
             ..Flags::default()
         }
+    }
+
+    #[test]
+    fn outbox_file_must_name_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let directory = dir.path().join("events");
+        std::fs::create_dir(&directory).unwrap();
+
+        let reason = outbox_file_problem(&directory).unwrap();
+        assert!(reason.starts_with("is a directory"), "{reason}");
+        let reason = outbox_file_problem(std::path::Path::new("")).unwrap();
+        assert!(reason.starts_with("must be the path of a file"), "{reason}");
+        let reason = outbox_file_problem(std::path::Path::new("events/")).unwrap();
+        assert!(reason.starts_with("must end with a file name"), "{reason}");
+        assert_eq!(
+            outbox_file_problem(&directory.join("meter_events.jsonl")),
+            None
+        );
     }
 
     #[test]

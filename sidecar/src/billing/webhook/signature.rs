@@ -40,17 +40,20 @@ pub enum RejectReason {
     /// The signature is valid, but the body is not an event this endpoint
     /// can read.
     InvalidPayload,
+    /// The body is larger than the endpoint accepts, so it was not read.
+    BodyTooLarge,
 }
 
 impl RejectReason {
     /// Every reason, for example to export one counter per reason.
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::MissingHeader,
         RejectReason::MalformedHeader,
         RejectReason::NoV1Signature,
         RejectReason::SignatureMismatch,
         RejectReason::TimestampOutsideTolerance,
         RejectReason::InvalidPayload,
+        RejectReason::BodyTooLarge,
     ];
 
     /// Short snake_case name, used in log lines and metrics labels.
@@ -62,6 +65,7 @@ impl RejectReason {
             RejectReason::SignatureMismatch => "signature_mismatch",
             RejectReason::TimestampOutsideTolerance => "timestamp_outside_tolerance",
             RejectReason::InvalidPayload => "invalid_payload",
+            RejectReason::BodyTooLarge => "body_too_large",
         }
     }
 
@@ -77,6 +81,9 @@ impl RejectReason {
                 "signature timestamp is outside the tolerance; check the clock"
             }
             RejectReason::InvalidPayload => "body is not a valid Stripe event",
+            RejectReason::BodyTooLarge => {
+                "body is larger than 1 MiB; Stripe's events are far smaller, so check the sender"
+            }
         }
     }
 
@@ -89,6 +96,7 @@ impl RejectReason {
             RejectReason::SignatureMismatch => 3,
             RejectReason::TimestampOutsideTolerance => 4,
             RejectReason::InvalidPayload => 5,
+            RejectReason::BodyTooLarge => 6,
         }
     }
 }
