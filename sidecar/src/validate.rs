@@ -91,6 +91,13 @@ fn usage_entry(
     let quota = match (record.quota_requests, record.quota_window_ms) {
         (0, 0) => None,
         (requests, window_ms) => {
+            if requests == 0 {
+                let reason = format!(
+                    "0 with a quota_window_ms of {window_ms}; a quota is 1 to \
+                     {MAX_QUOTA_REQUESTS} requests, or send both as 0 for a tier without one"
+                );
+                return Err(ServiceError::invalid(field("quota_requests"), reason));
+            }
             if requests > MAX_QUOTA_REQUESTS {
                 let reason = format!("{requests} is more than the maximum {MAX_QUOTA_REQUESTS}");
                 return Err(ServiceError::invalid(field("quota_requests"), reason));
@@ -327,6 +334,14 @@ mod tests {
             (
                 "usage[0].refused_requests",
                 Box::new(|r| r.usage[0].refused_requests = u64::MAX),
+            ),
+            (
+                "usage[1].quota_requests",
+                Box::new(|r| r.usage[1].quota_requests = 0),
+            ),
+            (
+                "usage[0].quota_window_ms",
+                Box::new(|r| r.usage[0].quota_window_ms = 0),
             ),
         ];
 

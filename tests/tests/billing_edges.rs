@@ -693,6 +693,12 @@ async fn hostile_webhooks_keep_newest_tier() -> anyhow::Result<()> {
     unknown["type"] = serde_json::json!("invoice.paid");
     unknown["id"] = serde_json::json!("evt_unknown_type");
     let unknown_body = unknown.to_string();
+    // Signed now but created far ahead: accepted, it would make every
+    // later event stale and keep the customer on basic.
+    let mut created_ahead = older.clone();
+    created_ahead["created"] = serde_json::json!(i64::MAX);
+    created_ahead["id"] = serde_json::json!("evt_created_ahead");
+    let created_ahead_body = created_ahead.to_string();
     let mut unmapped = subscription_event(
         SubscriptionEventType::Created,
         &Subscription::new("cus_nobody", "price_pro", "prod_video"),
@@ -788,6 +794,14 @@ async fn hostile_webhooks_keep_newest_tier() -> anyhow::Result<()> {
         (
             "non-UTF-8 body",
             webhook_request(b"Stripe-Signature: t=1,v1=00\r\n", b"\xff\xfe\xfd"),
+            vec![400],
+        ),
+        (
+            "created after its signature",
+            webhook_request(
+                &signature_header(&created_ahead_body, now),
+                created_ahead_body.as_bytes(),
+            ),
             vec![400],
         ),
         (

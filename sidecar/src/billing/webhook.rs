@@ -213,6 +213,27 @@ impl WebhookHandler {
             }
         };
 
+        // Stripe signs a delivery after it creates the event, so a genuine
+        // event is never created after the signature's accepted window.
+        // Such a time would also make every later event look stale.
+        let latest_created = now_unix_s.saturating_add_unsigned(settings.tolerance.as_secs());
+        if parsed.created_unix_s > latest_created {
+            let total = self.count_rejection(RejectReason::InvalidPayload);
+            error!(
+                reason = RejectReason::InvalidPayload.as_str(),
+                event_id = %parsed.id,
+                created = parsed.created_unix_s,
+                now = now_unix_s,
+                rejected_total = total,
+                "rejected a signed Stripe webhook delivery: its event was created after its \
+                 signature; check the clock of the sender"
+            );
+            return reply_error(
+                StatusCode::BAD_REQUEST,
+                RejectReason::InvalidPayload.message(),
+            );
+        }
+
         let Some(delivery) = self.delivery(&parsed, now_unix_s) else {
             return reply_status("ignored");
         };
