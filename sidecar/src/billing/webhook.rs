@@ -520,6 +520,12 @@ impl WebhookHandler {
                 "metadata.veo_customer_id is already mapped to another Stripe customer; \
                  mapping kept"
             ),
+            MappingOutcome::StripeCustomerTaken => warn!(
+                event_id = %parsed.id,
+                "the Stripe customer already bills another customer, so its \
+                 metadata.veo_customer_id is ignored; one Stripe customer bills one customer, \
+                 so give that customer a Stripe customer of its own"
+            ),
             MappingOutcome::Erased => warn!(
                 event_id = %parsed.id,
                 "metadata.veo_customer_id names an erased customer; mapping not stored"

@@ -155,8 +155,11 @@ pub(super) enum MappingOutcome {
     None,
     /// The mapping row was inserted.
     Inserted,
-    /// The Stripe customer already had a mapping; it was kept.
+    /// The Stripe customer already had this mapping.
     Exists,
+    /// The Stripe customer is already mapped to another customer; that
+    /// mapping was kept.
+    StripeCustomerTaken,
     /// Our customer id is already mapped to another Stripe customer.
     CustomerTaken,
     /// Our customer id was erased; its tokens are still refused, and no
@@ -466,13 +469,17 @@ fn insert_mapping(
             |row| row.get(0),
         )
         .optional()?;
-    if existing.is_some() {
-        return Ok(MappingOutcome::Exists);
-    }
     let pseudonym = match identities {
         Some(identities) => identities.pseudonym(customer),
         None => customer.to_owned(),
     };
+    if let Some(existing) = existing {
+        return Ok(if existing == pseudonym {
+            MappingOutcome::Exists
+        } else {
+            MappingOutcome::StripeCustomerTaken
+        });
+    }
     let erased: bool = tx.query_row(
         "SELECT EXISTS (SELECT 1 FROM erased_customer WHERE pseudonym = ?1)",
         [&pseudonym],
@@ -1002,8 +1009,11 @@ pub(super) mod tests {
         again.mapping = Some(("other".into(), "cus_1".into()));
         let mut taken = delivery("evt_3", "pro", 300, Rank::Live);
         taken.mapping = Some(("acme".into(), "cus_2".into()));
+        let mut same = delivery("evt_4", "pro", 400, Rank::Live);
+        same.mapping = Some(("acme".into(), "cus_1".into()));
 
-        let outcomes = [first, again, taken].map(|delivery| record(&mut conn, &delivery).unwrap());
+        let outcomes =
+            [first, again, taken, same].map(|delivery| record(&mut conn, &delivery).unwrap());
 
         let mappings: Vec<_> = outcomes
             .into_iter()
@@ -1016,8 +1026,9 @@ pub(super) mod tests {
             mappings,
             [
                 MappingOutcome::Inserted,
+                MappingOutcome::StripeCustomerTaken,
+                MappingOutcome::CustomerTaken,
                 MappingOutcome::Exists,
-                MappingOutcome::CustomerTaken
             ]
         );
         assert_eq!(
