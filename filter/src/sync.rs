@@ -27,6 +27,7 @@ pub mod batch;
 pub mod erasures;
 pub mod instance;
 pub mod overrides;
+pub mod rejected;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -256,15 +257,27 @@ impl Sync {
         self.metrics.flush(host);
     }
 
-    /// Handles the reply to a sync call: `status` is the gRPC status code
-    /// and `body` the encoded `SyncResponse`.
-    pub fn on_response(&mut self, host: &impl Host, token: u32, status: u32, body: Option<&[u8]>) {
+    /// Handles the reply to a sync call: `status` is the gRPC status code,
+    /// `message` the status message of a failed call as Envoy passes it
+    /// (percent-encoded) and `body` the encoded `SyncResponse`.
+    pub fn on_response(
+        &mut self,
+        host: &impl Host,
+        token: u32,
+        status: u32,
+        message: Option<&str>,
+        body: Option<&[u8]>,
+    ) {
         let Some(call) = self.in_flight.filter(|call| call.token == token) else {
             return;
         };
         self.in_flight = None;
         if status != GRPC_OK {
-            self.fail(host, &format!("grpc_status={status}"));
+            let message = rejected::decode_message(message.unwrap_or_default());
+            if !call.poll {
+                self.reshape_rejected(host, status, &message);
+            }
+            self.fail(host, &format!("grpc_status={status} message={message:?}"));
             self.metrics.flush(host);
             return;
         }
@@ -320,6 +333,84 @@ impl Sync {
         }
         self.apply_reply(host, &reply);
         self.metrics.flush(host);
+    }
+
+    /// Changes the unacknowledged batch that the sidecar rejected with
+    /// `status` and `message` when resending it unchanged cannot succeed
+    /// (see [`rejected`]). A dropped record is logged and counted in
+    /// `veo.usage_dropped_total`, and the second half of a halved batch
+    /// goes back to the collected usage. The batch keeps its sequence
+    /// number, because the sidecar applied none of it.
+    fn reshape_rejected(&mut self, host: &impl Host, status: u32, message: &str) {
+        let Some(batch) = &self.unacknowledged else {
+            return;
+        };
+        let reshape = rejected::reshape_for(status, message, batch.records);
+        if reshape == rejected::Reshape::Keep {
+            return;
+        }
+        let Ok(mut request) = SyncRequest::decode(batch.encoded.as_slice()) else {
+            return;
+        };
+        let sequence = batch.sequence;
+        let removed = rejected::apply(&mut request, reshape);
+        match reshape {
+            rejected::Reshape::DropRecord(_) => {
+                for record in &removed {
+                    self.metrics.add(Counter::UsageDropped, 1);
+                    host.log(
+                        LogLevel::Error,
+                        &format!(
+                            "sidecar rejected a usage record, which is dropped: customer={:?} \
+                             tier={:?} minute_unix_s={} admitted={} refused={} egress_bytes={} \
+                             error={message:?}; check that the filter and the sidecar are of \
+                             the same version",
+                            record.customer,
+                            record.tier,
+                            record.minute_unix_s,
+                            record.admitted_requests,
+                            record.refused_requests,
+                            record.egress_bytes
+                        ),
+                    );
+                }
+            }
+            rejected::Reshape::Halve => {
+                host.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "sidecar rejected a batch of {} usage records as too large, so it is \
+                         sent in halves; check the message size limits between the filter and \
+                         the sidecar error={message:?}",
+                        request.usage.len() + removed.len()
+                    ),
+                );
+                for record in removed {
+                    self.return_record(record);
+                }
+            }
+            rejected::Reshape::Keep => {}
+        }
+        self.unacknowledged = (!request.usage.is_empty()).then(|| Batch {
+            sequence,
+            records: request.usage.len(),
+            encoded: request.encode_to_vec(),
+        });
+    }
+
+    /// Puts a record of a batch that was not sent back into the collected
+    /// usage, adding it to any usage collected since for its key.
+    fn return_record(&mut self, record: veo_proto::sync::UsageRecord) {
+        let minute = u32::try_from(record.minute_unix_s / 60).unwrap_or(u32::MAX);
+        let key = UsageKey {
+            customer: record.customer,
+            tier: record.tier,
+            minute,
+        };
+        let totals = self.collected.entry(key).or_default();
+        totals.admitted = totals.admitted.saturating_add(record.admitted_requests);
+        totals.refused = totals.refused.saturating_add(record.refused_requests);
+        totals.egress_bytes = totals.egress_bytes.saturating_add(record.egress_bytes);
     }
 
     /// Returns the sequence number of the unacknowledged batch, if any.
@@ -800,6 +891,85 @@ mod tests {
         assert!(instance.sync.is_in_flight());
     }
 
+    fn customers(request: &SyncRequest) -> Vec<&str> {
+        request
+            .usage
+            .iter()
+            .map(|record| record.customer.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn rejected_record_is_dropped_before_resend() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 2);
+        instance.requests("zeta", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, first) = instance.last_call();
+        assert_eq!(customers(&first), ["acme", "zeta"]);
+
+        let message = "invalid usage[0].customer: contains a control character";
+        instance.sync.on_response(
+            &instance.sync_host,
+            token,
+            rejected::INVALID_ARGUMENT,
+            Some(message),
+            None,
+        );
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, resent) = instance.last_call();
+        assert_eq!(resent.sequence, 1);
+        assert_eq!(customers(&resent), ["zeta"]);
+        assert_eq!(instance.sync_host.counter("veo.usage_dropped_total"), 1);
+
+        // The last record rejected too: nothing is left to send.
+        let message = "invalid usage[0].tier: must not be empty";
+        instance.sync.on_response(
+            &instance.sync_host,
+            token,
+            rejected::INVALID_ARGUMENT,
+            Some(message),
+            None,
+        );
+        assert_eq!(instance.sync.pending_sequence(), None);
+        instance.requests("beta", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (_, next) = instance.last_call();
+        assert_eq!(next.sequence, 1);
+        assert_eq!(customers(&next), ["beta"]);
+    }
+
+    #[test]
+    fn oversized_batch_is_sent_in_halves() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 1);
+        instance.requests("beta", 1);
+        instance.requests("zeta", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+
+        let message = "Error, decoded message length too large";
+        instance.sync.on_response(
+            &instance.sync_host,
+            token,
+            rejected::OUT_OF_RANGE,
+            Some(message),
+            None,
+        );
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, first_half) = instance.last_call();
+        assert_eq!(first_half.sequence, 1);
+        assert_eq!(customers(&first_half), ["acme", "beta"]);
+        instance.reply(token, &acknowledge(1));
+
+        instance.requests("zeta", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (_, second_half) = instance.last_call();
+        assert_eq!(second_half.sequence, 2);
+        assert_eq!(totals(&second_half, "zeta"), (2, 0));
+        assert_eq!(instance.sync_host.counter("veo.usage_dropped_total"), 0);
+    }
+
     #[test]
     fn failed_batch_is_resent_unchanged_then_sequence_advances() {
         let mut instance = Instance::new();
@@ -808,7 +978,7 @@ mod tests {
         let first = instance.sync_host.grpc_calls().pop().unwrap();
         instance
             .sync
-            .on_response(&instance.sync_host, first.token, UNAVAILABLE, None);
+            .on_response(&instance.sync_host, first.token, UNAVAILABLE, None, None);
         assert_eq!(instance.sync.pending_sequence(), Some(1));
 
         // New usage arrives while the sidecar is down.
@@ -867,9 +1037,13 @@ mod tests {
             {
                 let request = SyncRequest::decode(call.message.as_slice()).unwrap();
                 if round % 2 == 0 {
-                    instance
-                        .sync
-                        .on_response(&instance.sync_host, call.token, UNAVAILABLE, None);
+                    instance.sync.on_response(
+                        &instance.sync_host,
+                        call.token,
+                        UNAVAILABLE,
+                        None,
+                        None,
+                    );
                 } else {
                     instance.reply(call.token, &acknowledge(request.sequence));
                     sent.push(request);
@@ -1050,7 +1224,7 @@ mod tests {
             let call = instance.sync_host.grpc_calls().pop().unwrap();
             instance
                 .sync
-                .on_response(&instance.sync_host, call.token, UNAVAILABLE, None);
+                .on_response(&instance.sync_host, call.token, UNAVAILABLE, None, None);
         }
         assert!(instance.sync.is_degraded());
 
@@ -1266,7 +1440,7 @@ mod tests {
         let first = instance.sync_host.grpc_calls().pop().unwrap();
         instance
             .sync
-            .on_response(&instance.sync_host, first.token, UNAVAILABLE, None);
+            .on_response(&instance.sync_host, first.token, UNAVAILABLE, None, None);
 
         // More bytes arrive while the sidecar is down.
         assert!(instance.exchange("acme", None, &[50]));

@@ -359,6 +359,6 @@ impl Instance {
     pub fn reply(&mut self, token: u32, reply: &SyncResponse) {
         let body = reply.encode_to_vec();
         self.sync
-            .on_response(&self.sync_host, token, 0, Some(&body));
+            .on_response(&self.sync_host, token, 0, None, Some(&body));
     }
 }

@@ -209,3 +209,116 @@ async fn planned_envoy_stop_keeps_usage() -> anyhow::Result<()> {
 
     assert_ledger_settles_on(&stack, &tally).await
 }
+
+/// A sync server that rejects the first batch with usage as the sidecar
+/// rejects an invalid record, then acknowledges everything, and keeps every
+/// batch it receives.
+#[derive(Clone, Default)]
+struct RejectingSync {
+    batches: std::sync::Arc<std::sync::Mutex<Vec<veo_proto::sync::SyncRequest>>>,
+}
+
+#[tonic::async_trait]
+impl veo_proto::sync::sync_server::Sync for RejectingSync {
+    async fn sync(
+        &self,
+        request: tonic::Request<veo_proto::sync::SyncRequest>,
+    ) -> Result<tonic::Response<veo_proto::sync::SyncResponse>, tonic::Status> {
+        let request = request.into_inner();
+        if request.usage.is_empty() {
+            return Ok(tonic::Response::new(Default::default()));
+        }
+        let mut batches = self
+            .batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        batches.push(request.clone());
+        if batches.len() == 1 {
+            return Err(tonic::Status::invalid_argument(
+                "invalid usage[0].customer: rejected by the test",
+            ));
+        }
+        Ok(tonic::Response::new(veo_proto::sync::SyncResponse {
+            applied_sequence: request.sequence,
+            ..Default::default()
+        }))
+    }
+}
+
+/// Proves a record the sidecar rejects as invalid is dropped, counted and
+/// logged, and the rest of its batch is sent again under the same sequence
+/// number, through Envoy's gRPC client and status message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_record_is_dropped_from_batch() -> anyhow::Result<()> {
+    let dir = veo_tests::stack::temp_dir()?;
+    let upstream = veo_tests::upstream::EchoUpstream::start().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sync_port = listener.local_addr()?.port();
+    let sync = RejectingSync::default();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(veo_proto::sync::sync_server::SyncServer::new(sync.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let key = SigningKey::generate("k1");
+    let values = veo_tests::envoy::BootstrapValues {
+        node_id: format!("veo-test-{}", std::process::id()),
+        upstream_port: upstream.address().port(),
+        sidecar_port: sync_port,
+        plugin_config: PluginConfig::for_key(&key)?.to_json(),
+    };
+    let envoy = veo_tests::envoy::EnvoyProcess::spawn(dir.path(), &values, 1)?
+        .wait_ready()
+        .await?;
+    let client = envoy.client();
+    // Both requests before the first sync, so that they share a batch.
+    for customer in ["rejected-a", "rejected-b"] {
+        let token = key.mint(&TokenSpec::new(customer, "basic"))?;
+        let reply = client.get_with_token("/", &token, &[]).await?;
+        assert_eq!(reply.status, 200, "{customer}");
+    }
+
+    let deadline = std::time::Instant::now() + settle_timeout();
+    let batches = loop {
+        let batches = sync
+            .batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let customers_sent: usize = batches.iter().map(|batch| batch.usage.len()).sum();
+        if customers_sent >= 3 || std::time::Instant::now() > deadline {
+            break batches;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let customers = |batch: &veo_proto::sync::SyncRequest| -> Vec<String> {
+        batch
+            .usage
+            .iter()
+            .map(|record| record.customer.clone())
+            .collect()
+    };
+    assert!(batches.len() >= 2, "{} batches", batches.len());
+
+    assert_eq!(customers(&batches[0]), ["rejected-a", "rejected-b"]);
+    assert_eq!(customers(&batches[1]), ["rejected-b"]);
+    assert_eq!(batches[1].sequence, batches[0].sequence);
+
+    let dropped_stat = "wasmcustom.veo.usage_dropped_total";
+    let expected = BTreeMap::from([(dropped_stat.to_owned(), 1)]);
+    let observed = envoy
+        .admin()
+        .await_counters(&expected, settle_timeout())
+        .await?;
+    assert_eq!(observed, expected);
+    let log = envoy.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("sidecar rejected a usage record")
+                && line.contains("rejected-a")
+                && line.contains("rejected by the test")),
+        "no error line for the dropped record in Envoy's log:\n{log}"
+    );
+    server.abort();
+    Ok(())
+}

@@ -50,7 +50,19 @@ impl Context for Root {
                     .ok()
                     .flatten(),
             };
-            sync.on_response(&ProxyHost, token_id, status_code, body.as_deref());
+            let message = match status_code {
+                0 => None,
+                _ => hostcalls::get_grpc_status()
+                    .ok()
+                    .and_then(|(_, message)| message),
+            };
+            sync.on_response(
+                &ProxyHost,
+                token_id,
+                status_code,
+                message.as_deref(),
+                body.as_deref(),
+            );
         }
     }
 
