@@ -591,6 +591,9 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
                     }
                 }
             };
+            if entries.is_empty() {
+                return Ok("no asset has regions in the registry\n".to_owned());
+            }
             Ok(entries.iter().map(asset_line).collect())
         }
         Command::DeleteAssetRegions {

@@ -1128,3 +1128,43 @@ async fn registry_lock_applies_from_envoy_start() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Proves the CLI sets, lists and deletes an asset's regions, and says so
+/// when the registry is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_asset_regions() -> anyhow::Result<()> {
+    let dir = temp_dir_named("veo-test")?;
+    let sidecar = Sidecar::start_with_config(dir.path(), "").await?;
+    let url = format!("http://{}", sidecar.address());
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        let output = std::process::Command::new(veo_tests::artifacts::sidecar_binary()?)
+            .args(args)
+            .output()?;
+        ensure!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?)
+    };
+    let empty = "no asset has regions in the registry\n";
+
+    assert_eq!(cli(&["asset-regions", "--sidecar", &url])?, empty);
+    let set = [
+        "set-asset-regions",
+        "--sidecar",
+        &url,
+        "a1",
+        "--allow",
+        "eu-west",
+        "--storage",
+        "eu-west",
+    ];
+    cli(&set)?;
+    let listed = cli(&["asset-regions", "--sidecar", &url])?;
+    assert!(listed.starts_with("a1 allowed=eu-west "), "{listed}");
+    assert!(listed.ends_with(" storage=eu-west\n"), "{listed}");
+    cli(&["delete-asset-regions", "--sidecar", &url, "a1"])?;
+    assert_eq!(cli(&["asset-regions", "--sidecar", &url])?, empty);
+    Ok(())
+}

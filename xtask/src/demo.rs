@@ -110,6 +110,12 @@ async fn replay_through_stack(log: &Path, speed: f64) -> Result<(), XtaskError> 
         &stack.sidecar.data_dir().join("meter_events.jsonl"),
         &out_dir.join("demo-meter-events.jsonl"),
     )?;
+    println!(
+        "\nThe decisions are in {}. Check them again against the demo's {WINDOW_SECONDS} s \
+         windows with:\n  target/release/veo-replay check --decisions out/demo-decisions.jsonl \
+         --window-seconds {WINDOW_SECONDS}",
+        decisions.display()
+    );
     println!("\nStopping Envoy and the upstream.");
     Ok(())
 }

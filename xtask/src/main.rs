@@ -20,7 +20,11 @@ use crate::error::XtaskError;
 
 /// Command line of `cargo xtask`.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Project tasks of Veo Edge")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Project tasks of Veo Edge"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
