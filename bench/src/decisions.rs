@@ -40,12 +40,18 @@ pub struct Decision {
     /// spread over several instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<usize>,
+    /// `true` when the response carried the filter's `ratelimit` field and
+    /// is not a 429: the filter admitted the request, whatever the upstream
+    /// returned. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_admitted: Option<bool>,
 }
 
 impl Decision {
-    /// Returns true for a 2xx status, which counts against the customer's quota.
+    /// Returns true for a request that counts against the customer's
+    /// quota: a 2xx status, or any status of a request the filter admitted.
     pub fn is_admitted(&self) -> bool {
-        (200..300).contains(&self.status)
+        (200..300).contains(&self.status) || self.filter_admitted == Some(true)
     }
 }
 
@@ -165,6 +171,7 @@ mod tests {
                 line: Some(1),
                 error: None,
                 instance: None,
+                filter_admitted: None,
             },
             Decision {
                 t: 0.25,
@@ -176,6 +183,7 @@ mod tests {
                 line: None,
                 error: Some("connection refused".to_string()),
                 instance: Some(1),
+                filter_admitted: None,
             },
         ]
     }

@@ -100,8 +100,10 @@ impl OracleReport {
 /// Checks `decisions` against the quotas in `limits`; `tolerance_seconds` is the allowed
 /// timing error (use a few hundred milliseconds for a loopback replay).
 ///
-/// A customer's limits are those of the tier on its first decision. Statuses other than 2xx
-/// and 429 (401, 5xx, no response) neither consume quota nor count as refusals.
+/// A customer's limits are those of the tier on its first decision. A 2xx, or any status of a
+/// request the filter admitted (`filter_admitted`, such as an upstream's 5xx), consumes quota.
+/// Other statuses (401, the filter's own 5xx, no response) neither consume quota nor count as
+/// refusals.
 pub fn check_decisions(
     decisions: &[Decision],
     limits: &TierLimits,
@@ -253,6 +255,7 @@ pub(crate) mod testing {
                 line: None,
                 error: None,
                 instance: None,
+                filter_admitted: None,
             })
             .collect()
     }
@@ -287,6 +290,21 @@ mod tests {
         assert_eq!(report.violations, vec![]);
         assert_eq!(report.customers_checked, 1);
         assert!(report.passed());
+    }
+
+    #[test]
+    fn upstream_error_of_admitted_request_uses_quota() {
+        let events = [(0.0, 200), (1.0, 502), (2.0, 200), (3.0, 429)];
+        let mut with_field = decisions("a", "basic", &events);
+        with_field[1].filter_admitted = Some(true);
+        let report = check_decisions(&with_field, &limits(), 0.0);
+        assert_eq!(report.violations, vec![]);
+
+        // Without the field the 502 looks like the filter's own reply, so
+        // the 429 seems to come after only two admissions.
+        let report = check_decisions(&decisions("a", "basic", &events), &limits(), 0.0);
+        assert_eq!(report.violations.len(), 1);
+        assert_eq!(report.violations[0].t, 3.0);
     }
 
     #[test]

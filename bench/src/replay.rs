@@ -242,9 +242,16 @@ async fn send_planned(
     let result = client.send(&request.method, &request.path, token).await;
     let latency = sent.elapsed();
 
-    let (status, error) = match result {
-        Ok(status) => (status, None),
-        Err(error) => (NO_RESPONSE, Some(error)),
+    let (status, filter_admitted, error) = match result {
+        // The filter adds `ratelimit` to the responses of the requests it
+        // admits and to its 429s, so this tells a 5xx of the upstream,
+        // which used quota, from one of the filter.
+        Ok(response) => (
+            response.status,
+            (response.ratelimit_field && response.status != 429).then_some(true),
+            None,
+        ),
+        Err(error) => (NO_RESPONSE, None, Some(error)),
     };
     Decision {
         t: sent.duration_since(start).as_micros() as f64 / 1e6,
@@ -256,6 +263,7 @@ async fn send_planned(
         line: request.line,
         error,
         instance: None,
+        filter_admitted,
     }
 }
 

@@ -123,6 +123,7 @@ mod tests {
             line: None,
             error: None,
             instance: None,
+            filter_admitted: None,
         }
     }
 

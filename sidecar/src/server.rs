@@ -604,13 +604,13 @@ mod tests {
             usage: (0..config.max_records_per_batch())
                 .map(|index| UsageRecord {
                     quota_window_ms: 60_000,
-                    egress_bytes: 0,
                     ..longest_record(index)
                 })
                 .collect(),
             tier_overrides_version: u64::MAX,
             asset_regions_version: u64::MAX,
-            erasures_version: u64::MAX,
+            // The largest the store keeps.
+            erasures_version: u64::try_from(i64::MAX).unwrap(),
         };
         assert!(request.encoded_len() > 4 * 1024 * 1024);
 

@@ -208,6 +208,7 @@ mod tests {
             line: None,
             error: None,
             instance: None,
+            filter_admitted: None,
         }
     }
 

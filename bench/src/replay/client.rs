@@ -13,6 +13,15 @@ use hyper_util::rt::TokioExecutor;
 
 use super::ReplayError;
 
+/// What the replay keeps of one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// Whether the response carried the filter's `ratelimit` field.
+    pub ratelimit_field: bool,
+}
+
 /// Sends replayed requests to one `http://host:port` target.
 pub(crate) struct TargetClient {
     client: Client<HttpConnector, Empty<Bytes>>,
@@ -54,7 +63,12 @@ impl TargetClient {
 
     /// Sends one request and returns the response status, or a description of why no
     /// response arrived.
-    pub(crate) async fn send(&self, method: &str, path: &str, token: &str) -> Result<u16, String> {
+    pub(crate) async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+    ) -> Result<Response, String> {
         let method = Method::from_bytes(method.as_bytes())
             .map_err(|_| format!("invalid method {method:?}"))?;
         let uri = self.request_uri(path)?;
@@ -75,12 +89,16 @@ impl TargetClient {
                 .await
                 .map_err(|error| format!("request failed: {}", error_chain(&error)))?;
             let status = response.status().as_u16();
+            let ratelimit_field = response.headers().contains_key("ratelimit");
             response
                 .into_body()
                 .collect()
                 .await
                 .map_err(|error| format!("failed to read response body: {error}"))?;
-            Ok(status)
+            Ok(Response {
+                status,
+                ratelimit_field,
+            })
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
