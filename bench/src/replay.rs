@@ -244,8 +244,8 @@ async fn send_planned(
 
     let (status, filter_admitted, error) = match result {
         // The filter adds `ratelimit` to the responses of the requests it
-        // admits and to its 429s, so this tells a 5xx of the upstream,
-        // which used quota, from one of the filter.
+        // admits and to its 429s, so the field separates an upstream's
+        // 5xx, which used quota, from a 5xx of the filter.
         Ok(response) => (
             response.status,
             (response.ratelimit_field && response.status != 429).then_some(true),

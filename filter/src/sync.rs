@@ -899,6 +899,13 @@ mod tests {
             .collect()
     }
 
+    /// Fails the call `token` with `status` and `message`.
+    fn reject(instance: &mut Instance, token: u32, status: u32, message: &str) {
+        instance
+            .sync
+            .on_response(&instance.sync_host, token, status, Some(message), None);
+    }
+
     #[test]
     fn rejected_record_is_dropped_before_resend() {
         let mut instance = Instance::new();
@@ -909,13 +916,7 @@ mod tests {
         assert_eq!(customers(&first), ["acme", "zeta"]);
 
         let message = "invalid usage[0].customer: contains a control character";
-        instance.sync.on_response(
-            &instance.sync_host,
-            token,
-            rejected::INVALID_ARGUMENT,
-            Some(message),
-            None,
-        );
+        reject(&mut instance, token, rejected::INVALID_ARGUMENT, message);
         instance.sync.on_tick(&instance.sync_host);
         let (token, resent) = instance.last_call();
         assert_eq!(resent.sequence, 1);
@@ -924,13 +925,7 @@ mod tests {
 
         // The last record rejected too: nothing is left to send.
         let message = "invalid usage[0].tier: must not be empty";
-        instance.sync.on_response(
-            &instance.sync_host,
-            token,
-            rejected::INVALID_ARGUMENT,
-            Some(message),
-            None,
-        );
+        reject(&mut instance, token, rejected::INVALID_ARGUMENT, message);
         assert_eq!(instance.sync.pending_sequence(), None);
         instance.requests("beta", 1);
         instance.sync.on_tick(&instance.sync_host);
@@ -949,13 +944,7 @@ mod tests {
         let (token, _) = instance.last_call();
 
         let message = "Error, decoded message length too large";
-        instance.sync.on_response(
-            &instance.sync_host,
-            token,
-            rejected::OUT_OF_RANGE,
-            Some(message),
-            None,
-        );
+        reject(&mut instance, token, rejected::OUT_OF_RANGE, message);
         instance.sync.on_tick(&instance.sync_host);
         let (token, first_half) = instance.last_call();
         assert_eq!(first_half.sequence, 1);

@@ -1129,8 +1129,8 @@ async fn registry_lock_applies_from_envoy_start() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Proves the CLI sets, lists and deletes an asset's regions, and says so
-/// when the registry is empty.
+/// Proves the CLI sets, lists and deletes an asset's regions, and prints
+/// a line for an empty registry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_manages_asset_regions() -> anyhow::Result<()> {
     let dir = temp_dir_named("veo-test")?;

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::ReplayError;
 
-/// What the replay keeps of one response.
+/// The parts of one response that the replay keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Response {
     /// HTTP status.
