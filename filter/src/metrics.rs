@@ -62,11 +62,14 @@ pub enum Counter {
     /// Requests for an asset rejected with 503 because no asset region
     /// registry had arrived from the sidecar yet.
     GeoRegistryPending,
+    /// Usage records the sidecar rejected as invalid, dropped from their
+    /// batch.
+    UsageRejectedRecords,
 }
 
 impl Counter {
     /// Every counter, in id order.
-    pub const ALL: [Counter; 18] = [
+    pub const ALL: [Counter; 19] = [
         Counter::Requests,
         Counter::AuthFailures,
         Counter::TokenCacheHits,
@@ -85,6 +88,7 @@ impl Counter {
         Counter::BacklogRequestsDropped,
         Counter::BacklogBytesDropped,
         Counter::GeoRegistryPending,
+        Counter::UsageRejectedRecords,
     ];
 
     /// Returns the metric name passed to Envoy.
@@ -108,6 +112,7 @@ impl Counter {
             Self::BacklogRequestsDropped => "veo.usage_backlog_dropped_total",
             Self::BacklogBytesDropped => "veo.usage_backlog_dropped_bytes_total",
             Self::GeoRegistryPending => "veo.geo_registry_pending_total",
+            Self::UsageRejectedRecords => "veo.usage_rejected_records_total",
         }
     }
 }

@@ -4,6 +4,7 @@
 mod host;
 mod http;
 mod root;
+mod status;
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| Box::new(root::Root::default()));

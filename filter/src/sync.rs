@@ -6,7 +6,9 @@
 //! One call is in flight at a time. A batch is resent unchanged, with the
 //! same sequence number, until the sidecar acknowledges it, while new
 //! usage collects for the next batch. The sequence advances only on
-//! success, so the sidecar applies every batch once. When there is no usage
+//! success, so the sidecar applies every batch once. Only a batch the
+//! sidecar rejects for good is changed before it is resent (see
+//! [`rejected`]). When there is no usage
 //! to send, the tick sends a poll (a batch without usage) for the reply
 //! alone: on the first tick, while the last reply named any customer, after
 //! applying erased customers (to acknowledge them), and at least once per
@@ -108,6 +110,11 @@ pub struct Sync {
     collected: BTreeMap<UsageKey, UsageTotals>,
     retry_slots: Vec<u32>,
     unacknowledged: Option<Batch>,
+    /// Records split off a batch that the sidecar rejected as too large.
+    /// They go out in the next batches once the first half is applied as
+    /// new, and are dropped if the sidecar reports it as a duplicate,
+    /// because then an earlier attempt had applied the whole batch.
+    held_back: Vec<veo_proto::sync::UsageRecord>,
     in_flight: Option<InFlight>,
     next_sequence: u64,
     failing: bool,
@@ -155,6 +162,7 @@ impl Sync {
             collected: BTreeMap::new(),
             retry_slots: Vec::new(),
             unacknowledged: None,
+            held_back: Vec::new(),
             in_flight: None,
             next_sequence: 1,
             failing: false,
@@ -206,6 +214,21 @@ impl Sync {
             return;
         }
 
+        if self.unacknowledged.is_none() && !self.held_back.is_empty() {
+            let created_unix_ms = i64::try_from(host.now_ms()).unwrap_or(i64::MAX);
+            let count = self.held_back.len().min(batch::MAX_RECORDS_PER_BATCH);
+            let usage: Vec<_> = self.held_back.drain(..count).collect();
+            let request = SyncRequest {
+                instance_id: self.instance_id.clone(),
+                sequence: self.next_sequence,
+                created_unix_ms,
+                usage,
+                tier_overrides_version: self.versions().tier_overrides,
+                asset_regions_version: self.versions().asset_regions,
+                erasures_version: self.versions().erasures,
+            };
+            self.unacknowledged = Some(Batch::from_request(&request));
+        }
         if self.unacknowledged.is_none() && !self.collected.is_empty() {
             let created_unix_ms = i64::try_from(host.now_ms()).unwrap_or(i64::MAX);
             let versions = self.versions();
@@ -274,10 +297,16 @@ impl Sync {
         self.in_flight = None;
         if status != GRPC_OK {
             let message = rejected::decode_message(message.unwrap_or_default());
-            if !call.poll {
-                self.reshape_rejected(host, status, &message);
+            if !call.poll && self.reshape_rejected(host, status, &message) {
+                // The sidecar replied, so this is no sign that it is
+                // unreachable, and the changed batch goes out on the next
+                // tick.
+                self.metrics.add(Counter::SyncFailures, 1);
+                let interval = self.settings.sync_interval;
+                self.set_interval(host, interval);
+            } else {
+                self.fail(host, &format!("grpc_status={status} message={message:?}"));
             }
-            self.fail(host, &format!("grpc_status={status} message={message:?}"));
             self.metrics.flush(host);
             return;
         }
@@ -317,6 +346,18 @@ impl Sync {
             && let Some(batch) = self.unacknowledged.take()
         {
             self.next_sequence = batch.sequence + 1;
+            if reply.duplicate && !self.held_back.is_empty() {
+                host.log(
+                    LogLevel::Info,
+                    &format!(
+                        "the sidecar had applied batch sequence={} whole before it was split, \
+                         so the {} records held back from it are not sent again",
+                        batch.sequence,
+                        self.held_back.len()
+                    ),
+                );
+                self.held_back.clear();
+            }
             let level = if reply.duplicate {
                 LogLevel::Info
             } else {
@@ -337,27 +378,31 @@ impl Sync {
 
     /// Changes the unacknowledged batch that the sidecar rejected with
     /// `status` and `message` when resending it unchanged cannot succeed
-    /// (see [`rejected`]). A dropped record is logged and counted in
-    /// `veo.usage_dropped_total`, and the second half of a halved batch
-    /// goes back to the collected usage. The batch keeps its sequence
-    /// number, because the sidecar applied none of it.
-    fn reshape_rejected(&mut self, host: &impl Host, status: u32, message: &str) {
+    /// (see [`rejected`]), and returns whether it did. A dropped record is
+    /// logged and counted in `veo.usage_rejected_records_total`. The
+    /// second half of a halved batch is held back until the first half is
+    /// acknowledged. The changed batch keeps its sequence number, because
+    /// the sidecar checks for a duplicate before it validates a batch, so
+    /// it applied none of it. A batch left empty gives up its sequence
+    /// number, in case an earlier attempt was applied by a sidecar that
+    /// validates first.
+    fn reshape_rejected(&mut self, host: &impl Host, status: u32, message: &str) -> bool {
         let Some(batch) = &self.unacknowledged else {
-            return;
+            return false;
         };
         let reshape = rejected::reshape_for(status, message, batch.records);
         if reshape == rejected::Reshape::Keep {
-            return;
+            return false;
         }
         let Ok(mut request) = SyncRequest::decode(batch.encoded.as_slice()) else {
-            return;
+            return false;
         };
         let sequence = batch.sequence;
         let removed = rejected::apply(&mut request, reshape);
         match reshape {
             rejected::Reshape::DropRecord(_) => {
                 for record in &removed {
-                    self.metrics.add(Counter::UsageDropped, 1);
+                    self.metrics.add(Counter::UsageRejectedRecords, 1);
                     host.log(
                         LogLevel::Error,
                         &format!(
@@ -385,32 +430,17 @@ impl Sync {
                         request.usage.len() + removed.len()
                     ),
                 );
-                for record in removed {
-                    self.return_record(record);
-                }
+                self.held_back.splice(0..0, removed);
             }
             rejected::Reshape::Keep => {}
         }
-        self.unacknowledged = (!request.usage.is_empty()).then(|| Batch {
-            sequence,
-            records: request.usage.len(),
-            encoded: request.encode_to_vec(),
-        });
-    }
-
-    /// Puts a record of a batch that was not sent back into the collected
-    /// usage, adding it to any usage collected since for its key.
-    fn return_record(&mut self, record: veo_proto::sync::UsageRecord) {
-        let minute = u32::try_from(record.minute_unix_s / 60).unwrap_or(u32::MAX);
-        let key = UsageKey {
-            customer: record.customer,
-            tier: record.tier,
-            minute,
-        };
-        let totals = self.collected.entry(key).or_default();
-        totals.admitted = totals.admitted.saturating_add(record.admitted_requests);
-        totals.refused = totals.refused.saturating_add(record.refused_requests);
-        totals.egress_bytes = totals.egress_bytes.saturating_add(record.egress_bytes);
+        if request.usage.is_empty() {
+            self.unacknowledged = None;
+            self.next_sequence = sequence + 1;
+        } else {
+            self.unacknowledged = Some(Batch::from_request(&request));
+        }
+        true
     }
 
     /// Returns the sequence number of the unacknowledged batch, if any.
@@ -921,7 +951,12 @@ mod tests {
         let (token, resent) = instance.last_call();
         assert_eq!(resent.sequence, 1);
         assert_eq!(customers(&resent), ["zeta"]);
-        assert_eq!(instance.sync_host.counter("veo.usage_dropped_total"), 1);
+        assert_eq!(
+            instance
+                .sync_host
+                .counter("veo.usage_rejected_records_total"),
+            1
+        );
 
         // The last record rejected too: nothing is left to send.
         let message = "invalid usage[0].tier: must not be empty";
@@ -929,8 +964,9 @@ mod tests {
         assert_eq!(instance.sync.pending_sequence(), None);
         instance.requests("beta", 1);
         instance.sync.on_tick(&instance.sync_host);
+        // The emptied batch gives up its sequence number.
         let (_, next) = instance.last_call();
-        assert_eq!(next.sequence, 1);
+        assert_eq!(next.sequence, 2);
         assert_eq!(customers(&next), ["beta"]);
     }
 
@@ -945,18 +981,75 @@ mod tests {
 
         let message = "Error, decoded message length too large";
         reject(&mut instance, token, rejected::OUT_OF_RANGE, message);
+        // Usage that arrives meanwhile waits for the held-back half.
+        instance.requests("zeta", 1);
         instance.sync.on_tick(&instance.sync_host);
         let (token, first_half) = instance.last_call();
         assert_eq!(first_half.sequence, 1);
         assert_eq!(customers(&first_half), ["acme", "beta"]);
         instance.reply(token, &acknowledge(1));
 
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, second_half) = instance.last_call();
+        assert_eq!(second_half.sequence, 2);
+        assert_eq!(customers(&second_half), ["zeta"]);
+        assert_eq!(totals(&second_half, "zeta"), (1, 0));
+        instance.reply(token, &acknowledge(2));
+
+        instance.sync.on_tick(&instance.sync_host);
+        let (_, later) = instance.last_call();
+        assert_eq!(later.sequence, 3);
+        assert_eq!(totals(&later, "zeta"), (1, 0));
+        assert_eq!(instance.sync_host.counter("veo.sync_degraded_total"), 0);
+    }
+
+    #[test]
+    fn split_batch_applied_before_drops_held_half() {
+        let mut instance = Instance::new();
+        instance.requests("acme", 1);
         instance.requests("zeta", 1);
         instance.sync.on_tick(&instance.sync_host);
-        let (_, second_half) = instance.last_call();
-        assert_eq!(second_half.sequence, 2);
-        assert_eq!(totals(&second_half, "zeta"), (2, 0));
-        assert_eq!(instance.sync_host.counter("veo.usage_dropped_total"), 0);
+        // The first attempt may have been applied: its reply never came.
+        let (token, _) = instance.last_call();
+        instance
+            .sync
+            .on_response(&instance.sync_host, token, UNAVAILABLE, None, None);
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, _) = instance.last_call();
+        reject(&mut instance, token, rejected::OUT_OF_RANGE, "too large");
+
+        instance.sync.on_tick(&instance.sync_host);
+        let (token, first_half) = instance.last_call();
+        assert_eq!(customers(&first_half), ["acme"]);
+        let duplicate = SyncResponse {
+            duplicate: true,
+            ..acknowledge(1)
+        };
+        instance.reply(token, &duplicate);
+
+        instance.requests("beta", 1);
+        instance.sync.on_tick(&instance.sync_host);
+        let (_, next) = instance.last_call();
+        assert_eq!(next.sequence, 2);
+        assert_eq!(customers(&next), ["beta"]);
+    }
+
+    #[test]
+    fn rejections_do_not_degrade_the_counters() {
+        let mut instance = Instance::new();
+        for customer in ["acme", "beta", "zeta"] {
+            instance.requests(customer, 1);
+        }
+        instance.sync.on_tick(&instance.sync_host);
+        for _ in 0..2 {
+            let (token, _) = instance.last_call();
+            let message = "invalid usage[0].tier: must not be empty";
+            reject(&mut instance, token, rejected::INVALID_ARGUMENT, message);
+            instance.sync.on_tick(&instance.sync_host);
+        }
+        let (_, resent) = instance.last_call();
+        assert_eq!(customers(&resent), ["zeta"]);
+        assert!(!instance.sync.is_degraded());
     }
 
     #[test]

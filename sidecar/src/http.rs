@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, warn};
+use tracing::{debug, error};
 
 use crate::billing::webhook::{WebhookHandler, WebhookReply};
 use crate::metrics::Metrics;
@@ -70,7 +70,9 @@ async fn webhook(
             state.webhooks.reject_too_large()
         }
         Err(rejection) => {
-            warn!(error = %rejection, "failed to read a Stripe webhook body");
+            // Anyone can cause this, for example by closing the connection
+            // mid-body, so it is counted but logged at debug only.
+            debug!(error = %rejection, "failed to read a Stripe webhook body");
             WebhookReply::error(rejection.status(), &rejection.body_text())
         }
     };

@@ -170,6 +170,18 @@ impl Store {
         .await
     }
 
+    /// Returns the last sequence applied for `instance`, `None` before its
+    /// first batch.
+    pub async fn last_sequence(&self, instance: &str) -> Result<Option<i64>, StoreError> {
+        let instance = instance.to_owned();
+        self.run(
+            "read an instance's last sequence",
+            Role::Reader,
+            move |conn| apply::last_sequence(conn, &instance),
+        )
+        .await
+    }
+
     /// Like [`Store::apply`], and also queues the batch's usage in the
     /// outbox of the shared counters, in the same transaction, so that
     /// usage acknowledged to the filter always reaches them.

@@ -234,7 +234,15 @@ impl SyncService {
         request: SyncRequest,
         now_s: i64,
     ) -> Result<SyncResponse, ServiceError> {
-        let batch = validate::sync_batch(request, self.max_records)?;
+        let (instance, sequence) = (request.instance_id.clone(), request.sequence);
+        let batch = match validate::sync_batch(request, self.max_records) {
+            Ok(batch) => batch,
+            Err(err) => {
+                return self
+                    .reject_unless_applied(&instance, sequence, err, now_s)
+                    .await;
+            }
+        };
         let instance = batch.instance_id.clone();
         let sequence = batch.sequence;
         let records = batch.records.len();
@@ -332,6 +340,43 @@ impl SyncService {
             &applied,
             now,
         ))
+    }
+
+    /// Returns `invalid`, the validation error of batch `sequence` of
+    /// `instance`, unless that sequence was applied before: then the batch
+    /// is a resend of one that was valid when it arrived, under limits that
+    /// changed since, and it gets the duplicate reply. Otherwise a filter
+    /// that changes a rejected batch before resending it could apply part
+    /// of it twice.
+    async fn reject_unless_applied(
+        &self,
+        instance: &str,
+        sequence: u64,
+        invalid: ServiceError,
+        now_s: i64,
+    ) -> Result<SyncResponse, ServiceError> {
+        let Ok(sequence) = i64::try_from(sequence) else {
+            return Err(invalid);
+        };
+        if sequence == 0
+            || validate::identifier("instance_id", instance, validate::MAX_ID_BYTES).is_err()
+        {
+            return Err(invalid);
+        }
+        match self.store.last_sequence(instance).await? {
+            Some(last) if sequence <= last => {
+                debug!(
+                    instance,
+                    sequence,
+                    last_sequence = last,
+                    "duplicate batch that is no longer valid"
+                );
+                let now = u64::try_from(now_s).unwrap_or(0);
+                let last = u64::try_from(last).unwrap_or(0);
+                Ok(self.reply(instance, last, true, &BTreeMap::new(), now))
+            }
+            _ => Err(invalid),
+        }
     }
 
     /// Adds a stored batch to `veo_ledger_usage_total` and, when exported,
@@ -643,6 +688,33 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("usage[1].customer"));
         assert!(!retry.duplicate);
+    }
+
+    #[tokio::test]
+    async fn applied_batch_resent_invalid_is_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync = service(&dir);
+        let minute = current_minute();
+        sync.apply(request("a", 1, &[("c1", minute, 5), ("c2", minute, 1)]))
+            .await
+            .unwrap();
+
+        // The same sequence, no longer valid, for example under a lower
+        // limit after a restart: the sidecar applied it already.
+        let mut resent = request("a", 1, &[("c1", minute, 5), ("c2", minute, 1)]);
+        resent.usage[1].customer.clear();
+        let reply = sync.apply(resent).await.unwrap();
+        assert!(reply.duplicate);
+        assert_eq!(reply.applied_sequence, 1);
+
+        let mut next = request("a", 2, &[("c1", minute, 1)]);
+        next.usage[0].customer.clear();
+        let status = Status::from(sync.apply(next).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let mut unknown = request("b", 1, &[("c1", minute, 1)]);
+        unknown.usage[0].customer.clear();
+        let status = Status::from(sync.apply(unknown).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
 
     fn caps(reply: &SyncResponse) -> Vec<(&str, Option<u64>)> {

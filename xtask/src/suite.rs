@@ -36,8 +36,8 @@ pub fn run(extra_args: &[String]) -> Result<(), XtaskError> {
 /// one.
 pub fn bench(args: &[String]) -> Result<(), XtaskError> {
     let measurement = args
-        .first()
-        .is_some_and(|arg| ["memory", "billing", "failover"].contains(&arg.as_str()));
+        .iter()
+        .any(|arg| ["memory", "billing", "failover", "--help", "-h"].contains(&arg.as_str()));
     let own_wrk = args
         .iter()
         .any(|arg| arg == "--wrk" || arg.starts_with("--wrk="));

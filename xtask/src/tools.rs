@@ -132,26 +132,33 @@ fn envoy_version(bin: &Path) -> Option<String> {
 }
 
 fn ensure_redis() -> Result<(), XtaskError> {
-    ensure_debian_package("redis-server", "redis-server")
+    ensure_debian_package("redis-server", "redis-server", true)
 }
 
 /// Installs Prometheus, which the reconciliation tests run, unless a
 /// `prometheus` binary is there.
 fn ensure_prometheus() -> Result<(), XtaskError> {
-    ensure_debian_package("prometheus", "prometheus")
+    ensure_debian_package("prometheus", "prometheus", true)
 }
 
 /// Installs wrk, the load generator of the throughput benchmark, with
 /// apt-get when it is missing.
 pub fn ensure_wrk() -> Result<(), XtaskError> {
-    ensure_debian_package("wrk", "wrk")
+    // `wrk --version` prints its version and exits with status 1.
+    ensure_debian_package("wrk", "wrk", false)
 }
 
-/// Installs the Debian package `package` with apt-get unless `binary` is
-/// on the `PATH`. Only whether it starts counts: `wrk --version` prints
-/// its version and exits with status 1.
-fn ensure_debian_package(binary: &str, package: &str) -> Result<(), XtaskError> {
-    let found = Command::new(binary).arg("--version").output().is_ok();
+/// Installs the Debian package `package` with apt-get unless `binary
+/// --version` runs, and with `must_succeed` also exits with status 0.
+fn ensure_debian_package(
+    binary: &str,
+    package: &str,
+    must_succeed: bool,
+) -> Result<(), XtaskError> {
+    let found = Command::new(binary)
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success() || !must_succeed);
     if found {
         return Ok(());
     }

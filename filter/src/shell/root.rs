@@ -52,9 +52,7 @@ impl Context for Root {
             };
             let message = match status_code {
                 0 => None,
-                _ => hostcalls::get_grpc_status()
-                    .ok()
-                    .and_then(|(_, message)| message),
+                _ => super::status::grpc_status_message(),
             };
             sync.on_response(
                 &ProxyHost,

@@ -1,5 +1,6 @@
 //! One usage batch: the collected usage turned into a `SyncRequest`,
-//! encoded once so every resend carries the same bytes.
+//! encoded once so every resend carries the same bytes, unless the
+//! sidecar rejects it for good.
 
 use std::collections::BTreeMap;
 
@@ -97,8 +98,13 @@ impl Batch {
             asset_regions_version: versions.asset_regions,
             erasures_version: versions.erasures,
         };
+        Self::from_request(&request)
+    }
+
+    /// Encodes `request` as a batch.
+    pub fn from_request(request: &SyncRequest) -> Self {
         Self {
-            sequence,
+            sequence: request.sequence,
             records: request.usage.len(),
             encoded: request.encode_to_vec(),
         }

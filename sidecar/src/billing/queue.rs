@@ -154,7 +154,7 @@ fn close_meter(
 ) -> rusqlite::Result<bool> {
     // The sum is computed here rather than in SQL, because `TOTAL()` is a
     // float that is inexact past 2^53 and `SUM()` fails past 2^63 - 1. A
-    // bucket has one row per tier and instance, so there are few.
+    // bucket has one row per tier, so there are few.
     let mut statement = tx.prepare_cached(&format!(
         "SELECT {} FROM usage_minute WHERE customer = ?1 AND minute_unix_s = ?2",
         meter.ledger_column()

@@ -225,8 +225,8 @@ impl WebhookHandler {
                 created = parsed.created_unix_s,
                 now = now_unix_s,
                 rejected_total = total,
-                "rejected a signed Stripe webhook delivery: its event was created after its \
-                 signature; check the clock of the sender"
+                "rejected a signed Stripe webhook delivery: its event was created later than \
+                 the signature's accepted time window; check the clock of the sender"
             );
             return reply_error(
                 StatusCode::BAD_REQUEST,
@@ -279,7 +279,8 @@ impl WebhookHandler {
         reply_error(StatusCode::PAYLOAD_TOO_LARGE, reason.message())
     }
 
-    /// Returns the number of deliveries rejected with 400 since start.
+    /// Returns the number of deliveries rejected with 400 or 413 since
+    /// start.
     pub fn rejected_total(&self) -> u64 {
         self.inner
             .rejected

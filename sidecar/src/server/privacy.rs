@@ -269,7 +269,7 @@ mod tests {
     }
 
     #[test]
-    fn an_outage_is_logged_once_then_hourly() {
+    fn outage_logged_once_then_hourly() {
         let start = Instant::now();
         let minute = Duration::from_secs(60);
         let mut health = PeerHealth::default();

@@ -55,6 +55,13 @@ ON CONFLICT (instance_id) DO UPDATE SET
 ///
 /// With `identities`, the rows name each customer by its pseudonym, and
 /// the customer's encrypted id is stored in the same transaction.
+/// Returns the last sequence applied for `instance`, `None` before its
+/// first batch.
+pub(super) fn last_sequence(conn: &Connection, instance: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(SELECT_LAST_SEQUENCE, [instance], |row| row.get(0))
+        .optional()
+}
+
 pub(super) fn apply_batch(
     conn: &mut Connection,
     batch: &Batch,
