@@ -218,16 +218,13 @@ impl Sync {
             let created_unix_ms = i64::try_from(host.now_ms()).unwrap_or(i64::MAX);
             let count = self.held_back.len().min(batch::MAX_RECORDS_PER_BATCH);
             let usage: Vec<_> = self.held_back.drain(..count).collect();
-            let request = SyncRequest {
-                instance_id: self.instance_id.clone(),
-                sequence: self.next_sequence,
-                created_unix_ms,
+            self.unacknowledged = Some(Batch::from_records(
                 usage,
-                tier_overrides_version: self.versions().tier_overrides,
-                asset_regions_version: self.versions().asset_regions,
-                erasures_version: self.versions().erasures,
-            };
-            self.unacknowledged = Some(Batch::from_request(&request));
+                &self.instance_id,
+                self.next_sequence,
+                created_unix_ms,
+                self.versions(),
+            ));
         }
         if self.unacknowledged.is_none() && !self.collected.is_empty() {
             let created_unix_ms = i64::try_from(host.now_ms()).unwrap_or(i64::MAX);

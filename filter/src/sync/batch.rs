@@ -89,6 +89,18 @@ impl Batch {
                 refused_requests: totals.refused,
             });
         }
+        Self::from_records(usage, instance_id, sequence, created_unix_ms, versions)
+    }
+
+    /// Builds a batch of the records `usage`, with the other fields as in
+    /// [`Batch::take`].
+    pub fn from_records(
+        usage: Vec<UsageRecord>,
+        instance_id: &str,
+        sequence: u64,
+        created_unix_ms: i64,
+        versions: Versions,
+    ) -> Self {
         let request = SyncRequest {
             instance_id: instance_id.to_owned(),
             sequence,
