@@ -343,11 +343,11 @@ impl SyncService {
     }
 
     /// Returns `invalid`, the validation error of batch `sequence` of
-    /// `instance`, unless that sequence was applied before: then the batch
-    /// is a resend of one that was valid when it arrived, under limits that
-    /// changed since, and it gets the duplicate reply. Otherwise a filter
-    /// that changes a rejected batch before resending it could apply part
-    /// of it twice.
+    /// `instance`, unless that sequence was applied before. Such a batch is
+    /// a resend of a batch that was valid when it arrived, under limits
+    /// that changed since, so it gets the duplicate reply. Otherwise a
+    /// filter that changes a rejected batch before resending it could
+    /// apply part of it twice.
     async fn reject_unless_applied(
         &self,
         instance: &str,

@@ -308,7 +308,7 @@ async fn rejected_record_is_dropped_from_batch() -> anyhow::Result<()> {
     };
     assert!(batches.len() >= 2, "{} batches", batches.len());
     // Usually both requests share the first batch, but a tick between them
-    // splits them; either way only the first record of the rejected batch
+    // splits them. Either way only the first record of the rejected batch
     // is dropped.
     let first = customers(&batches[0]);
     let rejected = first[0].clone();

@@ -594,7 +594,8 @@ fn reply_status(status: &'static str) -> WebhookReply {
 }
 
 impl WebhookReply {
-    /// A reply with status `code` and the JSON body `{"error": message}`.
+    /// Builds a reply with status `code` and the JSON body
+    /// `{"error": message}`.
     pub fn error(code: StatusCode, message: &str) -> Self {
         reply_error(code, message)
     }

@@ -176,7 +176,7 @@ struct PeerHealth {
     logged_at: Option<Instant>,
 }
 
-/// What a peer's latest call means for the log.
+/// The log line, if any, that a peer's latest call calls for.
 #[derive(Debug, PartialEq, Eq)]
 enum PeerLog {
     /// Nothing to log.
