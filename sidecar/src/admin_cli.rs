@@ -218,14 +218,23 @@ fn stopped_store_files(
     Ok((store, key_file))
 }
 
-/// Rotates the key-encryption key of the store in `data_dir`: a new key
-/// becomes current, every data key is wrapped with it, and unless
-/// `keep_old` the old keys leave the file once nothing is wrapped under
-/// them.
+/// What `rotate-keys` keeps.
+#[derive(Debug, Clone, Copy)]
+struct Rotation {
+    /// Keep the old key-encryption keys in the key file.
+    keep_old: bool,
+    /// Keep the index key and the rows' pseudonyms.
+    keep_index_key: bool,
+}
+
+/// Rotates the keys of the store in `data_dir`: a new key-encryption key
+/// becomes current, the index key is replaced and the rows renamed under
+/// it, every data key is wrapped with the new key, and the old keys leave
+/// the file once nothing is wrapped under them. `options` keeps some.
 fn rotate_keys(
     data_dir: &std::path::Path,
     key_file: Option<std::path::PathBuf>,
-    keep_old: bool,
+    options: Rotation,
 ) -> Result<String, CommandError> {
     use crate::keys;
     let fail = |err: &dyn std::fmt::Display| CommandError::Rotate(err.to_string());
@@ -236,12 +245,32 @@ fn rotate_keys(
     let mut provider = keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;
     let old = provider.kek_ids();
     let current = provider.rotate().map_err(|err| fail(&err))?;
+    let mut text = String::new();
+    if !options.keep_index_key {
+        // A second handle on the key file, which now has the new key.
+        let keys = keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;
+        let renamed = crate::store::replace_index_key(data_dir, std::sync::Arc::new(keys))
+            .map_err(|err| fail(&crate::error_chain(&err)))?;
+        let _ = writeln!(
+            text,
+            "index key replaced; rows of {} customers and {} Stripe customers renamed under it",
+            renamed.customers, renamed.stripe_customers
+        );
+        if renamed.unidentified > 0 {
+            let _ = writeln!(
+                text,
+                "{} pseudonyms without a readable identity got random ones",
+                renamed.unidentified
+            );
+        }
+    }
     let conn = open_stopped_store(&store).map_err(|err| fail(&err))?;
     let rewrapped = keys::rewrap_all(&conn, &provider).map_err(|err| fail(&err))?;
-    let mut text = format!(
-        "key-encryption key {current} is current; {rewrapped} data keys re-wrapped with it\n"
+    let _ = writeln!(
+        text,
+        "key-encryption key {current} is current; {rewrapped} data keys re-wrapped with it"
     );
-    if !keep_old {
+    if !options.keep_old {
         for kek in old {
             let left = keys::count_wrapped_under(&conn, &kek).map_err(|err| fail(&err))?;
             if left == 0 {
@@ -664,9 +693,16 @@ pub async fn run(command: Command) -> Result<String, CommandError> {
             data_dir,
             key_file,
             keep_old,
-        } => tokio::task::spawn_blocking(move || rotate_keys(&data_dir, key_file, keep_old))
-            .await
-            .map_err(|err| CommandError::Rotate(err.to_string()))?,
+            keep_index_key,
+        } => tokio::task::spawn_blocking(move || {
+            let options = Rotation {
+                keep_old,
+                keep_index_key,
+            };
+            rotate_keys(&data_dir, key_file, options)
+        })
+        .await
+        .map_err(|err| CommandError::Rotate(err.to_string()))?,
         Command::DropErasurePeer {
             data_dir,
             key_file,

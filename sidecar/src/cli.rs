@@ -237,8 +237,10 @@ pub enum Command {
         out: std::path::PathBuf,
     },
     /// Adds a key-encryption key, re-wraps every data key with it and
-    /// retires the old keys. Runs on a stopped sidecar's data directory;
-    /// no data is re-encrypted.
+    /// retires the old keys. It also replaces the index key and renames
+    /// every row under it, so that rows in a backup can no longer be linked
+    /// to customers. Runs on a stopped sidecar's data directory. Only the
+    /// encrypted customer ids are encrypted again.
     RotateKeys {
         /// Data directory of the stopped sidecar.
         #[arg(long, value_name = "DIR")]
@@ -249,6 +251,10 @@ pub enum Command {
         /// Keep the old keys in the file instead of retiring them.
         #[arg(long)]
         keep_old: bool,
+        /// Keep the index key, so rows keep their pseudonyms and rows in a
+        /// backup stay linkable to customer ids.
+        #[arg(long)]
+        keep_index_key: bool,
     },
     /// Hands the erasures waiting to be passed on to a peer sidecar that is
     /// gone for good to its successor (`--to`), or drops them, and records

@@ -129,15 +129,18 @@ pub struct Erasure {
     pub receipt: Receipt,
 }
 
-/// An erasure request: the customer, its keyed hash, the time and the
+/// An erasure request: the customer, its keyed hashes, the time and the
 /// refusal period.
 #[derive(Debug, Clone, Copy)]
 pub struct EraseRequest<'a> {
     /// Customer id, as in the token's customer claim.
     pub customer: &'a str,
-    /// Keyed hash of `customer`, lowercase hex: the pseudonym that the
-    /// ledger and billing tables name the customer by.
+    /// Keyed hash of `customer` under the subject key, lowercase hex: what
+    /// the erasure and its audit entry record.
     pub subject_hash: &'a str,
+    /// Keyed hash of `customer` under the index key: the pseudonym that
+    /// the ledger, billing and erasure tables name the customer by.
+    pub pseudonym: &'a str,
     /// Time of the request, in milliseconds since the Unix epoch.
     pub now_unix_ms: i64,
     /// When the customer was first erased, in milliseconds since the Unix
@@ -204,9 +207,7 @@ pub fn erase(
     record: &mut RecordErasure<'_>,
 ) -> rusqlite::Result<(Erasure, bool)> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // The ledger and billing tables name the customer by its pseudonym,
-    // which is the subject hash.
-    let pseudonym = request.subject_hash;
+    let pseudonym = request.pseudonym;
     // Within the refusal period a repeated request returns the erasure in
     // force. After it, the customer may have come back with new data, which
     // a new erasure removes.
@@ -539,6 +540,34 @@ pub fn seal_ids_in_clear(
     Ok(())
 }
 
+/// Tables of erased customers named by pseudonym, with the associated data
+/// of their sealed ids.
+pub const PSEUDONYM_TABLES: [(&str, &[u8]); 2] = [
+    ("erased_customer", ERASED_AAD),
+    ("erasure_counters_pending", COUNTERS_AAD),
+];
+
+/// Returns the (pseudonym, customer id) of every row of
+/// [`PSEUDONYM_TABLES`], for replacing the pseudonyms under a new index
+/// key.
+pub fn erased_pseudonyms(
+    conn: &Connection,
+    keys: &dyn KeyProvider,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut named = Vec::new();
+    for (table, aad) in PSEUDONYM_TABLES {
+        let select = format!("SELECT pseudonym, sealed FROM {table}");
+        let rows: Vec<(String, Vec<u8>)> = conn
+            .prepare(&select)?
+            .query_map([], pair)?
+            .collect::<rusqlite::Result<_>>()?;
+        for (pseudonym, sealed) in rows {
+            named.push((pseudonym, unseal(conn, keys, &sealed, aad)?));
+        }
+    }
+    Ok(named)
+}
+
 /// Reads the first two columns of a row.
 fn pair<A: rusqlite::types::FromSql, B: rusqlite::types::FromSql>(
     row: &rusqlite::Row<'_>,
@@ -731,6 +760,7 @@ mod tests {
         EraseRequest {
             customer,
             subject_hash: "ab12",
+            pseudonym: "cd34",
             now_unix_ms: 5_000,
             first_erased_unix_ms: 5_000,
             refuse_until_unix_s: 90_000,
@@ -751,13 +781,13 @@ mod tests {
     #[test]
     fn stripe_customer_billing_another_customer_is_kept() {
         let mut conn = open();
-        seed(&conn, "ab12", "cus_A");
+        seed(&conn, "cd34", "cus_A");
         seed(&conn, "globex", "cus_G");
-        // ab12's usage went to cus_G before cus_G was mapped to globex.
+        // cd34's usage went to cus_G before cus_G was mapped to globex.
         conn.execute_batch(
             "INSERT INTO meter_event (identifier, customer, meter, minute_unix_s, value, state,
                                       stripe_pseudonym, created_unix_s)
-                 VALUES ('id-old', 'ab12', 'api_requests', 120, 3, 'sent', 'cus_G', 1);",
+                 VALUES ('id-old', 'cd34', 'api_requests', 120, 3, 'sent', 'cus_G', 1);",
         )
         .unwrap();
 
@@ -784,7 +814,7 @@ mod tests {
     #[test]
     fn erasure_removes_every_trace_and_keeps_invoiced_totals() {
         let mut conn = open();
-        seed(&conn, "ab12", "cus_A");
+        seed(&conn, "cd34", "cus_A");
         seed(&conn, "globex", "cus_G");
 
         let (erasure, performed) =
@@ -820,7 +850,7 @@ mod tests {
         ] {
             let left = count(
                 &conn,
-                &format!("SELECT COUNT(*) FROM {table} WHERE customer = 'ab12'"),
+                &format!("SELECT COUNT(*) FROM {table} WHERE customer = 'cd34'"),
             );
             assert_eq!(left, 0, "{table}");
             let other = count(
@@ -860,7 +890,7 @@ mod tests {
     #[test]
     fn repeated_erasure_returns_the_first() {
         let mut conn = open();
-        seed(&conn, "ab12", "cus_A");
+        seed(&conn, "cd34", "cus_A");
         let mut calls = 0;
         let mut record = |_: &Connection, _: &str, _: &mut BTreeMap<String, u64>| {
             calls += 1;
@@ -953,7 +983,7 @@ mod tests {
     #[test]
     fn failed_queueing_for_peers_rolls_the_erasure_back() {
         let mut conn = open();
-        seed(&conn, "ab12", "cus_A");
+        seed(&conn, "cd34", "cus_A");
         conn.execute_batch("DROP TABLE erasure_forward").unwrap();
         let peers = ["http://a:1".to_owned()];
         let forwarded = EraseRequest {
@@ -981,7 +1011,7 @@ mod tests {
             Ok(receipt(1))
         })
         .unwrap();
-        seed(&conn, "ab12", "cus_A");
+        seed(&conn, "cd34", "cus_A");
         let later = EraseRequest {
             now_unix_ms: 90_000_000,
             first_erased_unix_ms: 90_000_000,
@@ -999,7 +1029,7 @@ mod tests {
         assert_eq!(
             count(
                 &conn,
-                "SELECT COUNT(*) FROM usage_minute WHERE customer = 'ab12'"
+                "SELECT COUNT(*) FROM usage_minute WHERE customer = 'cd34'"
             ),
             0
         );
@@ -1010,7 +1040,7 @@ mod tests {
     #[test]
     fn failed_audit_entry_rolls_the_erasure_back() {
         let mut conn = open();
-        seed(&conn, "ab12", "cus_A");
+        seed(&conn, "cd34", "cus_A");
 
         let result = erase(&mut conn, keys(), request("acme"), &mut |_, _, _| {
             Err(rusqlite::Error::InvalidQuery)
@@ -1020,7 +1050,7 @@ mod tests {
         assert_eq!(
             count(
                 &conn,
-                "SELECT COUNT(*) FROM usage_minute WHERE customer = 'ab12'"
+                "SELECT COUNT(*) FROM usage_minute WHERE customer = 'cd34'"
             ),
             2
         );
@@ -1087,12 +1117,12 @@ mod tests {
             }]
         );
         assert!(counters_pending_for(&conn, "er_ab12").unwrap());
-        counters_failed(&conn, "ab12").unwrap();
+        counters_failed(&conn, "cd34").unwrap();
         assert_eq!(
             count(&conn, "SELECT attempts FROM erasure_counters_pending"),
             1
         );
-        counters_cleared(&conn, "ab12").unwrap();
+        counters_cleared(&conn, "cd34").unwrap();
         assert!(!counters_pending_for(&conn, "er_ab12").unwrap());
     }
 

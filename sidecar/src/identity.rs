@@ -1,12 +1,19 @@
 //! Customer ids at rest.
 //!
 //! The ledger and billing tables name a customer by its pseudonym: the
-//! keyed hash ([`IndexKey::hash`]) of the customer id, the same value the
-//! audit log and the erasures record as the subject hash. The id itself is
-//! stored once, in `customer_identity`, encrypted under the customer's own
-//! data key. The database file therefore contains no customer id in clear,
-//! and erasing a customer destroys that data key, so the identity row in
-//! a copy or backup of the file can no longer be read either.
+//! keyed hash ([`IndexKey::hash`]) of the customer id under the store's
+//! index key. The id itself is stored once, in `customer_identity`,
+//! encrypted under the customer's own data key. The database file therefore
+//! contains no customer id in clear, and erasing a customer destroys that
+//! data key, so the identity row in a copy or backup of the file can no
+//! longer be read either.
+//!
+//! The audit log and the erasures record a customer by its subject hash
+//! instead: the keyed hash under a second key that never changes, so that
+//! a receipt stays checkable. [`replace_index_key`] gives the store a new
+//! index key and renames every row, so that a backup's rows can no longer
+//! be linked to a customer id once the key-encryption key of the backup's
+//! index key is retired.
 //!
 //! Lookups by customer compute the pseudonym. Code that must name the
 //! customer to the outside (usage listings, Redis keys, tier overrides
@@ -28,7 +35,7 @@ use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::keys::{self, IndexKey, KeyError, KeyProvider};
+use crate::keys::{self, DataKey, IndexKey, KeyError, KeyProvider};
 
 /// Tables of the encrypted customer and Stripe customer ids, created when
 /// missing.
@@ -49,12 +56,14 @@ CREATE TABLE IF NOT EXISTS stripe_identity (
 ";
 
 /// Storage of one kind of sealed id: its table, the associated data of its
-/// ciphertexts (so one moved to another table fails authentication), and
-/// the prefix of its data key owners.
+/// ciphertexts (so one moved to another table fails authentication), the
+/// prefix of its data key owners, and the prefix of its pseudonym's hashed
+/// input.
 struct Sealed {
     table: &'static str,
     aad: &'static [u8],
     owner_prefix: &'static str,
+    hash_prefix: &'static str,
 }
 
 impl Sealed {
@@ -68,6 +77,7 @@ const CUSTOMER: Sealed = Sealed {
     table: "customer_identity",
     aad: b"customer_identity.sealed",
     owner_prefix: "customer:",
+    hash_prefix: "",
 };
 
 /// Stripe customer ids, in `stripe_identity`.
@@ -75,6 +85,7 @@ const STRIPE: Sealed = Sealed {
     table: "stripe_identity",
     aad: b"stripe_identity.sealed",
     owner_prefix: "stripe:",
+    hash_prefix: STRIPE_HASH_PREFIX,
 };
 
 /// Prefix of the input of a Stripe customer id's keyed hash. The
@@ -117,6 +128,7 @@ pub const STRIPE_COLUMNS: [(&str, &str); 4] = [
 #[derive(Clone)]
 pub struct Identities {
     index_key: IndexKey,
+    subject_key: IndexKey,
     keys: Arc<dyn KeyProvider>,
 }
 
@@ -127,33 +139,122 @@ impl std::fmt::Debug for Identities {
 }
 
 impl Identities {
-    /// Loads the index key (creating it on first use), and on the first
-    /// open of a store written before pseudonyms replaces every stored
-    /// customer id and Stripe customer id with its pseudonym, all in one
+    /// Loads the index and subject keys (creating them on first use). On
+    /// the first open of a store written before pseudonyms, it replaces
+    /// every stored customer id and Stripe customer id with its pseudonym.
+    /// On the first open of a store whose index key also keyed the subject
+    /// hashes, that key becomes the subject key and the rows get
+    /// pseudonyms under a new index key. All of it happens in one
     /// transaction.
     pub fn open(conn: &mut Connection, keys: Arc<dyn KeyProvider>) -> Result<Self, KeyError> {
         let tx = conn.transaction()?;
         let index_key = IndexKey::load_or_create(&tx, keys.as_ref())?;
-        let identities = Identities { index_key, keys };
-        let mut pending = Vec::new();
+        let (subject_key, split) = match IndexKey::load_subject(&tx, keys.as_ref())? {
+            Some(subject_key) => (subject_key, false),
+            None => (IndexKey::copy_to_subject(&tx, keys.as_ref())?, true),
+        };
+        let mut identities = Identities {
+            index_key,
+            subject_key,
+            keys,
+        };
+        let mut rewritten = split;
         for key in [META_KEY, STRIPE_META_KEY] {
             if !converted(&tx, key)? {
-                pending.push(key);
+                identities.convert(&tx, key)?;
+                mark_converted(&tx, key)?;
+                rewritten = true;
             }
         }
-        if pending.is_empty() {
-            tx.commit()?;
-            return Ok(identities);
-        }
-        for key in pending {
-            identities.convert(&tx, key)?;
-            mark_converted(&tx, key)?;
+        if split {
+            identities.rename_under_new_key(&tx)?;
         }
         tx.commit()?;
-        // The pages as they were before the conversion, ids in clear,
-        // stay in the write-ahead log until a checkpoint truncates it.
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        if rewritten {
+            // The pages as they were before, ids in clear or old
+            // pseudonyms, stay in the write-ahead log until a checkpoint
+            // truncates it.
+            checkpoint(conn)?;
+        }
         Ok(identities)
+    }
+
+    /// Replaces the index key with a new one and every pseudonym under the
+    /// old key with the customer's pseudonym under the new key: in the
+    /// ledger, billing, webhook and erasure tables, and in the owners of
+    /// the customers' data keys. Returns what it renamed.
+    fn rename_under_new_key(&mut self, conn: &Connection) -> Result<Renamed, KeyError> {
+        self.index_key = IndexKey::replace(conn, self.keys.as_ref())?;
+        conn.execute_batch(CREATE_RENAME_MAP)?;
+        let customers = self.rename_identities(conn, &CUSTOMER)?;
+        let insert = "INSERT OR IGNORE INTO temp.rename_map (old, new) VALUES (?1, ?2)";
+        for (old, customer) in crate::erasure::erased_pseudonyms(conn, self.keys.as_ref())? {
+            conn.execute(insert, [&old, &self.pseudonym(&customer)])?;
+        }
+        let erasure_columns =
+            crate::erasure::PSEUDONYM_TABLES.map(|(table, _)| (table, "pseudonym"));
+        let columns: Vec<_> = CUSTOMER_COLUMNS
+            .iter()
+            .chain(&erasure_columns)
+            .copied()
+            .collect();
+        let mut unidentified = rename_unidentified(conn, &columns)?;
+        replace_values(conn, &columns)?;
+
+        conn.execute_batch("DELETE FROM temp.rename_map")?;
+        let stripe_customers = self.rename_identities(conn, &STRIPE)?;
+        unidentified += rename_unidentified(conn, &STRIPE_COLUMNS)?;
+        replace_values(conn, &STRIPE_COLUMNS)?;
+        conn.execute_batch("DROP TABLE temp.rename_map")?;
+        destroy_unused_keys(conn)?;
+
+        let renamed = Renamed {
+            customers,
+            stripe_customers,
+            unidentified,
+        };
+        if unidentified > 0 {
+            tracing::warn!(
+                pseudonyms = unidentified,
+                "rows named by a pseudonym without a readable identity got a random pseudonym; \
+                 they can no longer be linked to a customer"
+            );
+        }
+        tracing::info!(
+            customers,
+            stripe_customers,
+            "renamed the stored rows under a new index key"
+        );
+        Ok(renamed)
+    }
+
+    /// Gives every identity of `kind` its pseudonym under the current index
+    /// key: its data key's owner is renamed, its id encrypted again for the
+    /// new owner, and the change recorded in `temp.rename_map`. An identity
+    /// whose data key is gone is deleted, and its rows are left to
+    /// [`rename_unidentified`]. Returns how many identities it renamed.
+    fn rename_identities(&self, conn: &Connection, kind: &Sealed) -> Result<u64, KeyError> {
+        let table = kind.table;
+        let olds: Vec<String> = conn
+            .prepare(&format!("SELECT pseudonym FROM {table}"))?
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut renamed = 0;
+        for old in olds {
+            let Some(id) = self.unseal(conn, kind, &old)? else {
+                conn.execute(&format!("DELETE FROM {table} WHERE pseudonym = ?1"), [&old])?;
+                continue;
+            };
+            let new = self.index_key.hash(&format!("{}{id}", kind.hash_prefix));
+            let owner = kind.owner(&new);
+            keys::rename(conn, &kind.owner(&old), &owner)?;
+            let sealed = keys::encrypt(conn, self.keys.as_ref(), &owner, id.as_bytes(), kind.aad)?;
+            let update = format!("UPDATE {table} SET {RENAME_IDENTITY}");
+            conn.execute(&update, params![old, new, sealed])?;
+            conn.execute(INSERT_RENAME, [&old, &new])?;
+            renamed += 1;
+        }
+        Ok(renamed)
     }
 
     /// Replaces the ids in clear that the conversion recorded under `key`
@@ -184,6 +285,12 @@ impl Identities {
         self.index_key.hash(customer)
     }
 
+    /// Returns the subject hash of `customer`, as the audit log, the
+    /// erasures and their receipts record it.
+    pub fn subject(&self, customer: &str) -> String {
+        self.subject_key.hash(customer)
+    }
+
     /// Returns the pseudonym of `customer` and stores its encrypted id when
     /// it has none yet. Call it inside the transaction that writes rows
     /// under the pseudonym, so the rows never outlive a rollback of the
@@ -205,7 +312,7 @@ impl Identities {
     /// touching the store.
     pub fn stripe_pseudonym(&self, stripe_id: &str) -> String {
         self.index_key
-            .hash(&format!("{STRIPE_HASH_PREFIX}{stripe_id}"))
+            .hash(&format!("{}{stripe_id}", STRIPE.hash_prefix))
     }
 
     /// Returns the pseudonym of the Stripe customer id `stripe_id` and
@@ -339,9 +446,6 @@ fn mark_converted(conn: &Connection, key: &str) -> rusqlite::Result<()> {
 /// Replaces every id stored in clear in `columns` by the pseudonym that
 /// `record` returns, which also stores the encrypted id. Returns how many
 /// distinct ids it replaced.
-///
-/// A temporary table maps each id to its pseudonym, so every table takes
-/// one UPDATE, whatever the number of ids.
 fn pseudonymize_all(
     conn: &Connection,
     columns: &[(&str, &str)],
@@ -357,24 +461,116 @@ fn pseudonymize_all(
         let rows = statement.query_map([], |row| row.get(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
-    let create = "CREATE TEMP TABLE pseudonym_of (id TEXT PRIMARY KEY, pseudonym TEXT)";
-    conn.execute_batch(create)?;
-    let insert = "INSERT INTO temp.pseudonym_of (id, pseudonym) VALUES (?1, ?2)";
+    conn.execute_batch(CREATE_RENAME_MAP)?;
     for id in &ids {
         let pseudonym = record(conn, id)?;
-        conn.execute(insert, [id, &pseudonym])?;
+        conn.execute(INSERT_RENAME, [id, &pseudonym])?;
     }
+    replace_values(conn, columns)?;
+    conn.execute_batch("DROP TABLE temp.rename_map")?;
+    Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
+}
+
+/// Creates the temporary table that maps each old value of a column to its
+/// new one, so every table takes one UPDATE, whatever the number of values.
+const CREATE_RENAME_MAP: &str =
+    "CREATE TEMP TABLE rename_map (old TEXT PRIMARY KEY NOT NULL, new TEXT NOT NULL)";
+
+/// Records an old value and its new one in `temp.rename_map`.
+const INSERT_RENAME: &str = "INSERT INTO temp.rename_map (old, new) VALUES (?1, ?2)";
+
+/// Sets of an identity's row: its new pseudonym and its id encrypted again.
+const RENAME_IDENTITY: &str = "pseudonym = ?2, sealed = ?3 WHERE pseudonym = ?1";
+
+/// Selects the owners of customers' and Stripe customers' data keys that no
+/// identity row names.
+const SELECT_UNUSED_KEYS: &str = "
+SELECT owner FROM data_key
+WHERE (substr(owner, 1, 9) = 'customer:'
+       AND substr(owner, 10) NOT IN (SELECT pseudonym FROM customer_identity))
+   OR (substr(owner, 1, 7) = 'stripe:'
+       AND substr(owner, 8) NOT IN (SELECT pseudonym FROM stripe_identity))";
+
+/// Replaces every value of `columns` that `temp.rename_map` maps.
+fn replace_values(conn: &Connection, columns: &[(&str, &str)]) -> rusqlite::Result<()> {
     for (table, column) in columns {
         conn.execute(
             &format!(
-                "UPDATE {table} SET {column} = map.pseudonym FROM temp.pseudonym_of AS map
-                 WHERE {table}.{column} = map.id"
+                "UPDATE {table} SET {column} = map.new FROM temp.rename_map AS map
+                 WHERE {table}.{column} = map.old"
             ),
             [],
         )?;
     }
-    conn.execute_batch("DROP TABLE temp.pseudonym_of")?;
-    Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
+    Ok(())
+}
+
+/// Maps each value of `columns` that `temp.rename_map` does not map yet to
+/// a random pseudonym, and returns how many there were: rows of an identity
+/// that can no longer be read, which must not keep a pseudonym that the old
+/// index key computes.
+fn rename_unidentified(conn: &Connection, columns: &[(&str, &str)]) -> Result<u64, KeyError> {
+    let union = columns
+        .iter()
+        .map(|(table, column)| format!("SELECT {column} AS value FROM {table}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ");
+    let unmapped: Vec<String> = conn
+        .prepare(&format!(
+            "SELECT value FROM ({union}) WHERE value IS NOT NULL
+                 AND value NOT IN (SELECT old FROM temp.rename_map)"
+        ))?
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for old in &unmapped {
+        let random = hex::encode(DataKey::generate()?.as_bytes());
+        conn.execute(INSERT_RENAME, [old, &random])?;
+    }
+    Ok(u64::try_from(unmapped.len()).unwrap_or(u64::MAX))
+}
+
+/// Destroys the data keys of customers and Stripe customers that have no
+/// identity: they encrypt nothing, and their owners name old pseudonyms.
+fn destroy_unused_keys(conn: &Connection) -> Result<(), KeyError> {
+    let unused: Vec<String> = conn
+        .prepare(SELECT_UNUSED_KEYS)?
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for owner in unused {
+        keys::destroy(conn, &owner)?;
+    }
+    Ok(())
+}
+
+/// Writes the write-ahead log into the database file and truncates it.
+fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+}
+
+/// What [`replace_index_key`] renamed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Renamed {
+    /// Customers whose rows got their pseudonym under the new key.
+    pub customers: u64,
+    /// Stripe customers whose rows got their pseudonym under the new key.
+    pub stripe_customers: u64,
+    /// Pseudonyms without a readable identity, replaced by random ones.
+    pub unidentified: u64,
+}
+
+/// Replaces the store's index key with a new one and renames every row
+/// under it, in one transaction (see [`Identities`]). Run it on a stopped
+/// store, after [`Identities::open`] has converted it.
+pub fn replace_index_key(
+    conn: &mut Connection,
+    keys: Arc<dyn KeyProvider>,
+) -> Result<Renamed, KeyError> {
+    let mut identities = Identities::open(conn, keys)?;
+    let tx = conn.transaction()?;
+    let renamed = identities.rename_under_new_key(&tx)?;
+    tx.commit()?;
+    checkpoint(conn)?;
+    Ok(renamed)
 }
 
 /// Reveals customer and Stripe customer ids, decrypting each pseudonym
@@ -868,10 +1064,18 @@ mod tests {
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .unwrap();
-        assert_eq!(
-            mapped,
-            ("p-acme".to_owned(), identities.stripe_pseudonym("cus_A7q"))
-        );
+        // The customer has no identity row, so its rows got a random
+        // pseudonym in place of one under the old index key.
+        assert_eq!(mapped.1, identities.stripe_pseudonym("cus_A7q"));
+        assert_ne!(mapped.0, "p-acme");
+        let event_customers: Vec<String> = conn
+            .prepare("SELECT DISTINCT customer FROM meter_event")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(event_customers, std::slice::from_ref(&mapped.0));
         let states: Vec<String> = conn
             .prepare("SELECT stripe_pseudonym FROM stripe_tier_state ORDER BY tier")
             .unwrap()
@@ -921,5 +1125,218 @@ mod tests {
         for id in [&b"cus_A7q"[..], b"cus_N0map"] {
             assert!(!bytes.windows(id.len()).any(|window| window == id));
         }
+    }
+
+    /// Returns the bytes of the store file and its write-ahead log.
+    fn store_bytes(test: &TestKeyFile) -> Vec<u8> {
+        let mut bytes = std::fs::read(test.dir.path().join("db")).unwrap();
+        bytes.extend(std::fs::read(test.dir.path().join("db-wal")).unwrap_or_default());
+        bytes
+    }
+
+    fn contains(bytes: &[u8], text: &str) -> bool {
+        bytes
+            .windows(text.len())
+            .any(|window| window == text.as_bytes())
+    }
+
+    fn column_values(conn: &Connection, table: &str, column: &str) -> Vec<String> {
+        conn.prepare(&format!("SELECT DISTINCT {column} FROM {table} ORDER BY 1"))
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn subject_hash_is_not_the_pseudonym() {
+        let (test, mut conn, identities) = store();
+
+        let again = Identities::open(&mut conn, test_keys(&test)).unwrap();
+
+        assert_ne!(identities.subject("acme"), identities.pseudonym("acme"));
+        assert_eq!(again.subject("acme"), identities.subject("acme"));
+        assert_eq!(again.pseudonym("acme"), identities.pseudonym("acme"));
+    }
+
+    #[test]
+    fn store_with_one_key_keeps_it_for_subject_hashes() {
+        let (test, mut conn, identities) = store();
+        let old = identities.record(&conn, "acme").unwrap();
+        conn.execute(
+            "INSERT INTO usage_minute VALUES (?1, 60, 'basic', 5, 1, 100)",
+            [&old],
+        )
+        .unwrap();
+        // A store written before the subject key had the index key only,
+        // which keyed the subject hashes too.
+        conn.execute(
+            "DELETE FROM data_key WHERE owner = ?1",
+            [crate::keys::SUBJECT_OWNER],
+        )
+        .unwrap();
+
+        let split = Identities::open(&mut conn, test_keys(&test)).unwrap();
+
+        assert_eq!(split.subject("acme"), old);
+        let new = split.pseudonym("acme");
+        assert_ne!(new, old);
+        assert_eq!(
+            column_values(&conn, "usage_minute", "customer"),
+            std::slice::from_ref(&new)
+        );
+        assert_eq!(split.reveal(&conn, &new).unwrap().as_deref(), Some("acme"));
+        drop(conn);
+        assert!(!contains(&store_bytes(&test), &old));
+    }
+
+    #[test]
+    fn new_index_key_renames_every_row() {
+        let (test, mut conn, before) = store();
+        let keys = test_keys(&test);
+        let acme = before.record(&conn, "acme").unwrap();
+        let cus_a = before.record_stripe(&conn, "cus_A").unwrap();
+        conn.execute_batch(&format!(
+            "INSERT INTO usage_minute VALUES ('{acme}', 60, 'basic', 5, 1, 100),
+                                             ('orphan', 60, 'basic', 1, 0, 10);
+             INSERT INTO billing_dirty VALUES ('{acme}', 60), ('orphan', 60);
+             INSERT INTO meter_bucket VALUES ('{acme}', 'api_requests', 60, 5, 1);
+             INSERT INTO meter_event (identifier, customer, meter, minute_unix_s, value, state,
+                                      stripe_pseudonym, created_unix_s)
+                 VALUES ('e1', '{acme}', 'api_requests', 60, 5, 'sent', '{cus_a}', 1);
+             INSERT INTO counter_outbox (customer, bucket_unix_s, admitted, requests)
+                 VALUES ('{acme}', 60, 1, 1);
+             INSERT INTO stripe_customer VALUES ('{acme}', '{cus_a}', 1);
+             INSERT INTO stripe_tier_metadata_pending VALUES ('{cus_a}', 'basic', 1, 0, 0);
+             INSERT INTO stripe_tier_state VALUES ('orphan-stripe', 'pro', 1, 'evt_1', 1, 1,
+                                                   NULL, NULL, 1);"
+        ))
+        .unwrap();
+        crate::keys::encrypt(&conn, keys.as_ref(), "customer:unused", b"x", b"").unwrap();
+        let gone = before.pseudonym("gone");
+        let request = crate::erasure::EraseRequest {
+            customer: "gone",
+            subject_hash: &before.subject("gone"),
+            pseudonym: &gone,
+            now_unix_ms: 5_000,
+            first_erased_unix_ms: 5_000,
+            refuse_until_unix_s: 90_000,
+            shared_counters: true,
+            announce: true,
+            extends_refusal: false,
+            forward_to: &[],
+        };
+        let receipt = crate::erasure::Receipt {
+            position: 1,
+            entry_hash: "ff".into(),
+        };
+        crate::erasure::erase(&mut conn, keys.as_ref(), request, &mut |_, _, _| {
+            Ok(receipt.clone())
+        })
+        .unwrap();
+
+        let renamed = replace_index_key(&mut conn, Arc::clone(&keys)).unwrap();
+        let after = Identities::open(&mut conn, keys).unwrap();
+
+        assert_eq!(
+            renamed,
+            Renamed {
+                customers: 1,
+                stripe_customers: 1,
+                unidentified: 2
+            }
+        );
+        let new_acme = after.pseudonym("acme");
+        let new_cus_a = after.stripe_pseudonym("cus_A");
+        assert_ne!(new_acme, acme);
+        assert_eq!(after.subject("acme"), before.subject("acme"));
+        for (table, column) in CUSTOMER_COLUMNS {
+            assert!(
+                column_values(&conn, table, column).contains(&new_acme),
+                "{table}"
+            );
+        }
+        for (table, column) in STRIPE_COLUMNS
+            .into_iter()
+            .filter(|(t, _)| *t != "stripe_tier_state")
+        {
+            assert_eq!(
+                column_values(&conn, table, column),
+                std::slice::from_ref(&new_cus_a),
+                "{table}"
+            );
+        }
+        assert_eq!(
+            after.reveal(&conn, &new_acme).unwrap().as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            after.reveal_stripe(&conn, &new_cus_a).unwrap().as_deref(),
+            Some("cus_A")
+        );
+        let new_gone = after.pseudonym("gone");
+        for (table, _) in crate::erasure::PSEUDONYM_TABLES {
+            assert_eq!(
+                column_values(&conn, table, "pseudonym"),
+                std::slice::from_ref(&new_gone)
+            );
+        }
+        let named = crate::erasure::erased_pseudonyms(&conn, after.keys.as_ref()).unwrap();
+        assert_eq!(named[0], (new_gone.clone(), "gone".to_owned()));
+        // Rows without an identity share one random pseudonym per value.
+        let orphans = column_values(&conn, "billing_dirty", "customer");
+        let orphan = orphans.iter().find(|value| **value != new_acme).unwrap();
+        assert_eq!(orphan.len(), 64);
+        assert!(column_values(&conn, "usage_minute", "customer").contains(orphan));
+        let owners = column_values(&conn, "data_key", "owner");
+        assert!(owners.contains(&format!("customer:{new_acme}")));
+        assert!(owners.contains(&format!("stripe:{new_cus_a}")));
+        assert!(!owners.contains(&"customer:unused".to_owned()));
+        drop(conn);
+        let bytes = store_bytes(&test);
+        for old in [&acme, &cus_a, &gone, "orphan-stripe", "customer:unused"] {
+            assert!(!contains(&bytes, old), "{old} is still in the store file");
+        }
+    }
+
+    #[test]
+    fn shredded_identity_is_dropped_by_new_index_key() {
+        let (test, mut conn, identities) = store();
+        let shredded = identities.record(&conn, "shredded").unwrap();
+        assert!(keys::destroy(&conn, &key_owner(&shredded)).unwrap());
+        conn.execute(
+            "INSERT INTO usage_minute VALUES (?1, 60, 'basic', 5, 1, 100)",
+            [&shredded],
+        )
+        .unwrap();
+
+        let renamed = replace_index_key(&mut conn, test_keys(&test)).unwrap();
+
+        assert_eq!(renamed.customers, 0);
+        assert_eq!(renamed.unidentified, 1);
+        assert!(column_values(&conn, "customer_identity", "pseudonym").is_empty());
+        let customers = column_values(&conn, "usage_minute", "customer");
+        assert_eq!(customers.len(), 1);
+        assert_ne!(customers[0], shredded);
+    }
+
+    #[test]
+    fn tampered_identity_stops_new_index_key() {
+        let (test, mut conn, identities) = store();
+        let pseudonym = identities.record(&conn, "acme").unwrap();
+        conn.execute(
+            "UPDATE customer_identity SET sealed = substr(sealed, 1, length(sealed) - 1)",
+            [],
+        )
+        .unwrap();
+
+        assert!(replace_index_key(&mut conn, test_keys(&test)).is_err());
+
+        assert_eq!(
+            column_values(&conn, "customer_identity", "pseudonym"),
+            [pseudonym],
+            "the renaming rolled back"
+        );
     }
 }

@@ -18,6 +18,9 @@
 //! then [`rewrap_all`], then [`LocalKeyFile::retire`] of the old KEK.
 //! Retiring a KEK also ends restores from backups taken under it, so
 //! operators rotate on a schedule that matches their backup retention.
+//! Rows named by a blind index stay linkable to a guessed id until the
+//! index key is replaced as well, by
+//! [`replace_index_key`](crate::identity::replace_index_key).
 //!
 //! # Key providers and cloud KMS
 //!
@@ -57,9 +60,9 @@ mod provider;
 
 pub(crate) use cipher::{open as open_sealed, seal};
 pub use data_keys::{
-    SYSTEM_OWNER_PREFIX, count_wrapped_under, decrypt, destroy, encrypt, rewrap_all,
+    SYSTEM_OWNER_PREFIX, count_wrapped_under, decrypt, destroy, encrypt, rename, rewrap_all,
 };
-pub use index::{INDEX_OWNER, IndexKey, blind_index};
+pub use index::{INDEX_OWNER, IndexKey, SUBJECT_OWNER, blind_index};
 pub use local_file::LocalKeyFile;
 pub use provider::{DATA_KEY_LEN, DataKey, KeyProvider, WrappedKey};
 
@@ -238,10 +241,11 @@ pub enum KeyError {
     /// The plaintext is longer than AES-256-GCM can encrypt under one nonce.
     #[error("plaintext is longer than AES-256-GCM allows (64 GiB)")]
     PlaintextTooLong,
-    /// `destroy` was called for an owner reserved for the sidecar's own keys.
+    /// `destroy` or `rename` was called for an owner reserved for the
+    /// sidecar's own keys.
     #[error(
-        "owner {owner} is reserved for the sidecar's own keys and cannot be destroyed; \
-         owners starting with \"system:\" are reserved"
+        "owner {owner} is reserved for the sidecar's own keys and cannot be destroyed or \
+         renamed; owners starting with \"system:\" are reserved"
     )]
     ReservedOwner {
         /// The reserved owner.

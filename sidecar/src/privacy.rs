@@ -18,8 +18,8 @@ pub struct Privacy {
     pub pushes: Arc<Pushes>,
     /// Key-encryption keys of the data keys.
     pub keys: Arc<dyn KeyProvider>,
-    /// The store's customer identities, whose pseudonyms the audit log and
-    /// the erasures record.
+    /// The store's customer identities: the pseudonyms of its rows, and the
+    /// subject hashes that the audit log and the erasures record.
     pub identities: Identities,
     /// Maximum lifetime of a token, in seconds: an erased customer's tokens
     /// are rejected this long.
@@ -38,10 +38,10 @@ impl std::fmt::Debug for Privacy {
 }
 
 impl Privacy {
-    /// Returns the keyed hash of a customer id, as the audit log and the
-    /// erasures store it: the customer's pseudonym in the store.
+    /// Returns the subject hash of a customer id, as the audit log and the
+    /// erasures store it.
     pub fn subject(&self, customer: &str) -> String {
-        self.identities.pseudonym(customer)
+        self.identities.subject(customer)
     }
 
     /// Appends `entry` to the audit log on `conn`, inside the caller's

@@ -121,6 +121,18 @@ struct Connections {
     reader: Mutex<Connection>,
 }
 
+/// Replaces the index key of the stopped store in `data_dir` and renames
+/// every row under the new key (see [`crate::identity::replace_index_key`]).
+pub fn replace_index_key(
+    data_dir: &Path,
+    keys: Arc<dyn KeyProvider>,
+) -> Result<crate::identity::Renamed, StoreError> {
+    let path = data_dir.join(DATABASE_FILE);
+    let mut writer = schema::open_writer(&path)?;
+    crate::identity::replace_index_key(&mut writer, keys)
+        .map_err(|source| StoreError::Keys { path, source })
+}
+
 impl Store {
     /// Opens or creates the store in `data_dir`, creating the directory when
     /// missing, with the customer ids encrypted under data keys wrapped by

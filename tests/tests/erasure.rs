@@ -3,6 +3,7 @@
 //! tokens are refused, other customers are untouched, and the audit log
 //! proves the erasure and detects tampering.
 
+use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -117,20 +118,18 @@ fn contains(bytes: &[u8], needle: &str) -> bool {
         .any(|window| window == needle.as_bytes())
 }
 
-/// Counts the rows of `customer`, as the tables name it, in each table of
-/// the store in `dir`.
-fn rows_of(store: &std::path::Path, customer: &str) -> anyhow::Result<Vec<(String, i64)>> {
+/// Returns the values of the `customer` columns of the store: the
+/// pseudonyms of the customers it has rows of.
+fn customers_named(store: &std::path::Path) -> anyhow::Result<BTreeSet<String>> {
     let conn = rusqlite::Connection::open(store)?;
-    let mut counts = Vec::new();
+    let mut named = BTreeSet::new();
     for table in CUSTOMER_TABLES {
-        let count: i64 = conn.query_row(
-            &format!("SELECT COUNT(*) FROM {table} WHERE customer = ?1"),
-            [customer],
-            |row| row.get(0),
-        )?;
-        counts.push((table.to_owned(), count));
+        let mut statement = conn.prepare(&format!("SELECT DISTINCT customer FROM {table}"))?;
+        for customer in statement.query_map([], |row| row.get::<_, String>(0))? {
+            named.insert(customer?);
+        }
     }
-    Ok(counts)
+    Ok(named)
 }
 
 /// Proves an erasure during traffic leaves no usage of the customer,
@@ -289,20 +288,16 @@ async fn erasure_racing_traffic_leaves_no_trace() -> anyhow::Result<()> {
     ensure!(verified.intact, "audit log: {}", verified.problem);
 
     stack.sidecar.stop();
-    // The tables name customers by pseudonym: the subject hash of the
-    // receipt.
+    // The tables name customers by pseudonym, which is not the receipt's
+    // subject hash. Only the kept customer's pseudonym is left, the same in
+    // every table that has rows.
     let store = stack.sidecar.data_dir().join("usage.sqlite3");
-    for (table, count) in rows_of(&store, &receipt.subject_hash)? {
-        assert_eq!(count, 0, "{table} holds rows of the erased customer");
-    }
-    let conn = rusqlite::Connection::open(&store)?;
-    let others: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM usage_minute WHERE customer <> ?1",
-        [&receipt.subject_hash],
-        |row| row.get(0),
-    )?;
-    ensure!(others > 0, "kept customer's rows are gone");
-    drop(conn);
+    let named = customers_named(&store)?;
+    ensure!(named.len() == 1, "customers named in the store: {named:?}");
+    ensure!(
+        !named.contains(&receipt.subject_hash),
+        "rows are named by the subject hash"
+    );
     // No customer id or Stripe customer id is stored in clear, neither the
     // erased customer's nor the kept one's. The actor is stored in clear, so
     // finding it shows the scan works.
@@ -636,6 +631,81 @@ async fn old_backup_unreadable_after_rotation() -> anyhow::Result<()> {
         .get_stripe_customer(lookup)
         .await?;
     assert_eq!(live.into_inner().stripe_customer_id, "");
+    Ok(())
+}
+
+/// Returns the distinct values of `usage_minute.customer` in the stopped
+/// sidecar's store: the customers' pseudonyms.
+fn ledger_pseudonyms(data_dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let conn = rusqlite::Connection::open(data_dir.join("usage.sqlite3"))?;
+    let mut statement = conn.prepare("SELECT DISTINCT customer FROM usage_minute")?;
+    let rows = statement.query_map([], |row| row.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Proves the rows of a backup taken before an erasure cannot be matched
+/// with the live store once `rotate-keys` has replaced the index key, while
+/// the live store keeps the other customer's usage and the erasure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_unlinks_rows_of_old_backups() -> anyhow::Result<()> {
+    let dir = veo_tests::stack::temp_dir()?;
+    let mut sidecar = Sidecar::start(dir.path()).await?;
+    let minute = minute_ago(1);
+    let usage = vec![
+        usage_record(DOOMED, minute, 5, 100),
+        usage_record(KEPT, minute, 3, 60),
+    ];
+    send_batch(&sidecar, "envoy-1", 1, usage).await?;
+    ensure!(sidecar.usage(KEPT).await?.admitted == 3, "usage not stored");
+    sidecar.stop();
+    let data_dir = sidecar.data_dir().to_path_buf();
+    let backup = ledger_pseudonyms(&data_dir)?;
+    ensure!(backup.len() == 2, "expected two customers: {backup:?}");
+    sidecar.restart().await?;
+    let erased = erase_on(&sidecar, DOOMED).await?;
+    sidecar.stop();
+    // The kept customer's rows carry the same pseudonym as in the backup,
+    // which is how a backup's rows are linked to the live store.
+    let live = store_bytes(&data_dir)?;
+    ensure!(
+        backup.iter().any(|pseudonym| contains(&live, pseudonym)),
+        "the live store shares no pseudonym with the backup before rotation"
+    );
+
+    let output = Command::new(sidecar_binary()?)
+        .arg("rotate-keys")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        text.contains("index key replaced; rows of 1 customers"),
+        "{text}"
+    );
+
+    let live = store_bytes(&data_dir)?;
+    for pseudonym in &backup {
+        ensure!(
+            !contains(&live, pseudonym),
+            "the live store still contains the backup's pseudonym {pseudonym}"
+        );
+    }
+    sidecar.restart().await?;
+    ensure!(
+        sidecar.usage(KEPT).await?.admitted == 3,
+        "the kept customer's usage is lost"
+    );
+    ensure!(sidecar.usage(DOOMED).await?.admitted == 0);
+    // The erasure is still in force and found by its subject hash.
+    let again = erase_on(&sidecar, DOOMED).await?;
+    assert_eq!(again.erasure_id, erased.erasure_id);
+    assert_eq!(again.receipt, erased.receipt);
+    verified_audit_entries(&sidecar).await?;
     Ok(())
 }
 

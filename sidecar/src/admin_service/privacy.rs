@@ -412,10 +412,11 @@ impl AdminService {
         origin: Origin,
     ) -> Result<(Erasure, bool), Status> {
         let privacy = self.privacy()?.clone();
-        let subject_hash = privacy.subject(&customer);
+        let hash = privacy.subject(&customer);
+        let pseudonym = privacy.identities.pseudonym(&customer);
         let now_s = unix_now_s();
         let request_customer = customer.clone();
-        let hash = subject_hash.clone();
+        let row_pseudonym = pseudonym.clone();
         let (announce, refused_from_s) = match origin {
             Origin::Request => (true, now_s),
             Origin::Notice { erased_at_unix_ms } => {
@@ -452,6 +453,7 @@ impl AdminService {
                     EraseRequest {
                         customer: &customer,
                         subject_hash: &hash,
+                        pseudonym: &row_pseudonym,
                         now_unix_ms: now_ms,
                         first_erased_unix_ms,
                         refuse_until_unix_s,
@@ -461,7 +463,8 @@ impl AdminService {
                         forward_to: &forward_to,
                     },
                     &mut |tx, erasure_id, records| {
-                        let destroyed = keys::destroy(tx, &key_owner(&hash)).map_err(to_sql)?;
+                        let destroyed =
+                            keys::destroy(tx, &key_owner(&row_pseudonym)).map_err(to_sql)?;
                         records.insert("data_key".into(), u64::from(destroyed));
                         let total = records.values().sum();
                         let receipt = Self::append(
@@ -499,7 +502,7 @@ impl AdminService {
             let version = self.reload_erased().await?;
             // After the reload, so that batches stored from now on leave
             // the customer out and do not bring the series back.
-            self.remove_usage_series(&subject_hash);
+            self.remove_usage_series(&pseudonym);
             let id = erasure.erasure_id.clone();
             self.store()
                 .write("record an erasure's version", move |conn| {
@@ -558,7 +561,7 @@ impl AdminService {
                 result = Err(err);
             }
         }
-        let pseudonym = privacy.subject(customer);
+        let pseudonym = privacy.identities.pseudonym(customer);
         let cleared = result.is_ok();
         self.store()
             .write("record an erased customer's counters", move |conn| {

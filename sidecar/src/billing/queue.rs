@@ -11,7 +11,9 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tracing::error;
 
 use super::meter::{EventKey, Meter};
+use crate::identity::Identities;
 use crate::ledger::{MINUTE_SECONDS, TimeRange};
+use crate::privacy::to_sql;
 
 /// Identity of the ledger that events are created from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,12 +225,31 @@ fn close_meter(
     Ok(true)
 }
 
-/// Queues a corrective event for the Stripe customer of pseudonym
-/// `stripe_pseudonym` unless one with the same identifier exists; returns
-/// whether it was queued.
+/// Returns what names the customer of `pseudonym` in a corrective event's
+/// identifier: its subject hash, which `rotate-keys` does not change, so a
+/// correction queued before a rotation keeps its identifier after it. A
+/// customer whose id can no longer be read is named by its pseudonym.
+pub fn correction_customer(
+    conn: &Connection,
+    identities: &Identities,
+    pseudonym: &str,
+) -> rusqlite::Result<String> {
+    let customer = identities.reveal(conn, pseudonym).map_err(to_sql)?;
+    Ok(match customer {
+        Some(customer) => identities.subject(&customer),
+        None => pseudonym.to_owned(),
+    })
+}
+
+/// Queues a corrective event of the customer of pseudonym `customer` for
+/// the Stripe customer of pseudonym `stripe_pseudonym` unless one with the
+/// same identifier exists, and returns whether it was queued. `key.customer`
+/// names the customer in the identifier, as [`correction_customer`]
+/// returns it.
 pub fn queue_correction(
     conn: &Connection,
     key: &EventKey<'_>,
+    customer: &str,
     stripe_pseudonym: &str,
     value: i64,
     now_unix_s: i64,
@@ -237,7 +258,7 @@ pub fn queue_correction(
         INSERT_EVENT,
         params![
             key.identifier(),
-            key.customer,
+            customer,
             key.meter.name(),
             key.minute_unix_s,
             value,
@@ -827,5 +848,30 @@ mod tests {
         assert_eq!(ledger.get(&(beta, Meter::ApiRequests)), Some(&2));
         assert_eq!(sent.get(&(acme, Meter::ApiRequests)), Some(&5));
         assert_eq!(sent.len(), 1);
+    }
+
+    #[test]
+    fn correction_customer_survives_new_index_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let keys: std::sync::Arc<dyn crate::keys::KeyProvider> =
+            std::sync::Arc::new(crate::keys::LocalKeyFile::open_or_create(&path).unwrap());
+        let mut conn = crate::store::test_support::open_writer(&dir.path().join("db"));
+        let before = Identities::open(&mut conn, std::sync::Arc::clone(&keys)).unwrap();
+        let pseudonym = before.record(&conn, "acme").unwrap();
+        let named = correction_customer(&conn, &before, &pseudonym).unwrap();
+
+        crate::identity::replace_index_key(&mut conn, std::sync::Arc::clone(&keys)).unwrap();
+        let after = Identities::open(&mut conn, keys).unwrap();
+
+        let renamed = after.pseudonym("acme");
+        assert_ne!(renamed, pseudonym);
+        assert_eq!(named, before.subject("acme"));
+        assert_eq!(correction_customer(&conn, &after, &renamed).unwrap(), named);
+        assert_eq!(
+            correction_customer(&conn, &after, "unknown").unwrap(),
+            "unknown",
+            "a customer without an identity keeps its pseudonym"
+        );
     }
 }

@@ -643,22 +643,24 @@ async fn queue_correction(
         correction.hour, correction.stripe_customer, correction.stripe_value
     );
     let ledger = biller.ledger().clone();
+    let identities = biller.store().identities().clone();
     let customer = correction.customer.to_owned();
     let stripe_pseudonym = correction.stripe_pseudonym.to_owned();
     let (meter, missing) = (correction.meter, correction.missing);
     let queued = biller
         .store()
         .write("queue a corrective meter event", move |conn| {
+            let named = queue::correction_customer(conn, &identities, &customer)?;
             let key = EventKey {
                 region: &ledger.region,
                 ledger_id: &ledger.ledger_id,
-                customer: &customer,
+                customer: &named,
                 meter,
                 minute_unix_s: minute,
                 part: 0,
                 correction: &tie,
             };
-            queue::queue_correction(conn, &key, &stripe_pseudonym, missing, now)
+            queue::queue_correction(conn, &key, &customer, &stripe_pseudonym, missing, now)
         })
         .await?;
     if queued {

@@ -101,12 +101,62 @@ pub fn decrypt(
 /// [`KeyError::ReservedOwner`] for owners starting with
 /// [`SYSTEM_OWNER_PREFIX`].
 pub fn destroy(conn: &Connection, owner: &str) -> Result<bool, KeyError> {
-    if owner.starts_with(SYSTEM_OWNER_PREFIX) {
-        return Err(KeyError::ReservedOwner {
-            owner: owner.to_owned(),
-        });
-    }
+    reject_system_owner(owner)?;
+    delete_overwritten(conn, owner)
+}
 
+/// Gives `from`'s data key the owner `to`, so that ciphertexts must be
+/// encrypted again for `to` (the owner is part of their associated data).
+/// Returns whether `from` had a key. Fails with [`KeyError::ReservedOwner`]
+/// when either owner starts with [`SYSTEM_OWNER_PREFIX`].
+pub fn rename(conn: &Connection, from: &str, to: &str) -> Result<bool, KeyError> {
+    reject_system_owner(from)?;
+    reject_system_owner(to)?;
+    let renamed = conn.execute(
+        "UPDATE data_key SET owner = ?2 WHERE owner = ?1",
+        [from, to],
+    )?;
+    Ok(renamed > 0)
+}
+
+/// Stores `from`'s data key for the owner `to` as well, wrapped again, and
+/// returns it. `from` gets a key first when it has none.
+pub(super) fn copy(
+    conn: &Connection,
+    provider: &dyn KeyProvider,
+    from: &str,
+    to: &str,
+) -> Result<DataKey, KeyError> {
+    let key = load_or_create(conn, provider, from)?;
+    insert(conn, provider, to, &key)?;
+    Ok(key)
+}
+
+/// Replaces `owner`'s data key with a new random one and returns it. The
+/// old wrapped key's bytes are overwritten as in [`destroy`].
+pub(super) fn replace(
+    conn: &Connection,
+    provider: &dyn KeyProvider,
+    owner: &str,
+) -> Result<DataKey, KeyError> {
+    delete_overwritten(conn, owner)?;
+    load_or_create(conn, provider, owner)
+}
+
+/// Fails with [`KeyError::ReservedOwner`] for owners starting with
+/// [`SYSTEM_OWNER_PREFIX`].
+fn reject_system_owner(owner: &str) -> Result<(), KeyError> {
+    match owner.starts_with(SYSTEM_OWNER_PREFIX) {
+        true => Err(KeyError::ReservedOwner {
+            owner: owner.to_owned(),
+        }),
+        false => Ok(()),
+    }
+}
+
+/// Deletes `owner`'s data key with `secure_delete` on, and returns whether
+/// a key existed.
+fn delete_overwritten(conn: &Connection, owner: &str) -> Result<bool, KeyError> {
     let secure_delete: i64 = conn.pragma_query_value(None, "secure_delete", |row| row.get(0))?;
     conn.pragma_update(None, "secure_delete", true)?;
     let deleted = conn.execute("DELETE FROM data_key WHERE owner = ?1", [owner]);
@@ -161,15 +211,27 @@ pub(super) fn load_or_create(
     }
 
     let key = DataKey::generate()?;
-    let wrapped = provider.wrap(&key)?;
+    insert(conn, provider, owner, &key)?;
+    Ok(key)
+}
+
+/// Stores `key` wrapped as `owner`'s data key.
+fn insert(
+    conn: &Connection,
+    provider: &dyn KeyProvider,
+    owner: &str,
+    key: &DataKey,
+) -> Result<(), KeyError> {
+    let wrapped = provider.wrap(key)?;
     conn.execute(
         "INSERT INTO data_key (owner, kek_id, wrapped, created_unix_s) VALUES (?1, ?2, ?3, ?4)",
         params![owner, wrapped.kek_id, wrapped.bytes, now_unix_s()],
     )?;
-    Ok(key)
+    Ok(())
 }
 
-fn load(
+/// Returns `owner`'s data key, or `None` when it has none.
+pub(super) fn load(
     conn: &Connection,
     provider: &dyn KeyProvider,
     owner: &str,
@@ -607,5 +669,85 @@ mod tests {
 
         assert!(matches!(err, KeyError::Sqlite(_)), "{err}");
         assert_eq!(key_count(&conn), 0);
+    }
+
+    #[test]
+    fn renamed_key_decrypts_for_new_owner_only() {
+        let conn = memory_store();
+        let test = TestKeyFile::new();
+        let before = encrypt(&conn, &test.keys, "customer:old", b"id", b"t").unwrap();
+
+        assert!(rename(&conn, "customer:old", "customer:new").unwrap());
+        assert!(!rename(&conn, "customer:old", "customer:new").unwrap());
+
+        // The old owner is bound into the ciphertext, so it must be
+        // encrypted again for the new owner. The key itself is the same.
+        assert_eq!(
+            decrypt(&conn, &test.keys, "customer:old", &before, b"t").unwrap(),
+            None
+        );
+        assert!(decrypt(&conn, &test.keys, "customer:new", &before, b"t").is_err());
+        let after = encrypt(&conn, &test.keys, "customer:new", b"id", b"t").unwrap();
+        assert_eq!(before[1..HEADER_LEN], after[1..HEADER_LEN], "same key id");
+        assert_eq!(key_count(&conn), 1);
+    }
+
+    #[test]
+    fn rename_rejects_system_owners() {
+        let conn = memory_store();
+        let test = TestKeyFile::new();
+        encrypt(&conn, &test.keys, "system:audit", b"a", b"").unwrap();
+
+        for (from, to) in [("system:audit", "c1"), ("c1", "system:index")] {
+            let err = rename(&conn, from, to).unwrap_err();
+            assert!(matches!(err, KeyError::ReservedOwner { .. }), "{err}");
+        }
+        assert!(rename(&conn, "c1", "c2").is_ok());
+        conn.execute_batch("DROP TABLE data_key").unwrap();
+        assert!(matches!(
+            rename(&conn, "c1", "c2"),
+            Err(KeyError::Sqlite(_))
+        ));
+    }
+
+    #[test]
+    fn copied_key_is_the_same_key() {
+        let conn = memory_store();
+        let test = TestKeyFile::new();
+
+        let copied = copy(&conn, &test.keys, "system:index", "system:subject").unwrap();
+
+        let from = load(&conn, &test.keys, "system:index").unwrap().unwrap();
+        let to = load(&conn, &test.keys, "system:subject").unwrap().unwrap();
+        assert_eq!(copied.as_bytes(), from.as_bytes());
+        assert_eq!(to.as_bytes(), from.as_bytes());
+        assert_ne!(
+            wrapped_of(&conn, "system:index").bytes,
+            wrapped_of(&conn, "system:subject").bytes,
+            "wrapped again, with its own nonce"
+        );
+        assert!(matches!(
+            copy(&conn, &test.keys, "system:index", "system:subject"),
+            Err(KeyError::Sqlite(_))
+        ));
+    }
+
+    #[test]
+    fn replaced_key_shreds_old_ciphertexts() {
+        let conn = memory_store();
+        let test = TestKeyFile::new();
+        let old_ciphertext = encrypt(&conn, &test.keys, "system:index", b"a", b"").unwrap();
+        let old = load(&conn, &test.keys, "system:index").unwrap().unwrap();
+
+        let new = replace(&conn, &test.keys, "system:index").unwrap();
+
+        assert_ne!(old.as_bytes(), new.as_bytes());
+        let stored = load(&conn, &test.keys, "system:index").unwrap().unwrap();
+        assert_eq!(stored.as_bytes(), new.as_bytes());
+        assert_eq!(
+            decrypt(&conn, &test.keys, "system:index", &old_ciphertext, b"").unwrap(),
+            None
+        );
+        assert_eq!(key_count(&conn), 1);
     }
 }

@@ -10,19 +10,26 @@ use sha2::Sha256;
 use zeroize::Zeroize;
 
 use super::KeyError;
-use super::data_keys::load_or_create;
-use super::provider::{DATA_KEY_LEN, KeyProvider};
+use super::data_keys::{copy, load, load_or_create, replace};
+use super::provider::{DATA_KEY_LEN, DataKey, KeyProvider};
 
-/// Owner of the data key that keys every blind index. Like every owner
-/// starting with [`SYSTEM_OWNER_PREFIX`](super::SYSTEM_OWNER_PREFIX), it
-/// cannot be destroyed.
+/// Owner of the data key that keys the pseudonyms naming customers in the
+/// store's rows. Like every owner starting with
+/// [`SYSTEM_OWNER_PREFIX`](super::SYSTEM_OWNER_PREFIX), it cannot be
+/// destroyed, but [`IndexKey::replace`] gives it a new key.
 pub const INDEX_OWNER: &str = "system:index";
+
+/// Owner of the data key that keys the subject hashes of the audit log and
+/// the erasure receipts. It never changes, so a receipt stays checkable
+/// after the index key is replaced.
+pub const SUBJECT_OWNER: &str = "system:subject";
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The secret key of [`blind_index`]: a data key of [`INDEX_OWNER`],
-/// wrapped like any other. KEK rotation rewraps it without changing it, so
-/// blind indexes stay the same. Its `Debug` output omits the key.
+/// The secret key of [`blind_index`]: a data key of [`INDEX_OWNER`] or
+/// [`SUBJECT_OWNER`], wrapped like any other. KEK rotation rewraps it
+/// without changing it, so blind indexes stay the same. Its `Debug` output
+/// omits the key.
 #[derive(Clone)]
 pub struct IndexKey {
     /// HMAC-SHA256 state after absorbing the key, cloned for each input.
@@ -33,8 +40,37 @@ impl IndexKey {
     /// Loads the index key from the `data_key` table, or creates and stores
     /// it on first use. Call it inside a write transaction the first time.
     pub fn load_or_create(conn: &Connection, provider: &dyn KeyProvider) -> Result<Self, KeyError> {
-        let key = load_or_create(conn, provider, INDEX_OWNER)?;
+        load_or_create(conn, provider, INDEX_OWNER).map(|key| Self::from_data_key(&key))
+    }
 
+    /// Loads the key of subject hashes, or returns `None` when the store
+    /// has none yet.
+    pub fn load_subject(
+        conn: &Connection,
+        provider: &dyn KeyProvider,
+    ) -> Result<Option<Self>, KeyError> {
+        let key = load(conn, provider, SUBJECT_OWNER)?;
+        Ok(key.map(|key| Self::from_data_key(&key)))
+    }
+
+    /// Stores the index key as the key of subject hashes too, and returns
+    /// it. A store that had one key for both keeps its audit entries'
+    /// subject hashes checkable this way, before its index key is replaced.
+    pub fn copy_to_subject(
+        conn: &Connection,
+        provider: &dyn KeyProvider,
+    ) -> Result<Self, KeyError> {
+        copy(conn, provider, INDEX_OWNER, SUBJECT_OWNER).map(|key| Self::from_data_key(&key))
+    }
+
+    /// Replaces the index key with a new random one and returns it. Every
+    /// pseudonym under the old key must be replaced in the same
+    /// transaction.
+    pub fn replace(conn: &Connection, provider: &dyn KeyProvider) -> Result<Self, KeyError> {
+        replace(conn, provider, INDEX_OWNER).map(|key| Self::from_data_key(&key))
+    }
+
+    fn from_data_key(key: &DataKey) -> Self {
         // HMAC pads a key shorter than the hash's 64-byte block with zeros
         // (RFC 2104), so the padded block gives the same MAC as the 32-byte
         // key, and `new` has no length error to handle.
@@ -42,7 +78,7 @@ impl IndexKey {
         block[..DATA_KEY_LEN].copy_from_slice(key.as_bytes());
         let mac = <HmacSha256 as KeyInit>::new(&block);
         block.as_mut_slice().zeroize();
-        Ok(Self { mac })
+        Self { mac }
     }
 
     /// Returns the blind index of `customer`: HMAC-SHA256 under this key,
@@ -180,5 +216,35 @@ mod tests {
         let key = IndexKey::load_or_create(&conn, &test.keys).unwrap();
 
         assert_eq!(format!("{key:?}"), "IndexKey(..)");
+    }
+
+    #[test]
+    fn subject_key_is_a_copy_of_index_key() {
+        let conn = memory_store();
+        let test = TestKeyFile::new();
+        assert!(IndexKey::load_subject(&conn, &test.keys).unwrap().is_none());
+        let index = IndexKey::load_or_create(&conn, &test.keys).unwrap();
+
+        let subject = IndexKey::copy_to_subject(&conn, &test.keys).unwrap();
+
+        let loaded = IndexKey::load_subject(&conn, &test.keys).unwrap().unwrap();
+        assert_eq!(subject.hash("c"), index.hash("c"));
+        assert_eq!(loaded.hash("c"), index.hash("c"));
+    }
+
+    #[test]
+    fn replaced_index_key_gives_new_hashes() {
+        let conn = memory_store();
+        let test = TestKeyFile::new();
+        let old = IndexKey::load_or_create(&conn, &test.keys).unwrap();
+        let subject = IndexKey::copy_to_subject(&conn, &test.keys).unwrap();
+
+        let new = IndexKey::replace(&conn, &test.keys).unwrap();
+
+        let loaded = IndexKey::load_or_create(&conn, &test.keys).unwrap();
+        assert_ne!(new.hash("c"), old.hash("c"));
+        assert_eq!(loaded.hash("c"), new.hash("c"));
+        let kept = IndexKey::load_subject(&conn, &test.keys).unwrap().unwrap();
+        assert_eq!(kept.hash("c"), subject.hash("c"), "the subject key stays");
     }
 }

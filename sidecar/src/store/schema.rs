@@ -13,11 +13,14 @@ use crate::erasure::has_column;
 /// Version 3 names customers by pseudonym, and version 4 Stripe customers
 /// too. Converting the values needs the keys, so
 /// [`Identities::open`](crate::identity::Identities::open) does it. Version
-/// 5 adds `meter_event.key_generation`. The version stops an older sidecar
-/// from opening the store, because it would write ids in clear, would send
-/// pseudonyms to Stripe as customer ids, and would retry an event with an
-/// idempotency key whose failure Stripe replays.
-pub(super) const SCHEMA_VERSION: i64 = 5;
+/// 5 adds `meter_event.key_generation`. Version 6 keys the subject hashes
+/// of the audit log and the erasures with a key of their own, and renames
+/// the rows under a new index key, which `Identities::open` does too. The
+/// version stops an older sidecar from opening the store, because it would
+/// write ids in clear, would send pseudonyms to Stripe as customer ids,
+/// would retry an event with an idempotency key whose failure Stripe
+/// replays, and would record subject hashes that no receipt matches.
+pub(super) const SCHEMA_VERSION: i64 = 6;
 
 /// Changes from schema version 1: response body bytes per ledger row. The
 /// billing tables are created by [`SCHEMA`] like every other table.
@@ -401,7 +404,7 @@ mod tests {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
-        assert_eq!(version, 5);
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[test]

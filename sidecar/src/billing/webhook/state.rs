@@ -258,7 +258,7 @@ pub(super) fn record_audited(
             tier,
             version: *version,
         };
-        audit_tier_change(&tx, privacy, identities.is_some(), delivery, &change)?;
+        audit_tier_change(&tx, privacy, identities, delivery, &change)?;
     }
     if let (Some(privacy), MappingOutcome::Inserted, Some((customer, _))) =
         (privacy, &mapping, &delivery.mapping)
@@ -293,33 +293,35 @@ struct TierChange<'a> {
     version: i64,
 }
 
-/// Appends a change of tier to the audit log, with the customer's hash when
-/// the Stripe customer is mapped to one. `pseudonyms` is true when the
-/// mapping names customers by pseudonym, which is the hash already.
+/// Appends a change of tier to the audit log, with the customer's subject
+/// hash when the Stripe customer is mapped to one. With `identities`, the
+/// mapping names customers by pseudonym, and the customer id is revealed
+/// to compute the hash.
 fn audit_tier_change(
     tx: &Transaction<'_>,
     privacy: &Privacy,
-    pseudonyms: bool,
+    identities: Option<&Identities>,
     delivery: &Delivery,
     change: &TierChange<'_>,
 ) -> rusqlite::Result<()> {
-    let customer: Option<String> = tx
+    let mapped: Option<String> = tx
         .query_row(
             "SELECT customer FROM stripe_customer WHERE stripe_pseudonym = ?1",
             [change.stripe_key],
             |row| row.get(0),
         )
         .optional()?;
+    let customer = match (mapped, identities) {
+        (Some(pseudonym), Some(identities)) => identities.reveal(tx, &pseudonym).map_err(to_sql)?,
+        (mapped, _) => mapped,
+    };
     privacy.append(
         tx,
         &NewEntry {
             at_unix_ms: delivery.received_unix_s.saturating_mul(1_000),
             actor: "stripe-webhook".into(),
             action: "tier_change".into(),
-            subject_hash: customer.map(|customer| match pseudonyms {
-                true => customer,
-                false => privacy.subject(&customer),
-            }),
+            subject_hash: customer.map(|customer| privacy.subject(&customer)),
             records: 1,
             details: serde_json::json!({
                 "event_id": delivery.event_id,
@@ -991,9 +993,10 @@ pub(super) mod tests {
         );
         assert_eq!(
             mapped,
-            privacy.subject("acme"),
+            identities.pseudonym("acme"),
             "the mapping holds the pseudonym"
         );
+        assert_ne!(mapped, privacy.subject("acme"));
         assert_eq!(
             identities.reveal(&conn, &mapped).unwrap().as_deref(),
             Some("acme")
