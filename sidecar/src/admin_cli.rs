@@ -246,11 +246,20 @@ fn rotate_keys(
     let old = provider.kek_ids();
     let current = provider.rotate().map_err(|err| fail(&err))?;
     let mut text = String::new();
+    // From here on the new key is in the file and the old ones stay until
+    // the end, so a failed run loses nothing and running again finishes it.
+    let failed = |text: &str, err: &dyn std::fmt::Display| {
+        CommandError::Rotate(format!(
+            "{text}{err}\nkey-encryption key {current} was added to {} and is current, and the \
+             old keys are kept; fix the cause and run rotate-keys again",
+            key_file.display()
+        ))
+    };
     if !options.keep_index_key {
         // A second handle on the key file, which now has the new key.
-        let keys = keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;
+        let keys = keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| failed("", &err))?;
         let renamed = crate::store::replace_index_key(data_dir, std::sync::Arc::new(keys))
-            .map_err(|err| fail(&crate::error_chain(&err)))?;
+            .map_err(|err| failed("", &crate::error_chain(&err)))?;
         let _ = writeln!(
             text,
             "index key replaced; rows of {} customers and {} Stripe customers renamed under it",
@@ -264,17 +273,17 @@ fn rotate_keys(
             );
         }
     }
-    let conn = open_stopped_store(&store).map_err(|err| fail(&err))?;
-    let rewrapped = keys::rewrap_all(&conn, &provider).map_err(|err| fail(&err))?;
+    let conn = open_stopped_store(&store).map_err(|err| failed(&text, &err))?;
+    let rewrapped = keys::rewrap_all(&conn, &provider).map_err(|err| failed(&text, &err))?;
     let _ = writeln!(
         text,
         "key-encryption key {current} is current; {rewrapped} data keys re-wrapped with it"
     );
     if !options.keep_old {
         for kek in old {
-            let left = keys::count_wrapped_under(&conn, &kek).map_err(|err| fail(&err))?;
+            let left = keys::count_wrapped_under(&conn, &kek).map_err(|err| failed(&text, &err))?;
             if left == 0 {
-                provider.retire(&kek).map_err(|err| fail(&err))?;
+                provider.retire(&kek).map_err(|err| failed(&text, &err))?;
                 let _ = writeln!(text, "retired {kek}");
             } else {
                 let _ = writeln!(text, "kept {kek}: {left} data keys still wrapped under it");
@@ -861,5 +870,42 @@ mod tests {
         assert_eq!(end % 60, 0);
         assert!(end <= now - RECONCILE_SETTLE_S, "{end}");
         assert!(end > now - RECONCILE_SETTLE_S - 60, "{end}");
+    }
+
+    #[test]
+    fn failed_rotation_names_the_new_key_and_reruns() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys =
+            crate::keys::LocalKeyFile::open_or_create(&dir.path().join("keys.json")).unwrap();
+        let keys: std::sync::Arc<dyn crate::keys::KeyProvider> = std::sync::Arc::new(keys);
+        let path = dir.path().join(crate::store::DATABASE_FILE);
+        let mut conn = crate::store::test_support::open_writer(&path);
+        let identities = crate::identity::Identities::open(&mut conn, keys).unwrap();
+        let pseudonym = identities.record(&conn, "acme").unwrap();
+        let owner = crate::identity::key_owner(&pseudonym);
+        let set_kek = "UPDATE data_key SET kek_id = ?1 WHERE owner = ?2";
+        conn.execute(set_kek, ["kek-9", &owner]).unwrap();
+        drop(conn);
+        let options = Rotation {
+            keep_old: false,
+            keep_index_key: false,
+        };
+
+        let err = rotate_keys(dir.path(), None, options)
+            .unwrap_err()
+            .to_string();
+
+        assert!(err.contains("kek-9"), "{err}");
+        assert!(err.contains("key-encryption key kek-2 was added"), "{err}");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute(set_kek, ["kek-1", &owner]).unwrap();
+        drop(conn);
+
+        let text = rotate_keys(dir.path(), None, options).unwrap();
+
+        assert!(text.contains("rows of 1 customers"), "{text}");
+        assert!(text.contains("kek-3 is current"), "{text}");
+        assert!(text.contains("retired kek-1"), "{text}");
+        assert!(text.contains("retired kek-2"), "{text}");
     }
 }

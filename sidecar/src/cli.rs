@@ -238,9 +238,9 @@ pub enum Command {
     },
     /// Adds a key-encryption key, re-wraps every data key with it and
     /// retires the old keys. It also replaces the index key and renames
-    /// every row under it, so that rows in a backup can no longer be linked
-    /// to customers. Runs on a stopped sidecar's data directory. Only the
-    /// encrypted customer ids are encrypted again.
+    /// every row under it, so that the rows of erased customers in a backup
+    /// can no longer be linked to them. Runs on a stopped sidecar's data
+    /// directory. Only the encrypted customer ids are encrypted again.
     RotateKeys {
         /// Data directory of the stopped sidecar.
         #[arg(long, value_name = "DIR")]

@@ -562,7 +562,16 @@ pub fn erased_pseudonyms(
             .query_map([], pair)?
             .collect::<rusqlite::Result<_>>()?;
         for (pseudonym, sealed) in rows {
-            named.push((pseudonym, unseal(conn, keys, &sealed, aad)?));
+            match open_id(conn, keys, &sealed, aad) {
+                Ok(customer) => named.push((pseudonym, customer)),
+                Err(err) if err.is_damaged_ciphertext() => tracing::warn!(
+                    table,
+                    pseudonym,
+                    error = %err,
+                    "failed to read an erased customer's id; the row gets a random pseudonym"
+                ),
+                Err(err) => return Err(to_sql(err)),
+            }
         }
     }
     Ok(named)
@@ -618,16 +627,25 @@ fn unseal(
     sealed: &[u8],
     aad: &[u8],
 ) -> rusqlite::Result<String> {
+    open_id(conn, keys, sealed, aad).map_err(to_sql)
+}
+
+/// As [`unseal`], with the key module's error.
+fn open_id(
+    conn: &Connection,
+    keys: &dyn KeyProvider,
+    sealed: &[u8],
+    aad: &[u8],
+) -> Result<String, KeyError> {
     // The owner is a system owner, which is never destroyed, so a missing
     // plaintext means the data key table was changed by hand.
-    let plaintext = keys::decrypt(conn, keys, ERASURES_OWNER, sealed, aad)
-        .map_err(to_sql)?
-        .ok_or_else(|| {
-            to_sql(KeyError::SystemKeyLost {
-                owner: ERASURES_OWNER.to_owned(),
-            })
-        })?;
-    String::from_utf8(plaintext).map_err(to_sql)
+    let plaintext = keys::decrypt(conn, keys, ERASURES_OWNER, sealed, aad)?.ok_or_else(|| {
+        KeyError::SystemKeyLost {
+            owner: ERASURES_OWNER.to_owned(),
+        }
+    })?;
+    // The sidecar seals only UTF-8, and the tag authenticates it.
+    Ok(String::from_utf8_lossy(&plaintext).into_owned())
 }
 
 /// Returns whether the Redis counts of erasure `erasure_id` are still to be

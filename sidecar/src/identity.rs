@@ -11,9 +11,9 @@
 //! The audit log and the erasures record a customer by its subject hash
 //! instead: the keyed hash under a second key that never changes, so that
 //! a receipt stays checkable. [`replace_index_key`] gives the store a new
-//! index key and renames every row, so that a backup's rows can no longer
-//! be linked to a customer id once the key-encryption key of the backup's
-//! index key is retired.
+//! index key and renames every row. Once the key-encryption key of a
+//! backup's index key is retired, the backup's rows of erased customers
+//! can no longer be linked to their ids.
 //!
 //! Lookups by customer compute the pseudonym. Code that must name the
 //! customer to the outside (usage listings, Redis keys, tier overrides
@@ -229,9 +229,10 @@ impl Identities {
     }
 
     /// Gives every identity of `kind` its pseudonym under the current index
-    /// key: its data key's owner is renamed, its id encrypted again for the
-    /// new owner, and the change recorded in `temp.rename_map`. An identity
-    /// whose data key is gone is deleted, and its rows are left to
+    /// key: its id is encrypted again under a new data key of the new
+    /// owner, the old data key is destroyed, and the change is recorded in
+    /// `temp.rename_map`. An identity whose data key is gone, or whose
+    /// ciphertext is damaged, is deleted, and its rows are left to
     /// [`rename_unidentified`]. Returns how many identities it renamed.
     fn rename_identities(&self, conn: &Connection, kind: &Sealed) -> Result<u64, KeyError> {
         let table = kind.table;
@@ -241,13 +242,27 @@ impl Identities {
             .collect::<rusqlite::Result<_>>()?;
         let mut renamed = 0;
         for old in olds {
-            let Some(id) = self.unseal(conn, kind, &old)? else {
+            let id = match self.unseal(conn, kind, &old) {
+                Err(err) if err.is_damaged_ciphertext() => {
+                    tracing::warn!(
+                        table,
+                        pseudonym = old,
+                        error = %err,
+                        "failed to read an identity; its rows get a random pseudonym"
+                    );
+                    None
+                }
+                read => read?,
+            };
+            let Some(id) = id else {
                 conn.execute(&format!("DELETE FROM {table} WHERE pseudonym = ?1"), [&old])?;
                 continue;
             };
             let new = self.index_key.hash(&format!("{}{id}", kind.hash_prefix));
             let owner = kind.owner(&new);
-            keys::rename(conn, &kind.owner(&old), &owner)?;
+            // A new data key, so the live row shares no key id with a copy
+            // of the old one.
+            keys::destroy(conn, &kind.owner(&old))?;
             let sealed = keys::encrypt(conn, self.keys.as_ref(), &owner, id.as_bytes(), kind.aad)?;
             let update = format!("UPDATE {table} SET {RENAME_IDENTITY}");
             conn.execute(&update, params![old, new, sealed])?;
@@ -1149,6 +1164,35 @@ mod tests {
             .unwrap()
     }
 
+    /// Erases the customer "gone" with counts left in Redis, and returns
+    /// the erasure's id.
+    fn erase(
+        conn: &mut Connection,
+        keys: &dyn KeyProvider,
+        subject: &str,
+        pseudonym: &str,
+    ) -> String {
+        let request = crate::erasure::EraseRequest {
+            customer: "gone",
+            subject_hash: subject,
+            pseudonym,
+            now_unix_ms: 5_000,
+            first_erased_unix_ms: 5_000,
+            refuse_until_unix_s: 90_000,
+            shared_counters: true,
+            announce: true,
+            extends_refusal: false,
+            forward_to: &[],
+        };
+        let receipt = crate::erasure::Receipt {
+            position: 1,
+            entry_hash: "ff".into(),
+        };
+        let (erasure, _) =
+            crate::erasure::erase(conn, keys, request, &mut |_, _, _| Ok(receipt.clone())).unwrap();
+        erasure.erasure_id
+    }
+
     #[test]
     fn subject_hash_is_not_the_pseudonym() {
         let (test, mut conn, identities) = store();
@@ -1171,6 +1215,8 @@ mod tests {
         .unwrap();
         // A store written before the subject key had the index key only,
         // which keyed the subject hashes too.
+        let gone = identities.pseudonym("gone");
+        let erased = erase(&mut conn, test_keys(&test).as_ref(), &gone, &gone);
         conn.execute(
             "DELETE FROM data_key WHERE owner = ?1",
             [crate::keys::SUBJECT_OWNER],
@@ -1180,6 +1226,8 @@ mod tests {
         let split = Identities::open(&mut conn, test_keys(&test)).unwrap();
 
         assert_eq!(split.subject("acme"), old);
+        let found = crate::erasure::by_subject(&conn, &split.subject("gone")).unwrap();
+        assert_eq!(found.map(|erasure| erasure.erasure_id), Some(erased));
         let new = split.pseudonym("acme");
         assert_ne!(new, old);
         assert_eq!(
@@ -1215,26 +1263,7 @@ mod tests {
         .unwrap();
         crate::keys::encrypt(&conn, keys.as_ref(), "customer:unused", b"x", b"").unwrap();
         let gone = before.pseudonym("gone");
-        let request = crate::erasure::EraseRequest {
-            customer: "gone",
-            subject_hash: &before.subject("gone"),
-            pseudonym: &gone,
-            now_unix_ms: 5_000,
-            first_erased_unix_ms: 5_000,
-            refuse_until_unix_s: 90_000,
-            shared_counters: true,
-            announce: true,
-            extends_refusal: false,
-            forward_to: &[],
-        };
-        let receipt = crate::erasure::Receipt {
-            position: 1,
-            entry_hash: "ff".into(),
-        };
-        crate::erasure::erase(&mut conn, keys.as_ref(), request, &mut |_, _, _| {
-            Ok(receipt.clone())
-        })
-        .unwrap();
+        erase(&mut conn, keys.as_ref(), &before.subject("gone"), &gone);
 
         let renamed = replace_index_key(&mut conn, Arc::clone(&keys)).unwrap();
         let after = Identities::open(&mut conn, keys).unwrap();
@@ -1322,21 +1351,156 @@ mod tests {
     }
 
     #[test]
-    fn tampered_identity_stops_new_index_key() {
+    fn damaged_ids_are_dropped_by_new_index_key() {
         let (test, mut conn, identities) = store();
+        let keys = test_keys(&test);
         let pseudonym = identities.record(&conn, "acme").unwrap();
         conn.execute(
-            "UPDATE customer_identity SET sealed = substr(sealed, 1, length(sealed) - 1)",
-            [],
+            "INSERT INTO usage_minute VALUES (?1, 60, 'basic', 5, 1, 100)",
+            [&pseudonym],
+        )
+        .unwrap();
+        let gone = identities.pseudonym("gone");
+        erase(&mut conn, keys.as_ref(), "ab12", &gone);
+        for table in [
+            "customer_identity",
+            "erased_customer",
+            "erasure_counters_pending",
+        ] {
+            let cut = format!("UPDATE {table} SET sealed = substr(sealed, 1, length(sealed) - 1)");
+            conn.execute(&cut, []).unwrap();
+        }
+
+        let renamed = replace_index_key(&mut conn, Arc::clone(&keys)).unwrap();
+
+        assert_eq!(renamed.customers, 0);
+        assert_eq!(renamed.unidentified, 2, "the customer and the erased one");
+        assert!(column_values(&conn, "customer_identity", "pseudonym").is_empty());
+        let customers = column_values(&conn, "usage_minute", "customer");
+        assert_eq!(customers.len(), 1);
+        assert_ne!(customers[0], pseudonym);
+        let after = Identities::open(&mut conn, keys).unwrap();
+        let erased = column_values(&conn, "erased_customer", "pseudonym");
+        assert_eq!(erased.len(), 1);
+        assert_ne!(erased[0], gone);
+        assert_ne!(erased[0], after.pseudonym("gone"));
+        assert_eq!(
+            column_values(&conn, "erasure_counters_pending", "pseudonym"),
+            erased
+        );
+    }
+
+    #[test]
+    fn unreadable_keys_stop_new_index_key() {
+        let (test, mut conn, identities) = store();
+        let keys = test_keys(&test);
+        let pseudonym = identities.record(&conn, "acme").unwrap();
+        conn.execute(
+            "UPDATE data_key SET kek_id = 'kek-9' WHERE owner = ?1",
+            [key_owner(&pseudonym)],
         )
         .unwrap();
 
-        assert!(replace_index_key(&mut conn, test_keys(&test)).is_err());
+        let err = replace_index_key(&mut conn, Arc::clone(&keys)).unwrap_err();
 
+        assert!(!err.is_damaged_ciphertext(), "{err}");
         assert_eq!(
             column_values(&conn, "customer_identity", "pseudonym"),
-            [pseudonym],
+            std::slice::from_ref(&pseudonym),
             "the renaming rolled back"
+        );
+
+        conn.execute("DELETE FROM customer_identity", []).unwrap();
+        erase(&mut conn, keys.as_ref(), "ab12", "cd34");
+        conn.execute("DELETE FROM data_key WHERE owner = 'system:erasures'", [])
+            .unwrap();
+
+        let err = replace_index_key(&mut conn, keys).unwrap_err();
+
+        assert!(matches!(err, KeyError::Sqlite(_)), "{err}");
+        assert_eq!(
+            column_values(&conn, "erased_customer", "pseudonym"),
+            ["cd34"],
+            "the renaming rolled back"
+        );
+    }
+
+    #[test]
+    fn every_text_column_is_classified() {
+        let (_test, conn, _identities) = store();
+        // Columns that hold no pseudonym: subject hashes and values derived
+        // from them, which never change, and values about no customer.
+        // Meter event identifiers hash the pseudonym but are kept, since
+        // retries must reuse them, and an erasure deletes the customer's
+        // events.
+        let kept = [
+            "asset_region.allowed_regions",
+            "asset_region.asset",
+            "asset_region.storage_region",
+            "asset_region.tier_regions",
+            "audit_log.action",
+            "audit_log.actor",
+            "audit_log.entry_hash",
+            "audit_log.prev_hash",
+            "audit_log.subject_hash",
+            "data_key.kek_id",
+            "erasure.erasure_id",
+            "erasure.receipt_hash",
+            "erasure.records",
+            "erasure.subject_hash",
+            "erasure_counters_pending.erasure_id",
+            "erasure_forward.erasure_id",
+            "erasure_forward.last_error",
+            "erasure_forward.peer",
+            "instance_erasure_ack.instance_id",
+            "instance_sequence.instance_id",
+            "meter_bucket.meter",
+            "meter_event.identifier",
+            "meter_event.meter",
+            "meter_event.reason",
+            "meter_event.state",
+            "sidecar_meta.key",
+            "sidecar_meta.value",
+            "stripe_tier_metadata_pending.tier",
+            "stripe_tier_state.event_id",
+            "stripe_tier_state.subscription_id",
+            "stripe_tier_state.tier",
+            "stripe_webhook_event.event_id",
+            "stripe_webhook_event.event_type",
+            "usage_anonymous.tier",
+            "usage_minute.tier",
+        ];
+        let erasure_columns =
+            crate::erasure::PSEUDONYM_TABLES.map(|(table, _)| (table, "pseudonym"));
+        let renamed = CUSTOMER_COLUMNS
+            .iter()
+            .chain(&STRIPE_COLUMNS)
+            .chain(&erasure_columns)
+            .chain(&[
+                ("customer_identity", "pseudonym"),
+                ("stripe_identity", "pseudonym"),
+                ("data_key", "owner"),
+            ])
+            .map(|(table, column)| format!("{table}.{column}"));
+        let mut expected: Vec<String> = renamed.chain(kept.map(String::from)).collect();
+        expected.sort();
+        expected.dedup();
+
+        let columns: Vec<String> = conn
+            .prepare(
+                "SELECT m.name || '.' || c.name FROM sqlite_master AS m, pragma_table_info(m.name) AS c
+                 WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND c.type = 'TEXT'
+                 ORDER BY 1",
+            )
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+
+        assert_eq!(
+            columns, expected,
+            "a new TEXT column must be renamed or listed"
         );
     }
 }

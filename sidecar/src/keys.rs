@@ -60,7 +60,7 @@ mod provider;
 
 pub(crate) use cipher::{open as open_sealed, seal};
 pub use data_keys::{
-    SYSTEM_OWNER_PREFIX, count_wrapped_under, decrypt, destroy, encrypt, rename, rewrap_all,
+    SYSTEM_OWNER_PREFIX, count_wrapped_under, decrypt, destroy, encrypt, rewrap_all,
 };
 pub use index::{INDEX_OWNER, IndexKey, SUBJECT_OWNER, blind_index};
 pub use local_file::LocalKeyFile;
@@ -241,11 +241,10 @@ pub enum KeyError {
     /// The plaintext is longer than AES-256-GCM can encrypt under one nonce.
     #[error("plaintext is longer than AES-256-GCM allows (64 GiB)")]
     PlaintextTooLong,
-    /// `destroy` or `rename` was called for an owner reserved for the
-    /// sidecar's own keys.
+    /// `destroy` was called for an owner reserved for the sidecar's own keys.
     #[error(
-        "owner {owner} is reserved for the sidecar's own keys and cannot be destroyed or \
-         renamed; owners starting with \"system:\" are reserved"
+        "owner {owner} is reserved for the sidecar's own keys and cannot be destroyed; \
+         owners starting with \"system:\" are reserved"
     )]
     ReservedOwner {
         /// The reserved owner.
@@ -267,6 +266,18 @@ pub enum KeyError {
     /// A query on the `data_key` table failed.
     #[error("data key table query failed")]
     Sqlite(#[from] rusqlite::Error),
+}
+
+impl KeyError {
+    /// Returns whether the error is about a ciphertext that is damaged
+    /// (changed, cut or moved), rather than a key or table that cannot be
+    /// read. Reading such a ciphertext again fails the same way.
+    pub fn is_damaged_ciphertext(&self) -> bool {
+        matches!(
+            self,
+            KeyError::MalformedCiphertext { .. } | KeyError::Tampered { .. }
+        )
+    }
 }
 
 #[cfg(test)]

@@ -700,7 +700,6 @@ async fn rotation_unlinks_rows_of_old_backups() -> anyhow::Result<()> {
         sidecar.usage(KEPT).await?.admitted == 3,
         "the kept customer's usage is lost"
     );
-    ensure!(sidecar.usage(DOOMED).await?.admitted == 0);
     // The erasure is still in force and found by its subject hash.
     let again = erase_on(&sidecar, DOOMED).await?;
     assert_eq!(again.erasure_id, erased.erasure_id);

@@ -105,20 +105,6 @@ pub fn destroy(conn: &Connection, owner: &str) -> Result<bool, KeyError> {
     delete_overwritten(conn, owner)
 }
 
-/// Gives `from`'s data key the owner `to`, so that ciphertexts must be
-/// encrypted again for `to` (the owner is part of their associated data).
-/// Returns whether `from` had a key. Fails with [`KeyError::ReservedOwner`]
-/// when either owner starts with [`SYSTEM_OWNER_PREFIX`].
-pub fn rename(conn: &Connection, from: &str, to: &str) -> Result<bool, KeyError> {
-    reject_system_owner(from)?;
-    reject_system_owner(to)?;
-    let renamed = conn.execute(
-        "UPDATE data_key SET owner = ?2 WHERE owner = ?1",
-        [from, to],
-    )?;
-    Ok(renamed > 0)
-}
-
 /// Stores `from`'s data key for the owner `to` as well, wrapped again, and
 /// returns it. `from` gets a key first when it has none.
 pub(super) fn copy(
@@ -672,45 +658,6 @@ mod tests {
     }
 
     #[test]
-    fn renamed_key_decrypts_for_new_owner_only() {
-        let conn = memory_store();
-        let test = TestKeyFile::new();
-        let before = encrypt(&conn, &test.keys, "customer:old", b"id", b"t").unwrap();
-
-        assert!(rename(&conn, "customer:old", "customer:new").unwrap());
-        assert!(!rename(&conn, "customer:old", "customer:new").unwrap());
-
-        // The old owner is bound into the ciphertext, so it must be
-        // encrypted again for the new owner. The key itself is the same.
-        assert_eq!(
-            decrypt(&conn, &test.keys, "customer:old", &before, b"t").unwrap(),
-            None
-        );
-        assert!(decrypt(&conn, &test.keys, "customer:new", &before, b"t").is_err());
-        let after = encrypt(&conn, &test.keys, "customer:new", b"id", b"t").unwrap();
-        assert_eq!(before[1..HEADER_LEN], after[1..HEADER_LEN], "same key id");
-        assert_eq!(key_count(&conn), 1);
-    }
-
-    #[test]
-    fn rename_rejects_system_owners() {
-        let conn = memory_store();
-        let test = TestKeyFile::new();
-        encrypt(&conn, &test.keys, "system:audit", b"a", b"").unwrap();
-
-        for (from, to) in [("system:audit", "c1"), ("c1", "system:index")] {
-            let err = rename(&conn, from, to).unwrap_err();
-            assert!(matches!(err, KeyError::ReservedOwner { .. }), "{err}");
-        }
-        assert!(rename(&conn, "c1", "c2").is_ok());
-        conn.execute_batch("DROP TABLE data_key").unwrap();
-        assert!(matches!(
-            rename(&conn, "c1", "c2"),
-            Err(KeyError::Sqlite(_))
-        ));
-    }
-
-    #[test]
     fn copied_key_is_the_same_key() {
         let conn = memory_store();
         let test = TestKeyFile::new();
@@ -733,7 +680,7 @@ mod tests {
     }
 
     #[test]
-    fn replaced_key_shreds_old_ciphertexts() {
+    fn replaced_key_opens_no_old_ciphertext() {
         let conn = memory_store();
         let test = TestKeyFile::new();
         let old_ciphertext = encrypt(&conn, &test.keys, "system:index", b"a", b"").unwrap();

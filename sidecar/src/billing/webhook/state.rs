@@ -312,7 +312,7 @@ fn audit_tier_change(
         )
         .optional()?;
     let customer = match (mapped, identities) {
-        (Some(pseudonym), Some(identities)) => identities.reveal(tx, &pseudonym).map_err(to_sql)?,
+        (Some(pseudonym), Some(identities)) => identities.revealer().reveal_or_skip(tx, &pseudonym),
         (mapped, _) => mapped,
     };
     privacy.append(
