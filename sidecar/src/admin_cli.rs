@@ -244,6 +244,13 @@ fn rotate_keys(
     let _lock = crate::server::lock_data_dir(data_dir).map_err(|err| fail(&err))?;
     let mut provider = keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;
     let old = provider.kek_ids();
+    // A key file that cannot unwrap the store's keys is left unchanged.
+    check_key_file(&store, &provider).map_err(|err| {
+        CommandError::Rotate(format!(
+            "{err}; give the store's key file with --key-file (now {})",
+            key_file.display()
+        ))
+    })?;
     let current = provider.rotate().map_err(|err| fail(&err))?;
     let mut text = String::new();
     // From here on the new key is in the file and the old ones stay until
@@ -291,6 +298,31 @@ fn rotate_keys(
         }
     }
     Ok(text)
+}
+
+/// Unwraps one data key of each key-encryption key that `store` uses, so a
+/// key file that is not the store's fails before anything changes.
+fn check_key_file(
+    store: &std::path::Path,
+    provider: &dyn crate::keys::KeyProvider,
+) -> Result<(), String> {
+    let conn = open_stopped_store(store).map_err(|err| err.to_string())?;
+    let select = "SELECT kek_id, wrapped FROM data_key GROUP BY kek_id";
+    let mut statement = conn.prepare(select).map_err(|err| err.to_string())?;
+    let read = |row: &rusqlite::Row<'_>| {
+        Ok(crate::keys::WrappedKey {
+            kek_id: row.get(0)?,
+            bytes: row.get(1)?,
+        })
+    };
+    let wrapped = statement
+        .query_map([], read)
+        .map_err(|err| err.to_string())?;
+    for key in wrapped {
+        let key = key.map_err(|err| err.to_string())?;
+        provider.unwrap(&key).map_err(|err| err.to_string())?;
+    }
+    Ok(())
 }
 
 /// Hands the erasures waiting for `peer` in the stopped sidecar's store
@@ -881,26 +913,37 @@ mod tests {
         let path = dir.path().join(crate::store::DATABASE_FILE);
         let mut conn = crate::store::test_support::open_writer(&path);
         let identities = crate::identity::Identities::open(&mut conn, keys).unwrap();
-        let pseudonym = identities.record(&conn, "acme").unwrap();
-        let owner = crate::identity::key_owner(&pseudonym);
-        let set_kek = "UPDATE data_key SET kek_id = ?1 WHERE owner = ?2";
-        conn.execute(set_kek, ["kek-9", &owner]).unwrap();
+        identities.record(&conn, "acme").unwrap();
+        conn.execute_batch(
+            "CREATE TRIGGER keep_identities BEFORE UPDATE ON customer_identity
+             BEGIN SELECT RAISE(ABORT, 'identities are read-only'); END;",
+        )
+        .unwrap();
         drop(conn);
         let options = Rotation {
             keep_old: false,
             keep_index_key: false,
         };
+        let other = dir.path().join("other.json");
+        crate::keys::LocalKeyFile::open_or_create(&other).unwrap();
+        let other_before = std::fs::read(&other).unwrap();
 
-        let err = rotate_keys(dir.path(), None, options)
-            .unwrap_err()
-            .to_string();
+        let wrong = rotate_keys(dir.path(), Some(other.clone()), options).unwrap_err();
+        let failed = rotate_keys(dir.path(), None, options).unwrap_err();
 
-        assert!(err.contains("kek-9"), "{err}");
-        assert!(err.contains("key-encryption key kek-2 was added"), "{err}");
+        let wrong = wrong.to_string();
+        assert!(wrong.contains("give the store's key file"), "{wrong}");
+        assert_eq!(std::fs::read(&other).unwrap(), other_before, "{wrong}");
+        let failed = failed.to_string();
+        assert!(failed.contains("identities are read-only"), "{failed}");
+        assert!(
+            failed.contains("key-encryption key kek-2 was added"),
+            "{failed}"
+        );
+
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute(set_kek, ["kek-1", &owner]).unwrap();
+        conn.execute_batch("DROP TRIGGER keep_identities").unwrap();
         drop(conn);
-
         let text = rotate_keys(dir.path(), None, options).unwrap();
 
         assert!(text.contains("rows of 1 customers"), "{text}");

@@ -172,9 +172,9 @@ impl Identities {
         tx.commit()?;
         if rewritten {
             // The pages as they were before, ids in clear or old
-            // pseudonyms, stay in the write-ahead log until a checkpoint
-            // truncates it.
-            checkpoint(conn)?;
+            // pseudonyms, stay in the file and the write-ahead log until
+            // they are rebuilt.
+            rebuild_file(conn)?;
         }
         Ok(identities)
     }
@@ -557,8 +557,11 @@ fn destroy_unused_keys(conn: &Connection) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// Writes the write-ahead log into the database file and truncates it.
-fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+/// Rebuilds the database file, then writes the write-ahead log into it and
+/// truncates the log. Replaced values can stay in free space of the old
+/// pages, which the rebuild leaves behind.
+fn rebuild_file(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("VACUUM")?;
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
 }
 
@@ -584,7 +587,7 @@ pub fn replace_index_key(
     let tx = conn.transaction()?;
     let renamed = identities.rename_under_new_key(&tx)?;
     tx.commit()?;
-    checkpoint(conn)?;
+    rebuild_file(conn)?;
     Ok(renamed)
 }
 
