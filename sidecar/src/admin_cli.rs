@@ -245,12 +245,15 @@ fn rotate_keys(
     let mut provider = keys::LocalKeyFile::open_or_create(&key_file).map_err(|err| fail(&err))?;
     let old = provider.kek_ids();
     // A key file that cannot unwrap the store's keys is left unchanged.
-    check_key_file(&store, &provider).map_err(|err| {
-        CommandError::Rotate(format!(
-            "{err}; give the store's key file with --key-file (now {})",
-            key_file.display()
-        ))
-    })?;
+    check_key_file(&store, &provider)
+        .map_err(|err| fail(&err))?
+        .map_err(|err| {
+            CommandError::Rotate(format!(
+                "key file {} does not unwrap the store's data keys: {err}; pass the sidecar's \
+                 privacy.key_file with --key-file",
+                key_file.display()
+            ))
+        })?;
     let current = provider.rotate().map_err(|err| fail(&err))?;
     let mut text = String::new();
     // From here on the new key is in the file and the old ones stay until
@@ -258,7 +261,8 @@ fn rotate_keys(
     let failed = |text: &str, err: &dyn std::fmt::Display| {
         CommandError::Rotate(format!(
             "{text}{err}\nkey-encryption key {current} was added to {} and is current, and the \
-             old keys are kept; fix the cause and run rotate-keys again",
+             old keys that data keys still need are kept; fix the cause and run rotate-keys \
+             again",
             key_file.display()
         ))
     };
@@ -301,28 +305,26 @@ fn rotate_keys(
 }
 
 /// Unwraps one data key of each key-encryption key that `store` uses, so a
-/// key file that is not the store's fails before anything changes.
+/// key file that is not the store's fails before anything changes. The
+/// outer error is the store's, the inner one the key file's.
 fn check_key_file(
     store: &std::path::Path,
     provider: &dyn crate::keys::KeyProvider,
-) -> Result<(), String> {
-    let conn = open_stopped_store(store).map_err(|err| err.to_string())?;
-    let select = "SELECT kek_id, wrapped FROM data_key GROUP BY kek_id";
-    let mut statement = conn.prepare(select).map_err(|err| err.to_string())?;
+) -> rusqlite::Result<Result<(), crate::keys::KeyError>> {
+    let conn = open_stopped_store(store)?;
+    let mut statement = conn.prepare("SELECT kek_id, wrapped FROM data_key GROUP BY kek_id")?;
     let read = |row: &rusqlite::Row<'_>| {
         Ok(crate::keys::WrappedKey {
             kek_id: row.get(0)?,
             bytes: row.get(1)?,
         })
     };
-    let wrapped = statement
-        .query_map([], read)
-        .map_err(|err| err.to_string())?;
-    for key in wrapped {
-        let key = key.map_err(|err| err.to_string())?;
-        provider.unwrap(&key).map_err(|err| err.to_string())?;
+    for key in statement.query_map([], read)? {
+        if let Err(err) = provider.unwrap(&key?) {
+            return Ok(Err(err));
+        }
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Hands the erasures waiting for `peer` in the stopped sidecar's store
@@ -932,7 +934,10 @@ mod tests {
         let failed = rotate_keys(dir.path(), None, options).unwrap_err();
 
         let wrong = wrong.to_string();
-        assert!(wrong.contains("give the store's key file"), "{wrong}");
+        assert!(
+            wrong.contains("does not unwrap the store's data keys"),
+            "{wrong}"
+        );
         assert_eq!(std::fs::read(&other).unwrap(), other_before, "{wrong}");
         let failed = failed.to_string();
         assert!(failed.contains("identities are read-only"), "{failed}");

@@ -240,7 +240,8 @@ pub enum Command {
     /// retires the old keys. It also replaces the index key and renames
     /// every row under it, so that the rows of erased customers in a backup
     /// can no longer be linked to them. Runs on a stopped sidecar's data
-    /// directory. Only the encrypted customer ids are encrypted again.
+    /// directory. Only the encrypted customer and Stripe customer ids are
+    /// encrypted again, under new data keys.
     RotateKeys {
         /// Data directory of the stopped sidecar.
         #[arg(long, value_name = "DIR")]

@@ -549,11 +549,12 @@ pub const PSEUDONYM_TABLES: [(&str, &[u8]); 2] = [
 
 /// Returns the (pseudonym, customer id) of every row of
 /// [`PSEUDONYM_TABLES`], for replacing the pseudonyms under a new index
-/// key.
+/// key. Fails on a row whose id cannot be read, because a random pseudonym
+/// would end the customer's refusal.
 pub fn erased_pseudonyms(
     conn: &Connection,
     keys: &dyn KeyProvider,
-) -> rusqlite::Result<Vec<(String, String)>> {
+) -> Result<Vec<(String, String)>, KeyError> {
     let mut named = Vec::new();
     for (table, aad) in PSEUDONYM_TABLES {
         let select = format!("SELECT pseudonym, sealed FROM {table}");
@@ -562,16 +563,7 @@ pub fn erased_pseudonyms(
             .query_map([], pair)?
             .collect::<rusqlite::Result<_>>()?;
         for (pseudonym, sealed) in rows {
-            match open_id(conn, keys, &sealed, aad) {
-                Ok(customer) => named.push((pseudonym, customer)),
-                Err(err) if err.is_damaged_ciphertext() => tracing::warn!(
-                    table,
-                    pseudonym,
-                    error = %err,
-                    "failed to read an erased customer's id; the row gets a random pseudonym"
-                ),
-                Err(err) => return Err(to_sql(err)),
-            }
+            named.push((pseudonym, open_id(conn, keys, &sealed, aad)?));
         }
     }
     Ok(named)

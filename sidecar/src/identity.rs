@@ -169,11 +169,14 @@ impl Identities {
         if split {
             identities.rename_under_new_key(&tx)?;
         }
-        tx.commit()?;
         if rewritten {
             // The pages as they were before, ids in clear or old
             // pseudonyms, stay in the file and the write-ahead log until
-            // they are rebuilt.
+            // they are rebuilt, which the next open retries after a failure.
+            mark_rebuild(&tx)?;
+        }
+        tx.commit()?;
+        if rebuild_pending(conn)? {
             rebuild_file(conn)?;
         }
         Ok(identities)
@@ -242,19 +245,7 @@ impl Identities {
             .collect::<rusqlite::Result<_>>()?;
         let mut renamed = 0;
         for old in olds {
-            let id = match self.unseal(conn, kind, &old) {
-                Err(err) if err.is_damaged_ciphertext() => {
-                    tracing::warn!(
-                        table,
-                        pseudonym = old,
-                        error = %err,
-                        "failed to read an identity; its rows get a random pseudonym"
-                    );
-                    None
-                }
-                read => read?,
-            };
-            let Some(id) = id else {
+            let Some(id) = self.unseal_readable(conn, kind, &old)? else {
                 conn.execute(&format!("DELETE FROM {table} WHERE pseudonym = ?1"), [&old])?;
                 continue;
             };
@@ -323,6 +314,17 @@ impl Identities {
         self.unseal(conn, &CUSTOMER, pseudonym)
     }
 
+    /// As [`Self::reveal`], but a damaged ciphertext is logged and gives
+    /// `None`, as a destroyed data key does. Other errors, such as a
+    /// key-encryption key missing from the key file, are returned.
+    pub fn reveal_readable(
+        &self,
+        conn: &Connection,
+        pseudonym: &str,
+    ) -> Result<Option<String>, KeyError> {
+        self.unseal_readable(conn, &CUSTOMER, pseudonym)
+    }
+
     /// Returns the pseudonym of the Stripe customer id `stripe_id`, without
     /// touching the store.
     pub fn stripe_pseudonym(&self, stripe_id: &str) -> String {
@@ -388,6 +390,29 @@ impl Identities {
         let plaintext = keys::decrypt(conn, self.keys.as_ref(), &owner, &sealed, kind.aad)?;
         // The sidecar only seals valid UTF-8, and the tag authenticates it.
         Ok(plaintext.and_then(|bytes| String::from_utf8(bytes).ok()))
+    }
+
+    /// As [`Self::unseal`], with a damaged ciphertext logged and read as
+    /// `None`.
+    fn unseal_readable(
+        &self,
+        conn: &Connection,
+        kind: &Sealed,
+        pseudonym: &str,
+    ) -> Result<Option<String>, KeyError> {
+        match self.unseal(conn, kind, pseudonym) {
+            Err(err) if err.is_damaged_ciphertext() => {
+                tracing::warn!(
+                    table = kind.table,
+                    pseudonym,
+                    error = %err,
+                    "failed to read a damaged identity, which counts as erased; restore the \
+                     row from a backup to keep the id"
+                );
+                Ok(None)
+            }
+            read => read,
+        }
     }
 
     /// Returns a [`Revealer`] that remembers what it revealed, for code
@@ -557,11 +582,30 @@ fn destroy_unused_keys(conn: &Connection) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// Rebuilds the database file, then writes the write-ahead log into it and
-/// truncates the log. Replaced values can stay in free space of the old
-/// pages, which the rebuild leaves behind.
+/// Key in `sidecar_meta` recording that rows were replaced and the file
+/// is still to be rebuilt.
+const REBUILD_META_KEY: &str = "file_rebuild";
+
+/// Records that the file is to be rebuilt, inside the transaction that
+/// replaces rows.
+fn mark_rebuild(conn: &Connection) -> rusqlite::Result<()> {
+    let insert = "INSERT OR REPLACE INTO sidecar_meta (key, value) VALUES (?1, 'pending')";
+    conn.execute(insert, [REBUILD_META_KEY]).map(drop)
+}
+
+/// Returns whether the file is still to be rebuilt.
+fn rebuild_pending(conn: &Connection) -> rusqlite::Result<bool> {
+    let select = "SELECT 1 FROM sidecar_meta WHERE key = ?1";
+    conn.prepare(select)?.exists([REBUILD_META_KEY])
+}
+
+/// Rebuilds the database file and truncates the write-ahead log. VACUUM
+/// copies only live rows, so old values in free pages are dropped. It
+/// needs free disk space of about the file's size.
 fn rebuild_file(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("VACUUM")?;
+    let delete = "DELETE FROM sidecar_meta WHERE key = ?1";
+    conn.execute(delete, [REBUILD_META_KEY])?;
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
 }
 
@@ -586,6 +630,7 @@ pub fn replace_index_key(
     let mut identities = Identities::open(conn, keys)?;
     let tx = conn.transaction()?;
     let renamed = identities.rename_under_new_key(&tx)?;
+    mark_rebuild(&tx)?;
     tx.commit()?;
     rebuild_file(conn)?;
     Ok(renamed)
@@ -1354,43 +1399,49 @@ mod tests {
     }
 
     #[test]
-    fn damaged_ids_are_dropped_by_new_index_key() {
+    fn damaged_identity_is_dropped_by_new_index_key() {
         let (test, mut conn, identities) = store();
-        let keys = test_keys(&test);
         let pseudonym = identities.record(&conn, "acme").unwrap();
         conn.execute(
             "INSERT INTO usage_minute VALUES (?1, 60, 'basic', 5, 1, 100)",
             [&pseudonym],
         )
         .unwrap();
-        let gone = identities.pseudonym("gone");
-        erase(&mut conn, keys.as_ref(), "ab12", &gone);
-        for table in [
-            "customer_identity",
-            "erased_customer",
-            "erasure_counters_pending",
-        ] {
-            let cut = format!("UPDATE {table} SET sealed = substr(sealed, 1, length(sealed) - 1)");
-            conn.execute(&cut, []).unwrap();
-        }
+        cut_sealed(&conn, "customer_identity");
 
-        let renamed = replace_index_key(&mut conn, Arc::clone(&keys)).unwrap();
+        let renamed = replace_index_key(&mut conn, test_keys(&test)).unwrap();
 
         assert_eq!(renamed.customers, 0);
-        assert_eq!(renamed.unidentified, 2, "the customer and the erased one");
+        assert_eq!(renamed.unidentified, 1);
         assert!(column_values(&conn, "customer_identity", "pseudonym").is_empty());
         let customers = column_values(&conn, "usage_minute", "customer");
         assert_eq!(customers.len(), 1);
         assert_ne!(customers[0], pseudonym);
-        let after = Identities::open(&mut conn, keys).unwrap();
-        let erased = column_values(&conn, "erased_customer", "pseudonym");
-        assert_eq!(erased.len(), 1);
-        assert_ne!(erased[0], gone);
-        assert_ne!(erased[0], after.pseudonym("gone"));
+        assert_eq!(identities.reveal_readable(&conn, "none").unwrap(), None);
+    }
+
+    #[test]
+    fn damaged_erased_id_stops_new_index_key() {
+        let (test, mut conn, identities) = store();
+        let keys = test_keys(&test);
+        let gone = identities.pseudonym("gone");
+        erase(&mut conn, keys.as_ref(), "ab12", &gone);
+        cut_sealed(&conn, "erased_customer");
+
+        let err = replace_index_key(&mut conn, keys).unwrap_err();
+
+        assert!(matches!(err, KeyError::Tampered { .. }), "{err}");
         assert_eq!(
-            column_values(&conn, "erasure_counters_pending", "pseudonym"),
-            erased
+            column_values(&conn, "erased_customer", "pseudonym"),
+            [gone],
+            "the renaming rolled back, so the refusal holds"
         );
+    }
+
+    /// Cuts the last byte of every sealed id in `table`.
+    fn cut_sealed(conn: &Connection, table: &str) {
+        let cut = format!("UPDATE {table} SET sealed = substr(sealed, 1, length(sealed) - 1)");
+        conn.execute(&cut, []).unwrap();
     }
 
     #[test]
@@ -1406,7 +1457,10 @@ mod tests {
 
         let err = replace_index_key(&mut conn, Arc::clone(&keys)).unwrap_err();
 
-        assert!(!err.is_damaged_ciphertext(), "{err}");
+        assert!(
+            matches!(&err, KeyError::UnknownKek { kek_id } if kek_id == "kek-9"),
+            "{err}"
+        );
         assert_eq!(
             column_values(&conn, "customer_identity", "pseudonym"),
             std::slice::from_ref(&pseudonym),
@@ -1420,7 +1474,7 @@ mod tests {
 
         let err = replace_index_key(&mut conn, keys).unwrap_err();
 
-        assert!(matches!(err, KeyError::Sqlite(_)), "{err}");
+        assert!(matches!(err, KeyError::SystemKeyLost { .. }), "{err}");
         assert_eq!(
             column_values(&conn, "erased_customer", "pseudonym"),
             ["cd34"],
@@ -1505,5 +1559,16 @@ mod tests {
             columns, expected,
             "a new TEXT column must be renamed or listed"
         );
+    }
+
+    #[test]
+    fn interrupted_rebuild_runs_at_next_open() {
+        let (test, mut conn, _identities) = store();
+        assert!(!rebuild_pending(&conn).unwrap());
+        mark_rebuild(&conn).unwrap();
+
+        Identities::open(&mut conn, test_keys(&test)).unwrap();
+
+        assert!(!rebuild_pending(&conn).unwrap());
     }
 }

@@ -270,8 +270,8 @@ pub enum KeyError {
 
 impl KeyError {
     /// Returns whether the error is about a ciphertext that is damaged
-    /// (changed, cut or moved), rather than a key or table that cannot be
-    /// read. Reading such a ciphertext again fails the same way.
+    /// (changed or cut), rather than a key or table that cannot be read.
+    /// Reading such a ciphertext again fails the same way.
     pub fn is_damaged_ciphertext(&self) -> bool {
         matches!(
             self,

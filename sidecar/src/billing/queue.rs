@@ -13,6 +13,7 @@ use tracing::error;
 use super::meter::{EventKey, Meter};
 use crate::identity::Identities;
 use crate::ledger::{MINUTE_SECONDS, TimeRange};
+use crate::privacy::to_sql;
 
 /// Identity of the ledger that events are created from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,11 +229,18 @@ fn close_meter(
 /// identifier: its subject hash, which `rotate-keys` does not change, so a
 /// correction queued before a rotation keeps its identifier after it. A
 /// customer whose id can no longer be read is named by its pseudonym.
-pub fn correction_customer(conn: &Connection, identities: &Identities, pseudonym: &str) -> String {
-    match identities.revealer().reveal_or_skip(conn, pseudonym) {
+pub fn correction_customer(
+    conn: &Connection,
+    identities: &Identities,
+    pseudonym: &str,
+) -> rusqlite::Result<String> {
+    let customer = identities
+        .reveal_readable(conn, pseudonym)
+        .map_err(to_sql)?;
+    Ok(match customer {
         Some(customer) => identities.subject(&customer),
         None => pseudonym.to_owned(),
-    }
+    })
 }
 
 /// Queues a corrective event of the customer of pseudonym `customer` for
@@ -853,7 +861,7 @@ mod tests {
         let mut conn = crate::store::test_support::open_writer(&dir.path().join("db"));
         let before = Identities::open(&mut conn, std::sync::Arc::clone(&keys)).unwrap();
         let pseudonym = before.record(&conn, "acme").unwrap();
-        let named = correction_customer(&conn, &before, &pseudonym);
+        let named = correction_customer(&conn, &before, &pseudonym).unwrap();
         let key = |customer| EventKey {
             region: "eu-west",
             ledger_id: "sc-1",
@@ -869,16 +877,16 @@ mod tests {
         let after = Identities::open(&mut conn, keys).unwrap();
 
         let renamed = after.pseudonym("acme");
-        let again = correction_customer(&conn, &after, &renamed);
+        let again = correction_customer(&conn, &after, &renamed).unwrap();
         assert!(
             !queue_correction(&conn, &key(&again), &renamed, "sp", 2, 2).unwrap(),
             "the correction queued before the rotation is found"
         );
         assert_ne!(renamed, pseudonym);
         assert_eq!(named, before.subject("acme"));
-        assert_eq!(correction_customer(&conn, &after, &renamed), named);
+        assert_eq!(correction_customer(&conn, &after, &renamed).unwrap(), named);
         assert_eq!(
-            correction_customer(&conn, &after, "unknown"),
+            correction_customer(&conn, &after, "unknown").unwrap(),
             "unknown",
             "a customer without an identity keeps its pseudonym"
         );

@@ -650,7 +650,7 @@ async fn queue_correction(
     let queued = biller
         .store()
         .write("queue a corrective meter event", move |conn| {
-            let named = queue::correction_customer(conn, &identities, &customer);
+            let named = queue::correction_customer(conn, &identities, &customer)?;
             let key = EventKey {
                 region: &ledger.region,
                 ledger_id: &ledger.ledger_id,

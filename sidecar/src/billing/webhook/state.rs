@@ -312,7 +312,9 @@ fn audit_tier_change(
         )
         .optional()?;
     let customer = match (mapped, identities) {
-        (Some(pseudonym), Some(identities)) => identities.revealer().reveal_or_skip(tx, &pseudonym),
+        (Some(pseudonym), Some(identities)) => {
+            identities.reveal_readable(tx, &pseudonym).map_err(to_sql)?
+        }
         (mapped, _) => mapped,
     };
     privacy.append(
