@@ -218,7 +218,7 @@ fn stopped_store_files(
     Ok((store, key_file))
 }
 
-/// What `rotate-keys` keeps.
+/// Options of `rotate-keys`: the keys it keeps.
 #[derive(Debug, Clone, Copy)]
 struct Rotation {
     /// Keep the old key-encryption keys in the key file.
@@ -227,10 +227,11 @@ struct Rotation {
     keep_index_key: bool,
 }
 
-/// Rotates the keys of the store in `data_dir`: a new key-encryption key
-/// becomes current, the index key is replaced and the rows renamed under
-/// it, every data key is wrapped with the new key, and the old keys leave
-/// the file once nothing is wrapped under them. `options` keeps some.
+/// Rotates the keys of the store in `data_dir`. A new key-encryption key
+/// becomes current, and the index key is replaced with the rows renamed
+/// under it. Every data key is then wrapped with the new key, and the old
+/// keys leave the file once nothing is wrapped under them. `options` keeps
+/// some keys.
 fn rotate_keys(
     data_dir: &std::path::Path,
     key_file: Option<std::path::PathBuf>,

@@ -546,9 +546,9 @@ fn replace_values(conn: &Connection, columns: &[(&str, &str)]) -> rusqlite::Resu
 }
 
 /// Maps each value of `columns` that `temp.rename_map` does not map yet to
-/// a random pseudonym, and returns how many there were: rows of an identity
-/// that can no longer be read, which must not keep a pseudonym that the old
-/// index key computes.
+/// a random pseudonym, and returns how many there were. Those are rows of
+/// an identity that can no longer be read, which must not keep a pseudonym
+/// that the old index key computes.
 fn rename_unidentified(conn: &Connection, columns: &[(&str, &str)]) -> Result<u64, KeyError> {
     let union = columns
         .iter()
@@ -609,7 +609,7 @@ fn rebuild_file(conn: &Connection) -> rusqlite::Result<()> {
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
 }
 
-/// What [`replace_index_key`] renamed.
+/// Counts of the rows [`replace_index_key`] renamed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Renamed {
     /// Customers whose rows got their pseudonym under the new key.
@@ -1241,6 +1241,12 @@ mod tests {
         erasure.erasure_id
     }
 
+    /// Inserts a ledger row of the customer of `pseudonym`.
+    fn insert_usage(conn: &Connection, pseudonym: &str) {
+        let insert = "INSERT INTO usage_minute VALUES (?1, 60, 'basic', 5, 1, 100)";
+        conn.execute(insert, [pseudonym]).unwrap();
+    }
+
     #[test]
     fn subject_hash_is_not_the_pseudonym() {
         let (test, mut conn, identities) = store();
@@ -1253,14 +1259,10 @@ mod tests {
     }
 
     #[test]
-    fn store_with_one_key_keeps_it_for_subject_hashes() {
+    fn single_key_store_gets_subject_key() {
         let (test, mut conn, identities) = store();
         let old = identities.record(&conn, "acme").unwrap();
-        conn.execute(
-            "INSERT INTO usage_minute VALUES (?1, 60, 'basic', 5, 1, 100)",
-            [&old],
-        )
-        .unwrap();
+        insert_usage(&conn, &old);
         // A store written before the subject key had the index key only,
         // which keyed the subject hashes too.
         let gone = identities.pseudonym("gone");
@@ -1382,11 +1384,7 @@ mod tests {
         let (test, mut conn, identities) = store();
         let shredded = identities.record(&conn, "shredded").unwrap();
         assert!(keys::destroy(&conn, &key_owner(&shredded)).unwrap());
-        conn.execute(
-            "INSERT INTO usage_minute VALUES (?1, 60, 'basic', 5, 1, 100)",
-            [&shredded],
-        )
-        .unwrap();
+        insert_usage(&conn, &shredded);
 
         let renamed = replace_index_key(&mut conn, test_keys(&test)).unwrap();
 
@@ -1402,11 +1400,7 @@ mod tests {
     fn damaged_identity_is_dropped_by_new_index_key() {
         let (test, mut conn, identities) = store();
         let pseudonym = identities.record(&conn, "acme").unwrap();
-        conn.execute(
-            "INSERT INTO usage_minute VALUES (?1, 60, 'basic', 5, 1, 100)",
-            [&pseudonym],
-        )
-        .unwrap();
+        insert_usage(&conn, &pseudonym);
         cut_sealed(&conn, "customer_identity");
 
         let renamed = replace_index_key(&mut conn, test_keys(&test)).unwrap();

@@ -464,6 +464,23 @@ async fn erasure_clears_the_shared_counters() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `veo-sidecar rotate-keys` on the stopped sidecar's `data_dir` and
+/// returns its output.
+fn rotate_keys(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let output = Command::new(sidecar_binary()?)
+        .arg("rotate-keys")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(text)
+}
+
 /// Proves key rotation re-wraps the data keys of a stopped sidecar, retires
 /// the old key, and leaves the audit log readable and extendable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,17 +509,7 @@ async fn rotated_keys_keep_the_store_readable() -> anyhow::Result<()> {
     };
     let before = stored_details(1)?;
 
-    let output = Command::new(sidecar_binary()?)
-        .arg("rotate-keys")
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .output()?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    ensure!(
-        output.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = rotate_keys(&data_dir)?;
     ensure!(text.contains("kek-2 is current"), "{text}");
     ensure!(text.contains("retired kek-1"), "{text}");
     let keys = std::fs::read_to_string(data_dir.join("keys.json"))?;
@@ -602,16 +609,7 @@ async fn old_backup_unreadable_after_rotation() -> anyhow::Result<()> {
     assert_eq!(found.into_inner().stripe_customer_id, "cus_backup");
     restored.stop();
 
-    let output = Command::new(sidecar_binary()?)
-        .arg("rotate-keys")
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    rotate_keys(&data_dir)?;
 
     // After rotation the key file no longer has the key that wrapped the
     // backup's data keys.
@@ -672,17 +670,7 @@ async fn rotation_unlinks_rows_of_old_backups() -> anyhow::Result<()> {
         "the live store shares no pseudonym with the backup before rotation"
     );
 
-    let output = Command::new(sidecar_binary()?)
-        .arg("rotate-keys")
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .output()?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    ensure!(
-        output.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = rotate_keys(&data_dir)?;
     ensure!(
         text.contains("index key replaced; rows of 1 customers"),
         "{text}"

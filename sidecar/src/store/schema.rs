@@ -15,11 +15,12 @@ use crate::erasure::has_column;
 /// [`Identities::open`](crate::identity::Identities::open) does it. Version
 /// 5 adds `meter_event.key_generation`. Version 6 keys the subject hashes
 /// of the audit log and the erasures with a key of their own, and renames
-/// the rows under a new index key, which `Identities::open` does too. The
-/// version stops an older sidecar from opening the store, because it would
-/// write ids in clear, would send pseudonyms to Stripe as customer ids,
+/// the rows under a new index key, which `Identities::open` does too.
+///
+/// The version stops an older sidecar from opening the store. It would
+/// write ids in clear and send pseudonyms to Stripe as customer ids. It
 /// would retry an event with an idempotency key whose failure Stripe
-/// replays, and would record subject hashes that no receipt matches.
+/// replays, and record subject hashes that no receipt matches.
 pub(super) const SCHEMA_VERSION: i64 = 6;
 
 /// Changes from schema version 1: response body bytes per ledger row. The
