@@ -1380,38 +1380,33 @@ mod tests {
     }
 
     #[test]
-    fn shredded_identity_is_dropped_by_new_index_key() {
-        let (test, mut conn, identities) = store();
-        let shredded = identities.record(&conn, "shredded").unwrap();
-        assert!(keys::destroy(&conn, &key_owner(&shredded)).unwrap());
-        insert_usage(&conn, &shredded);
+    fn unreadable_identity_is_dropped_by_new_index_key() {
+        // An identity whose data key was destroyed, and one whose ciphertext
+        // was cut.
+        type MakeUnreadable = fn(&Connection, &str);
+        let cases: [(&str, MakeUnreadable); 2] = [
+            ("shredded", |conn, pseudonym| {
+                assert!(keys::destroy(conn, &key_owner(pseudonym)).unwrap());
+            }),
+            ("damaged", |conn, _| cut_sealed(conn, "customer_identity")),
+        ];
+        for (name, make_unreadable) in cases {
+            let (test, mut conn, identities) = store();
+            let pseudonym = identities.record(&conn, name).unwrap();
+            insert_usage(&conn, &pseudonym);
+            make_unreadable(&conn, &pseudonym);
 
-        let renamed = replace_index_key(&mut conn, test_keys(&test)).unwrap();
+            let renamed = replace_index_key(&mut conn, test_keys(&test)).unwrap();
 
-        assert_eq!(renamed.customers, 0);
-        assert_eq!(renamed.unidentified, 1);
-        assert!(column_values(&conn, "customer_identity", "pseudonym").is_empty());
-        let customers = column_values(&conn, "usage_minute", "customer");
-        assert_eq!(customers.len(), 1);
-        assert_ne!(customers[0], shredded);
-    }
-
-    #[test]
-    fn damaged_identity_is_dropped_by_new_index_key() {
-        let (test, mut conn, identities) = store();
-        let pseudonym = identities.record(&conn, "acme").unwrap();
-        insert_usage(&conn, &pseudonym);
-        cut_sealed(&conn, "customer_identity");
-
-        let renamed = replace_index_key(&mut conn, test_keys(&test)).unwrap();
-
-        assert_eq!(renamed.customers, 0);
-        assert_eq!(renamed.unidentified, 1);
-        assert!(column_values(&conn, "customer_identity", "pseudonym").is_empty());
-        let customers = column_values(&conn, "usage_minute", "customer");
-        assert_eq!(customers.len(), 1);
-        assert_ne!(customers[0], pseudonym);
-        assert_eq!(identities.reveal_readable(&conn, "none").unwrap(), None);
+            assert_eq!(renamed.customers, 0, "{name}");
+            assert_eq!(renamed.unidentified, 1, "{name}");
+            let identities_left = column_values(&conn, "customer_identity", "pseudonym");
+            assert!(identities_left.is_empty(), "{name}");
+            let customers = column_values(&conn, "usage_minute", "customer");
+            assert_eq!(customers.len(), 1, "{name}");
+            assert_ne!(customers[0], pseudonym, "{name}");
+            assert_eq!(identities.reveal_readable(&conn, "none").unwrap(), None);
+        }
     }
 
     #[test]

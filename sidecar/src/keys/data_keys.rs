@@ -101,7 +101,11 @@ pub fn decrypt(
 /// [`KeyError::ReservedOwner`] for owners starting with
 /// [`SYSTEM_OWNER_PREFIX`].
 pub fn destroy(conn: &Connection, owner: &str) -> Result<bool, KeyError> {
-    reject_system_owner(owner)?;
+    if owner.starts_with(SYSTEM_OWNER_PREFIX) {
+        return Err(KeyError::ReservedOwner {
+            owner: owner.to_owned(),
+        });
+    }
     delete_overwritten(conn, owner)
 }
 
@@ -127,17 +131,6 @@ pub(super) fn replace(
 ) -> Result<DataKey, KeyError> {
     delete_overwritten(conn, owner)?;
     load_or_create(conn, provider, owner)
-}
-
-/// Fails with [`KeyError::ReservedOwner`] for owners starting with
-/// [`SYSTEM_OWNER_PREFIX`].
-fn reject_system_owner(owner: &str) -> Result<(), KeyError> {
-    match owner.starts_with(SYSTEM_OWNER_PREFIX) {
-        true => Err(KeyError::ReservedOwner {
-            owner: owner.to_owned(),
-        }),
-        false => Ok(()),
-    }
 }
 
 /// Deletes `owner`'s data key with `secure_delete` on, and returns whether
